@@ -15,7 +15,7 @@
 use std::io::{ErrorKind, Read};
 
 use super::{
-    ALL_DISKS, BOOKMARK_FIXED_BYTES, BLOCK_SIZES, Bookmark, CHECKSUM_SEED, Consistency,
+    ALL_DISKS, BLOCK_SIZES, BOOKMARK_FIXED_BYTES, Bookmark, CHECKSUM_SEED, Consistency,
     DISK_ENTRY_BYTES, DiskGeometry, Encoding, ExtentError, FORMAT_VERSION, FRAME_HEADER_BYTES,
     FRAME_MAGIC, FrameHeader, FrameKind, MAX_DISKS, MAX_ITEM_NAME_BYTES, MAX_LABEL_BYTES,
     MAX_PAYLOAD_BYTES, STREAM_HEADER_FIXED_BYTES, STREAM_MAGIC, StreamHeader, le_u16, le_u32,
@@ -136,7 +136,7 @@ pub enum DecodeErrorReason {
         found: u64,
     },
     /// The input ends inside a header or frame, or before the end frame.
-    #[error("truncated: needed {needed_bytes} more bytes, found {available_bytes}")]
+    #[error("truncated: needed {needed_bytes} bytes, only {available_bytes} present")]
     Truncated {
         /// Bytes the structure needs.
         needed_bytes: u64,
@@ -287,7 +287,10 @@ pub fn decode_stream_header(bytes: &[u8]) -> Result<(StreamHeader, usize), Decod
         return Err(DecodeErrorReason::invalid("header flags", flags));
     }
     if le_u64(all, 40) != 0 {
-        return Err(DecodeErrorReason::invalid("header reserved bytes", "non-zero"));
+        return Err(DecodeErrorReason::invalid(
+            "header reserved bytes",
+            "non-zero",
+        ));
     }
     let mut item_id = [0u8; 16];
     item_id.copy_from_slice(&all[16..32]);
@@ -304,7 +307,10 @@ pub fn decode_stream_header(bytes: &[u8]) -> Result<(StreamHeader, usize), Decod
             block_size_bytes: le_u32(all, at + 8),
         };
         if le_u32(all, at + 12) != 0 {
-            return Err(DecodeErrorReason::invalid("disk entry reserved bytes", "non-zero"));
+            return Err(DecodeErrorReason::invalid(
+                "disk entry reserved bytes",
+                "non-zero",
+            ));
         }
         if !BLOCK_SIZES.contains(&disk.block_size_bytes) {
             return Err(DecodeErrorReason::invalid(
@@ -332,49 +338,58 @@ pub fn decode_stream_header(bytes: &[u8]) -> Result<(StreamHeader, usize), Decod
 }
 
 fn need(bytes: &[u8], needed: usize) -> Result<&[u8], DecodeErrorReason> {
-    bytes
-        .get(..needed)
-        .ok_or(DecodeErrorReason::Truncated {
-            needed_bytes: needed as u64,
-            available_bytes: bytes.len() as u64,
-        })
+    bytes.get(..needed).ok_or(DecodeErrorReason::Truncated {
+        needed_bytes: needed as u64,
+        available_bytes: bytes.len() as u64,
+    })
 }
 
-/// Decodes the fixed frame header and checks its self-contained limits (magic, kind, encoding,
-/// reserved bytes, payload size limit). Runs before the payload is read or allocated.
-pub fn decode_frame_header(
-    bytes: &[u8; FRAME_HEADER_BYTES],
-) -> Result<FrameHeader, DecodeErrorReason> {
+/// Checks what must hold before a frame's payload is read: the magic and the payload size
+/// limit. Returns the payload length.
+pub fn check_frame_prefix(bytes: &[u8; FRAME_HEADER_BYTES]) -> Result<u32, DecodeErrorReason> {
     if bytes[0..4] != FRAME_MAGIC {
         return Err(DecodeErrorReason::BadMagic {
             found: bytes[0..4].to_vec(),
         });
     }
+    let payload_len_bytes = le_u32(bytes, 32);
+    if payload_len_bytes > MAX_PAYLOAD_BYTES {
+        return Err(DecodeErrorReason::LengthOverLimit {
+            field: "frame payload",
+            length_bytes: u64::from(payload_len_bytes),
+            limit_bytes: u64::from(MAX_PAYLOAD_BYTES),
+        });
+    }
+    Ok(payload_len_bytes)
+}
+
+/// Decodes the fixed frame header: [`check_frame_prefix`], then kind, encoding and reserved
+/// bytes. The decoder calls it after the checksum holds, so a flipped bit is reported as a
+/// checksum mismatch rather than as a strange field.
+pub fn decode_frame_header(
+    bytes: &[u8; FRAME_HEADER_BYTES],
+) -> Result<FrameHeader, DecodeErrorReason> {
+    let payload_len_bytes = check_frame_prefix(bytes)?;
     let kind = FrameKind::from_u8(bytes[4])
         .ok_or_else(|| DecodeErrorReason::invalid("frame kind", bytes[4]))?;
     let encoding = Encoding::from_u8(bytes[5])
         .ok_or_else(|| DecodeErrorReason::invalid("payload encoding", bytes[5]))?;
-    let header = FrameHeader {
+    if le_u32(bytes, 36) != 0 {
+        return Err(DecodeErrorReason::invalid(
+            "frame reserved bytes",
+            "non-zero",
+        ));
+    }
+    Ok(FrameHeader {
         kind,
         encoding,
         disk_index: le_u16(bytes, 6),
         seq: le_u64(bytes, 8),
         offset_bytes: le_u64(bytes, 16),
         length_bytes: le_u64(bytes, 24),
-        payload_len_bytes: le_u32(bytes, 32),
+        payload_len_bytes,
         checksum: le_u64(bytes, 40),
-    };
-    if le_u32(bytes, 36) != 0 {
-        return Err(DecodeErrorReason::invalid("frame reserved bytes", "non-zero"));
-    }
-    if header.payload_len_bytes > MAX_PAYLOAD_BYTES {
-        return Err(DecodeErrorReason::LengthOverLimit {
-            field: "frame payload",
-            length_bytes: u64::from(header.payload_len_bytes),
-            limit_bytes: u64::from(MAX_PAYLOAD_BYTES),
-        });
-    }
-    Ok(header)
+    })
 }
 
 /// Checks a frame whose checksum holds against the rules of its kind and the stream's disks,
@@ -494,7 +509,10 @@ pub fn decode_bookmark(payload: &[u8]) -> Result<Bookmark, DecodeErrorReason> {
     let consistency = Consistency::from_u8(fixed[0])
         .ok_or_else(|| DecodeErrorReason::invalid("bookmark consistency", fixed[0]))?;
     if fixed[1] != 0 || le_u32(fixed, 4) != 0 {
-        return Err(DecodeErrorReason::invalid("bookmark reserved bytes", "non-zero"));
+        return Err(DecodeErrorReason::invalid(
+            "bookmark reserved bytes",
+            "non-zero",
+        ));
     }
     let label_len = usize::from(le_u16(fixed, 2));
     if label_len > MAX_LABEL_BYTES {
@@ -616,8 +634,7 @@ impl<R: Read> DeltaDecoder<R> {
         }
         let mut raw = [0u8; FRAME_HEADER_BYTES];
         read_full(&mut self.reader, &mut raw).map_err(at)?;
-        let header = decode_frame_header(&raw).map_err(at)?;
-        let payload_len = header.payload_len_bytes as usize; // ≤ MAX_PAYLOAD_BYTES, checked.
+        let payload_len = check_frame_prefix(&raw).map_err(at)? as usize; // ≤ the limit.
         self.buf.clear();
         self.buf.extend_from_slice(&raw);
         self.buf.resize(FRAME_HEADER_BYTES + payload_len, 0);
@@ -633,13 +650,12 @@ impl<R: Read> DeltaDecoder<R> {
                 other => other,
             })
         })?;
+        let stored = le_u64(&raw, 40);
         let computed = FrameHeader::compute_checksum(&raw[..40], &self.buf[FRAME_HEADER_BYTES..]);
-        if computed != header.checksum {
-            return Err(at(DecodeErrorReason::ChecksumMismatch {
-                stored: header.checksum,
-                computed,
-            }));
+        if computed != stored {
+            return Err(at(DecodeErrorReason::ChecksumMismatch { stored, computed }));
         }
+        let header = decode_frame_header(&raw).map_err(at)?;
         if header.seq > self.next_seq {
             return Err(at(DecodeErrorReason::SequenceGap {
                 expected: self.next_seq,
@@ -723,11 +739,13 @@ impl PayloadDecoder {
     ) -> Result<(), DecodeErrorReason> {
         let length = extent.length_bytes as usize;
         let out_len = out.len();
-        let dest = out.get_mut(..length).ok_or(DecodeErrorReason::LengthOverLimit {
-            field: "output buffer for payload",
-            length_bytes: length as u64,
-            limit_bytes: out_len as u64,
-        })?;
+        let dest = out
+            .get_mut(..length)
+            .ok_or(DecodeErrorReason::LengthOverLimit {
+                field: "output buffer for payload",
+                length_bytes: length as u64,
+                limit_bytes: out_len as u64,
+            })?;
         match extent.encoding {
             Encoding::Raw => {
                 if extent.payload.len() != length {

@@ -28,7 +28,9 @@ pub enum EncodeError {
         disk_count: usize,
     },
     /// An extent that is empty, misaligned or past the end of its disk.
-    #[error("bad extent on disk {disk_index}: offset {offset_bytes}, length {length_bytes}: {why:?}")]
+    #[error(
+        "bad extent on disk {disk_index}: offset {offset_bytes}, length {length_bytes}: {why:?}"
+    )]
     Extent {
         /// Disk index.
         disk_index: u16,
@@ -110,9 +112,7 @@ impl<W: Write> DeltaEncoder<W> {
         header.encode_into(&mut bytes);
         writer.write_all(&bytes).map_err(EncodeError::Io)?;
         let zstd = match options.zstd_level {
-            Some(level) => {
-                Some(zstd::bulk::Compressor::new(level).map_err(EncodeError::Compress)?)
-            }
+            Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(EncodeError::Compress)?),
             None => None,
         };
         Ok(Self {
@@ -137,7 +137,12 @@ impl<W: Write> DeltaEncoder<W> {
     }
 
     /// Writes a guest write. Returns its sequence number.
-    pub fn write(&mut self, disk_index: u16, offset_bytes: u64, data: &[u8]) -> Result<u64, EncodeError> {
+    pub fn write(
+        &mut self,
+        disk_index: u16,
+        offset_bytes: u64,
+        data: &[u8],
+    ) -> Result<u64, EncodeError> {
         self.data_frame(FrameKind::Write, disk_index, offset_bytes, data)
     }
 
@@ -161,7 +166,13 @@ impl<W: Write> DeltaEncoder<W> {
         self.check_extent(disk_index, offset_bytes, length_bytes)?;
         self.frame.clear();
         self.frame.resize(FRAME_HEADER_BYTES, 0);
-        self.emit(FrameKind::ZeroRange, Encoding::Raw, disk_index, offset_bytes, length_bytes)
+        self.emit(
+            FrameKind::ZeroRange,
+            Encoding::Raw,
+            disk_index,
+            offset_bytes,
+            length_bytes,
+        )
     }
 
     /// Writes a bookmark. Returns its sequence number.
@@ -239,7 +250,12 @@ impl<W: Write> DeltaEncoder<W> {
         self.emit(kind, encoding, disk_index, offset_bytes, data.len() as u64)
     }
 
-    fn check_extent(&self, disk_index: u16, offset_bytes: u64, length_bytes: u64) -> Result<(), EncodeError> {
+    fn check_extent(
+        &self,
+        disk_index: u16,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), EncodeError> {
         if self.ended {
             return Err(EncodeError::Ended);
         }
@@ -286,7 +302,9 @@ impl<W: Write> DeltaEncoder<W> {
         header.checksum =
             FrameHeader::compute_checksum(&prefix[..40], &self.frame[FRAME_HEADER_BYTES..]);
         self.frame[..FRAME_HEADER_BYTES].copy_from_slice(&header.encode());
-        self.writer.write_all(&self.frame).map_err(EncodeError::Io)?;
+        self.writer
+            .write_all(&self.frame)
+            .map_err(EncodeError::Io)?;
         self.bytes_written += self.frame.len() as u64;
         self.next_seq = seq.wrapping_add(1);
         self.ended = kind == FrameKind::End;

@@ -1,0 +1,10 @@
+//! disk-sim: the world the appliance lives in during tests, demos and stress runs.
+//!
+//! Modules:
+//! - [`rng`]: seeded randomness; every run prints its seed and replays from it.
+//! - [`workload`]: seeded write/trim/bookmark generators over an item's disks.
+//! - [`stream`]: a workload written out as a delta stream (the `disk-sim stream` command).
+
+pub mod rng;
+pub mod stream;
+pub mod workload;
