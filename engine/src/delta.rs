@@ -26,7 +26,10 @@
 pub mod decode;
 pub mod encode;
 
-pub use decode::{DecodeError, DecodeErrorReason, DeltaDecoder, Frame, FrameBody, PayloadDecoder};
+pub use decode::{
+    DataExtent, DecodeError, DecodeErrorReason, DeltaDecoder, Frame, FrameBody, PayloadDecoder,
+    check_frame_prefix, decode_frame_header, validate_frame,
+};
 pub use encode::{DeltaEncoder, EncodeError, EncoderOptions};
 
 use xxhash_rust::xxh3::Xxh3;
