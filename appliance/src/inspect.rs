@@ -60,11 +60,7 @@ pub fn inspect(reader: impl Read) -> Result<StreamReport, Box<DecodeError>> {
         header: Some(decoder.header().clone()),
         ..StreamReport::default()
     };
-    loop {
-        let frame = match decoder.next_frame().map_err(Box::new)? {
-            Some(frame) => frame,
-            None => break,
-        };
+    while let Some(frame) = decoder.next_frame().map_err(Box::new)? {
         let (logical_bytes, stored_bytes) = match &frame.body {
             FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
                 payloads

@@ -1,5 +1,7 @@
 //! `appliance stream inspect` as an operator runs it: exit status and output.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::process::Command;
 
 use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};

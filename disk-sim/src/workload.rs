@@ -110,7 +110,7 @@ impl Workload {
             (self.spec.app_bookmark_every_ops, Consistency::App),
             (self.spec.crash_bookmark_every_ops, Consistency::Crash),
         ] {
-            if every != 0 && self.ops_count % every == 0 {
+            if every != 0 && self.ops_count.is_multiple_of(every) {
                 let bookmark_id = self.next_bookmark_id;
                 self.next_bookmark_id += 1;
                 return Op::Bookmark {

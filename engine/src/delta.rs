@@ -80,7 +80,7 @@ impl DiskGeometry {
         if length_bytes == 0 {
             return Err(ExtentError::Empty);
         }
-        if offset_bytes % block != 0 || length_bytes % block != 0 {
+        if !offset_bytes.is_multiple_of(block) || !length_bytes.is_multiple_of(block) {
             return Err(ExtentError::Misaligned {
                 block_size_bytes: self.block_size_bytes,
             });

@@ -1,7 +1,7 @@
 //! The data-path engine of the DR appliance.
 //!
 //! It turns a delta stream from a source agent into replica disks with recoverable points in
-//! time. Modules:
+//! time. Modules, in the order a write travels through them:
 //!
 //! - [`delta`]: the versioned, checksummed wire and file format of the stream (encoder and
 //!   decoder). Specified in `docs/design/delta-stream.md`.
@@ -9,10 +9,18 @@
 //! - [`staging`]: the durable, bounded, per-item log of received frames (group commit,
 //!   recovery by scan, back-pressure, resync required).
 //! - [`io`]: the replica-disk I/O seam: buffer pool, engine trait, uring/sync/sim backends.
+//! - [`apply`]: staged frames to replicas, with copy-on-first-write recovery points.
+//! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
+//! - [`materialize`]: the disks at a recovery point as new raw images.
 //!
 //! The engine depends on no other crate of the workspace; `appliance`, `disk-sim` and `perf`
-//! are built on it. See `ARCHITECTURE.md` for the whole picture.
+//! are built on it. See `ARCHITECTURE.md` for the whole picture and
+//! `docs/design/recovery-points.md` for the apply and recovery-point design.
 
+pub mod apply;
 pub mod delta;
 pub mod durable;
+pub mod io;
+pub mod materialize;
+pub mod meta;
 pub mod staging;

@@ -746,6 +746,12 @@ impl StagingReader {
         self.next_seq
     }
 
+    /// Moves the reader so that the next frame it returns is `seq`.
+    pub fn seek(&mut self, seq: u64) {
+        self.next_seq = seq;
+        self.current = None;
+    }
+
     /// The next durable frame, or `None` when every durable frame has been read.
     pub fn next_frame(&mut self) -> Result<Option<StagedFrame<'_>>, StagingError> {
         let durable = self.shared.durable_seq.load(Ordering::Acquire);

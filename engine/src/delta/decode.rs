@@ -318,7 +318,11 @@ pub fn decode_stream_header(bytes: &[u8]) -> Result<(StreamHeader, usize), Decod
                 format_args!("disk {index}: {}", disk.block_size_bytes),
             ));
         }
-        if disk.size_bytes == 0 || disk.size_bytes % u64::from(disk.block_size_bytes) != 0 {
+        if disk.size_bytes == 0
+            || !disk
+                .size_bytes
+                .is_multiple_of(u64::from(disk.block_size_bytes))
+        {
             return Err(DecodeErrorReason::invalid(
                 "disk size",
                 format_args!("disk {index}: {} bytes", disk.size_bytes),
@@ -759,13 +763,13 @@ impl PayloadDecoder {
             }
             Encoding::Zstd => {
                 // Refuse a frame whose declared content size disagrees before decompressing.
-                if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(extent.payload) {
-                    if size != length as u64 {
-                        return Err(DecodeErrorReason::DecompressedSizeMismatch {
-                            declared_bytes: length as u64,
-                            actual_bytes: size,
-                        });
-                    }
+                if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(extent.payload)
+                    && size != length as u64
+                {
+                    return Err(DecodeErrorReason::DecompressedSizeMismatch {
+                        declared_bytes: length as u64,
+                        actual_bytes: size,
+                    });
                 }
                 match self.zstd.decompress_to_buffer(extent.payload, dest) {
                     Ok(n) if n == length => Ok(()),

@@ -1,0 +1,970 @@
+//! Apply: staged frames → replica disks, keeping every retained recovery point restorable.
+//!
+//! ```text
+//!  StagingReader ──► batch (≤ batch_max_frames, ends at a bookmark)
+//!      │   decompress each payload straight into an aligned pool buffer (IoBuf)
+//!      ▼
+//!  preserve: grains the batch overwrites that were not yet preserved in this interval
+//!      │   read old content (IoOp::Read) ─► append to preserve/pres-<tag>.dat ─► fdatasync
+//!      │   ─► commit index entries (redb)                         (durable BEFORE any write)
+//!      ▼
+//!  write: IoOp::Write / WriteZeroes, overlapping extents serialised, queue depth bounded
+//!      ▼
+//!  bookmark (or every checkpoint_every_bytes): IoOp::Flush every replica
+//!      ─► commit watermark (+ the new point, which becomes the current tag) in redb
+//! ```
+//!
+//! Recovery points by copy on first write: the replica always holds the newest applied state.
+//! The *tag* of an interval is the id of the point that opened it. Before a grain is first
+//! overwritten in the interval of tag `t`, its old content — the content at point `t` — is
+//! preserved under `t`. The disk at point `p` is then, grain by grain, the preserved copy with
+//! the smallest tag ≥ `p`, or the replica where there is none (`materialize`).
+//!
+//! Invariants:
+//! - a grain modified on a replica since point `t` has an index entry under `t` (the entry is
+//!   committed before the write is submitted), so replay after a crash never preserves new
+//!   data as old;
+//! - the watermark only moves after a flush of every replica, and apply is idempotent (same
+//!   frames, same order, same offsets), so replay from the watermark is exact;
+//! - overlapping writes are never in flight together;
+//! - an I/O error fails the item (health names the disk and op); staged data is untouched and
+//!   `clear_fault` resumes from the watermark.
+//! - pruning removes the oldest point only (entries under tag `t` serve every point ≤ `t`),
+//!   and never a pinned one (a materialize in progress).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::delta::{
+    Consistency, DataExtent, DecodeErrorReason, DiskGeometry, FrameBody, PayloadDecoder,
+};
+use crate::durable::{DurableDir, DurableFile};
+use crate::io::{BufPool, Completion, FileId, IoBuf, IoEngine, IoOp, RejectReason};
+use crate::meta::{ItemKey, MetaError, MetaStore, PointOrigin, PointRecord, PreservedEntry};
+use crate::staging::{StagingError, StagingReader};
+
+/// Apply settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyConfig {
+    /// Granularity of recovery-point preservation (a multiple of 4096).
+    pub grain_bytes: u32,
+    /// Most frames per batch (also bounded by half the buffer pool).
+    pub batch_max_frames: usize,
+    /// Flush replicas and commit the watermark after this many bytes without a bookmark, so
+    /// staging space can be reclaimed.
+    pub checkpoint_every_bytes: u64,
+    /// Keep recovery points (copy on first write). Off only for benchmarks.
+    pub preserve: bool,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self {
+            grain_bytes: 4096,
+            batch_max_frames: 64,
+            checkpoint_every_bytes: 256 << 20,
+            preserve: true,
+        }
+    }
+}
+
+/// Retention of recovery points.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Most points kept.
+    pub max_count: usize,
+    /// Oldest point kept, by processing time, in ns.
+    pub max_age_ns: u64,
+}
+
+/// Why apply stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// A replica I/O failed; the item is failed until `clear_fault`.
+    #[error("replica disk {disk_index}: {op} at byte {offset_bytes} failed: {source}")]
+    Replica {
+        /// Disk index.
+        disk_index: u16,
+        /// The op.
+        op: &'static str,
+        /// Where.
+        offset_bytes: u64,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The preserve store failed.
+    #[error("preserve store: {what}: {source}")]
+    Preserve {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The metadata store failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// Reading the staging log failed.
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    /// A staged payload did not decode (checksum held, so the sender encoded it wrongly).
+    #[error("frame seq {seq}: payload: {reason}")]
+    Payload {
+        /// Sequence number.
+        seq: u64,
+        /// What is wrong.
+        reason: DecodeErrorReason,
+    },
+    /// The item is failed; clear the fault first.
+    #[error("item failed: {error}; clear the fault to resume")]
+    Failed {
+        /// The error that failed it.
+        error: String,
+    },
+    /// A bad configuration or argument.
+    #[error("invalid apply setup: {0}")]
+    Invalid(String),
+}
+
+/// Replication health of an item's apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Applying.
+    Healthy,
+    /// Stopped on an error, named here.
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// What one call to [`Applier::apply_batch`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyProgress {
+    /// Frames applied.
+    pub frames: u64,
+    /// Data bytes written or zeroed.
+    pub bytes: u64,
+    /// Grains preserved.
+    pub grains_preserved: u64,
+    /// A point made processed by this batch.
+    pub point: Option<u64>,
+}
+
+/// Totals since the applier was built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Frames applied.
+    pub frames: u64,
+    /// Data bytes applied.
+    pub bytes: u64,
+    /// Grains preserved.
+    pub grains_preserved: u64,
+    /// Replica flush rounds.
+    pub flushes: u64,
+}
+
+/// Points a materialize is reading: never pruned while pinned.
+#[derive(Debug, Clone, Default)]
+pub struct Pins(Arc<Mutex<BTreeMap<u64, u32>>>);
+
+impl Pins {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins `point_id` until the guard drops.
+    pub fn pin(&self, point_id: u64) -> PinGuard {
+        *self.lock().entry(point_id).or_default() += 1;
+        PinGuard {
+            pins: self.clone(),
+            point_id,
+        }
+    }
+
+    fn is_pinned(&self, point_id: u64) -> bool {
+        self.lock().contains_key(&point_id)
+    }
+}
+
+/// Keeps a point pinned.
+#[derive(Debug)]
+pub struct PinGuard {
+    pins: Pins,
+    point_id: u64,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock();
+        if let Some(count) = pins.get_mut(&self.point_id) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.point_id);
+            }
+        }
+    }
+}
+
+/// Name of the preserve file of a tag.
+pub fn preserve_file_name(tag: u64) -> String {
+    format!("pres-{tag:020}.dat")
+}
+
+enum PendingOp {
+    Write {
+        disk_index: u16,
+        offset_bytes: u64,
+        buf: IoBuf,
+    },
+    Zero {
+        disk_index: u16,
+        offset_bytes: u64,
+        len_bytes: u64,
+    },
+}
+
+impl PendingOp {
+    fn extent(&self) -> (u16, u64, u64) {
+        match self {
+            PendingOp::Write {
+                disk_index,
+                offset_bytes,
+                buf,
+            } => (*disk_index, *offset_bytes, buf.len_bytes() as u64),
+            PendingOp::Zero {
+                disk_index,
+                offset_bytes,
+                len_bytes,
+            } => (*disk_index, *offset_bytes, *len_bytes),
+        }
+    }
+}
+
+struct Batch {
+    ops: Vec<PendingOp>,
+    last_seq: Option<u64>,
+    bookmark: Option<(u64, crate::delta::Bookmark)>,
+}
+
+/// Applies one item's staged frames to its replica disks.
+pub struct Applier<E: IoEngine> {
+    item: ItemKey,
+    disks: Vec<DiskGeometry>,
+    config: ApplyConfig,
+    engine: E,
+    files: Vec<FileId>,
+    pool: BufPool,
+    meta: Arc<MetaStore>,
+    preserve_dir: Arc<dyn DurableDir>,
+    preserve_file: Option<(u64, Arc<dyn DurableFile>, u64)>,
+    reader: StagingReader,
+    /// Where the reader started: replay begins here until a watermark exists.
+    first_seq: u64,
+    payloads: PayloadDecoder,
+    /// Last frame applied (written, maybe not flushed).
+    applied_seq: u64,
+    /// Last frame whose effect is flushed and committed.
+    durable_seq: u64,
+    bytes_since_checkpoint: u64,
+    current_tag: u64,
+    preserving: bool,
+    preserved_now: HashSet<(u16, u64)>,
+    in_flight: Vec<(u64, u16, u64, u64)>,
+    next_tag: u64,
+    completions: Vec<Completion>,
+    health: Health,
+    pins: Pins,
+    stats: ApplyStats,
+}
+
+impl<E: IoEngine> std::fmt::Debug for Applier<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("item", &self.item)
+            .field("applied_seq", &self.applied_seq)
+            .field("durable_seq", &self.durable_seq)
+            .field("current_tag", &self.current_tag)
+            .field("health", &self.health)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl<E: IoEngine> Applier<E> {
+    /// Builds the applier of an item. `files[i]` is replica disk `i` registered with `engine`;
+    /// `reader` is positioned anywhere (it is moved to the watermark); `pool` buffers must hold
+    /// a whole frame ([`crate::delta::MAX_PAYLOAD_BYTES`]) and are shared with nobody else.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        item: ItemKey,
+        disks: Vec<DiskGeometry>,
+        config: ApplyConfig,
+        engine: E,
+        files: Vec<FileId>,
+        pool: BufPool,
+        meta: Arc<MetaStore>,
+        preserve_dir: Arc<dyn DurableDir>,
+        reader: StagingReader,
+    ) -> Result<Self, ApplyError> {
+        if files.len() != disks.len() {
+            return Err(ApplyError::Invalid(format!(
+                "{} replica files for {} disks",
+                files.len(),
+                disks.len()
+            )));
+        }
+        if pool.buf_size_bytes() < crate::delta::MAX_PAYLOAD_BYTES as usize || pool.capacity() < 4 {
+            return Err(ApplyError::Invalid(format!(
+                "buffer pool of {} × {} bytes: need at least 4 buffers of {} bytes",
+                pool.capacity(),
+                pool.buf_size_bytes(),
+                crate::delta::MAX_PAYLOAD_BYTES
+            )));
+        }
+        if config.grain_bytes == 0 || !config.grain_bytes.is_multiple_of(4096) {
+            return Err(ApplyError::Invalid(format!(
+                "grain of {} bytes is not a multiple of 4096",
+                config.grain_bytes
+            )));
+        }
+        let payloads = PayloadDecoder::new().map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        let mut applier = Self {
+            item,
+            disks,
+            config,
+            engine,
+            files,
+            pool,
+            meta,
+            preserve_dir,
+            preserve_file: None,
+            first_seq: reader.next_seq(),
+            reader,
+            payloads,
+            applied_seq: 0,
+            durable_seq: 0,
+            bytes_since_checkpoint: 0,
+            current_tag: 0,
+            preserving: false,
+            preserved_now: HashSet::new(),
+            in_flight: Vec::new(),
+            next_tag: 1,
+            completions: Vec::new(),
+            health: Health::Healthy,
+            pins: Pins::default(),
+            stats: ApplyStats::default(),
+        };
+        applier.restart_from_watermark()?;
+        Ok(applier)
+    }
+
+    /// Re-reads the watermark and the current interval from the store, and positions the
+    /// reader right after the watermark (used at start and when a fault is cleared).
+    fn restart_from_watermark(&mut self) -> Result<(), ApplyError> {
+        let (applied_seq, current_tag) = self.meta.state(self.item)?;
+        self.reader.seek(if applied_seq == 0 {
+            self.first_seq
+        } else {
+            applied_seq + 1
+        });
+        self.applied_seq = self.reader.next_seq().wrapping_sub(1);
+        self.durable_seq = self.applied_seq;
+        self.current_tag = current_tag;
+        self.bytes_since_checkpoint = 0;
+        self.preserve_file = None;
+        self.preserved_now.clear();
+        self.preserving = self.config.preserve
+            && current_tag != 0
+            && self.meta.point(self.item, current_tag)?.is_some();
+        if self.preserving {
+            for disk_index in 0..self.disks.len() as u16 {
+                for (grain, _) in self.meta.preserved(self.item, current_tag, disk_index)? {
+                    self.preserved_now.insert((disk_index, grain));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The I/O backend in use.
+    pub fn backend_name(&self) -> &'static str {
+        self.engine.backend_name()
+    }
+
+    /// Last frame applied and made durable on the replicas (the watermark).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// Last frame applied (written; durable at the next checkpoint).
+    pub fn applied_seq(&self) -> u64 {
+        self.applied_seq
+    }
+
+    /// Health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Totals.
+    pub fn stats(&self) -> &ApplyStats {
+        &self.stats
+    }
+
+    /// The pins of this item's points (for materialize).
+    pub fn pins(&self) -> Pins {
+        self.pins.clone()
+    }
+
+    /// Clears a failed state: apply resumes from the watermark (idempotent replay).
+    pub fn clear_fault(&mut self) -> Result<(), ApplyError> {
+        self.drain_in_flight();
+        self.health = Health::Healthy;
+        self.restart_from_watermark()
+    }
+
+    fn fail(&mut self, error: ApplyError) -> ApplyError {
+        self.drain_in_flight();
+        self.health = Health::Failed {
+            error: error.to_string(),
+        };
+        error
+    }
+
+    /// Waits for every op in flight, ignoring results (after a failure).
+    fn drain_in_flight(&mut self) {
+        while self.engine.in_flight_count() > 0 {
+            self.completions.clear();
+            if self.engine.reap(&mut self.completions, 1).is_err() {
+                break;
+            }
+        }
+        self.completions.clear();
+        self.in_flight.clear();
+    }
+
+    /// Applies all durable staged frames (several batches). Returns the totals.
+    pub fn apply_available(&mut self) -> Result<ApplyProgress, ApplyError> {
+        let mut total = ApplyProgress::default();
+        loop {
+            let progress = self.apply_batch()?;
+            if progress.frames == 0 {
+                return Ok(total);
+            }
+            total.frames += progress.frames;
+            total.bytes += progress.bytes;
+            total.grains_preserved += progress.grains_preserved;
+            total.point = progress.point.or(total.point);
+        }
+    }
+
+    /// Applies one batch of durable staged frames.
+    pub fn apply_batch(&mut self) -> Result<ApplyProgress, ApplyError> {
+        if let Health::Failed { error } = &self.health {
+            return Err(ApplyError::Failed {
+                error: error.clone(),
+            });
+        }
+        let batch = match self.collect_batch() {
+            Ok(batch) => batch,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let Some(last_seq) = batch.last_seq else {
+            return Ok(ApplyProgress::default());
+        };
+        let mut progress = ApplyProgress {
+            frames: last_seq - self.applied_seq,
+            ..ApplyProgress::default()
+        };
+        let result = self
+            .preserve(&batch.ops)
+            .and_then(|grains| {
+                progress.grains_preserved = grains;
+                self.write(batch.ops)
+            })
+            .and_then(|bytes| {
+                progress.bytes = bytes;
+                self.applied_seq = last_seq;
+                self.bytes_since_checkpoint += bytes;
+                match batch.bookmark {
+                    Some((seq, bookmark)) => {
+                        let point = PointRecord {
+                            point_id: seq,
+                            consistency: bookmark.consistency,
+                            origin: PointOrigin::Bookmark,
+                            bookmark_id: bookmark.bookmark_id,
+                            source_timestamp_ns: bookmark.source_timestamp_ns,
+                            processed_at_ns: now_ns(),
+                            label: bookmark.label,
+                        };
+                        self.checkpoint(Some(point))?;
+                        progress.point = Some(seq);
+                        Ok(())
+                    }
+                    None if self.bytes_since_checkpoint >= self.config.checkpoint_every_bytes => {
+                        self.checkpoint(None)
+                    }
+                    None => Ok(()),
+                }
+            });
+        match result {
+            Ok(()) => {
+                self.stats.frames += progress.frames;
+                self.stats.bytes += progress.bytes;
+                self.stats.grains_preserved += progress.grains_preserved;
+                Ok(progress)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Reads frames into a batch: stops at a bookmark, at the frame limit, or when no durable
+    /// frame is left.
+    fn collect_batch(&mut self) -> Result<Batch, ApplyError> {
+        let max_frames = self
+            .config
+            .batch_max_frames
+            .min(self.pool.capacity() / 2)
+            .max(1);
+        let mut batch = Batch {
+            ops: Vec::with_capacity(max_frames),
+            last_seq: None,
+            bookmark: None,
+        };
+        while batch.ops.len() < max_frames {
+            let Some(frame) = self.reader.next_frame()? else {
+                break;
+            };
+            let seq = frame.seq;
+            batch.last_seq = Some(seq);
+            match frame.body {
+                FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
+                    let Some(mut buf) = self.pool.take() else {
+                        return Err(ApplyError::Invalid(
+                            "buffer pool exhausted: it must not be shared".into(),
+                        ));
+                    };
+                    decode_into(&mut self.payloads, &extent, &mut buf)
+                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
+                    batch.ops.push(PendingOp::Write {
+                        disk_index: extent.disk_index,
+                        offset_bytes: extent.offset_bytes,
+                        buf,
+                    });
+                }
+                FrameBody::ZeroRange {
+                    disk_index,
+                    offset_bytes,
+                    length_bytes,
+                } => batch.ops.push(PendingOp::Zero {
+                    disk_index,
+                    offset_bytes,
+                    len_bytes: length_bytes,
+                }),
+                FrameBody::Bookmark(bookmark) => {
+                    batch.bookmark = Some((seq, bookmark));
+                    break;
+                }
+                FrameBody::End => {}
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Preserves the old content of every grain the batch overwrites that was not preserved
+    /// yet in this interval. Returns the number of grains preserved.
+    fn preserve(&mut self, ops: &[PendingOp]) -> Result<u64, ApplyError> {
+        if !self.preserving {
+            return Ok(0);
+        }
+        let grain = u64::from(self.config.grain_bytes);
+        let run_max_grains = (self.pool.buf_size_bytes() as u64 / grain).max(1);
+        // Runs of contiguous grains to read: (disk, first grain, grain count).
+        let mut runs: Vec<(u16, u64, u64)> = Vec::new();
+        let mut in_batch: HashSet<(u16, u64)> = HashSet::new();
+        for op in ops {
+            let (disk_index, offset_bytes, len_bytes) = op.extent();
+            let first = offset_bytes / grain;
+            let last = (offset_bytes + len_bytes - 1) / grain;
+            for g in first..=last {
+                if self.preserved_now.contains(&(disk_index, g))
+                    || !in_batch.insert((disk_index, g))
+                {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((d, start, count))
+                        if *d == disk_index && *start + *count == g && *count < run_max_grains =>
+                    {
+                        *count += 1
+                    }
+                    _ => runs.push((disk_index, g, 1)),
+                }
+            }
+        }
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let tag = self.current_tag;
+        let (file, mut file_len) = self.preserve_file_for(tag)?;
+        let mut entries: Vec<PreservedEntry> = Vec::with_capacity(in_batch.len());
+        let mut pending = runs.as_slice();
+        while !pending.is_empty() {
+            // One round: as many reads as there are free buffers.
+            let round = pending
+                .len()
+                .min(self.pool.available())
+                .min(self.engine.queue_depth())
+                .max(1);
+            let (now, later) = pending.split_at(round);
+            pending = later;
+            for (index, &(disk_index, first, count)) in now.iter().enumerate() {
+                let size = self.disks[usize::from(disk_index)].size_bytes;
+                let offset_bytes = first * grain;
+                let len_bytes = (count * grain).min(size - offset_bytes);
+                let Some(mut buf) = self.pool.take() else {
+                    return Err(ApplyError::Invalid("buffer pool exhausted".into()));
+                };
+                buf.set_len_bytes(len_bytes as usize);
+                let op = IoOp::Read {
+                    file: self.files[usize::from(disk_index)],
+                    offset_bytes,
+                    buf,
+                };
+                self.submit(op, index as u64, disk_index, offset_bytes, len_bytes)?;
+            }
+            self.engine.kick().map_err(|source| ApplyError::Replica {
+                disk_index: now[0].0,
+                op: "kick",
+                offset_bytes: 0,
+                source,
+            })?;
+            let mut results: Vec<Option<IoBuf>> = (0..round).map(|_| None).collect();
+            self.reap_all("read (preserve)", |completion| {
+                if let Some(slot) = results.get_mut(completion.tag as usize) {
+                    *slot = completion.buf.take();
+                }
+            })?;
+            for (&(disk_index, first, _), buf) in now.iter().zip(results) {
+                let Some(buf) = buf else {
+                    return Err(ApplyError::Invalid(
+                        "a preserve read returned no buffer".into(),
+                    ));
+                };
+                let data = buf.as_slice();
+                file.write_all_at(file_len, data)
+                    .map_err(|source| ApplyError::Preserve {
+                        what: format!("appending to {}", preserve_file_name(tag)),
+                        source,
+                    })?;
+                for (i, _) in data.chunks(grain as usize).enumerate() {
+                    entries.push(PreservedEntry {
+                        disk_index,
+                        grain: first + i as u64,
+                        file_offset_bytes: file_len + i as u64 * grain,
+                    });
+                }
+                file_len += data.len() as u64;
+            }
+        }
+        file.sync_data().map_err(|source| ApplyError::Preserve {
+            what: format!("flushing {}", preserve_file_name(tag)),
+            source,
+        })?;
+        self.preserve_file = Some((tag, file, file_len));
+        self.meta.add_preserved(self.item, tag, &entries)?;
+        self.preserved_now.extend(in_batch);
+        Ok(entries.len() as u64)
+    }
+
+    /// The preserve file of `tag` and its length, opened (and created durably) on first use.
+    fn preserve_file_for(&mut self, tag: u64) -> Result<(Arc<dyn DurableFile>, u64), ApplyError> {
+        if let Some((open_tag, file, len)) = &self.preserve_file
+            && *open_tag == tag
+        {
+            return Ok((file.clone(), *len));
+        }
+        let name = preserve_file_name(tag);
+        let err = |what: &str| {
+            let what = format!("{what} {name}");
+            move |source| ApplyError::Preserve { what, source }
+        };
+        let file = self
+            .preserve_dir
+            .open(&name, true)
+            .map_err(err("opening"))?;
+        let len = file.len_bytes().map_err(err("sizing"))?;
+        if len == 0 {
+            // A new file: its name must be durable before entries point into it.
+            file.sync_data().map_err(err("flushing"))?;
+            self.preserve_dir.sync().map_err(err("creating"))?;
+        }
+        Ok((file, len))
+    }
+
+    /// Submits the batch's writes (overlaps serialised) and waits for all. Returns bytes.
+    fn write(&mut self, ops: Vec<PendingOp>) -> Result<u64, ApplyError> {
+        let mut bytes = 0;
+        for op in ops {
+            let (disk_index, offset_bytes, len_bytes) = op.extent();
+            let end = offset_bytes + len_bytes;
+            while self
+                .in_flight
+                .iter()
+                .any(|&(_, d, s, e)| d == disk_index && s < end && offset_bytes < e)
+            {
+                self.reap_some(1, "write")?;
+            }
+            let file = self.files[usize::from(disk_index)];
+            let io_op = match op {
+                PendingOp::Write { buf, .. } => IoOp::Write {
+                    file,
+                    offset_bytes,
+                    buf,
+                },
+                PendingOp::Zero { .. } => IoOp::WriteZeroes {
+                    file,
+                    offset_bytes,
+                    len_bytes,
+                },
+            };
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.submit(io_op, tag, disk_index, offset_bytes, len_bytes)?;
+            bytes += len_bytes;
+        }
+        self.engine.kick().map_err(|source| ApplyError::Replica {
+            disk_index: 0,
+            op: "kick",
+            offset_bytes: 0,
+            source,
+        })?;
+        self.reap_all("write", |_| {})?;
+        Ok(bytes)
+    }
+
+    /// Submits one op, reaping while the queue is full.
+    fn submit(
+        &mut self,
+        mut op: IoOp,
+        tag: u64,
+        disk_index: u16,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(), ApplyError> {
+        let kind = op.kind_name();
+        loop {
+            match self.engine.submit(op, tag) {
+                Ok(()) => {
+                    self.in_flight
+                        .push((tag, disk_index, offset_bytes, offset_bytes + len_bytes));
+                    return Ok(());
+                }
+                Err(rejected) if rejected.reason == RejectReason::QueueFull => {
+                    op = rejected.op;
+                    self.reap_some(1, kind)?;
+                }
+                Err(rejected) => {
+                    return Err(ApplyError::Replica {
+                        disk_index,
+                        op: kind,
+                        offset_bytes,
+                        source: io::Error::new(io::ErrorKind::InvalidInput, rejected.to_string()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reaps at least `min` completions; a failed op fails the batch.
+    fn reap_some(&mut self, min: usize, op: &'static str) -> Result<(), ApplyError> {
+        self.reap_with(min, op, &mut |_| {})
+    }
+
+    /// Reaps everything in flight; `on` sees each successful completion. The first error is
+    /// returned after every op has come back.
+    fn reap_all(
+        &mut self,
+        op: &'static str,
+        mut on: impl FnMut(&mut Completion),
+    ) -> Result<(), ApplyError> {
+        let mut first_error = None;
+        while self.engine.in_flight_count() > 0 {
+            if let Err(e) = self.reap_with(1, op, &mut on) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn reap_with(
+        &mut self,
+        min: usize,
+        op: &'static str,
+        on: &mut dyn FnMut(&mut Completion),
+    ) -> Result<(), ApplyError> {
+        self.completions.clear();
+        self.engine
+            .reap(&mut self.completions, min)
+            .map_err(|source| ApplyError::Replica {
+                disk_index: 0,
+                op: "reap",
+                offset_bytes: 0,
+                source,
+            })?;
+        let mut completions = std::mem::take(&mut self.completions);
+        let mut first_error = None;
+        for completion in completions.iter_mut() {
+            let (disk_index, offset_bytes) =
+                match self.in_flight.iter().position(|f| f.0 == completion.tag) {
+                    Some(index) => {
+                        let (_, disk_index, offset_bytes, _) = self.in_flight.swap_remove(index);
+                        (disk_index, offset_bytes)
+                    }
+                    None => (0, 0),
+                };
+            match &completion.result {
+                Ok(_) => on(completion),
+                Err(e) => {
+                    first_error.get_or_insert(ApplyError::Replica {
+                        disk_index,
+                        op,
+                        offset_bytes,
+                        source: io::Error::new(e.kind(), e.to_string()),
+                    });
+                }
+            }
+        }
+        completions.clear(); // buffers go back to the pool here
+        self.completions = completions;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Flushes every replica, then commits the watermark (and `point`, which opens a new
+    /// interval).
+    fn checkpoint(&mut self, point: Option<PointRecord>) -> Result<(), ApplyError> {
+        for (disk_index, &file) in self.files.clone().iter().enumerate() {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.submit(IoOp::Flush { file }, tag, disk_index as u16, 0, 0)?;
+        }
+        self.engine.kick().map_err(|source| ApplyError::Replica {
+            disk_index: 0,
+            op: "kick",
+            offset_bytes: 0,
+            source,
+        })?;
+        self.reap_all("flush", |_| {})?;
+        self.stats.flushes += 1;
+        let tag = point.as_ref().map_or(self.current_tag, |p| p.point_id);
+        self.meta
+            .checkpoint(self.item, self.applied_seq, tag, point.as_ref())?;
+        self.durable_seq = self.applied_seq;
+        self.bytes_since_checkpoint = 0;
+        if point.is_some() {
+            self.current_tag = tag;
+            self.preserving = self.config.preserve;
+            self.preserved_now.clear();
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable and, if anything was applied since the last
+    /// point, records a "latest" point at the last applied frame. Returns the newest point id.
+    pub fn mark_latest_point(&mut self) -> Result<Option<u64>, ApplyError> {
+        if let Health::Failed { error } = &self.health {
+            return Err(ApplyError::Failed {
+                error: error.clone(),
+            });
+        }
+        if self.applied_seq == self.current_tag && self.current_tag != 0 {
+            return Ok(Some(self.current_tag));
+        }
+        if self.applied_seq == 0 {
+            return Ok(None);
+        }
+        let point = PointRecord {
+            point_id: self.applied_seq,
+            consistency: Consistency::Crash,
+            origin: PointOrigin::Latest,
+            bookmark_id: 0,
+            source_timestamp_ns: 0,
+            processed_at_ns: now_ns(),
+            label: "latest".into(),
+        };
+        let result = self.checkpoint(Some(point));
+        result.map_err(|e| self.fail(e))?;
+        Ok(Some(self.applied_seq))
+    }
+
+    /// Prunes the oldest points beyond `retention` (never a pinned one, never skipping one).
+    /// Returns the ids removed.
+    pub fn prune(&mut self, retention: Retention, now_ns: u64) -> Result<Vec<u64>, ApplyError> {
+        let points = self.meta.points(self.item)?;
+        let mut removed = Vec::new();
+        let mut left = points.len();
+        for point in &points {
+            let too_many = left > retention.max_count;
+            let too_old = now_ns.saturating_sub(point.processed_at_ns) > retention.max_age_ns;
+            if !(too_many || too_old) || self.pins.is_pinned(point.point_id) {
+                break;
+            }
+            self.meta.remove_point(self.item, point.point_id)?;
+            let name = preserve_file_name(point.point_id);
+            match self.preserve_dir.remove(&name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ApplyError::Preserve {
+                        what: format!("removing {name}"),
+                        source,
+                    });
+                }
+            }
+            if self
+                .preserve_file
+                .as_ref()
+                .is_some_and(|f| f.0 == point.point_id)
+            {
+                self.preserve_file = None;
+            }
+            if point.point_id == self.current_tag {
+                // Every point is gone: nothing needs old content any more.
+                self.preserving = false;
+                self.preserved_now.clear();
+            }
+            removed.push(point.point_id);
+            left -= 1;
+        }
+        if !removed.is_empty() {
+            self.preserve_dir
+                .sync()
+                .map_err(|source| ApplyError::Preserve {
+                    what: "syncing the preserve directory".into(),
+                    source,
+                })?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Decompresses (or copies) an extent's payload straight into `buf`.
+fn decode_into(
+    payloads: &mut PayloadDecoder,
+    extent: &DataExtent<'_>,
+    buf: &mut IoBuf,
+) -> Result<(), DecodeErrorReason> {
+    let len = extent.length_bytes as usize;
+    buf.set_len_bytes(len);
+    payloads.decode_into(extent, buf.as_mut_slice())
+}

@@ -1,0 +1,314 @@
+//! Materialize: the disks of an item at a recovery point, as new independent files.
+//!
+//! ```text
+//!  for each 1 MiB chunk of the disk:
+//!      read the replica chunk            (the newest applied state)
+//!      look up grains preserved since    (redb, read after the replica read — see below)
+//!      overlay each preserved grain with the copy of the smallest tag ≥ point
+//!      write the chunk to the output, or leave a hole when it is all zeros (sparse)
+//! ```
+//!
+//! Runs while apply continues and changes neither the replicas nor the catalogue. It is
+//! correct without stopping apply because apply commits a grain's index entry *before* it
+//! overwrites the grain: if the replica read saw new data, the index read that follows sees
+//! the entry and the preserved copy wins. Tags below the newest tag at start are frozen
+//! (entries are only ever added under the current tag), so they are looked up once; the
+//! newest tags are re-read for every chunk. The point is pinned so pruning waits.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::apply::{Pins, preserve_file_name};
+use crate::delta::{Consistency, DiskGeometry};
+use crate::durable::{DurableDir, DurableFile};
+use crate::meta::{ItemKey, MetaError, MetaStore, PointRecord};
+
+/// Size of the chunks read, overlaid and written.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Which recovery point to materialize (failover and test failover choices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointChoice {
+    /// Apply everything staged, then the newest state (the caller applies and marks it).
+    Latest,
+    /// The newest processed point.
+    LatestProcessed,
+    /// The newest app-consistent point.
+    LatestAppConsistent,
+    /// A given point id.
+    Custom(u64),
+}
+
+/// Why materialize failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MaterializeError {
+    /// No point matches the choice.
+    #[error("no recovery point for {choice}: {available}")]
+    NoSuchPoint {
+        /// The choice, rendered.
+        choice: String,
+        /// What exists.
+        available: String,
+    },
+    /// A disk index the item does not have.
+    #[error("disk {disk_index} does not exist (the item has {disk_count})")]
+    UnknownDisk {
+        /// The index.
+        disk_index: u16,
+        /// How many disks.
+        disk_count: usize,
+    },
+    /// Reading the replica failed.
+    #[error("reading replica disk {disk_index} at byte {offset_bytes}: {source}")]
+    ReadReplica {
+        /// Disk.
+        disk_index: u16,
+        /// Offset.
+        offset_bytes: u64,
+        /// Error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a preserved block failed.
+    #[error("reading preserved block of disk {disk_index}, grain {grain} (tag {tag}): {source}")]
+    ReadPreserved {
+        /// Disk.
+        disk_index: u16,
+        /// Grain index.
+        grain: u64,
+        /// Tag.
+        tag: u64,
+        /// Error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the output failed.
+    #[error("writing the output at byte {offset_bytes}: {source}")]
+    Write {
+        /// Offset.
+        offset_bytes: u64,
+        /// Error.
+        #[source]
+        source: io::Error,
+    },
+    /// The metadata store failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+/// Reads a replica disk at offsets (a file, a block device, or a sim image).
+pub trait DiskReader: Sync {
+    /// Reads exactly `out.len()` bytes at `offset_bytes`.
+    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()>;
+}
+
+impl DiskReader for File {
+    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
+        FileExt::read_exact_at(self, out, offset_bytes)
+    }
+}
+
+impl DiskReader for Vec<u8> {
+    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset_bytes).map_err(io::Error::other)?;
+        let src = start
+            .checked_add(out.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// What materialize reads from.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    /// The store.
+    pub meta: &'a MetaStore,
+    /// The item.
+    pub item: ItemKey,
+    /// Its disks.
+    pub disks: &'a [DiskGeometry],
+    /// The item's preserve directory.
+    pub preserve_dir: Arc<dyn DurableDir>,
+    /// Preservation granularity (as apply used).
+    pub grain_bytes: u32,
+    /// The item's pins (shared with its applier).
+    pub pins: Pins,
+}
+
+/// What one disk's materialize did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaterializeStats {
+    /// Bytes of the disk.
+    pub size_bytes: u64,
+    /// Bytes written to the output (the rest are holes).
+    pub bytes_written: u64,
+    /// Grains taken from the preserve store.
+    pub grains_preserved: u64,
+}
+
+/// Resolves a choice other than [`PointChoice::Latest`] to a point of the catalogue.
+pub fn resolve_point(
+    meta: &MetaStore,
+    item: ItemKey,
+    choice: PointChoice,
+) -> Result<PointRecord, MaterializeError> {
+    let points = meta.points(item)?;
+    let found = match choice {
+        PointChoice::Latest | PointChoice::LatestProcessed => points.last().cloned(),
+        PointChoice::LatestAppConsistent => points
+            .iter()
+            .rev()
+            .find(|p| p.consistency == Consistency::App)
+            .cloned(),
+        PointChoice::Custom(id) => points.iter().find(|p| p.point_id == id).cloned(),
+    };
+    found.ok_or_else(|| MaterializeError::NoSuchPoint {
+        choice: format!("{choice:?}"),
+        available: match (points.first(), points.last()) {
+            (Some(first), Some(last)) => format!(
+                "{} points, ids {}..={}, {} app-consistent",
+                points.len(),
+                first.point_id,
+                last.point_id,
+                points
+                    .iter()
+                    .filter(|p| p.consistency == Consistency::App)
+                    .count()
+            ),
+            _ => "the item has no recovery points yet".into(),
+        },
+    })
+}
+
+/// Writes disk `disk_index` as it was at `point_id` to `out` as a raw, sparse image of the
+/// disk's size, and makes it durable. `progress` is called with the bytes done so far.
+pub fn materialize_disk(
+    source: &Source<'_>,
+    point_id: u64,
+    disk_index: u16,
+    replica: &dyn DiskReader,
+    out: &File,
+    progress: &mut dyn FnMut(u64),
+) -> Result<MaterializeStats, MaterializeError> {
+    let disk = *source
+        .disks
+        .get(usize::from(disk_index))
+        .ok_or(MaterializeError::UnknownDisk {
+            disk_index,
+            disk_count: source.disks.len(),
+        })?;
+    let _pin = source.pins.pin(point_id);
+    // The point must still exist once pinned (it may have been pruned just before).
+    if source.meta.point(source.item, point_id)?.is_none() {
+        return Err(MaterializeError::NoSuchPoint {
+            choice: format!("Custom({point_id})"),
+            available: "it was pruned or never existed".into(),
+        });
+    }
+    let grain = u64::from(source.grain_bytes);
+    // Frozen tags: every point ≥ point_id except the newest, which may still grow.
+    let tags: Vec<u64> = source
+        .meta
+        .points(source.item)?
+        .iter()
+        .map(|p| p.point_id)
+        .filter(|&id| id >= point_id)
+        .collect();
+    let newest_at_start = tags.last().copied().unwrap_or(point_id);
+    let mut frozen: HashMap<u64, (u64, u64)> = HashMap::new();
+    for &tag in tags.iter().filter(|&&t| t < newest_at_start) {
+        for (g, offset) in source.meta.preserved(source.item, tag, disk_index)? {
+            frozen.entry(g).or_insert((tag, offset));
+        }
+    }
+    let write_err = |offset_bytes| {
+        move |source| MaterializeError::Write {
+            offset_bytes,
+            source,
+        }
+    };
+    out.set_len(0).map_err(write_err(0))?;
+    out.set_len(disk.size_bytes).map_err(write_err(0))?;
+    let mut stats = MaterializeStats {
+        size_bytes: disk.size_bytes,
+        ..MaterializeStats::default()
+    };
+    let mut files: HashMap<u64, Arc<dyn DurableFile>> = HashMap::new();
+    let mut chunk = vec![0u8; CHUNK_BYTES];
+    let mut offset_bytes = 0u64;
+    while offset_bytes < disk.size_bytes {
+        let len = (disk.size_bytes - offset_bytes).min(CHUNK_BYTES as u64) as usize;
+        let buf = &mut chunk[..len];
+        replica.read_exact_at(offset_bytes, buf).map_err(|source| {
+            MaterializeError::ReadReplica {
+                disk_index,
+                offset_bytes,
+                source,
+            }
+        })?;
+        // After the replica read: entries under the newest tags (including any made since).
+        let first_grain = offset_bytes / grain;
+        let last_grain = (offset_bytes + len as u64 - 1) / grain;
+        let mut live: HashMap<u64, (u64, u64)> = HashMap::new();
+        for point in source.meta.points(source.item)? {
+            if point.point_id < newest_at_start.max(point_id) {
+                continue;
+            }
+            for (g, off) in source.meta.preserved_range(
+                source.item,
+                point.point_id,
+                disk_index,
+                first_grain,
+                last_grain,
+            )? {
+                live.entry(g).or_insert((point.point_id, off));
+            }
+        }
+        for g in first_grain..=last_grain {
+            let Some(&(tag, file_offset)) = frozen.get(&g).or_else(|| live.get(&g)) else {
+                continue;
+            };
+            let file = match files.get(&tag) {
+                Some(file) => file.clone(),
+                None => {
+                    let file = source
+                        .preserve_dir
+                        .open(&preserve_file_name(tag), false)
+                        .map_err(|source| MaterializeError::ReadPreserved {
+                            disk_index,
+                            grain: g,
+                            tag,
+                            source,
+                        })?;
+                    files.insert(tag, file.clone());
+                    file
+                }
+            };
+            let start = (g * grain - offset_bytes) as usize;
+            let end = (start + grain as usize).min(len);
+            file.read_exact_at(file_offset, &mut buf[start..end])
+                .map_err(|source| MaterializeError::ReadPreserved {
+                    disk_index,
+                    grain: g,
+                    tag,
+                    source,
+                })?;
+            stats.grains_preserved += 1;
+        }
+        if buf.iter().any(|&b| b != 0) {
+            out.write_all_at(buf, offset_bytes)
+                .map_err(write_err(offset_bytes))?;
+            stats.bytes_written += len as u64;
+        }
+        offset_bytes += len as u64;
+        progress(offset_bytes);
+    }
+    out.sync_all().map_err(write_err(disk.size_bytes))?;
+    Ok(stats)
+}
