@@ -5,12 +5,15 @@
 //!
 //! - [`delta`]: the versioned, checksummed wire and file format of the stream (encoder and
 //!   decoder). Specified in `docs/design/delta-stream.md`.
+//! - [`ingest`]: one stream from a source agent into the staging log, acknowledged by group
+//!   commit.
 //! - [`durable`]: small synchronous durable files (real directory, or a crash-model sim).
 //! - [`staging`]: the durable, bounded, per-item log of received frames (group commit,
 //!   recovery by scan, back-pressure, resync required).
 //! - [`io`]: the replica-disk I/O seam: buffer pool, engine trait, uring/sync/sim backends.
 //! - [`apply`]: staged frames to replicas, with copy-on-first-write recovery points.
 //! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
+//! - [`replica`]: replica disks opened only after size and identity checks.
 //! - [`materialize`]: the disks at a recovery point as new raw images.
 //!
 //! The engine depends on no other crate of the workspace; `appliance`, `disk-sim` and `perf`
@@ -20,7 +23,9 @@
 pub mod apply;
 pub mod delta;
 pub mod durable;
+pub mod ingest;
 pub mod io;
 pub mod materialize;
 pub mod meta;
+pub mod replica;
 pub mod staging;

@@ -145,23 +145,27 @@ pub struct ReplicaIdentity {
     pub dev: u64,
     /// Inode of the file (`st_ino`), or the block device number (`st_rdev`).
     pub ino: u64,
+    /// Birth time of the file (statx `btime`), ns; 0 where the filesystem does not keep it.
+    /// Tells a replacement apart when the filesystem reuses the inode number.
+    pub birth_ns: u64,
 }
 
 impl ReplicaIdentity {
-    fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
+    fn encode(&self) -> [u8; 40] {
+        let mut out = [0u8; 40];
         out[0..8].copy_from_slice(&self.size_bytes.to_le_bytes());
         out[8..12].copy_from_slice(&self.block_size_bytes.to_le_bytes());
         out[16..24].copy_from_slice(&self.dev.to_le_bytes());
         out[24..32].copy_from_slice(&self.ino.to_le_bytes());
+        out[32..40].copy_from_slice(&self.birth_ns.to_le_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, MetaError> {
-        if bytes.len() != 32 {
+        if bytes.len() != 40 {
             return Err(MetaError {
                 what: "decoding a replica identity",
-                message: format!("{} bytes, expected 32", bytes.len()),
+                message: format!("{} bytes, expected 40", bytes.len()),
             });
         }
         Ok(Self {
@@ -169,6 +173,7 @@ impl ReplicaIdentity {
             block_size_bytes: le_u32(bytes, 8),
             dev: le_u64(bytes, 16),
             ino: le_u64(bytes, 24),
+            birth_ns: le_u64(bytes, 32),
         })
     }
 }
@@ -524,6 +529,7 @@ mod tests {
             block_size_bytes: 512,
             dev: 7,
             ino: 99,
+            birth_ns: 1234,
         };
         assert_eq!(store.replica(3, 1).unwrap(), None);
         store.set_replica(3, 1, &id).unwrap();

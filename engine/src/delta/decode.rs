@@ -604,6 +604,11 @@ impl<R: Read> DeltaDecoder<R> {
         &self.header
     }
 
+    /// The reader under the decoder (e.g. to see whether a buffered reader has data left).
+    pub fn reader_mut(&mut self) -> &mut R {
+        &mut self.reader
+    }
+
     /// Bytes consumed so far.
     pub fn offset_bytes(&self) -> u64 {
         self.offset_bytes

@@ -1,0 +1,212 @@
+//! Ingest: one delta stream from a source agent into an item's staging log.
+//!
+//! ```text
+//!  Read (TCP socket / file) ─► BufReader ─► DeltaDecoder (every frame checked)
+//!        ─► frames already staged (seq < next_seq): skipped (a resend after reconnect)
+//!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered
+//!           or `group_max_frames` are pending ─► on_ack(durable seq)
+//! ```
+//!
+//! A stream may end with an end frame or simply stop between two frames (the agent
+//! disconnected); it resumes on a new stream. A stream cut inside a frame is an error.
+//!
+//! Invariants: a frame is acknowledged only after [`StagingLog::commit`] returned; the first
+//! bad frame ends the stream with the decoder's error (frame index, byte offset, reason) after
+//! committing and acknowledging the valid frames before it, and nothing of the bad frame is
+//! stored. A stream for another item or disk layout, or one that starts past the next
+//! expected sequence number (frames missing), is refused before anything is staged.
+
+use std::io::{BufReader, Read};
+use std::time::Instant;
+
+use crate::delta::{DecodeError, DecodeErrorReason, DeltaDecoder, FrameBody};
+use crate::staging::{Pressure, StagingError, StagingLog};
+
+/// Why a stream was refused or ended early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// The bytes are not a valid stream (or the reader failed).
+    #[error(transparent)]
+    Decode(#[from] Box<DecodeError>),
+    /// The stream is for another item.
+    #[error("stream is for item {found}, this log stages item {expected}")]
+    WrongItem {
+        /// Expected item id (hex).
+        expected: String,
+        /// Item id of the stream (hex).
+        found: String,
+    },
+    /// The stream's disks differ from the item's.
+    #[error("stream declares disks {found}, the item has {expected}")]
+    WrongDisks {
+        /// The item's disks.
+        expected: String,
+        /// The stream's.
+        found: String,
+    },
+    /// The stream starts after the next expected frame: frames are missing.
+    #[error("stream starts at seq {first_seq}, but the next frame expected is {next_seq}")]
+    Gap {
+        /// The stream's first sequence number.
+        first_seq: u64,
+        /// The next sequence number the log expects.
+        next_seq: u64,
+    },
+    /// Staging refused a frame (full, resync required, failed).
+    #[error("frame seq {seq}: {source}")]
+    Staging {
+        /// Sequence number.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: StagingError,
+    },
+}
+
+/// What a stream brought.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Frames staged.
+    pub frames_staged: u64,
+    /// Frames skipped because they were staged already.
+    pub frames_skipped: u64,
+    /// Bytes staged.
+    pub bytes_staged: u64,
+    /// Commits (flushes) made.
+    pub commits: u64,
+    /// The last acknowledged sequence number.
+    pub acked_seq: u64,
+    /// Whether the stream ended with an end frame.
+    pub ended: bool,
+}
+
+/// Ingest settings.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestConfig {
+    /// Commit at the latest after this many frames.
+    pub group_max_frames: usize,
+    /// Size of the read buffer.
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            group_max_frames: 256,
+            read_buffer_bytes: 1 << 20,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads one stream into `log`, calling `on_ack` with each newly durable sequence number and
+/// the back-pressure advice (the data port sleeps on `Pressure::Slow` before acknowledging).
+pub fn ingest_stream(
+    reader: impl Read,
+    log: &mut StagingLog,
+    config: IngestConfig,
+    on_ack: &mut dyn FnMut(u64, Pressure),
+) -> Result<IngestReport, IngestError> {
+    let mut decoder = DeltaDecoder::new(BufReader::with_capacity(config.read_buffer_bytes, reader))
+        .map_err(Box::new)?;
+    let header = decoder.header().clone();
+    if header.item_id != log.header().item_id {
+        return Err(IngestError::WrongItem {
+            expected: hex(&log.header().item_id),
+            found: hex(&header.item_id),
+        });
+    }
+    if header.disks != log.header().disks {
+        return Err(IngestError::WrongDisks {
+            expected: format!("{:?}", log.header().disks),
+            found: format!("{:?}", header.disks),
+        });
+    }
+    if header.first_seq > log.next_seq() {
+        return Err(IngestError::Gap {
+            first_seq: header.first_seq,
+            next_seq: log.next_seq(),
+        });
+    }
+    let mut report = IngestReport {
+        acked_seq: log.durable_seq(),
+        ..IngestReport::default()
+    };
+    let mut pending = 0usize;
+    let commit = |log: &mut StagingLog,
+                  report: &mut IngestReport,
+                  on_ack: &mut dyn FnMut(u64, Pressure),
+                  seq: u64|
+     -> Result<(), IngestError> {
+        let acked = log
+            .commit()
+            .map_err(|source| IngestError::Staging { seq, source })?;
+        report.commits += 1;
+        report.acked_seq = acked;
+        on_ack(acked, log.pressure());
+        Ok(())
+    };
+    loop {
+        let frame = match decoder.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            // The sender closed the connection between two frames: a disconnect, not damage.
+            Err(error)
+                if matches!(
+                    error.reason,
+                    DecodeErrorReason::Truncated {
+                        available_bytes: 0,
+                        ..
+                    }
+                ) =>
+            {
+                break;
+            }
+            Err(error) => {
+                // Keep (and acknowledge) the valid frames before the bad one.
+                if pending > 0 {
+                    commit(log, &mut report, on_ack, decoder.next_seq())?;
+                }
+                return Err(IngestError::Decode(Box::new(error)));
+            }
+        };
+        let seq = frame.seq;
+        if matches!(frame.body, FrameBody::End) {
+            report.ended = true;
+            continue;
+        }
+        if seq < log.next_seq() {
+            report.frames_skipped += 1;
+            continue;
+        }
+        let wire_len = frame.wire_bytes.len() as u64;
+        if let Err(source) = log.append(seq, frame.wire_bytes, Instant::now()) {
+            if pending > 0 {
+                commit(log, &mut report, on_ack, seq)?;
+            }
+            return Err(IngestError::Staging { seq, source });
+        }
+        report.frames_staged += 1;
+        report.bytes_staged += wire_len;
+        pending += 1;
+        // Group commit: flush when the sender has nothing more in flight for us right now.
+        let idle = decoder_buffer_empty(&mut decoder);
+        if pending >= config.group_max_frames || idle {
+            commit(log, &mut report, on_ack, seq)?;
+            pending = 0;
+        }
+    }
+    if pending > 0 {
+        commit(log, &mut report, on_ack, log.next_seq())?;
+    }
+    Ok(report)
+}
+
+/// Whether the read buffer under the decoder is empty (the next frame needs a read).
+fn decoder_buffer_empty<R: Read>(decoder: &mut DeltaDecoder<BufReader<R>>) -> bool {
+    decoder.reader_mut().buffer().is_empty()
+}
