@@ -1,4 +1,7 @@
 //! `appliance`: the DR appliance daemon and its command-line tools.
+//!
+//! Exit status: 0 on success, 2 when the input is at fault (a corrupt stream, an unknown point,
+//! a bad argument), 1 when the machine is (I/O errors and the like).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -8,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod offline;
+mod store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +32,50 @@ enum Command {
         #[command(subcommand)]
         command: StreamCommand,
     },
+    /// Stage and apply a delta-stream file into its item's replicas (offline seeding, and the
+    /// daemon's data path without the network). Prints `ack <seq>` for each durable batch.
+    ///
+    /// Safe to kill at any moment: the next run recovers and resumes, skipping what is staged.
+    Ingest {
+        /// The appliance's data directory.
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+        /// The stream file.
+        stream: PathBuf,
+        /// Recovery points to keep (oldest pruned first).
+        #[arg(long = "keep-points", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        keep_points: u64,
+        /// Staging (cache) capacity in MiB.
+        #[arg(long = "cache-mib", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+        cache_mib: u64,
+        /// Replica I/O queue depth.
+        #[arg(long = "queue-depth", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        queue_depth: u64,
+    },
+    /// List items and their recovery points.
+    Points {
+        /// The appliance's data directory.
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+        /// Only this item (32 hex digits).
+        #[arg(long)]
+        item: Option<String>,
+    },
+    /// Write an item's disks at a recovery point as new raw images (`disk-<i>.raw`, sparse).
+    Materialize {
+        /// The appliance's data directory.
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+        /// The item (32 hex digits).
+        #[arg(long)]
+        item: String,
+        /// `latest-processed`, `latest-app`, or a point id from `appliance points`.
+        #[arg(long)]
+        point: String,
+        /// Directory for the images.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -43,27 +92,75 @@ enum StreamCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.downcast_ref::<offline::BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Stream {
             command: StreamCommand::Inspect { file },
         } => {
-            let opened = match File::open(&file) {
-                Ok(opened) => opened,
-                Err(error) => {
-                    eprintln!("error: {}: cannot open: {error}", file.display());
-                    return ExitCode::from(2);
-                }
-            };
-            match inspect::inspect(BufReader::with_capacity(1 << 20, opened)) {
-                Ok(report) => {
-                    println!("{}", inspect::render(&report));
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("error: {}: {error}", file.display());
-                    ExitCode::from(2)
-                }
+            let opened = File::open(&file)
+                .map_err(|e| offline::BadInput(format!("{}: cannot open: {e}", file.display())))?;
+            let report = inspect::inspect(BufReader::with_capacity(1 << 20, opened))
+                .map_err(|e| offline::BadInput(format!("{}: {e}", file.display())))?;
+            println!("{}", inspect::render(&report));
+            Ok(())
+        }
+        Command::Ingest {
+            data_dir,
+            stream,
+            keep_points,
+            cache_mib,
+            queue_depth,
+        } => {
+            let summary = offline::ingest(
+                &data_dir,
+                &stream,
+                offline::IngestOptions {
+                    keep_points: keep_points as usize,
+                    cache_bytes: cache_mib << 20,
+                    queue_depth: queue_depth as usize,
+                },
+            )?;
+            println!(
+                "item {}: {} frames staged ({} already staged), applied through seq {}, {} \
+                 recovery points kept, replica I/O backend {}",
+                summary.item,
+                summary.frames_staged,
+                summary.frames_skipped,
+                summary.applied_seq,
+                summary.points,
+                summary.backend
+            );
+            Ok(())
+        }
+        Command::Points { data_dir, item } => {
+            print!("{}", offline::points(&data_dir, item.as_deref())?);
+            Ok(())
+        }
+        Command::Materialize {
+            data_dir,
+            item,
+            point,
+            out,
+        } => {
+            let choice = offline::parse_point(&point)?;
+            let (point_id, paths) = offline::materialize(&data_dir, &item, choice, &out)?;
+            for path in paths {
+                println!("point {point_id}: {}", path.display());
             }
+            Ok(())
         }
     }
 }
