@@ -236,7 +236,7 @@ fn ingest_killed_with_sigkill_twenty_times_loses_no_ack_and_every_point_is_exact
     let mut verified = 0;
     for point in &points {
         let expected = oracle.get(&point.point_id).unwrap_or(&final_digests);
-        for index in 0..disks.len() {
+        for (index, digest) in expected.iter().enumerate() {
             let replica =
                 std::fs::File::open(item.join("replicas").join(format!("disk-{index}.img")))
                     .unwrap();
@@ -253,7 +253,7 @@ fn ingest_killed_with_sigkill_twenty_times_loses_no_ack_and_every_point_is_exact
             .unwrap();
             assert_eq!(
                 xxh3_64(&std::fs::read(&path).unwrap()),
-                expected[index],
+                *digest,
                 "point {} disk {index}",
                 point.point_id
             );
