@@ -110,3 +110,28 @@ fn apply_without_preservation_writes_replicas_but_keeps_no_old_blocks() {
         [[1u8; 4096], [2u8; 4096]].concat()[..]
     );
 }
+
+#[test]
+fn latest_point_after_draining_staging_equals_the_newest_source_state() {
+    let mut ops: Vec<SourceOp> = (0..12u64)
+        .map(|i| SourceOp::Write {
+            disk: (i % 2) as u16,
+            offset_bytes: i * 4096,
+            data: vec![i as u8 + 1; 4096],
+        })
+        .collect();
+    ops.insert(5, SourceOp::Bookmark(Consistency::App));
+    let script = script(&ops, true);
+    let mut item = Item::open(Storage::new(), ApplyConfig::default(), 4);
+    item.stage(&script.frames, 3);
+    // "Latest": apply everything staged, then mark a point at the last applied frame.
+    item.applier.apply_available().unwrap();
+    let latest = item.applier.mark_latest_point().unwrap().unwrap();
+    assert_eq!(latest, script.frames.len() as u64);
+    assert_eq!(item.materialize(latest), script.final_content);
+    // The bookmark before it is still exact too.
+    let (&bookmark, snapshot) = script.snapshots.iter().next().unwrap();
+    assert_eq!(&item.materialize(bookmark), snapshot);
+    // Marking again without new frames returns the same point.
+    assert_eq!(item.applier.mark_latest_point().unwrap(), Some(latest));
+}
