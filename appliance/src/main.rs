@@ -61,7 +61,8 @@ enum Command {
         #[arg(long)]
         item: Option<String>,
     },
-    /// Write an item's disks at a recovery point as new raw images (`disk-<i>.raw`, sparse).
+    /// Write an item's disks at a recovery point as new images: `disk-<i>.raw` (sparse) or
+    /// `disk-<i>.vhd` (fixed VHD, as Hyper-V and Azure use). Never overwrites a file.
     Materialize {
         /// The appliance's data directory.
         #[arg(long = "data-dir")]
@@ -75,7 +76,19 @@ enum Command {
         /// Directory for the images.
         #[arg(long)]
         out: PathBuf,
+        /// Image format.
+        #[arg(long, value_enum, default_value_t = Format::Raw)]
+        format: Format,
     },
+}
+
+/// Image formats of `materialize`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    /// Raw image, sparse where the disk is zero.
+    Raw,
+    /// Fixed VHD (virtual size rounded up to a 1 MiB multiple).
+    Vhd,
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,9 +167,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             item,
             point,
             out,
+            format,
         } => {
             let choice = offline::parse_point(&point)?;
-            let (point_id, paths) = offline::materialize(&data_dir, &item, choice, &out)?;
+            let format = match format {
+                Format::Raw => engine::materialize::OutputFormat::Raw,
+                Format::Vhd => engine::materialize::OutputFormat::FixedVhd,
+            };
+            let (point_id, paths) = offline::materialize(&data_dir, &item, choice, &out, format)?;
             for path in paths {
                 println!("point {point_id}: {}", path.display());
             }

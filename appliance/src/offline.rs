@@ -24,7 +24,7 @@ use engine::delta::DeltaDecoder;
 use engine::durable::DurableDir;
 use engine::ingest::{IngestConfig, IngestError, ingest_stream};
 use engine::io::{BufPool, BufPoolConfig, DirectIo, IoEngine, ReplicaFile, open_os_engine};
-use engine::materialize::{PointChoice, Source, materialize_disk, resolve_point};
+use engine::materialize::{OutputFormat, PointChoice, Source, materialize_to_path, resolve_point};
 use engine::meta::item_key;
 use engine::replica::open_replica;
 use engine::staging::{StagingConfig, StagingLog};
@@ -267,13 +267,14 @@ pub fn parse_point(text: &str) -> anyhow::Result<PointChoice> {
     })
 }
 
-/// Writes every disk of an item at a point into `out_dir` as `disk-<i>.raw`; returns the
-/// point id and the paths.
+/// Writes every disk of an item at a point into `out_dir` as `disk-<i>.raw` or `.vhd`;
+/// returns the point id and the paths. Existing files are never overwritten.
 pub fn materialize(
     data_dir: &Path,
     item: &str,
     choice: PointChoice,
     out_dir: &Path,
+    format: OutputFormat,
 ) -> anyhow::Result<(u64, Vec<PathBuf>)> {
     let data = DataDir::open(data_dir)?;
     let item = data.item(item)?;
@@ -294,16 +295,17 @@ pub fn materialize(
         let replica_path = item.replica_path(index);
         let replica = File::open(&replica_path)
             .with_context(|| format!("opening {}", replica_path.display()))?;
-        let path = out_dir.join(format!("disk-{index}.raw"));
-        let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        materialize_disk(
+        let path = out_dir.join(format!("disk-{index}.{}", format.extension()));
+        materialize_to_path(
             &source,
             point.point_id,
             index as u16,
             &replica,
-            &out,
+            &path,
+            format,
             &mut |_| {},
-        )?;
+        )
+        .with_context(|| format!("materializing disk {index} to {}", path.display()))?;
         paths.push(path);
     }
     Ok((point.point_id, paths))

@@ -879,6 +879,21 @@ impl<E: IoEngine> Applier<E> {
         Ok(())
     }
 
+    /// Flushes the replicas and commits the watermark at the last applied frame (so staging
+    /// can reclaim up to it), without making a point.
+    pub fn flush(&mut self) -> Result<(), ApplyError> {
+        if let Health::Failed { error } = &self.health {
+            return Err(ApplyError::Failed {
+                error: error.clone(),
+            });
+        }
+        if self.applied_seq == self.durable_seq {
+            return Ok(());
+        }
+        let result = self.checkpoint(None);
+        result.map_err(|e| self.fail(e))
+    }
+
     /// Makes everything applied so far durable and, if anything was applied since the last
     /// point, records a "latest" point at the last applied frame. Returns the newest point id.
     pub fn mark_latest_point(&mut self) -> Result<Option<u64>, ApplyError> {

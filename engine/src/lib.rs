@@ -15,6 +15,10 @@
 //! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
 //! - [`replica`]: replica disks opened only after size and identity checks.
 //! - [`materialize`]: the disks at a recovery point as new raw images.
+//! - [`resync`]: delta resync by per-chunk hash comparison (hash lists, their wire encoding,
+//!   diff, local resync).
+//! - [`vhd`]: fixed VHD (Hyper-V / Azure) footer codec, writer, in-place conversion, the
+//!   temporary 1 GiB OS disk.
 //!
 //! The engine depends on no other crate of the workspace; `appliance`, `disk-sim` and `perf`
 //! are built on it. See `ARCHITECTURE.md` for the whole picture and
@@ -28,4 +32,6 @@ pub mod io;
 pub mod materialize;
 pub mod meta;
 pub mod replica;
+pub mod resync;
 pub mod staging;
+pub mod vhd;

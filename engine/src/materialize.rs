@@ -98,6 +98,94 @@ pub enum MaterializeError {
     /// The metadata store failed.
     #[error(transparent)]
     Meta(#[from] MetaError),
+    /// Turning the image into a fixed VHD failed.
+    #[error(transparent)]
+    Vhd(#[from] crate::vhd::VhdError),
+    /// The output path is taken.
+    #[error("output {path} already exists; materialize never overwrites")]
+    Exists {
+        /// The path.
+        path: std::path::PathBuf,
+    },
+}
+
+/// The format of a materialized disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// A raw image of the disk's size, sparse where the disk is zero.
+    Raw,
+    /// A fixed VHD (Hyper-V / Azure): the raw data padded to a 1 MiB multiple, then the
+    /// 512-byte footer.
+    FixedVhd,
+}
+
+impl OutputFormat {
+    /// File extension: `raw` or `vhd`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::FixedVhd => "vhd",
+        }
+    }
+}
+
+/// [`materialize_disk`] into a new file at `path` in `format`. The image is built under a
+/// temporary name and renamed into place once complete and durable, so `path` is either
+/// absent or whole.
+pub fn materialize_to_path(
+    source: &Source<'_>,
+    point_id: u64,
+    disk_index: u16,
+    replica: &dyn DiskReader,
+    path: &std::path::Path,
+    format: OutputFormat,
+    progress: &mut dyn FnMut(u64),
+) -> Result<MaterializeStats, MaterializeError> {
+    if path.exists() {
+        return Err(MaterializeError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|source| MaterializeError::Write {
+            offset_bytes: 0,
+            source,
+        })?;
+    let result =
+        materialize_disk(source, point_id, disk_index, replica, &out, progress).and_then(|stats| {
+            drop(out);
+            if format == OutputFormat::FixedVhd {
+                crate::vhd::convert_raw_to_fixed_vhd(
+                    &tmp,
+                    &crate::vhd::VhdCreateOptions::generate(),
+                )?;
+            }
+            std::fs::rename(&tmp, path).map_err(|source| MaterializeError::Write {
+                offset_bytes: 0,
+                source,
+            })?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| MaterializeError::Write {
+                        offset_bytes: 0,
+                        source,
+                    })?;
+            }
+            Ok(stats)
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Reads a replica disk at offsets (a file, a block device, or a sim image).

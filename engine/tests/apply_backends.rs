@@ -16,7 +16,7 @@ use engine::durable::{DurableDir, StdDir};
 use engine::io::{
     BackendChoice, DirectIo, IoEngine, ReplicaFile, SyncFileEngine, UringConfig, UringEngine,
 };
-use engine::materialize::{Source, materialize_disk};
+use engine::materialize::{OutputFormat, Source, materialize_disk, materialize_to_path};
 use engine::meta::{MetaStore, item_key};
 use engine::staging::StagingLog;
 
@@ -239,4 +239,91 @@ fn materialize_while_apply_runs_is_exact_and_leaves_replication_untouched() {
         );
     }
     eprintln!("materialized point {first_point} {rounds} times while apply ran");
+}
+
+#[test]
+fn materialized_fixed_vhd_opens_in_qemu_img_and_equals_the_raw_image() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let script = script(&ops(40), true);
+    let (mut rig, files) = rig(tmp.path());
+    for (seq, wire) in &script.frames {
+        rig.staging.append(*seq, wire, Instant::now()).unwrap();
+    }
+    rig.staging.commit().unwrap();
+    let mut applier = applier(&rig, SyncFileEngine::new(8).unwrap(), files, pool());
+    applier.apply_available().unwrap();
+    let point = *script.snapshots.keys().nth(1).unwrap();
+    let disks = header().disks;
+    let source = Source {
+        meta: &rig.meta,
+        item: item_key(&header().item_id),
+        disks: &disks,
+        preserve_dir: Arc::new(rig.dir.clone()),
+        grain_bytes: 4096,
+        pins: applier.pins(),
+    };
+    for (index, expected) in script.snapshots[&point].iter().enumerate() {
+        let replica = std::fs::File::open(&rig.replicas[index]).unwrap();
+        let raw = tmp.path().join(format!("d{index}.raw"));
+        let vhd = tmp.path().join(format!("d{index}.vhd"));
+        for (path, format) in [(&raw, OutputFormat::Raw), (&vhd, OutputFormat::FixedVhd)] {
+            materialize_to_path(
+                &source,
+                point,
+                index as u16,
+                &replica,
+                path,
+                format,
+                &mut |_| {},
+            )
+            .unwrap();
+        }
+        assert!(&std::fs::read(&raw).unwrap() == expected);
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "-f", "vpc", "--output=json"])
+            .arg(&vhd)
+            .output()
+            .expect("qemu-img must be installed (scripts/install-tools.sh)");
+        assert!(
+            info.status.success(),
+            "{}",
+            String::from_utf8_lossy(&info.stderr)
+        );
+        let json = String::from_utf8_lossy(&info.stdout);
+        let virtual_size = engine::vhd::fixed_vhd_virtual_size(disks[index].size_bytes);
+        assert!(
+            json.contains(&format!("\"virtual-size\": {virtual_size}")),
+            "{json}"
+        );
+        // The VHD's disk is the raw image padded with zeros to a 1 MiB multiple.
+        let padded = tmp.path().join(format!("d{index}.padded"));
+        let mut bytes = expected.clone();
+        bytes.resize(virtual_size as usize, 0);
+        std::fs::write(&padded, bytes).unwrap();
+        let compare = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "vpc"])
+            .arg(&padded)
+            .arg(&vhd)
+            .output()
+            .unwrap();
+        assert!(
+            compare.status.success(),
+            "qemu-img compare: {}",
+            String::from_utf8_lossy(&compare.stdout)
+        );
+        // Never overwrites.
+        let again = materialize_to_path(
+            &source,
+            point,
+            index as u16,
+            &replica,
+            &vhd,
+            OutputFormat::FixedVhd,
+            &mut |_| {},
+        );
+        assert!(matches!(
+            again,
+            Err(engine::materialize::MaterializeError::Exists { .. })
+        ));
+    }
 }
