@@ -42,6 +42,11 @@ enum Command {
         /// Store payloads raw instead of zstd-compressed.
         #[arg(long)]
         raw: bool,
+        /// Also write the source VM's disks here (the oracle to compare materialized disks
+        /// with): `disk-<i>.img` at the end, `disk-<i>.app.img` at the last app-consistent
+        /// bookmark.
+        #[arg(long = "source-out")]
+        source_out: Option<PathBuf>,
     },
 }
 
@@ -65,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             size_mib,
             frames,
             raw,
+            source_out,
         } => {
             let spec = StreamSpec {
                 seed,
@@ -72,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 size_mib,
                 frames,
                 zstd_level: if raw { None } else { Some(1) },
+                source_out: source_out.clone(),
             };
             let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
             let summary = write_stream(&spec, BufWriter::new(file))
@@ -87,6 +94,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.data_bytes,
                 summary.stream_bytes,
             );
+            if let Some(dir) = source_out {
+                println!(
+                    "source disks in {}: disk-<i>.img (end of stream), disk-<i>.app.img (last \
+                     app-consistent bookmark, point {})",
+                    dir.display(),
+                    summary
+                        .last_app_point
+                        .map_or_else(|| "none".to_owned(), |p| p.to_string())
+                );
+            }
             Ok(())
         }
     }

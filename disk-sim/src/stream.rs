@@ -19,6 +19,9 @@ pub struct StreamSpec {
     pub frames: u64,
     /// zstd level, or `None` for raw payloads.
     pub zstd_level: Option<i32>,
+    /// Where to write the source VM's disks (the oracle): `disk-<i>.img` as they are at the
+    /// end of the stream, and `disk-<i>.app.img` at the last app-consistent bookmark.
+    pub source_out: Option<std::path::PathBuf>,
 }
 
 /// Counts of what was written.
@@ -34,6 +37,8 @@ pub struct StreamSummary {
     pub data_bytes: u64,
     /// Bytes of the stream, header and end frame included.
     pub stream_bytes: u64,
+    /// Sequence number of the last app-consistent bookmark (its recovery point id).
+    pub last_app_point: Option<u64>,
 }
 
 /// The stream header for `spec`: disk 0 has 4096-byte blocks, the others alternate 512/4096.
@@ -68,6 +73,16 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
     let mut workload = Workload::new(spec.seed, WorkloadSpec::default(), header.disks.clone());
     let mut summary = StreamSummary::default();
     let mut data = Vec::new();
+    // The source disks, kept only when the oracle images are wanted.
+    let mut model: Vec<Vec<u8>> = match &spec.source_out {
+        Some(_) => header
+            .disks
+            .iter()
+            .map(|d| vec![0u8; d.size_bytes as usize])
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut app_model: Option<Vec<Vec<u8>>> = None;
     for _ in 0..spec.frames {
         match workload.next_op(&mut data) {
             Op::Write {
@@ -76,6 +91,10 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
                 ..
             } => {
                 encoder.write(disk_index, offset_bytes, &data)?;
+                if let Some(disk) = model.get_mut(usize::from(disk_index)) {
+                    let at = offset_bytes as usize;
+                    disk[at..at + data.len()].copy_from_slice(&data);
+                }
                 summary.writes += 1;
                 summary.data_bytes += data.len() as u64;
             }
@@ -85,6 +104,10 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
                 length_bytes,
             } => {
                 encoder.zero_range(disk_index, offset_bytes, length_bytes)?;
+                if let Some(disk) = model.get_mut(usize::from(disk_index)) {
+                    let at = offset_bytes as usize;
+                    disk[at..at + length_bytes as usize].fill(0);
+                }
                 summary.zero_ranges += 1;
             }
             Op::Bookmark {
@@ -92,12 +115,18 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
                 bookmark_id,
             } => {
                 let label = format!("{}-{bookmark_id}", consistency.name());
-                encoder.bookmark(
+                let seq = encoder.bookmark(
                     consistency,
                     bookmark_id,
                     bookmark_id * 1_000_000_000,
                     &label,
                 )?;
+                if consistency == engine::delta::Consistency::App {
+                    summary.last_app_point = Some(seq);
+                    if !model.is_empty() {
+                        app_model = Some(model.clone());
+                    }
+                }
                 summary.bookmarks += 1;
             }
         }
@@ -106,7 +135,30 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
     let mut out = encoder.finish()?;
     out.flush()?;
     summary.stream_bytes = before_end + engine::delta::FRAME_HEADER_BYTES as u64;
+    if let Some(dir) = &spec.source_out {
+        std::fs::create_dir_all(dir)?;
+        for (index, disk) in model.iter().enumerate() {
+            write_sparse(&dir.join(format!("disk-{index}.img")), disk)?;
+            if let Some(app) = &app_model {
+                write_sparse(&dir.join(format!("disk-{index}.app.img")), &app[index])?;
+            }
+        }
+    }
     Ok(summary)
+}
+
+/// Writes an image, leaving 64 KiB runs of zeros as holes.
+fn write_sparse(path: &std::path::Path, content: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path)?;
+    file.set_len(content.len() as u64)?;
+    for (index, chunk) in content.chunks(64 << 10).enumerate() {
+        if chunk.iter().any(|&b| b != 0) {
+            file.write_all_at(chunk, (index * (64 << 10)) as u64)?;
+        }
+    }
+    file.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,6 +174,7 @@ mod tests {
             size_mib: 4,
             frames: 300,
             zstd_level: Some(1),
+            source_out: None,
         };
         let mut bytes = Vec::new();
         let summary = write_stream(&spec, &mut bytes).unwrap();
