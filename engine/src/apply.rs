@@ -433,6 +433,15 @@ impl<E: IoEngine> Applier<E> {
         self.restart_from_watermark()
     }
 
+    fn ensure_healthy(&self) -> Result<(), ApplyError> {
+        match &self.health {
+            Health::Healthy => Ok(()),
+            Health::Failed { error } => Err(ApplyError::Failed {
+                error: error.clone(),
+            }),
+        }
+    }
+
     fn fail(&mut self, error: ApplyError) -> ApplyError {
         self.drain_in_flight();
         self.health = Health::Failed {
@@ -470,11 +479,7 @@ impl<E: IoEngine> Applier<E> {
 
     /// Applies one batch of durable staged frames.
     pub fn apply_batch(&mut self) -> Result<ApplyProgress, ApplyError> {
-        if let Health::Failed { error } = &self.health {
-            return Err(ApplyError::Failed {
-                error: error.clone(),
-            });
-        }
+        self.ensure_healthy()?;
         let batch = match self.collect_batch() {
             Ok(batch) => batch,
             Err(e) => return Err(self.fail(e)),
@@ -882,11 +887,7 @@ impl<E: IoEngine> Applier<E> {
     /// Flushes the replicas and commits the watermark at the last applied frame (so staging
     /// can reclaim up to it), without making a point.
     pub fn flush(&mut self) -> Result<(), ApplyError> {
-        if let Health::Failed { error } = &self.health {
-            return Err(ApplyError::Failed {
-                error: error.clone(),
-            });
-        }
+        self.ensure_healthy()?;
         if self.applied_seq == self.durable_seq {
             return Ok(());
         }
@@ -897,11 +898,7 @@ impl<E: IoEngine> Applier<E> {
     /// Makes everything applied so far durable and, if anything was applied since the last
     /// point, records a "latest" point at the last applied frame. Returns the newest point id.
     pub fn mark_latest_point(&mut self) -> Result<Option<u64>, ApplyError> {
-        if let Health::Failed { error } = &self.health {
-            return Err(ApplyError::Failed {
-                error: error.clone(),
-            });
-        }
+        self.ensure_healthy()?;
         if self.applied_seq == self.current_tag && self.current_tag != 0 {
             return Ok(Some(self.current_tag));
         }

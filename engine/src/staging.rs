@@ -170,6 +170,9 @@ struct Segment {
 struct Shared {
     segments: Mutex<Vec<Segment>>,
     durable_seq: AtomicU64,
+    /// Bumped when every segment is replaced (`resync_done`): readers reopen their file even
+    /// if a new segment has the same name.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -340,6 +343,7 @@ impl StagingLog {
             shared: Arc::new(Shared {
                 segments: Mutex::new(Vec::new()),
                 durable_seq: AtomicU64::new(appended_seq),
+                generation: AtomicU64::new(0),
             }),
             unsynced: if fresh {
                 vec![active.clone()]
@@ -581,6 +585,7 @@ impl StagingLog {
     /// `next_seq`, and clears the resync marker.
     pub fn resync_done(&mut self, next_seq: u64) -> Result<(), StagingError> {
         self.batch.clear();
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         let old: Vec<Segment> = std::mem::take(&mut *self.shared.segments());
         for segment in &old {
             self.dir
@@ -612,6 +617,7 @@ impl StagingLog {
             header_len_bytes: self.header.encoded_len_bytes() as u64,
             next_seq: from_seq,
             current: None,
+            generation: self.shared.generation.load(Ordering::Acquire),
             buf: Vec::new(),
         }
     }
@@ -728,6 +734,8 @@ pub struct StagingReader {
     header_len_bytes: u64,
     next_seq: u64,
     current: Option<(Segment, Arc<dyn DurableFile>, u64)>,
+    /// The log's generation when `current` was opened.
+    generation: u64,
     buf: Vec<u8>,
 }
 
@@ -752,67 +760,57 @@ impl StagingReader {
         self.current = None;
     }
 
+    /// Opens `segment` positioned at `next_seq`, skipping earlier frames by their headers.
+    fn open_at(
+        &self,
+        segment: Segment,
+    ) -> Result<(Segment, Arc<dyn DurableFile>, u64), StagingError> {
+        let file = self
+            .dir
+            .open(&segment.name, false)
+            .map_err(io_err(format!("opening {}", segment.name)))?;
+        let mut offset = self.header_len_bytes;
+        for seq in segment.first_seq..self.next_seq {
+            let mut raw = [0u8; FRAME_HEADER_BYTES];
+            file.read_exact_at(offset, &mut raw)
+                .map_err(io_err(format!("reading {}", segment.name)))?;
+            let payload = check_frame_prefix(&raw).map_err(|reason| StagingError::Corrupt {
+                segment: segment.name.clone(),
+                seq,
+                offset_bytes: offset,
+                reason,
+            })?;
+            offset += FRAME_HEADER_BYTES as u64 + u64::from(payload);
+        }
+        Ok((segment, file, offset))
+    }
+
     /// The next durable frame, or `None` when every durable frame has been read.
     pub fn next_frame(&mut self) -> Result<Option<StagedFrame<'_>>, StagingError> {
         let durable = self.shared.durable_seq.load(Ordering::Acquire);
         if self.next_seq > durable {
             return Ok(None);
         }
-        // Find the segment holding next_seq, skipping frames before it.
-        loop {
-            let need_switch = match &self.current {
-                None => true,
-                Some((segment, _, _)) => {
-                    let latest = self
-                        .shared
-                        .segments()
-                        .iter()
-                        .find(|s| s.name == segment.name)
-                        .cloned();
-                    match latest {
-                        Some(latest) => {
-                            if let Some(current) = self.current.as_mut() {
-                                current.0 = latest.clone();
-                            }
-                            self.next_seq > latest.last_seq || self.next_seq < latest.first_seq
-                        }
-                        None => true,
-                    }
-                }
-            };
-            if !need_switch {
-                break;
-            }
-            let segment = self
-                .shared
-                .segments()
-                .iter()
-                .find(|s| s.first_seq <= self.next_seq && self.next_seq <= s.last_seq)
-                .cloned();
-            let Some(segment) = segment else {
-                return Ok(None);
-            };
-            let file = self
-                .dir
-                .open(&segment.name, false)
-                .map_err(io_err(format!("opening {}", segment.name)))?;
-            let mut offset = self.header_len_bytes;
-            let mut seq = segment.first_seq;
-            // Skip to next_seq by frame headers only.
-            while seq < self.next_seq {
-                let mut raw = [0u8; FRAME_HEADER_BYTES];
-                file.read_exact_at(offset, &mut raw)
-                    .map_err(io_err(format!("reading {}", segment.name)))?;
-                let payload = check_frame_prefix(&raw).map_err(|reason| StagingError::Corrupt {
-                    segment: segment.name.clone(),
-                    seq,
-                    offset_bytes: offset,
-                    reason,
-                })?;
-                offset += FRAME_HEADER_BYTES as u64 + u64::from(payload);
-                seq += 1;
-            }
-            self.current = Some((segment, file, offset));
+        // Stay on the current segment while it holds next_seq; else open the one that does.
+        let next_seq = self.next_seq;
+        let holding = self
+            .shared
+            .segments()
+            .iter()
+            .find(|s| s.first_seq <= next_seq && next_seq <= s.last_seq)
+            .cloned();
+        let Some(holding) = holding else {
+            return Ok(None);
+        };
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.generation
+            || self
+                .current
+                .as_ref()
+                .is_none_or(|c| c.0.name != holding.name)
+        {
+            self.current = Some(self.open_at(holding)?);
+            self.generation = generation;
         }
         let Some((segment, file, offset)) = self.current.as_mut() else {
             return Ok(None);

@@ -162,7 +162,7 @@ pub enum DecodeErrorReason {
     DecompressedSizeMismatch {
         /// Declared length.
         declared_bytes: u64,
-        /// Decompressed length (at least this many if the output buffer overflowed).
+        /// Decompressed length (or the content size the zstd frame declares).
         actual_bytes: u64,
     },
     /// Bytes follow the end frame.

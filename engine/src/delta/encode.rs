@@ -53,9 +53,6 @@ pub enum EncodeError {
         /// The length given.
         length_bytes: usize,
     },
-    /// A frame after the end frame.
-    #[error("the stream has already ended")]
-    Ended,
     /// Compression failed.
     #[error("zstd compression failed: {0}")]
     Compress(#[source] std::io::Error),
@@ -86,7 +83,6 @@ pub struct DeltaEncoder<W> {
     next_seq: u64,
     frame: Vec<u8>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    ended: bool,
     bytes_written: u64,
 }
 
@@ -95,7 +91,6 @@ impl<W> std::fmt::Debug for DeltaEncoder<W> {
         f.debug_struct("DeltaEncoder")
             .field("next_seq", &self.next_seq)
             .field("bytes_written", &self.bytes_written)
-            .field("ended", &self.ended)
             .finish_non_exhaustive()
     }
 }
@@ -121,7 +116,6 @@ impl<W: Write> DeltaEncoder<W> {
             next_seq: header.first_seq,
             frame: Vec::new(),
             zstd,
-            ended: false,
             bytes_written: bytes.len() as u64,
         })
     }
@@ -256,9 +250,6 @@ impl<W: Write> DeltaEncoder<W> {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Result<(), EncodeError> {
-        if self.ended {
-            return Err(EncodeError::Ended);
-        }
         let disk = self
             .disks
             .get(usize::from(disk_index))
@@ -284,9 +275,6 @@ impl<W: Write> DeltaEncoder<W> {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Result<u64, EncodeError> {
-        if self.ended {
-            return Err(EncodeError::Ended);
-        }
         let seq = self.next_seq;
         let mut header = FrameHeader {
             kind,
@@ -307,7 +295,6 @@ impl<W: Write> DeltaEncoder<W> {
             .map_err(EncodeError::Io)?;
         self.bytes_written += self.frame.len() as u64;
         self.next_seq = seq.wrapping_add(1);
-        self.ended = kind == FrameKind::End;
         Ok(seq)
     }
 }
