@@ -45,13 +45,20 @@ use crate::io::{BufPool, Completion, FileId, IoBuf, IoEngine, IoOp, RejectReason
 use crate::meta::{ItemKey, MetaError, MetaStore, PointOrigin, PointRecord, PreservedEntry};
 use crate::staging::{StagingError, StagingReader};
 
+/// While streaming, ops are handed to the kernel after this many submissions (and whenever
+/// the run waits).
+const STREAM_KICK_EVERY: u64 = 4;
+
 /// Apply settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyConfig {
     /// Granularity of recovery-point preservation (a multiple of 4096).
     pub grain_bytes: u32,
-    /// Most frames per batch (also bounded by half the buffer pool).
+    /// Most frames per batch while points are preserved (also bounded by half the pool).
     pub batch_max_frames: usize,
+    /// Most frames per streaming run when nothing is preserved (writes are submitted as
+    /// frames are read; the run waits for its writes only at its end).
+    pub stream_max_frames: usize,
     /// Flush replicas and commit the watermark after this many bytes without a bookmark, so
     /// staging space can be reclaimed.
     pub checkpoint_every_bytes: u64,
@@ -64,6 +71,7 @@ impl Default for ApplyConfig {
         Self {
             grain_bytes: 4096,
             batch_max_frames: 64,
+            stream_max_frames: 1024,
             checkpoint_every_bytes: 256 << 20,
             preserve: true,
         }
@@ -245,10 +253,13 @@ impl PendingOp {
     }
 }
 
+/// A bookmark frame: its sequence number and content.
+type Bookmark = (u64, crate::delta::Bookmark);
+
 struct Batch {
     ops: Vec<PendingOp>,
     last_seq: Option<u64>,
-    bookmark: Option<(u64, crate::delta::Bookmark)>,
+    bookmark: Option<Bookmark>,
 }
 
 /// Applies one item's staged frames to its replica disks.
@@ -480,48 +491,40 @@ impl<E: IoEngine> Applier<E> {
     /// Applies one batch of durable staged frames.
     pub fn apply_batch(&mut self) -> Result<ApplyProgress, ApplyError> {
         self.ensure_healthy()?;
-        let batch = match self.collect_batch() {
-            Ok(batch) => batch,
+        // With no point to keep, nothing has to happen between reading a frame and writing
+        // it: stream. Otherwise collect a batch so its old blocks are preserved first.
+        let result = if self.preserving {
+            self.run_preserving_batch()
+        } else {
+            self.run_streaming_batch()
+        };
+        let (mut progress, bookmark) = match result {
+            Ok(outcome) => outcome,
             Err(e) => return Err(self.fail(e)),
         };
-        let Some(last_seq) = batch.last_seq else {
-            return Ok(ApplyProgress::default());
+        if progress.frames == 0 {
+            return Ok(progress);
+        }
+        self.bytes_since_checkpoint += progress.bytes;
+        let result = match bookmark {
+            Some((seq, bookmark)) => {
+                let point = PointRecord {
+                    point_id: seq,
+                    consistency: bookmark.consistency,
+                    origin: PointOrigin::Bookmark,
+                    bookmark_id: bookmark.bookmark_id,
+                    source_timestamp_ns: bookmark.source_timestamp_ns,
+                    processed_at_ns: now_ns(),
+                    label: bookmark.label,
+                };
+                progress.point = Some(seq);
+                self.checkpoint(Some(point))
+            }
+            None if self.bytes_since_checkpoint >= self.config.checkpoint_every_bytes => {
+                self.checkpoint(None)
+            }
+            None => Ok(()),
         };
-        let mut progress = ApplyProgress {
-            frames: last_seq - self.applied_seq,
-            ..ApplyProgress::default()
-        };
-        let result = self
-            .preserve(&batch.ops)
-            .and_then(|grains| {
-                progress.grains_preserved = grains;
-                self.write(batch.ops)
-            })
-            .and_then(|bytes| {
-                progress.bytes = bytes;
-                self.applied_seq = last_seq;
-                self.bytes_since_checkpoint += bytes;
-                match batch.bookmark {
-                    Some((seq, bookmark)) => {
-                        let point = PointRecord {
-                            point_id: seq,
-                            consistency: bookmark.consistency,
-                            origin: PointOrigin::Bookmark,
-                            bookmark_id: bookmark.bookmark_id,
-                            source_timestamp_ns: bookmark.source_timestamp_ns,
-                            processed_at_ns: now_ns(),
-                            label: bookmark.label,
-                        };
-                        self.checkpoint(Some(point))?;
-                        progress.point = Some(seq);
-                        Ok(())
-                    }
-                    None if self.bytes_since_checkpoint >= self.config.checkpoint_every_bytes => {
-                        self.checkpoint(None)
-                    }
-                    None => Ok(()),
-                }
-            });
         match result {
             Ok(()) => {
                 self.stats.frames += progress.frames;
@@ -531,6 +534,92 @@ impl<E: IoEngine> Applier<E> {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Collect a batch, preserve the old content of the grains it overwrites, then write it.
+    fn run_preserving_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
+        let batch = self.collect_batch()?;
+        let Some(last_seq) = batch.last_seq else {
+            return Ok((ApplyProgress::default(), None));
+        };
+        let grains_preserved = self.preserve(&batch.ops)?;
+        let bytes = self.write(batch.ops)?;
+        let progress = ApplyProgress {
+            frames: last_seq - self.applied_seq,
+            bytes,
+            grains_preserved,
+            point: None,
+        };
+        self.applied_seq = last_seq;
+        Ok((progress, batch.bookmark))
+    }
+
+    /// Decode each frame straight into a buffer and submit it at once, keeping the queue full
+    /// while the next frames are read; wait for the writes only at the end of the run (a
+    /// bookmark, `stream_max_frames`, or no more durable frames).
+    fn run_streaming_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
+        let mut progress = ApplyProgress::default();
+        let mut last_seq = None;
+        let mut bookmark = None;
+        while progress.frames < self.config.stream_max_frames as u64 {
+            // A buffer first (the frame borrows the reader); when every buffer is in flight,
+            // wait for one to come back. Unused, it returns to the pool on drop.
+            let mut buf = match self.pool.take() {
+                Some(buf) => buf,
+                None => {
+                    self.reap_some(1, "write")?;
+                    self.pool
+                        .take()
+                        .ok_or_else(|| ApplyError::Invalid("buffer pool exhausted".into()))?
+                }
+            };
+            let Some(frame) = self.reader.next_frame()? else {
+                break;
+            };
+            let seq = frame.seq;
+            last_seq = Some(seq);
+            progress.frames += 1;
+            let op = match frame.body {
+                FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
+                    decode_into(&mut self.payloads, &extent, &mut buf)
+                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
+                    PendingOp::Write {
+                        disk_index: extent.disk_index,
+                        offset_bytes: extent.offset_bytes,
+                        buf,
+                    }
+                }
+                FrameBody::ZeroRange {
+                    disk_index,
+                    offset_bytes,
+                    length_bytes,
+                } => PendingOp::Zero {
+                    disk_index,
+                    offset_bytes,
+                    len_bytes: length_bytes,
+                },
+                FrameBody::Bookmark(mark) => {
+                    bookmark = Some((seq, mark));
+                    break;
+                }
+                FrameBody::End => continue,
+            };
+            progress.bytes += self.submit_pending(op)?;
+            // Hand ops to the kernel a few at a time: one syscall for several writes.
+            if progress.frames % STREAM_KICK_EVERY == 0 {
+                self.engine.kick().map_err(|source| ApplyError::Replica {
+                    disk_index: 0,
+                    op: "kick",
+                    offset_bytes: 0,
+                    source,
+                })?;
+            }
+        }
+        self.reap_all("write", |_| {})?;
+        if let Some(seq) = last_seq {
+            self.applied_seq = seq;
+        }
+        Ok((progress, bookmark))
     }
 
     /// Reads frames into a batch: stops at a bookmark, at the frame limit, or when no durable
@@ -721,32 +810,7 @@ impl<E: IoEngine> Applier<E> {
     fn write(&mut self, ops: Vec<PendingOp>) -> Result<u64, ApplyError> {
         let mut bytes = 0;
         for op in ops {
-            let (disk_index, offset_bytes, len_bytes) = op.extent();
-            let end = offset_bytes + len_bytes;
-            while self
-                .in_flight
-                .iter()
-                .any(|&(_, d, s, e)| d == disk_index && s < end && offset_bytes < e)
-            {
-                self.reap_some(1, "write")?;
-            }
-            let file = self.files[usize::from(disk_index)];
-            let io_op = match op {
-                PendingOp::Write { buf, .. } => IoOp::Write {
-                    file,
-                    offset_bytes,
-                    buf,
-                },
-                PendingOp::Zero { .. } => IoOp::WriteZeroes {
-                    file,
-                    offset_bytes,
-                    len_bytes,
-                },
-            };
-            let tag = self.next_tag;
-            self.next_tag += 1;
-            self.submit(io_op, tag, disk_index, offset_bytes, len_bytes)?;
-            bytes += len_bytes;
+            bytes += self.submit_pending(op)?;
         }
         self.engine.kick().map_err(|source| ApplyError::Replica {
             disk_index: 0,
@@ -756,6 +820,36 @@ impl<E: IoEngine> Applier<E> {
         })?;
         self.reap_all("write", |_| {})?;
         Ok(bytes)
+    }
+
+    /// Submits one write or zero range once no write in flight overlaps it. Returns its bytes.
+    fn submit_pending(&mut self, op: PendingOp) -> Result<u64, ApplyError> {
+        let (disk_index, offset_bytes, len_bytes) = op.extent();
+        let end = offset_bytes + len_bytes;
+        while self
+            .in_flight
+            .iter()
+            .any(|&(_, d, s, e)| d == disk_index && s < end && offset_bytes < e)
+        {
+            self.reap_some(1, "write")?;
+        }
+        let file = self.files[usize::from(disk_index)];
+        let io_op = match op {
+            PendingOp::Write { buf, .. } => IoOp::Write {
+                file,
+                offset_bytes,
+                buf,
+            },
+            PendingOp::Zero { .. } => IoOp::WriteZeroes {
+                file,
+                offset_bytes,
+                len_bytes,
+            },
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.submit(io_op, tag, disk_index, offset_bytes, len_bytes)?;
+        Ok(len_bytes)
     }
 
     /// Submits one op, reaping while the queue is full.
