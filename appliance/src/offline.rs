@@ -142,7 +142,16 @@ pub fn ingest(
                     buf_count: (2 * queue_depth).max(8),
                     ..BufPoolConfig::default()
                 })?;
-                let (mut io, _choice) = open_os_engine(&pool, queue_depth)?;
+                let (mut io, choice) = open_os_engine(&pool, queue_depth)?;
+                match &choice {
+                    engine::io::BackendChoice::Uring => {
+                        tracing::info!("replica I/O backend: io_uring (probe succeeded)")
+                    }
+                    engine::io::BackendChoice::SyncFile { reason } => tracing::warn!(
+                        %reason,
+                        "replica I/O backend: pread/pwrite (io_uring unavailable)"
+                    ),
+                }
                 let ids = files
                     .into_iter()
                     .map(|f| io.add_file(f))
