@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod dataport;
 mod inspect;
 mod offline;
 mod store;

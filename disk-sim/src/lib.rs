@@ -3,8 +3,11 @@
 //! Modules:
 //! - [`rng`]: seeded randomness; every run prints its seed and replays from it.
 //! - [`workload`]: seeded write/trim/bookmark generators over an item's disks.
+//! - [`agent`]: the source agent's sender: bounded backlog, data-port handshake, resend
+//!   from the last acknowledgement, fault hooks.
 //! - [`stream`]: a workload written out as a delta stream (the `disk-sim stream` command).
 
+pub mod agent;
 pub mod rng;
 pub mod stream;
 pub mod workload;
