@@ -969,6 +969,7 @@ impl<E: IoEngine> Applier<E> {
         self.meta
             .checkpoint(self.item, self.applied_seq, tag, point.as_ref())?;
         self.durable_seq = self.applied_seq;
+        self.reader.set_applied(self.durable_seq);
         self.bytes_since_checkpoint = 0;
         if point.is_some() {
             self.current_tag = tag;

@@ -173,6 +173,9 @@ struct Shared {
     /// Bumped when every segment is replaced (`resync_done`): readers reopen their file even
     /// if a new segment has the same name.
     generation: AtomicU64,
+    /// Highest sequence number applied and durable on the replicas, as published by apply
+    /// ([`StagingReader::set_applied`]); every commit reclaims up to it.
+    applied_seq: AtomicU64,
 }
 
 impl Shared {
@@ -344,6 +347,7 @@ impl StagingLog {
                 segments: Mutex::new(Vec::new()),
                 durable_seq: AtomicU64::new(appended_seq),
                 generation: AtomicU64::new(0),
+                applied_seq: AtomicU64::new(0),
             }),
             unsynced: if fresh {
                 vec![active.clone()]
@@ -515,6 +519,12 @@ impl StagingLog {
         self.shared
             .durable_seq
             .store(self.appended_seq, Ordering::Release);
+        // Free what apply has made durable elsewhere, so a long session never fills the
+        // cache with applied frames.
+        let applied = self.shared.applied_seq.load(Ordering::Acquire);
+        if applied > 0 {
+            self.reclaim(applied)?;
+        }
         Ok(self.appended_seq)
     }
 
@@ -752,6 +762,12 @@ impl StagingReader {
     /// Sequence number of the next frame this reader returns.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Publishes that every frame up to `seq` is applied and durable on the replicas; the log
+    /// reclaims up to it at its next commit (the reader's side needs no access to the log).
+    pub fn set_applied(&self, seq: u64) {
+        self.shared.applied_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// Moves the reader so that the next frame it returns is `seq`.
@@ -1212,6 +1228,30 @@ mod tests {
         assert!(log.resync_required().is_none());
         assert_eq!(log.next_seq(), 1000);
         assert!(!dir.durable_image().contains_key(RESYNC_MARKER));
+    }
+
+    #[test]
+    fn staging_commit_reclaims_what_the_reader_side_published_as_applied() {
+        let wire = frames(60, 9);
+        let (mut log, _) = StagingLog::open(Arc::new(SimDir::new()), header(), config()).unwrap();
+        let reader = log.reader(1);
+        for (i, bytes) in wire.iter().take(40).enumerate() {
+            log.append(i as u64 + 1, bytes, Instant::now()).unwrap();
+        }
+        log.commit().unwrap();
+        let before = log.used_bytes();
+        reader.set_applied(30);
+        log.append(41, &wire[40], Instant::now()).unwrap();
+        log.commit().unwrap();
+        assert!(
+            log.used_bytes() < before + wire[40].len() as u64,
+            "applied segments freed"
+        );
+        assert_eq!(
+            read_all(&log, 31).len(),
+            11,
+            "frames after the applied seq stay readable"
+        );
     }
 
     #[test]
