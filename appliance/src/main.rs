@@ -10,9 +10,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod daemon;
 mod dataport;
 mod inspect;
 mod offline;
+mod runtime;
 mod store;
 
 #[derive(Parser, Debug)]
@@ -28,6 +30,30 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the appliance: serve every item with a stream token on the data port, apply what
+    /// arrives, keep recovery points. Stops cleanly on SIGTERM or SIGINT.
+    Serve {
+        /// The appliance's data directory.
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+        /// Address of the data port (loopback by default).
+        #[arg(long = "data-addr", default_value = "127.0.0.1:7401")]
+        data_addr: std::net::SocketAddr,
+        /// Recovery points to keep per item (oldest pruned first).
+        #[arg(long = "keep-points", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        keep_points: u64,
+        /// Staging (cache) capacity per item in MiB.
+        #[arg(long = "cache-mib", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+        cache_mib: u64,
+        /// Replica I/O queue depth.
+        #[arg(long = "queue-depth", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        queue_depth: u64,
+    },
+    /// Protected items.
+    Item {
+        #[command(subcommand)]
+        command: ItemCommand,
+    },
     /// Delta-stream files.
     Stream {
         #[command(subcommand)]
@@ -90,6 +116,25 @@ enum Format {
     Raw,
     /// Fixed VHD (virtual size rounded up to a 1 MiB multiple).
     Vhd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ItemCommand {
+    /// Register an item: its replica disks are created in the data directory and its stream
+    /// token is printed once (stored with mode 0600). Example:
+    /// `appliance item create --data-dir /var/lib/appliance --name vm1 --disk 1024 --disk 64:512`
+    Create {
+        /// The appliance's data directory.
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+        /// A name for people.
+        #[arg(long)]
+        name: String,
+        /// A disk as SIZE_MIB[:LOGICAL_BLOCK_BYTES] (512 or 4096, default 4096); repeat per disk,
+        /// OS disk first.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +211,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.points,
                 summary.backend
             );
+            Ok(())
+        }
+        Command::Serve {
+            data_dir,
+            data_addr,
+            keep_points,
+            cache_mib,
+            queue_depth,
+        } => daemon::serve(
+            &data_dir,
+            daemon::ServeOptions {
+                data_addr,
+                keep_points: keep_points as usize,
+                cache_bytes: cache_mib << 20,
+                queue_depth: queue_depth as usize,
+            },
+        ),
+        Command::Item {
+            command:
+                ItemCommand::Create {
+                    data_dir,
+                    name,
+                    disks,
+                },
+        } => {
+            let disks = disks
+                .iter()
+                .map(|d| daemon::parse_disk(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (item, token) = daemon::create_item(&data_dir, &name, &disks)?;
+            println!("item {item}");
+            println!("token {token}");
             Ok(())
         }
         Command::Points { data_dir, item } => {

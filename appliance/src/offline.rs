@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  main thread:   file ─► engine::ingest (decode, stage, group commit) ─► "ack <seq>" on stdout
-//!  apply thread:  staging reader ─► Applier (io_uring or pread/pwrite) ─► prune ─► watermark
+//!  apply thread:  crate::runtime::ApplyWorker (the same worker `serve` runs per item)
 //! ```
 //!
 //! It may be killed at any moment (the SIGKILL tests do exactly that); the next run recovers
@@ -15,20 +15,18 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use engine::apply::{Applier, ApplyConfig, Retention};
+use engine::apply::ApplyConfig;
 use engine::delta::DeltaDecoder;
-use engine::durable::DurableDir;
 use engine::ingest::{IngestConfig, IngestError, ingest_stream};
-use engine::io::{BufPool, BufPoolConfig, DirectIo, IoEngine, ReplicaFile, open_os_engine};
+use engine::io::{DirectIo, ReplicaFile};
 use engine::materialize::{OutputFormat, PointChoice, Source, materialize_to_path, resolve_point};
 use engine::meta::item_key;
 use engine::replica::open_replica;
 use engine::staging::{StagingConfig, StagingLog};
 
+use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup};
 use crate::store::{DataDir, ItemDirs, item_hex};
 
 /// Settings of `ingest`.
@@ -64,14 +62,11 @@ pub struct IngestSummary {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Opens (creating) the item's replica files, checking size and identity.
-fn replicas(item: &ItemDirs, meta: &engine::meta::MetaStore) -> anyhow::Result<Vec<ReplicaFile>> {
+pub fn replicas(
+    item: &ItemDirs,
+    meta: &engine::meta::MetaStore,
+) -> anyhow::Result<Vec<ReplicaFile>> {
     let key = item_key(&item.header.item_id);
     let mut files = Vec::new();
     for (index, disk) in item.header.disks.iter().enumerate() {
@@ -124,82 +119,33 @@ pub fn ingest(
         eprintln!("warning: staging damaged, item needs a resync: {corruption}");
     }
     let reader = staging.reader(header.first_seq);
-    let applied = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    let staged = Arc::new(AtomicU64::new(staging.durable_seq()));
-    let key = item_key(&item.header.item_id);
-    let disks = item.header.disks.clone();
-    let preserve: Arc<dyn DurableDir> = Arc::new(item.preserve()?);
-    let apply_thread = {
-        let (applied, done, staged, meta) =
-            (applied.clone(), done.clone(), staged.clone(), meta.clone());
-        let keep = options.keep_points;
-        let queue_depth = options.queue_depth;
-        std::thread::Builder::new().name("apply".into()).spawn(
-            move || -> anyhow::Result<(&'static str, u64)> {
-                let pool = BufPool::new(BufPoolConfig {
-                    buf_size_bytes: engine::delta::MAX_PAYLOAD_BYTES as usize,
-                    buf_count: (2 * queue_depth).max(8),
-                    ..BufPoolConfig::default()
-                })?;
-                let (mut io, choice) = open_os_engine(&pool, queue_depth)?;
-                match &choice {
-                    engine::io::BackendChoice::Uring => {
-                        tracing::info!("replica I/O backend: io_uring (probe succeeded)")
-                    }
-                    engine::io::BackendChoice::SyncFile { reason } => tracing::warn!(
-                        %reason,
-                        "replica I/O backend: pread/pwrite (io_uring unavailable)"
-                    ),
-                }
-                let ids = files
-                    .into_iter()
-                    .map(|f| io.add_file(f))
-                    .collect::<std::io::Result<Vec<_>>>()?;
-                let config = ApplyConfig {
-                    batch_max_frames: queue_depth,
-                    ..ApplyConfig::default()
-                };
-                let mut applier =
-                    Applier::new(key, disks, config, io, ids, pool, meta, preserve, reader)?;
-                let backend = applier.backend_name();
-                let retention = Retention {
-                    max_count: keep,
-                    max_age_ns: u64::MAX,
-                };
-                loop {
-                    let finished = done.load(Ordering::Acquire);
-                    let progress = applier.apply_available()?;
-                    applier.prune(retention, now_ns())?;
-                    applied.store(applier.durable_seq(), Ordering::Release);
-                    if finished && applier.applied_seq() >= staged.load(Ordering::Acquire) {
-                        applier.mark_latest_point()?;
-                        applier.prune(retention, now_ns())?;
-                        applied.store(applier.durable_seq(), Ordering::Release);
-                        return Ok((backend, applier.durable_seq()));
-                    }
-                    if progress.frames == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            },
-        )?
-    };
+    let worker = ApplyWorker::start(
+        &item_hex(&item.header.item_id),
+        WorkerSetup {
+            item: item_key(&item.header.item_id),
+            disks: item.header.disks.clone(),
+            replicas: files,
+            reader,
+            meta: meta.clone(),
+            preserve: Arc::new(item.preserve()?),
+        },
+        ApplyOptions {
+            keep_points: options.keep_points,
+            queue_depth: options.queue_depth,
+        },
+    )?;
     let mut stdout = std::io::stdout().lock();
     let result = ingest_stream(
         std::io::BufReader::new(open_stream()?),
         &mut staging,
         IngestConfig::default(),
         &mut |seq, _pressure| {
-            staged.store(seq, Ordering::Release);
+            worker.notify(seq);
             let _ = writeln!(stdout, "ack {seq}");
             let _ = stdout.flush();
         },
     );
-    done.store(true, Ordering::Release);
-    let joined = apply_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("the apply thread panicked"))?;
+    let drained = worker.drain_and_stop(staging.durable_seq(), true);
     let report = match result {
         Ok(report) => report,
         Err(IngestError::Decode(e)) => {
@@ -207,14 +153,15 @@ pub fn ingest(
         }
         Err(e) => return Err(e.into()),
     };
-    let (backend, applied_seq) = joined?;
+    let drained = drained?;
+    let (backend, applied_seq) = (drained.backend, drained.applied_seq);
     staging.reclaim(applied_seq)?;
     Ok(IngestSummary {
         item: item_hex(&item.header.item_id),
         frames_staged: report.frames_staged,
         frames_skipped: report.frames_skipped,
         applied_seq,
-        points: meta.points(key)?.len(),
+        points: meta.points(item_key(&item.header.item_id))?.len(),
         backend,
     })
 }

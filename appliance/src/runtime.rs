@@ -1,0 +1,270 @@
+//! What keeps an item replicating inside a running appliance: its apply worker thread.
+//!
+//! ```text
+//!  data port / ingest ──commit──► StagingLog ──(durable seq)──► ApplyWorker::notify
+//!                                                                    │ wakes
+//!  apply thread: StagingReader ─► Applier (io_uring or pread/pwrite) ─► prune ─► watermark
+//!                (one ring, one registered buffer pool per thread)     published to staging
+//! ```
+//!
+//! The worker owns everything on the replica side; the staging log stays with whoever
+//! receives frames. `drain_and_stop` applies what is durable, flushes, and joins, so a graceful
+//! shutdown leaves nothing half applied (a SIGKILL is covered by replay from the watermark).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use engine::apply::{Applier, ApplyConfig, Retention};
+use engine::delta::DiskGeometry;
+use engine::durable::DurableDir;
+use engine::io::{BufPool, BufPoolConfig, IoEngine, ReplicaFile, open_os_engine};
+use engine::meta::{ItemKey, MetaStore};
+use engine::staging::StagingReader;
+
+/// Settings of an apply worker.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    /// Recovery points kept.
+    pub keep_points: usize,
+    /// Replica queue depth.
+    pub queue_depth: usize,
+}
+
+/// How a worker should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// Apply everything durable up to this seq, flush, optionally mark a latest point, exit.
+    Drain {
+        target_seq: u64,
+        mark_latest: bool,
+    },
+}
+
+struct Control {
+    stop: Mutex<Stop>,
+    wake: Condvar,
+    staged_seq: AtomicU64,
+    applied_seq: AtomicU64,
+}
+
+/// What a drained worker reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// The replica I/O backend it used.
+    pub backend: &'static str,
+    /// Its final watermark.
+    pub applied_seq: u64,
+}
+
+/// Wakes an [`ApplyWorker`]; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Notifier(Arc<Control>);
+
+impl Notifier {
+    /// Frames up to `seq` are durable in staging.
+    pub fn notify(&self, seq: u64) {
+        self.0.staged_seq.fetch_max(seq, Ordering::AcqRel);
+        self.0.wake.notify_one();
+    }
+}
+
+/// An item's apply thread.
+pub struct ApplyWorker {
+    control: Arc<Control>,
+    handle: Option<JoinHandle<anyhow::Result<Drained>>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ApplyWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplyWorker")
+            .field("applied_seq", &self.applied_seq())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Everything the worker needs for one item.
+pub struct WorkerSetup {
+    /// Item key.
+    pub item: ItemKey,
+    /// The item's disks.
+    pub disks: Vec<DiskGeometry>,
+    /// Replica files, checked, by disk index.
+    pub replicas: Vec<ReplicaFile>,
+    /// Reader of the item's staging log.
+    pub reader: StagingReader,
+    /// The metadata store.
+    pub meta: Arc<MetaStore>,
+    /// The item's preserve directory.
+    pub preserve: Arc<dyn DurableDir>,
+}
+
+impl ApplyWorker {
+    /// Starts the thread; it builds its own ring and buffer pool.
+    pub fn start(name: &str, setup: WorkerSetup, options: ApplyOptions) -> anyhow::Result<Self> {
+        let control = Arc::new(Control {
+            stop: Mutex::new(Stop::Running),
+            wake: Condvar::new(),
+            staged_seq: AtomicU64::new(0),
+            applied_seq: AtomicU64::new(0),
+        });
+        let failed = Arc::new(AtomicBool::new(false));
+        let (thread_control, thread_failed) = (control.clone(), failed.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("apply-{name}"))
+            .spawn(move || {
+                let result = run(setup, options, &thread_control);
+                if let Err(e) = &result {
+                    tracing::error!(error = %format!("{e:#}"), "apply stopped");
+                    thread_failed.store(true, Ordering::Release);
+                }
+                result
+            })
+            .context("starting the apply thread")?;
+        Ok(Self {
+            control,
+            handle: Some(handle),
+            failed,
+        })
+    }
+
+    /// Tells the worker that frames up to `seq` are durable in staging.
+    pub fn notify(&self, seq: u64) {
+        self.notifier().notify(seq);
+    }
+
+    /// A handle that wakes this worker (for the data port's commit callback).
+    pub fn notifier(&self) -> Notifier {
+        Notifier(self.control.clone())
+    }
+
+    /// The worker's watermark.
+    pub fn applied_seq(&self) -> u64 {
+        self.control.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// Whether the worker stopped on an error (it logged the error).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Applies everything durable up to `target_seq`, flushes (and marks a "latest" point if
+    /// asked), and joins the thread.
+    pub fn drain_and_stop(mut self, target_seq: u64, mark_latest: bool) -> anyhow::Result<Drained> {
+        *self.control.stop.lock().unwrap_or_else(|e| e.into_inner()) = Stop::Drain {
+            target_seq,
+            mark_latest,
+        };
+        self.control.wake.notify_one();
+        match self.handle.take() {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the apply thread panicked"))?,
+            None => anyhow::bail!("the apply thread was already joined"),
+        }
+    }
+}
+
+fn run(setup: WorkerSetup, options: ApplyOptions, control: &Control) -> anyhow::Result<Drained> {
+    let pool = BufPool::new(BufPoolConfig {
+        buf_size_bytes: engine::delta::MAX_PAYLOAD_BYTES as usize,
+        buf_count: (2 * options.queue_depth).max(8),
+        ..BufPoolConfig::default()
+    })?;
+    let (mut io, choice) = open_os_engine(&pool, options.queue_depth)?;
+    match &choice {
+        engine::io::BackendChoice::Uring => {
+            tracing::info!("replica I/O backend: io_uring (probe succeeded)")
+        }
+        engine::io::BackendChoice::SyncFile { reason } => tracing::warn!(
+            %reason,
+            "replica I/O backend: pread/pwrite (io_uring unavailable)"
+        ),
+    }
+    let ids = setup
+        .replicas
+        .into_iter()
+        .map(|f| io.add_file(f))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let config = ApplyConfig {
+        batch_max_frames: options.queue_depth,
+        ..ApplyConfig::default()
+    };
+    let mut applier = Applier::new(
+        setup.item,
+        setup.disks,
+        config,
+        io,
+        ids,
+        pool,
+        setup.meta,
+        setup.preserve,
+        setup.reader,
+    )?;
+    let backend = applier.backend_name();
+    let retention = Retention {
+        max_count: options.keep_points,
+        max_age_ns: u64::MAX,
+    };
+    control
+        .applied_seq
+        .store(applier.durable_seq(), Ordering::Release);
+    loop {
+        let stop = *control.stop.lock().unwrap_or_else(|e| e.into_inner());
+        let progress = applier.apply_available()?;
+        applier.prune(retention, now_ns())?;
+        if let Stop::Drain {
+            target_seq,
+            mark_latest,
+        } = stop
+        {
+            if applier.applied_seq() >= target_seq {
+                applier.flush()?;
+                if mark_latest {
+                    applier.mark_latest_point()?;
+                    applier.prune(retention, now_ns())?;
+                }
+                control
+                    .applied_seq
+                    .store(applier.durable_seq(), Ordering::Release);
+                return Ok(Drained {
+                    backend,
+                    applied_seq: applier.durable_seq(),
+                });
+            }
+            if progress.frames == 0 {
+                anyhow::bail!(
+                    "asked to apply through seq {target_seq}, but staging holds frames only \
+                     through {}",
+                    applier.applied_seq()
+                );
+            }
+        }
+        control
+            .applied_seq
+            .store(applier.durable_seq(), Ordering::Release);
+        if progress.frames == 0 {
+            // Nothing durable to apply: sleep until notified (or a short timeout, so a missed
+            // wake-up costs at most that).
+            let guard = control.stop.lock().unwrap_or_else(|e| e.into_inner());
+            if control.staged_seq.load(Ordering::Acquire) <= applier.applied_seq()
+                && *guard == Stop::Running
+            {
+                let _ = control
+                    .wake
+                    .wait_timeout(guard, Duration::from_millis(50))
+                    .map_err(|_| anyhow::anyhow!("apply control lock poisoned"))?;
+            }
+        }
+    }
+}
