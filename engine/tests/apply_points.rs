@@ -135,3 +135,53 @@ fn latest_point_after_draining_staging_equals_the_newest_source_state() {
     // Marking again without new frames returns the same point.
     assert_eq!(item.applier.mark_latest_point().unwrap(), Some(latest));
 }
+
+#[test]
+fn prune_by_age_removes_oldest_first_and_stops_at_a_pinned_point() {
+    let mut ops = Vec::new();
+    for i in 0..6u64 {
+        ops.push(SourceOp::Write {
+            disk: 0,
+            offset_bytes: 0,
+            data: vec![i as u8 + 1; 8192],
+        });
+        ops.push(SourceOp::Bookmark(Consistency::Crash));
+    }
+    let script = script(&ops, false);
+    let mut item = Item::open(Storage::new(), ApplyConfig::default(), 4);
+    item.stage(&script.frames, 4);
+    item.applier.apply_available().unwrap();
+    let key = engine::meta::item_key(&header().item_id);
+    let points = item.meta.points(key).unwrap();
+    assert_eq!(points.len(), 6);
+    let newest_ns = points.iter().map(|p| p.processed_at_ns).max().unwrap();
+    // Everything older than "now + 1 h - 1 ns" by more than an hour: nothing yet.
+    let hour_ns = 3_600_000_000_000;
+    let keep_all = Retention {
+        max_count: 100,
+        max_age_ns: hour_ns,
+    };
+    assert!(item.applier.prune(keep_all, newest_ns).unwrap().is_empty());
+    // Two hours later every point is too old, but a pinned one (being materialized) stops
+    // pruning: the points before it go, it and the newer ones stay.
+    let pinned = points[2].point_id;
+    let guard = item.applier.pins().pin(pinned);
+    let removed = item
+        .applier
+        .prune(keep_all, newest_ns + 2 * hour_ns)
+        .unwrap();
+    assert_eq!(removed, vec![points[0].point_id, points[1].point_id]);
+    for point in &points[2..] {
+        assert_eq!(
+            &item.materialize(point.point_id),
+            &script.snapshots[&point.point_id]
+        );
+    }
+    drop(guard);
+    let removed = item
+        .applier
+        .prune(keep_all, newest_ns + 2 * hour_ns)
+        .unwrap();
+    assert_eq!(removed.len(), 4);
+    assert!(item.meta.points(key).unwrap().is_empty());
+}
