@@ -556,12 +556,14 @@ impl<E: IoEngine> Applier<E> {
 
     /// Decode each frame straight into a buffer and submit it at once, keeping the queue full
     /// while the next frames are read; wait for the writes only at the end of the run (a
-    /// bookmark, `stream_max_frames`, or no more durable frames).
+    /// bookmark, `stream_max_frames`, `checkpoint_every_bytes`, or no more durable frames).
     fn run_streaming_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
         let mut progress = ApplyProgress::default();
         let mut last_seq = None;
         let mut bookmark = None;
-        while progress.frames < self.config.stream_max_frames as u64 {
+        while progress.frames < self.config.stream_max_frames as u64
+            && self.bytes_since_checkpoint + progress.bytes < self.config.checkpoint_every_bytes
+        {
             // A buffer first (the frame borrows the reader); when every buffer is in flight,
             // wait for one to come back. Unused, it returns to the pool on drop.
             let mut buf = match self.pool.take() {

@@ -1,1 +1,324 @@
-fn main() {}
+//! `perf`: the engine's data path measured next to fio, on the same file, in the same run.
+//!
+//! ```text
+//!  perf run [--quick] [--out DIR] [--dir SCRATCH] [--only NAME,…]
+//!
+//!  ensure fio ─► scratch dir (real disk, O_DIRECT, free space) ─► replica file written once
+//!     │
+//!     ├─ apply-seq-1m     per queue depth (+ zstd-1 row)                      goal ≥ 0.9
+//!     ├─ apply-rand-4k    qd 32, preservation off (goal ≥ 0.8) and on (no goal)
+//!     ├─ apply-rand-64k   qd 32, preservation off (goal ≥ 0.8) and on (no goal)
+//!     └─ staging-append   per batch size (1, 16, 64 × 64 KiB)
+//!        each: fio, (engine, fio) × repeats on the same file; then diagnostic rows
+//!     │
+//!     ▼
+//!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
+//!  stdout: one line per ratio, then the run's duration
+//! ```
+//!
+//! Every ratio is the median engine run over the median fio run, the runs alternating on the
+//! same file (fio, engine, fio, engine, fio, …), so drift during the run shows up as spread
+//! between rows of one table instead of as a bias for one side. Preservation-on rows run
+//! once (they are slow, and have no goal). Diagnostic rows (`diag: …`) take the engine's
+//! path apart: see `diag.rs`.
+//!
+//! Sizes (`--quick` takes 1–2 minutes on 2 cores, depending on what else runs there; the
+//! full run takes several minutes more, prints its duration like the quick one, and needs
+//! about 11 GiB of scratch space):
+//!
+//! | | `--quick` | full |
+//! |---|---|---|
+//! | replica file | 1 GiB | 4 GiB |
+//! | apply-seq-1m | 1 GiB at qd 32, + zstd row | 4 GiB at qd 1, 8, 32, + zstd row |
+//! | apply-rand-4k | 65,536 writes (256 MiB), qd 32; preserve on: the first 16,384 | 262,144 writes (1 GiB), qd 32; preserve on: all |
+//! | apply-rand-64k | 8,192 writes (512 MiB), qd 32; preserve on: the first 2,048 | 32,768 writes (2 GiB), qd 32; preserve on: all |
+//! | staging-append | 256 / 2,048 / 4,096 frames at batch 1 / 16 / 64 | 1,024 / 8,192 / 16,384 |
+//! | runs per configuration | engine × 3, fio × 4 (preserve on, zstd: engine × 1) | same |
+
+/// Progress on stderr, stamped with the seconds since the run started.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!("[{:7.1} s] {}", $crate::run_elapsed_s(), format_args!($($arg)*))
+    };
+}
+
+mod apply_bench;
+mod cpu;
+mod diag;
+mod fio;
+mod histogram;
+mod machine;
+mod report;
+mod staging_bench;
+mod timed;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::apply_bench::ApplyCtx;
+use crate::report::Results;
+
+/// Benchmarks of the data path, each next to fio.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the benchmarks and writes results.json and report.md.
+    Run(RunArgs),
+}
+
+/// Benchmark names accepted by `--only`.
+const BENCHMARKS: [&str; 4] = [
+    "apply-seq-1m",
+    "apply-rand-4k",
+    "apply-rand-64k",
+    "staging-append",
+];
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Small sizes: finishes in about a minute on 2 cores.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json and report.md go.
+    #[arg(long, default_value = "target/perf")]
+    out: PathBuf,
+    /// Parent of the scratch directory (default: ./target if it exists, else the current
+    /// directory). Must be on a real disk with O_DIRECT, not tmpfs.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Run only these benchmarks (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// Sizes of one run.
+#[derive(Debug, Clone)]
+struct Plan {
+    mode: &'static str,
+    replica_bytes: u64,
+    seq_queue_depths: Vec<usize>,
+    seq_bytes: u64,
+    rand_queue_depth: usize,
+    rand_4k_writes: u64,
+    rand_64k_writes: u64,
+    /// Writes of the preservation-on runs (the first ones of the same sequence), 4k and 64k.
+    rand_preserve_writes: (u64, u64),
+    /// Engine runs per configuration, interleaved with `repeats + 1` fio runs.
+    repeats: usize,
+    /// (frames per commit, frames).
+    staging: Vec<(usize, u64)>,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                mode: "quick",
+                replica_bytes: 1 << 30,
+                seq_queue_depths: vec![32],
+                seq_bytes: 1 << 30,
+                rand_queue_depth: 32,
+                rand_4k_writes: 65_536,
+                rand_64k_writes: 8_192,
+                rand_preserve_writes: (16_384, 2_048),
+                repeats: 3,
+                staging: vec![(1, 256), (16, 2_048), (64, 4_096)],
+            }
+        } else {
+            Self {
+                mode: "full",
+                replica_bytes: 4 << 30,
+                seq_queue_depths: vec![1, 8, 32],
+                seq_bytes: 4 << 30,
+                rand_queue_depth: 32,
+                rand_4k_writes: 262_144,
+                rand_64k_writes: 32_768,
+                rand_preserve_writes: (262_144, 32_768),
+                repeats: 3,
+                staging: vec![(1, 1_024), (16, 8_192), (64, 16_384)],
+            }
+        }
+    }
+
+    /// Scratch space needed at the peak: the replica, a staged copy of the largest stream, a
+    /// preserve store as large as the largest random stream, and slack.
+    fn scratch_bytes(&self) -> u64 {
+        let rand_max = (self.rand_4k_writes * 4096).max(self.rand_64k_writes * 65536);
+        self.replica_bytes + self.seq_bytes.max(rand_max) + rand_max + (1 << 30)
+    }
+}
+
+static RUN_STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// Seconds since the run started (for progress lines).
+fn run_elapsed_s() -> f64 {
+    RUN_STARTED
+        .get_or_init(Instant::now)
+        .elapsed()
+        .as_secs_f64()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    for name in &args.only {
+        if !BENCHMARKS.contains(&name.as_str()) {
+            bail!(
+                "unknown benchmark {name:?}; known: {}",
+                BENCHMARKS.join(", ")
+            );
+        }
+    }
+    let selected = |name: &str| args.only.is_empty() || args.only.iter().any(|n| n == name);
+    let started = *RUN_STARTED.get_or_init(Instant::now);
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let plan = Plan::new(args.quick);
+    let loadavg_start = machine::loadavg();
+
+    let fio = fio::ensure_fio()?;
+    let scratch = machine::Scratch::create(args.dir.as_deref(), plan.scratch_bytes())?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    progress!(
+        "perf run ({}): scratch {} ({}), {}",
+        plan.mode,
+        scratch.path().display(),
+        scratch.fs_type,
+        fio.version
+    );
+
+    let replica = scratch.join("replica.img");
+    progress!(
+        "preparing the replica file: {} MiB written once with O_DIRECT",
+        plan.replica_bytes >> 20
+    );
+    workload::prepare_replica(&replica, plan.replica_bytes)?;
+
+    let mut lines: Vec<String> = Vec::new();
+    let mut benchmarks = Vec::new();
+    let mut ctx = ApplyCtx {
+        scratch: &scratch,
+        fio: &fio,
+        replica,
+        disk_bytes: plan.replica_bytes,
+        backend: None,
+    };
+    let flush = |lines: &mut Vec<String>| {
+        for line in lines.drain(..) {
+            println!("{line}");
+        }
+    };
+    if selected("apply-seq-1m") {
+        benchmarks.extend(apply_bench::seq_1m(
+            &mut ctx,
+            &plan.seq_queue_depths,
+            plan.seq_bytes,
+            plan.repeats,
+            true,
+            &mut lines,
+        )?);
+        flush(&mut lines);
+    }
+    for (name, block_bytes, writes, preserve_writes) in [
+        (
+            "apply-rand-4k",
+            4096,
+            plan.rand_4k_writes,
+            plan.rand_preserve_writes.0,
+        ),
+        (
+            "apply-rand-64k",
+            65536,
+            plan.rand_64k_writes,
+            plan.rand_preserve_writes.1,
+        ),
+    ] {
+        if selected(name) {
+            benchmarks.push(apply_bench::rand(
+                &mut ctx,
+                block_bytes,
+                writes,
+                preserve_writes,
+                plan.rand_queue_depth,
+                plan.repeats,
+                &mut lines,
+            )?);
+            flush(&mut lines);
+        }
+    }
+    if selected("staging-append") {
+        for &(batch, frames) in &plan.staging {
+            benchmarks.push(staging_bench::staging_append(
+                &scratch,
+                &fio,
+                batch,
+                frames,
+                plan.repeats,
+                &mut lines,
+            )?);
+            flush(&mut lines);
+        }
+    }
+
+    let io_backend = match &ctx.backend {
+        Some(engine::io::BackendChoice::Uring) => "uring".to_owned(),
+        Some(engine::io::BackendChoice::SyncFile { reason }) => format!("sync_file ({reason})"),
+        None => "not used".to_owned(),
+    };
+    let machine = machine::machine_info(&scratch, &fio.version, io_backend, loadavg_start);
+    let results = Results {
+        schema_version: 1,
+        mode: plan.mode.to_owned(),
+        started_unix_s,
+        duration_s: started.elapsed().as_secs_f64(),
+        machine,
+        benchmarks,
+    };
+    let json_path = args.out.join("results.json");
+    let md_path = args.out.join("report.md");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&md_path, report::markdown(&results))
+        .with_context(|| format!("writing {}", md_path.display()))?;
+    println!(
+        "perf run ({}) took {:.1} s; wrote {} and {}",
+        plan.mode,
+        results.duration_s,
+        json_path.display(),
+        md_path.display()
+    );
+    Ok(())
+}
