@@ -196,10 +196,7 @@ fn run(setup: WorkerSetup, options: ApplyOptions, control: &Control) -> anyhow::
         .into_iter()
         .map(|f| io.add_file(f))
         .collect::<std::io::Result<Vec<_>>>()?;
-    let config = ApplyConfig {
-        batch_max_frames: options.queue_depth,
-        ..ApplyConfig::default()
-    };
+    let config = ApplyConfig::default();
     let mut applier = Applier::new(
         setup.item,
         setup.disks,

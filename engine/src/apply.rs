@@ -1,7 +1,7 @@
 //! Apply: staged frames → replica disks, keeping every retained recovery point restorable.
 //!
 //! ```text
-//!  StagingReader ──► batch (≤ batch_max_frames, ends at a bookmark)
+//!  StagingReader ──► batch (≤ stream_max_frames, ends at a bookmark)
 //!      │   decompress each payload straight into an aligned pool buffer (IoBuf)
 //!      ▼
 //!  preserve: grains the batch overwrites that were not yet preserved in this interval
@@ -54,10 +54,9 @@ const STREAM_KICK_EVERY: u64 = 4;
 pub struct ApplyConfig {
     /// Granularity of recovery-point preservation (a multiple of 4096).
     pub grain_bytes: u32,
-    /// Most frames per batch while points are preserved (also bounded by half the pool).
-    pub batch_max_frames: usize,
-    /// Most frames per streaming run when nothing is preserved (writes are submitted as
-    /// frames are read; the run waits for its writes only at its end).
+    /// Most frames per run: a run plans its frames' extents (when points are kept, their old
+    /// blocks are preserved with one flush), submits writes as frames are read, and waits for
+    /// them only at its end.
     pub stream_max_frames: usize,
     /// Flush replicas and commit the watermark after this many bytes without a bookmark, so
     /// staging space can be reclaimed.
@@ -70,7 +69,6 @@ impl Default for ApplyConfig {
     fn default() -> Self {
         Self {
             grain_bytes: 4096,
-            batch_max_frames: 64,
             stream_max_frames: 1024,
             checkpoint_every_bytes: 256 << 20,
             preserve: true,
@@ -256,12 +254,6 @@ impl PendingOp {
 /// A bookmark frame: its sequence number and content.
 type Bookmark = (u64, crate::delta::Bookmark);
 
-struct Batch {
-    ops: Vec<PendingOp>,
-    last_seq: Option<u64>,
-    bookmark: Option<Bookmark>,
-}
-
 /// Applies one item's staged frames to its replica disks.
 pub struct Applier<E: IoEngine> {
     item: ItemKey,
@@ -285,6 +277,8 @@ pub struct Applier<E: IoEngine> {
     current_tag: u64,
     preserving: bool,
     preserved_now: HashSet<(u16, u64)>,
+    /// Extents of the frames planned ahead (reused).
+    plan: Vec<(u16, u64, u64)>,
     in_flight: Vec<(u64, u16, u64, u64)>,
     next_tag: u64,
     completions: Vec<Completion>,
@@ -368,6 +362,7 @@ impl<E: IoEngine> Applier<E> {
             current_tag: 0,
             preserving: false,
             preserved_now: HashSet::new(),
+            plan: Vec::new(),
             in_flight: Vec::new(),
             next_tag: 1,
             completions: Vec::new(),
@@ -536,33 +531,46 @@ impl<E: IoEngine> Applier<E> {
         }
     }
 
-    /// Collect a batch, preserve the old content of the grains it overwrites, then write it.
+    /// Plan the next frames by their headers (up to `stream_max_frames`, stopping at a
+    /// bookmark), preserve the old content of every grain they overwrite with one preserve
+    /// flush and one index commit, then stream exactly those frames.
     fn run_preserving_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
-        let batch = self.collect_batch()?;
-        let Some(last_seq) = batch.last_seq else {
+        let mut plan = std::mem::take(&mut self.plan);
+        let planned = self
+            .reader
+            .peek_extents(self.config.stream_max_frames, &mut plan)
+            .map_err(ApplyError::from)
+            .and_then(|(frames, _)| Ok((frames, self.preserve(&plan)?)));
+        self.plan = plan;
+        let (frames, grains_preserved) = planned?;
+        if frames == 0 {
             return Ok((ApplyProgress::default(), None));
-        };
-        let grains_preserved = self.preserve(&batch.ops)?;
-        let bytes = self.write(batch.ops)?;
-        let progress = ApplyProgress {
-            frames: last_seq - self.applied_seq,
-            bytes,
-            grains_preserved,
-            point: None,
-        };
-        self.applied_seq = last_seq;
-        Ok((progress, batch.bookmark))
+        }
+        let (mut progress, bookmark) = self.run_streaming(frames, false)?;
+        progress.grains_preserved = grains_preserved;
+        Ok((progress, bookmark))
+    }
+
+    fn run_streaming_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
+        self.run_streaming(self.config.stream_max_frames as u64, true)
     }
 
     /// Decode each frame straight into a buffer and submit it at once, keeping the queue full
     /// while the next frames are read; wait for the writes only at the end of the run (a
-    /// bookmark, `stream_max_frames`, `checkpoint_every_bytes`, or no more durable frames).
-    fn run_streaming_batch(&mut self) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
+    /// bookmark, `max_frames`, the checkpoint interval when `checkpoint_bound`, or no more
+    /// durable frames).
+    fn run_streaming(
+        &mut self,
+        max_frames: u64,
+        checkpoint_bound: bool,
+    ) -> Result<(ApplyProgress, Option<Bookmark>), ApplyError> {
         let mut progress = ApplyProgress::default();
         let mut last_seq = None;
         let mut bookmark = None;
-        while progress.frames < self.config.stream_max_frames as u64
-            && self.bytes_since_checkpoint + progress.bytes < self.config.checkpoint_every_bytes
+        while progress.frames < max_frames
+            && (!checkpoint_bound
+                || self.bytes_since_checkpoint + progress.bytes
+                    < self.config.checkpoint_every_bytes)
         {
             // A buffer first (the frame borrows the reader); when every buffer is in flight,
             // wait for one to come back. Unused, it returns to the pool on drop.
@@ -624,62 +632,9 @@ impl<E: IoEngine> Applier<E> {
         Ok((progress, bookmark))
     }
 
-    /// Reads frames into a batch: stops at a bookmark, at the frame limit, or when no durable
-    /// frame is left.
-    fn collect_batch(&mut self) -> Result<Batch, ApplyError> {
-        let max_frames = self
-            .config
-            .batch_max_frames
-            .min(self.pool.capacity() / 2)
-            .max(1);
-        let mut batch = Batch {
-            ops: Vec::with_capacity(max_frames),
-            last_seq: None,
-            bookmark: None,
-        };
-        while batch.ops.len() < max_frames {
-            let Some(frame) = self.reader.next_frame()? else {
-                break;
-            };
-            let seq = frame.seq;
-            batch.last_seq = Some(seq);
-            match frame.body {
-                FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
-                    let Some(mut buf) = self.pool.take() else {
-                        return Err(ApplyError::Invalid(
-                            "buffer pool exhausted: it must not be shared".into(),
-                        ));
-                    };
-                    decode_into(&mut self.payloads, &extent, &mut buf)
-                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
-                    batch.ops.push(PendingOp::Write {
-                        disk_index: extent.disk_index,
-                        offset_bytes: extent.offset_bytes,
-                        buf,
-                    });
-                }
-                FrameBody::ZeroRange {
-                    disk_index,
-                    offset_bytes,
-                    length_bytes,
-                } => batch.ops.push(PendingOp::Zero {
-                    disk_index,
-                    offset_bytes,
-                    len_bytes: length_bytes,
-                }),
-                FrameBody::Bookmark(bookmark) => {
-                    batch.bookmark = Some((seq, bookmark));
-                    break;
-                }
-                FrameBody::End => {}
-            }
-        }
-        Ok(batch)
-    }
-
     /// Preserves the old content of every grain the batch overwrites that was not preserved
     /// yet in this interval. Returns the number of grains preserved.
-    fn preserve(&mut self, ops: &[PendingOp]) -> Result<u64, ApplyError> {
+    fn preserve(&mut self, extents: &[(u16, u64, u64)]) -> Result<u64, ApplyError> {
         if !self.preserving {
             return Ok(0);
         }
@@ -688,8 +643,16 @@ impl<E: IoEngine> Applier<E> {
         // Runs of contiguous grains to read: (disk, first grain, grain count).
         let mut runs: Vec<(u16, u64, u64)> = Vec::new();
         let mut in_batch: HashSet<(u16, u64)> = HashSet::new();
-        for op in ops {
-            let (disk_index, offset_bytes, len_bytes) = op.extent();
+        for &(disk_index, offset_bytes, len_bytes) in extents {
+            // Planned from unverified headers: an extent that fits no disk is skipped here and
+            // refused with a named error when its frame is read.
+            let fits = self
+                .disks
+                .get(usize::from(disk_index))
+                .is_some_and(|d| d.check_extent(offset_bytes, len_bytes).is_ok());
+            if !fits {
+                continue;
+            }
             let first = offset_bytes / grain;
             let last = (offset_bytes + len_bytes - 1) / grain;
             for g in first..=last {
@@ -806,22 +769,6 @@ impl<E: IoEngine> Applier<E> {
             self.preserve_dir.sync().map_err(err("creating"))?;
         }
         Ok((file, len))
-    }
-
-    /// Submits the batch's writes (overlaps serialised) and waits for all. Returns bytes.
-    fn write(&mut self, ops: Vec<PendingOp>) -> Result<u64, ApplyError> {
-        let mut bytes = 0;
-        for op in ops {
-            bytes += self.submit_pending(op)?;
-        }
-        self.engine.kick().map_err(|source| ApplyError::Replica {
-            disk_index: 0,
-            op: "kick",
-            offset_bytes: 0,
-            source,
-        })?;
-        self.reap_all("write", |_| {})?;
-        Ok(bytes)
     }
 
     /// Submits one write or zero range once no write in flight overlaps it. Returns its bytes.

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::delta::{
-    DecodeErrorReason, DeltaDecoder, FRAME_HEADER_BYTES, FrameBody, FrameHeader, StreamHeader,
-    check_frame_prefix, decode_frame_header, le_u64, validate_frame,
+    DecodeErrorReason, DeltaDecoder, FRAME_HEADER_BYTES, FrameBody, FrameHeader, FrameKind,
+    StreamHeader, check_frame_prefix, decode_frame_header, le_u64, validate_frame,
 };
 use crate::durable::{DurableDir, DurableFile};
 
@@ -799,6 +799,64 @@ impl StagingReader {
             offset += FRAME_HEADER_BYTES as u64 + u64::from(payload);
         }
         Ok((segment, file, offset))
+    }
+
+    /// Looks ahead without moving the reader: the extents (disk, offset, length) written by the
+    /// next durable frames, from their headers only, up to `max_frames` frames or a bookmark
+    /// (included in the count). Returns the number of frames covered and whether the last one
+    /// is a bookmark. Checksums are verified when the frames are read with
+    /// [`next_frame`](Self::next_frame); a defect found here just ends the look-ahead early.
+    pub fn peek_extents(
+        &mut self,
+        max_frames: usize,
+        out: &mut Vec<(u16, u64, u64)>,
+    ) -> Result<(u64, bool), StagingError> {
+        out.clear();
+        let durable = self.shared.durable_seq.load(Ordering::Acquire);
+        let mut seq = self.next_seq;
+        let mut frames = 0u64;
+        let mut cursor: Option<(Segment, Arc<dyn DurableFile>, u64)> = None;
+        while seq <= durable && (frames as usize) < max_frames {
+            let holding = self
+                .shared
+                .segments()
+                .iter()
+                .find(|s| s.first_seq <= seq && seq <= s.last_seq)
+                .cloned();
+            let Some(holding) = holding else {
+                break;
+            };
+            if cursor.as_ref().is_none_or(|c| c.0.name != holding.name) {
+                let saved = self.next_seq;
+                self.next_seq = seq;
+                let opened = self.open_at(holding);
+                self.next_seq = saved;
+                cursor = Some(opened?);
+            }
+            let Some((segment, file, offset)) = cursor.as_mut() else {
+                break;
+            };
+            let mut raw = [0u8; FRAME_HEADER_BYTES];
+            file.read_exact_at(*offset, &mut raw)
+                .map_err(io_err(format!("reading {}", segment.name)))?;
+            let Ok(header) = decode_frame_header(&raw) else {
+                break;
+            };
+            if header.seq != seq {
+                break;
+            }
+            *offset += FRAME_HEADER_BYTES as u64 + u64::from(header.payload_len_bytes);
+            seq += 1;
+            frames += 1;
+            match header.kind {
+                FrameKind::Write | FrameKind::ResyncBlock | FrameKind::ZeroRange => {
+                    out.push((header.disk_index, header.offset_bytes, header.length_bytes));
+                }
+                FrameKind::Bookmark => return Ok((frames, true)),
+                FrameKind::End => {}
+            }
+        }
+        Ok((frames, false))
     }
 
     /// The next durable frame, or `None` when every durable frame has been read.

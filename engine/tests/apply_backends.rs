@@ -98,7 +98,7 @@ fn applier<E: IoEngine<File = ReplicaFile>>(
         item_key(&header().item_id),
         header().disks,
         ApplyConfig {
-            batch_max_frames: 6,
+            stream_max_frames: 6,
             ..ApplyConfig::default()
         },
         engine,

@@ -202,7 +202,7 @@ fn replica_write_error_fails_the_item_keeps_staging_and_resumes_when_cleared() {
     let mut item = Item::open(
         storage.clone(),
         ApplyConfig {
-            batch_max_frames: 3,
+            stream_max_frames: 3,
             ..ApplyConfig::default()
         },
         4,

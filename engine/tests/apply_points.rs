@@ -47,7 +47,7 @@ proptest! {
         zstd in any::<bool>(),
     ) {
         let script = script(&ops, zstd);
-        let mut item = Item::open(Storage::new(), ApplyConfig { batch_max_frames: 5, ..ApplyConfig::default() }, queue_depth);
+        let mut item = Item::open(Storage::new(), ApplyConfig { stream_max_frames: 5, ..ApplyConfig::default() }, queue_depth);
         // Stage in batches, applying now and then, so apply batches straddle commits.
         for (round, chunk) in script.frames.chunks(stage_batch).enumerate() {
             item.stage(chunk, stage_batch);

@@ -55,7 +55,7 @@ const RETENTION: Retention = Retention {
 
 fn config() -> ApplyConfig {
     ApplyConfig {
-        batch_max_frames: 4,
+        stream_max_frames: 4,
         checkpoint_every_bytes: 64 << 10,
         ..ApplyConfig::default()
     }

@@ -5,7 +5,7 @@
 //!  not timed:  encode frames (bookmark, then writes) ─► StagingLog (StdDir, fdatasync)
 //!              Applier over: TimedEngine(io_uring engine, queue depth QD, pool 2·QD × 4 MiB),
 //!                            ReplicaFile (O_DIRECT), MetaStore (redb), preserve dir;
-//!                            batch_max_frames = QD, everything else ApplyConfig::default()
+//!                            everything else ApplyConfig::default()
 //!              apply_batch() once: the bookmark ─► point 1, preservation armed (when on)
 //!  timed:      apply_batch() until staging is drained
 //!              ─► per write: submit → reaped (TimedEngine); per call: one sample;
@@ -171,7 +171,6 @@ fn apply_once(
         header.disks.clone(),
         ApplyConfig {
             preserve,
-            batch_max_frames: queue_depth,
             ..ApplyConfig::default()
         },
         engine,
@@ -491,7 +490,7 @@ pub fn rand(
     bench.notes.push(
         "engine write latency: submit → reaped (comparable with fio's clat); an apply_batch \
          call is one streaming run (≤ 1024 frames) with preservation off, one batch of \
-         batch_max_frames = queue depth frames with preservation on"
+         up to 1,024 frames per run with preservation on (one preserve flush and one index commit per run)"
             .into(),
     );
     drop(staged);
