@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use engine::delta::{DiskGeometry, StreamHeader};
-use engine::meta::item_key;
 use engine::staging::{StagingConfig, StagingLog};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -172,14 +171,12 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         }
         let worker = ApplyWorker::start(
             &hex,
-            WorkerSetup {
-                item: item_key(&item.header.item_id),
-                disks: item.header.disks.clone(),
-                replicas: files,
-                reader: log.reader(item.header.first_seq),
-                meta: meta.clone(),
-                preserve: Arc::new(item.preserve()?),
-            },
+            WorkerSetup::for_item(
+                &item,
+                files,
+                log.reader(item.header.first_seq),
+                meta.clone(),
+            )?,
             ApplyOptions {
                 keep_points: options.keep_points,
                 queue_depth: options.queue_depth,

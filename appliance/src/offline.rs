@@ -121,14 +121,7 @@ pub fn ingest(
     let reader = staging.reader(header.first_seq);
     let worker = ApplyWorker::start(
         &item_hex(&item.header.item_id),
-        WorkerSetup {
-            item: item_key(&item.header.item_id),
-            disks: item.header.disks.clone(),
-            replicas: files,
-            reader,
-            meta: meta.clone(),
-            preserve: Arc::new(item.preserve()?),
-        },
+        WorkerSetup::for_item(&item, files, reader, meta.clone())?,
         ApplyOptions {
             keep_points: options.keep_points,
             queue_depth: options.queue_depth,

@@ -109,6 +109,25 @@ pub struct WorkerSetup {
     pub preserve: Arc<dyn DurableDir>,
 }
 
+impl WorkerSetup {
+    /// The setup of an item of the data directory.
+    pub fn for_item(
+        item: &crate::store::ItemDirs,
+        replicas: Vec<ReplicaFile>,
+        reader: StagingReader,
+        meta: Arc<MetaStore>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            item: engine::meta::item_key(&item.header.item_id),
+            disks: item.header.disks.clone(),
+            replicas,
+            reader,
+            meta,
+            preserve: Arc::new(item.preserve()?),
+        })
+    }
+}
+
 impl ApplyWorker {
     /// Starts the thread; it builds its own ring and buffer pool.
     pub fn start(name: &str, setup: WorkerSetup, options: ApplyOptions) -> anyhow::Result<Self> {

@@ -2,9 +2,10 @@
 //! acknowledged, across disconnects.
 //!
 //! The wire protocol is specified in `docs/design/data-port.md` (the appliance's
-//! `dataport.rs` is the server side). Frames are encoded by the engine's one
-//! [`DeltaEncoder`], kept in a bounded backlog until the appliance acknowledges them as
-//! durable, and resent from the appliance's `next_seq` after every reconnect:
+//! `dataport.rs` is the server side); its bytes are encoded and decoded by the one codec in
+//! [`engine::port`]. Frames are encoded by the engine's one [`DeltaEncoder`], kept in a
+//! bounded backlog until the appliance acknowledges them as durable, and resent from the
+//! appliance's `next_seq` after every reconnect:
 //!
 //! ```text
 //!  caller ── write / zero_range / bookmark / resync_block ──► encode (seq n) ──► backlog
@@ -43,209 +44,20 @@ use engine::delta::{
     BOOKMARK_FIXED_BYTES, Consistency, DeltaEncoder, DiskGeometry, EncoderOptions,
     FRAME_HEADER_BYTES, StreamHeader,
 };
+pub use engine::port::{
+    HELLO_MAGIC, MAX_MESSAGE_BYTES, MAX_TOKEN_BYTES, PROTOCOL_VERSION, REPLY_MAGIC,
+    ReceivedCloseReason as CloseReason, RefusalStatus,
+};
+use engine::port::{
+    Mode, RECORD_FIXED_BYTES, REPLY_FIXED_BYTES, Record, decode_record, decode_reply_fixed,
+    encode_hello,
+};
 use engine::resync::ChunkHashes;
 
-/// Magic of the hello.
-pub const HELLO_MAGIC: [u8; 4] = *b"DRDP";
-/// Magic of the reply.
-pub const REPLY_MAGIC: [u8; 4] = *b"DRDA";
-/// The protocol version this agent speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Longest token the protocol carries.
-pub const MAX_TOKEN_BYTES: usize = 256;
-/// Longest message in a reply or close record.
-pub const MAX_MESSAGE_BYTES: usize = 1024;
-const HELLO_FIXED_BYTES: usize = 32;
-const REPLY_FIXED_BYTES: usize = 32;
-const RECORD_BYTES: usize = 16;
-const MODE_STREAM: u8 = 1;
-const MODE_CHUNK_HASHES: u8 = 2;
-const RECORD_ACK: u8 = 1;
-const RECORD_CLOSE: u8 = 2;
 /// How often blocked reads wake up to check for shutdown and the ack timeout.
 const POLL: Duration = Duration::from_millis(100);
 /// Closes remembered in [`AgentStats::closes`].
 const MAX_CLOSES_KEPT: usize = 64;
-
-/// Why the appliance refused a hello (the reply's status byte).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalStatus {
-    /// Malformed hello.
-    BadHello,
-    /// Protocol version not spoken.
-    UnsupportedVersion,
-    /// Mode not known.
-    UnsupportedMode,
-    /// No such item.
-    UnknownItem,
-    /// Wrong token.
-    BadToken,
-    /// Another session streams the item.
-    Busy,
-    /// The item needs a delta resync.
-    ResyncRequired,
-    /// The item's staging log failed.
-    StagingFailed,
-    /// The port is at its connection limit.
-    TooManyConnections,
-    /// The appliance is shutting down.
-    ShuttingDown,
-    /// The hello was not complete in time.
-    HandshakeTimeout,
-    /// Mode 2: no such disk.
-    UnknownDisk,
-    /// Mode 2: chunk size not allowed.
-    InvalidChunkSize,
-    /// Mode 2: hash list over the appliance's limit.
-    HashListTooLarge,
-    /// Mode 2: reading the replica failed.
-    ReplicaReadFailed,
-    /// A status this agent does not know.
-    Other(u8),
-}
-
-impl RefusalStatus {
-    fn from_u8(code: u8) -> Self {
-        use RefusalStatus::*;
-        match code {
-            1 => BadHello,
-            2 => UnsupportedVersion,
-            3 => UnsupportedMode,
-            4 => UnknownItem,
-            5 => BadToken,
-            6 => Busy,
-            7 => ResyncRequired,
-            8 => StagingFailed,
-            9 => TooManyConnections,
-            10 => ShuttingDown,
-            11 => HandshakeTimeout,
-            12 => UnknownDisk,
-            13 => InvalidChunkSize,
-            14 => HashListTooLarge,
-            15 => ReplicaReadFailed,
-            other => Other(other),
-        }
-    }
-
-    /// Whether retrying later may succeed (the agent does, with backoff).
-    pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Self::Busy
-                | Self::TooManyConnections
-                | Self::ShuttingDown
-                | Self::HandshakeTimeout
-                | Self::StagingFailed
-        )
-    }
-
-    /// The kebab-case name the appliance uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::BadHello => "bad-hello",
-            Self::UnsupportedVersion => "unsupported-version",
-            Self::UnsupportedMode => "unsupported-mode",
-            Self::UnknownItem => "unknown-item",
-            Self::BadToken => "bad-token",
-            Self::Busy => "busy",
-            Self::ResyncRequired => "resync-required",
-            Self::StagingFailed => "staging-failed",
-            Self::TooManyConnections => "too-many-connections",
-            Self::ShuttingDown => "shutting-down",
-            Self::HandshakeTimeout => "handshake-timeout",
-            Self::UnknownDisk => "unknown-disk",
-            Self::InvalidChunkSize => "invalid-chunk-size",
-            Self::HashListTooLarge => "hash-list-too-large",
-            Self::ReplicaReadFailed => "replica-read-failed",
-            Self::Other(_) => "unknown-status",
-        }
-    }
-}
-
-impl fmt::Display for RefusalStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Other(code) => write!(f, "unknown-status({code})"),
-            known => f.write_str(known.name()),
-        }
-    }
-}
-
-/// Why the appliance ended a streaming session (the close record's reason byte).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The input ended; everything durable was acknowledged.
-    EndOfStream,
-    /// A frame failed a check; the message names it and why.
-    CorruptFrame,
-    /// The stream is for another item or disk layout.
-    WrongStream,
-    /// Staging is full.
-    StagingFull,
-    /// The item needs a delta resync.
-    ResyncRequired,
-    /// The staging log failed.
-    StagingFailed,
-    /// Nothing was received for the appliance's idle timeout.
-    IdleTimeout,
-    /// The appliance is shutting down.
-    ShuttingDown,
-    /// The appliance's read failed.
-    ReadFailed,
-    /// A reason this agent does not know.
-    Other(u8),
-}
-
-impl CloseReason {
-    fn from_u8(code: u8) -> Self {
-        use CloseReason::*;
-        match code {
-            1 => EndOfStream,
-            2 => CorruptFrame,
-            3 => WrongStream,
-            4 => StagingFull,
-            5 => ResyncRequired,
-            6 => StagingFailed,
-            7 => IdleTimeout,
-            8 => ShuttingDown,
-            9 => ReadFailed,
-            other => Other(other),
-        }
-    }
-
-    /// Whether reconnecting and resending may succeed.
-    pub fn is_transient(self) -> bool {
-        !matches!(
-            self,
-            Self::WrongStream | Self::ResyncRequired | Self::Other(_)
-        )
-    }
-
-    /// The kebab-case name the appliance uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::EndOfStream => "end-of-stream",
-            Self::CorruptFrame => "corrupt-frame",
-            Self::WrongStream => "wrong-stream",
-            Self::StagingFull => "staging-full",
-            Self::ResyncRequired => "resync-required",
-            Self::StagingFailed => "staging-failed",
-            Self::IdleTimeout => "idle-timeout",
-            Self::ShuttingDown => "shutting-down",
-            Self::ReadFailed => "read-failed",
-            Self::Other(_) => "unknown-reason",
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Other(code) => write!(f, "unknown-reason({code})"),
-            known => f.write_str(known.name()),
-        }
-    }
-}
 
 /// What went wrong, named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1011,42 +823,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn le_u16_at(bytes: &[u8], at: usize) -> u16 {
-    let mut raw = [0u8; 2];
-    if let Some(src) = bytes.get(at..at + 2) {
-        raw.copy_from_slice(src);
-    }
-    u16::from_le_bytes(raw)
-}
-
-fn le_u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut raw = [0u8; 8];
-    if let Some(src) = bytes.get(at..at + 8) {
-        raw.copy_from_slice(src);
-    }
-    u64::from_le_bytes(raw)
-}
-
-fn encode_hello(
-    mode: u8,
-    item_id: &[u8; 16],
-    token: &[u8],
-    disk_index: u16,
-    chunk_size_bytes: u32,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HELLO_FIXED_BYTES + token.len());
-    out.extend_from_slice(&HELLO_MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    out.push(mode);
-    out.push(0);
-    out.extend_from_slice(item_id);
-    out.extend_from_slice(&(token.len() as u16).to_le_bytes());
-    out.extend_from_slice(&disk_index.to_le_bytes());
-    out.extend_from_slice(&chunk_size_bytes.to_le_bytes());
-    out.extend_from_slice(token);
-    out
-}
-
 /// A reply, parsed.
 struct Reply {
     status: u8,
@@ -1077,30 +853,22 @@ fn handshake(
     (&stream)
         .read_exact(&mut fixed)
         .map_err(|e| transient("reading the reply", e))?;
-    let protocol = |what: String| HandshakeError::Fatal(AgentError::Protocol { addr, what });
-    if fixed[0..4] != REPLY_MAGIC {
-        return Err(protocol(format!("reply magic {:02x?}", &fixed[0..4])));
-    }
-    let version = le_u16_at(&fixed, 4);
-    if version != PROTOCOL_VERSION {
-        return Err(protocol(format!("reply version {version}")));
-    }
-    let message_len = usize::from(le_u16_at(&fixed, 24));
-    if message_len > MAX_MESSAGE_BYTES {
-        return Err(protocol(format!(
-            "reply message of {message_len} bytes, over {MAX_MESSAGE_BYTES}"
-        )));
-    }
-    let mut message = vec![0u8; message_len];
+    let fixed = decode_reply_fixed(&fixed).map_err(|error| {
+        HandshakeError::Fatal(AgentError::Protocol {
+            addr,
+            what: error.to_string(),
+        })
+    })?;
+    let mut message = vec![0u8; fixed.message_len]; // ≤ MAX_MESSAGE_BYTES
     (&stream)
         .read_exact(&mut message)
         .map_err(|e| transient("reading the reply message", e))?;
     Ok((
         stream,
         Reply {
-            status: fixed[6],
-            next_seq: le_u64_at(&fixed, 8),
-            payload_len_bytes: le_u64_at(&fixed, 16),
+            status: fixed.status,
+            next_seq: fixed.next_seq,
+            payload_len_bytes: fixed.payload_len_bytes,
             message: String::from_utf8_lossy(&message).into_owned(),
         },
     ))
@@ -1108,7 +876,7 @@ fn handshake(
 
 /// One streaming handshake.
 fn stream_handshake(config: &AgentConfig) -> Result<Established, HandshakeError> {
-    let hello = encode_hello(MODE_STREAM, &config.item_id, &config.token, 0, 0);
+    let hello = encode_hello(Mode::Stream, &config.item_id, &config.token, 0, 0);
     let (stream, reply) = handshake(
         config.addr,
         &hello,
@@ -1456,11 +1224,15 @@ fn read_records(shared: &Shared, stream: &TcpStream, generation: u64) {
         return shared.disconnect(generation);
     }
     loop {
-        let mut record = [0u8; RECORD_BYTES];
+        let mut record = [0u8; RECORD_FIXED_BYTES];
         if let ReadOutcome::Gone = read_polling(shared, stream, generation, &mut record) {
             return shared.disconnect(generation);
         }
-        let seq = le_u64_at(&record, 8);
+        let record = decode_record(&record);
+        let seq = match &record {
+            Ok(record) => record.seq(),
+            Err(error) => error.seq(),
+        };
         let mut state = shared.state();
         if seq >= state.next_seq {
             let what = format!(
@@ -1471,19 +1243,21 @@ fn read_records(shared: &Shared, stream: &TcpStream, generation: u64) {
             shared.fail(AgentError::Protocol { addr, what });
             return shared.disconnect(generation);
         }
-        match record[0] {
-            RECORD_ACK => {
+        match record {
+            Ok(Record::Ack { .. }) => {
                 state.stats.acks += 1;
                 let advanced = state.ack(seq);
                 drop(state);
                 shared.observe(advanced);
                 shared.changed.notify_all();
             }
-            RECORD_CLOSE => {
+            Ok(Record::Close {
+                reason,
+                message_len,
+                ..
+            }) => {
                 drop(state);
-                let reason = CloseReason::from_u8(record[1]);
-                let message_len = usize::from(le_u16_at(&record, 2)).min(MAX_MESSAGE_BYTES);
-                let mut message = vec![0u8; message_len];
+                let mut message = vec![0u8; message_len]; // ≤ MAX_MESSAGE_BYTES
                 let complete = matches!(
                     read_polling(shared, stream, generation, &mut message),
                     ReadOutcome::Done
@@ -1507,11 +1281,11 @@ fn read_records(shared: &Shared, stream: &TcpStream, generation: u64) {
                 }
                 return shared.disconnect(generation);
             }
-            other => {
+            Err(error) => {
                 drop(state);
                 shared.fail(AgentError::Protocol {
                     addr,
-                    what: format!("record kind {other}"),
+                    what: error.to_string(),
                 });
                 return shared.disconnect(generation);
             }
@@ -1536,7 +1310,7 @@ pub fn fetch_chunk_hashes(
         ));
     }
     let hello = encode_hello(
-        MODE_CHUNK_HASHES,
+        Mode::ChunkHashes,
         item_id,
         token,
         disk_index,
@@ -1606,20 +1380,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hello_layout_matches_the_protocol_document() {
-        let hello = encode_hello(2, b"0123456789abcdef", b"tok", 5, 65536);
-        assert_eq!(hello.len(), HELLO_FIXED_BYTES + 3);
-        assert_eq!(&hello[0..4], b"DRDP");
-        assert_eq!(le_u16_at(&hello, 4), 1);
-        assert_eq!((hello[6], hello[7]), (2, 0));
-        assert_eq!(&hello[8..24], b"0123456789abcdef");
-        assert_eq!(le_u16_at(&hello, 24), 3);
-        assert_eq!(le_u16_at(&hello, 26), 5);
-        assert_eq!(&hello[28..32], &65536u32.to_le_bytes());
-        assert_eq!(&hello[32..], b"tok");
-    }
-
-    #[test]
     fn backoff_doubles_up_to_the_cap() {
         let mut config = AgentConfig::new(
             "127.0.0.1:1".parse().unwrap(),
@@ -1642,6 +1402,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_are_named_not_fatal_to_parse() {
+        // The codes are engine::port's (tested there); these are the names this API exports.
         assert_eq!(RefusalStatus::from_u8(200), RefusalStatus::Other(200));
         assert_eq!(RefusalStatus::from_u8(5).to_string(), "bad-token");
         assert!(!CloseReason::from_u8(99).is_transient());

@@ -5,6 +5,7 @@
 //!
 //! - [`delta`]: the versioned, checksummed wire and file format of the stream (encoder and
 //!   decoder). Specified in `docs/design/delta-stream.md`.
+//! - [`port`]: the data port's wire codec (hello, reply, records); see `data-port.md`.
 //! - [`ingest`]: one stream from a source agent into the staging log, acknowledged by group
 //!   commit.
 //! - [`durable`]: small synchronous durable files (real directory, or a crash-model sim).
@@ -31,6 +32,7 @@ pub mod ingest;
 pub mod io;
 pub mod materialize;
 pub mod meta;
+pub mod port;
 pub mod replica;
 pub mod resync;
 pub mod staging;
