@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,7 +15,6 @@ use std::time::Duration;
 
 use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};
 use engine::durable::{DurableDir, StdDir};
-use engine::materialize::{Source, materialize_disk};
 use engine::meta::{MetaStore, item_key};
 use engine::staging::{StagingConfig, StagingLog};
 use xxhash_rust::xxh3::xxh3_64;
@@ -205,66 +206,13 @@ fn ingest_killed_with_sigkill_twenty_times_loses_no_ack_and_every_point_is_exact
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let item = item_dir(&data);
-    for (index, digest) in final_digests.iter().enumerate() {
-        let replica =
-            std::fs::read(item.join("replicas").join(format!("disk-{index}.img"))).unwrap();
-        assert_eq!(
-            xxh3_64(&replica),
-            *digest,
-            "replica {index} differs from the source"
-        );
-    }
-    let meta = MetaStore::open(
-        StdDir::open(&data)
-            .unwrap()
-            .open("meta.redb", true)
-            .unwrap(),
-    )
-    .unwrap();
-    let key = item_key(&header().item_id);
-    let points = meta.points(key).unwrap();
-    let disks = header().disks;
-    let source = Source {
-        meta: &meta,
-        item: key,
-        disks: &disks,
-        preserve_dir: Arc::new(StdDir::open(&item.join("preserve")).unwrap()),
-        grain_bytes: 4096,
-        pins: engine::apply::Pins::default(),
-    };
-    let mut verified = 0;
-    for point in &points {
-        let expected = oracle.get(&point.point_id).unwrap_or(&final_digests);
-        for (index, digest) in expected.iter().enumerate() {
-            let replica =
-                std::fs::File::open(item.join("replicas").join(format!("disk-{index}.img")))
-                    .unwrap();
-            let path = tmp.path().join("out.raw");
-            let out = std::fs::File::create(&path).unwrap();
-            materialize_disk(
-                &source,
-                point.point_id,
-                index as u16,
-                &replica,
-                &out,
-                &mut |_| {},
-            )
-            .unwrap();
-            assert_eq!(
-                xxh3_64(&std::fs::read(&path).unwrap()),
-                *digest,
-                "point {} disk {index}",
-                point.point_id
-            );
-        }
-        verified += 1;
-    }
-    assert!(
-        oracle
-            .keys()
-            .all(|seq| points.iter().any(|p| p.point_id == *seq)),
-        "every bookmark became a point"
+    let verified = common::verify_item(
+        &data,
+        &header().item_id,
+        &header().disks,
+        &oracle,
+        &final_digests,
+        tmp.path(),
     );
     eprintln!("{kills} SIGKILLs over {runs} runs; {verified} points verified");
 }

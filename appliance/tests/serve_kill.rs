@@ -5,18 +5,16 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use engine::durable::{DurableDir, StdDir};
-use engine::materialize::{Source, materialize_disk};
-use engine::meta::{MetaStore, item_key};
 use xxhash_rust::xxh3::xxh3_64;
 
 fn appliance(args: &[&str], data: &Path) -> Command {
@@ -157,62 +155,13 @@ fn serve_killed_mid_stream_loses_nothing_and_every_point_is_exact() {
     assert!(server.wait().unwrap().success(), "serve exits 0 on SIGTERM");
     drop(agent);
 
-    let item = data.join("items").join(&item_hex);
     let final_digests: Vec<u64> = model.iter().map(|d| xxh3_64(d)).collect();
-    for (index, digest) in final_digests.iter().enumerate() {
-        let replica =
-            std::fs::read(item.join("replicas").join(format!("disk-{index}.img"))).unwrap();
-        assert_eq!(
-            xxh3_64(&replica),
-            *digest,
-            "replica {index} differs from the source"
-        );
-    }
-    let meta = MetaStore::open(
-        StdDir::open(&data)
-            .unwrap()
-            .open("meta.redb", true)
-            .unwrap(),
-    )
-    .unwrap();
-    let key = item_key(&item_id);
-    let points = meta.points(key).unwrap();
-    assert_eq!(points.len(), oracle.len(), "every bookmark became a point");
-    let source = Source {
-        meta: &meta,
-        item: key,
-        disks: &disks,
-        preserve_dir: Arc::new(StdDir::open(&item.join("preserve")).unwrap()),
-        grain_bytes: 4096,
-        pins: engine::apply::Pins::default(),
-    };
-    for point in &points {
-        for (index, digest) in oracle[&point.point_id].iter().enumerate() {
-            let replica =
-                std::fs::File::open(item.join("replicas").join(format!("disk-{index}.img")))
-                    .unwrap();
-            let path = tmp.path().join("out.raw");
-            let out = std::fs::File::create(&path).unwrap();
-            materialize_disk(
-                &source,
-                point.point_id,
-                index as u16,
-                &replica,
-                &out,
-                &mut |_| {},
-            )
-            .unwrap();
-            assert_eq!(
-                xxh3_64(&std::fs::read(&path).unwrap()),
-                *digest,
-                "point {} disk {index}",
-                point.point_id
-            );
-        }
-    }
-    eprintln!(
-        "{kills} SIGKILLs of serve; {} frames acknowledged; {} points verified",
-        acked,
-        points.len()
+    let verified =
+        common::verify_item(&data, &item_id, &disks, &oracle, &final_digests, tmp.path());
+    assert_eq!(
+        verified,
+        oracle.len(),
+        "every bookmark became a point, nothing else"
     );
+    eprintln!("{kills} SIGKILLs of serve; {acked} frames acknowledged; {verified} points verified");
 }
