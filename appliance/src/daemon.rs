@@ -4,8 +4,10 @@
 //! ```text
 //!  serve ─► DataDir (locked) ─► for each item: StagingLog (recovered) + ApplyWorker thread
 //!        ─► DataPort (TCP, loopback by default): agents stream frames, get durable acks
-//!        ─► SIGTERM / SIGINT: stop accepting, end sessions after their commit, apply what is
-//!           staged, flush, exit 0.   SIGKILL: nothing acknowledged is lost (replay on start).
+//!        ─► control API (HTTP/JSON, crate::api) on its own thread and tokio runtime
+//!        ─► SIGTERM / SIGINT: stop the API and the data port (sessions end after their
+//!           commit), apply what is staged, flush, exit 0.
+//!           SIGKILL: nothing acknowledged is lost (replay on start).
 //! ```
 //!
 //! Signals are blocked in every thread and taken with `sigwait` by the main thread, so no
@@ -26,6 +28,7 @@ use engine::delta::{DiskGeometry, StreamHeader};
 use engine::staging::{StagingConfig, StagingLog};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::api::{ApiConfig, ApiServer, ServedItem};
 use crate::dataport::{DataPort, DataPortConfig, MemoryRegistry};
 use crate::offline::{BadInput, replicas};
 use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup};
@@ -34,7 +37,7 @@ use crate::store::{DataDir, ItemDirs, item_hex};
 /// Name of the token file in an item's directory.
 const TOKEN_FILE: &str = "token";
 
-fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut out = [0u8; N];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
@@ -42,7 +45,7 @@ fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     Ok(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -119,6 +122,8 @@ fn read_token(item: &ItemDirs) -> anyhow::Result<Option<Vec<u8>>> {
 pub struct ServeOptions {
     /// Address of the data port.
     pub data_addr: SocketAddr,
+    /// Address of the control API.
+    pub api_addr: SocketAddr,
     /// Recovery points kept per item.
     pub keep_points: usize,
     /// Staging capacity per item.
@@ -145,8 +150,13 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         .context("blocking SIGTERM and SIGINT")?;
     let data = DataDir::open(data_dir)?;
     let meta = data.meta()?;
+    let (api_token, created) = crate::api::load_or_create_token(data_dir)?;
+    if created {
+        eprintln!("API token: {api_token}");
+    }
     let registry = Arc::new(MemoryRegistry::new());
     let mut running = Vec::new();
+    let mut served = Vec::new();
     for item in data.items()? {
         let hex = item_hex(&item.header.item_id);
         let Some(token) = read_token(&item)? else {
@@ -190,6 +200,16 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
             &item.header.item_id,
             Arc::new(move |seq| notifier.notify(seq)),
         );
+        served.push(ServedItem {
+            id: item.header.item_id,
+            name: item.header.item_name.clone(),
+            disks: item.header.disks.clone(),
+            staging: log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reader(item.header.first_seq),
+            worker: worker.status(),
+        });
         tracing::info!(item = %hex, name = %item.header.item_name, "serving");
         running.push(Running {
             hex,
@@ -200,10 +220,29 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     }
     let mut port = DataPort::bind(options.data_addr, registry, DataPortConfig::default())
         .with_context(|| format!("binding the data port to {}", options.data_addr))?;
+    let api = ApiServer::start(
+        options.api_addr,
+        ApiConfig {
+            data_dir: std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()),
+            data_addr: port.local_addr(),
+            token: api_token,
+            meta: meta.clone(),
+            items: served,
+        },
+    )?;
     println!("data port listening on {}", port.local_addr());
+    // Whoever started us may stop reading after the first line: not an error.
+    let _ = writeln!(
+        std::io::stdout(),
+        "control API listening on {}",
+        api.local_addr()
+    );
     let _ = std::io::stdout().flush();
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(%signal, "shutting down: no new sessions, applying what is staged");
+    if let Err(e) = api.shutdown() {
+        tracing::warn!(error = %format!("{e:#}"), "control API did not stop cleanly");
+    }
     port.shutdown();
     let mut failures = Vec::new();
     for mut item in running {

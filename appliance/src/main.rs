@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod api;
 mod daemon;
 mod dataport;
 mod inspect;
@@ -39,6 +40,10 @@ enum Command {
         /// Address of the data port (loopback by default).
         #[arg(long = "data-addr", default_value = "127.0.0.1:7401")]
         data_addr: std::net::SocketAddr,
+        /// Address of the control API (HTTP/JSON; bearer token in DATA_DIR/api-token, created
+        /// at first start and printed once on stderr).
+        #[arg(long = "api-addr", default_value = "127.0.0.1:7400")]
+        api_addr: std::net::SocketAddr,
         /// Recovery points to keep per item (oldest pruned first).
         #[arg(long = "keep-points", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         keep_points: u64,
@@ -216,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             data_dir,
             data_addr,
+            api_addr,
             keep_points,
             cache_mib,
             queue_depth,
@@ -223,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &data_dir,
             daemon::ServeOptions {
                 data_addr,
+                api_addr,
                 keep_points: keep_points as usize,
                 cache_bytes: cache_mib << 20,
                 queue_depth: queue_depth as usize,

@@ -72,6 +72,17 @@ impl Notifier {
     }
 }
 
+/// Whether an [`ApplyWorker`] stopped on an error; cheap to clone, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus(Arc<AtomicBool>);
+
+impl WorkerStatus {
+    /// Same as [`ApplyWorker::failed`].
+    pub fn failed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// An item's apply thread.
 pub struct ApplyWorker {
     control: Arc<Control>,
@@ -175,6 +186,11 @@ impl ApplyWorker {
     /// Whether the worker stopped on an error (it logged the error).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// A read-only view of the worker's health that outlives it (for the control API).
+    pub fn status(&self) -> WorkerStatus {
+        WorkerStatus(self.failed.clone())
     }
 
     /// Applies everything durable up to `target_seq`, flushes (and marks a "latest" point if

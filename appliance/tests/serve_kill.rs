@@ -25,7 +25,15 @@ fn appliance(args: &[&str], data: &Path) -> Command {
 
 fn start_serve(data: &Path, addr: &str) -> Child {
     let mut child = appliance(
-        &["serve", "--data-addr", addr, "--keep-points", "1000"],
+        &[
+            "serve",
+            "--data-addr",
+            addr,
+            "--api-addr",
+            "127.0.0.1:0",
+            "--keep-points",
+            "1000",
+        ],
         data,
     )
     .stdout(Stdio::piped())

@@ -759,6 +759,12 @@ pub struct StagedFrame<'a> {
 }
 
 impl StagingReader {
+    /// The log's durable sequence number, read without the log's lock (for status reports
+    /// while a session holds the log).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.durable_seq.load(Ordering::Acquire)
+    }
+
     /// Sequence number of the next frame this reader returns.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
