@@ -36,12 +36,10 @@
 //!   reports the end of input from then on: the frames already decoded are committed and
 //!   acknowledged, a close record says "shutting-down") and joins every thread.
 //!
-//! Known limit: a session holds its item's `StagingLog` mutex for its whole lifetime
-//! (`ingest_stream` borrows the log mutably), so the apply side cannot `reclaim` staging
-//! space while a session streams; see `docs/design/data-port.md`, "Open points".
-
-// The daemon's `serve` command wires the port in; until it does, the tests are its only user.
-#![allow(dead_code)]
+//! A session holds its item's `StagingLog` mutex for its whole lifetime (`ingest_stream`
+//! borrows the log mutably). Nothing else needs that lock meanwhile: every commit reclaims up
+//! to the watermark the apply side publishes through its `StagingReader`, and status reads use
+//! the reader's lock-free durable seq.
 
 use std::collections::HashMap;
 use std::fs::File;
