@@ -117,19 +117,26 @@ fn read_token(item: &ItemDirs) -> anyhow::Result<Option<Vec<u8>>> {
     }
 }
 
-/// Settings of `serve`.
-#[derive(Debug, Clone, Copy)]
+/// Settings of `serve` (command-line flags, or the TOML config file).
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Address of the data port.
     pub data_addr: SocketAddr,
     /// Address of the control API.
     pub api_addr: SocketAddr,
-    /// Recovery points kept per item.
+    /// Recovery points kept per item unless its policy says otherwise.
     pub keep_points: usize,
     /// Staging capacity per item.
     pub cache_bytes: u64,
     /// Replica queue depth.
     pub queue_depth: usize,
+    /// Data-disk slots (LUNs) of the appliance VM, LUN 0 included (1..=256; default 32).
+    pub slot_count: u32,
+    /// Directories besides the data directory where the API may attach disks, write
+    /// materialized disks and create temporary OS disks.
+    pub disk_stores: Vec<std::path::PathBuf>,
+    /// Jobs running at once (1..=64; default 8).
+    pub max_jobs: usize,
 }
 
 struct Running {

@@ -233,6 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 keep_points: keep_points as usize,
                 cache_bytes: cache_mib << 20,
                 queue_depth: queue_depth as usize,
+                slot_count: 32,
+                disk_stores: Vec::new(),
+                max_jobs: 8,
             },
         ),
         Command::Item {
