@@ -1,50 +1,48 @@
-//! The control API of `appliance serve` (HTTP/JSON, axum): this first slice is read-only.
+//! The control API of `appliance serve` (HTTP/JSON, axum): every lifecycle operation of
+//! `crate::manager`, the slot table, jobs, and Prometheus metrics. `docs/design/control-api.md`
+//! lists the resources, bodies, states and error codes; `GET /openapi.json` is generated from
+//! the handlers below (utoipa), so it cannot drift from them.
 //!
-//! | Method and path              | Auth   | Answer                                                  |
-//! |------------------------------|--------|---------------------------------------------------------|
-//! | `GET /health`                | none   | `{"status":"ok"}`                                       |
-//! | `GET /openapi.json`          | none   | the OpenAPI 3.1 document of this API (no data in it)    |
-//! | `GET /v1/appliance`          | bearer | version, data directory, item count, listen addresses   |
-//! | `GET /v1/items`              | bearer | every served item: disks, watermarks, points, health    |
-//! | `GET /v1/items/{id}/points`  | bearer | the recovery points of one item, oldest first           |
+//! Auth is `Authorization: Bearer <token>` on everything but `/health` and `/openapi.json`,
+//! the token being the 64 hex digits of `DATA_DIR/api-token` (created with mode 0600 at first
+//! start and printed once on stderr); it is compared in constant time. Every error has one
+//! shape, `{"error": {"code": "...", "message": "...", ...}}`; a 500 only names a real I/O
+//! failure.
 //!
-//! Auth is `Authorization: Bearer <token>`, the token being the 64 hex digits of
-//! `DATA_DIR/api-token` (created with mode 0600 at first start and printed once on stderr);
-//! it is compared in constant time. Every error has one shape,
-//! `{"error": {"code": "...", "message": "..."}}`: 401 for a missing or wrong token, 400 for
-//! a malformed item id, 404 for an unknown item or path; a 500 only names a real I/O failure.
-//!
-//! The server runs on its own thread with a 2-worker tokio runtime; blocking reads (the
-//! metadata store, the staging log's lock) run on tokio's blocking pool. [`ApiServer::shutdown`]
-//! stops accepting, lets requests in flight finish (at most [`GRACE`]), and joins the thread.
+//! The server runs on its own thread with a 2-worker tokio runtime; every handler that touches
+//! the manager runs on tokio's blocking pool, and long work runs as jobs (threads of the
+//! manager), so no request waits on disk I/O of another. [`ApiServer::shutdown`] stops
+//! accepting, lets requests in flight finish (at most [`GRACE`]), and joins the thread.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Request, State};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use engine::delta::{Consistency, DiskGeometry};
-use engine::meta::{MetaStore, PointOrigin, PointRecord, item_key};
-use engine::staging::StagingReader;
+use engine::delta::Consistency;
+use engine::meta::{PointOrigin, PointRecord};
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::runtime::WorkerStatus;
-use crate::store::{item_hex, parse_item_hex};
+use crate::jobs::JobView;
+use crate::manager::{
+    ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemState, ItemView, Manager,
+    MaterializeRequest, OpError, ReprotectRequest, SlotsView,
+};
 
 /// Name of the API token file in the data directory.
 pub const TOKEN_FILE: &str = "api-token";
@@ -55,7 +53,7 @@ pub const GRACE: Duration = Duration::from_secs(5);
 /// Reads the API token of `data_dir`, creating it (32 random bytes, hex, mode 0600) on first
 /// start. Returns the token and whether it was just created. The caller holds the data
 /// directory's lock, so no other process races the creation.
-pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<(String, bool)> {
+pub fn load_or_create_token(data_dir: &FsPath) -> anyhow::Result<(String, bool)> {
     let path = data_dir.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -95,35 +93,15 @@ pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<(String, bool)> {
     Ok((token, true))
 }
 
-/// One item as the daemon serves it.
-#[derive(Debug)]
-pub struct ServedItem {
-    /// Item id.
-    pub id: [u8; 16],
-    /// Its name.
-    pub name: String,
-    /// Its disks.
-    pub disks: Vec<DiskGeometry>,
-    /// A reader of its staging log, used only for the durable seq: the log itself is locked
-    /// by a data-port session for the session's whole life, so the API never takes that lock.
-    pub staging: StagingReader,
-    /// Its apply worker's health.
-    pub worker: WorkerStatus,
-}
-
-/// What the API reads.
+/// What the API serves.
 #[derive(Debug)]
 pub struct ApiConfig {
-    /// The data directory.
-    pub data_dir: PathBuf,
     /// The data port's address.
     pub data_addr: SocketAddr,
     /// The bearer token.
     pub token: String,
-    /// The metadata store.
-    pub meta: Arc<MetaStore>,
-    /// The served items.
-    pub items: Vec<ServedItem>,
+    /// The items, slots and jobs.
+    pub manager: Arc<Manager>,
 }
 
 #[derive(Debug)]
@@ -221,9 +199,10 @@ async fn run(
 #[openapi(
     info(
         title = "DR appliance control API",
-        description = "Read-only slice: appliance info, items, recovery points. Everything \
-                       but /health and /openapi.json needs `Authorization: Bearer <token>` \
-                       (DATA_DIR/api-token)."
+        description = "Protected items and their lifecycle (enable, test failover, failover, \
+                       change point, commit, re-protect, failback, resync, disable), slots, \
+                       jobs, recovery points. Everything but /health and /openapi.json needs \
+                       `Authorization: Bearer <token>` (DATA_DIR/api-token)."
     ),
     modifiers(&BearerScheme)
 )]
@@ -246,8 +225,21 @@ impl Modify for BearerScheme {
 fn router(state: AppState) -> anyhow::Result<Router> {
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(appliance_info))
-        .routes(routes!(list_items))
+        .routes(routes!(list_slots))
+        .routes(routes!(list_items, enable))
+        .routes(routes!(get_item, disable))
         .routes(routes!(list_points))
+        .routes(routes!(test_failover))
+        .routes(routes!(test_failover_cleanup))
+        .routes(routes!(failover))
+        .routes(routes!(change_point))
+        .routes(routes!(commit))
+        .routes(routes!(reprotect))
+        .routes(routes!(failback))
+        .routes(routes!(resync))
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .routes(routes!(health))
         .split_for_parts();
@@ -268,8 +260,12 @@ fn router(state: AppState) -> anyhow::Result<Router> {
                 "this path does not take that method",
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state))
 }
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 64 << 10;
 
 /// The one error shape.
 #[derive(Debug, Serialize, ToSchema)]
@@ -278,31 +274,50 @@ struct ErrorBody {
 }
 
 /// What went wrong.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 struct ErrorDetail {
-    /// Stable code: `unauthorized`, `bad_item_id`, `item_not_found`, `not_found`,
-    /// `method_not_allowed`, `io_error`.
+    /// Stable code (see docs/design/control-api.md): `unauthorized`, `bad_request`,
+    /// `bad_item_id`, `bad_job_id`, `path_refused`, `item_not_found`, `job_not_found`,
+    /// `point_not_found`, `not_found`, `method_not_allowed`, `wrong_state`,
+    /// `not_enough_slots`, `path_in_use`, `job_running`, `too_many_jobs`, `disk_mismatch`,
+    /// `io_error`.
     code: &'static str,
     /// For people.
     message: String,
+    /// The request field at fault (`bad_request`, `path_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    /// The item's state (`wrong_state`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<ItemState>,
+    /// What the item allows now (`wrong_state`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_operations: Option<Vec<&'static str>>,
+    /// Slots needed (`not_enough_slots`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    needed: Option<usize>,
+    /// Slots free (`not_enough_slots`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    free: Option<usize>,
 }
 
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
-    body: ErrorBody,
+    body: Box<ErrorBody>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 error: ErrorDetail {
                     code,
                     message: message.into(),
+                    ..ErrorDetail::default()
                 },
-            },
+            }),
         }
     }
 
@@ -312,6 +327,43 @@ impl ApiError {
             "io_error",
             message.to_string(),
         )
+    }
+
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(error: OpError) -> Self {
+        let message = error.to_string();
+        match error {
+            OpError::BadRequest { code, field, .. } => {
+                let mut e = Self::bad(code, message);
+                e.body.error.field = field;
+                e
+            }
+            OpError::PathRefused { field, .. } => {
+                let mut e = Self::new(StatusCode::FORBIDDEN, "path_refused", message);
+                e.body.error.field = Some(field);
+                e
+            }
+            OpError::NotFound { code, .. } => Self::new(StatusCode::NOT_FOUND, code, message),
+            OpError::WrongState { state, allowed, .. } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "wrong_state", message);
+                e.body.error.state = Some(state);
+                e.body.error.allowed_operations = Some(allowed);
+                e
+            }
+            OpError::NotEnoughSlots { needed, free } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "not_enough_slots", message);
+                e.body.error.needed = Some(needed);
+                e.body.error.free = Some(free);
+                e
+            }
+            OpError::Conflict { code, .. } => Self::new(StatusCode::CONFLICT, code, message),
+            OpError::Io(_) => Self::io(message),
+        }
     }
 }
 
@@ -359,13 +411,28 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
-/// Runs blocking reads off the async workers.
+/// Runs manager calls off the async workers.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ApiError::io(format!("read task failed: {e}")))?
+        .map_err(|e| ApiError::io(format!("request task failed: {e}")))?
+}
+
+/// Extracts a path segment, as a 400 on failure.
+fn path_id(
+    id: Result<Path<String>, PathRejection>,
+    code: &'static str,
+) -> Result<String, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad(code, e.body_text()))
+}
+
+/// Extracts a JSON body, as a 400 naming the field on failure.
+fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(body)| body)
+        .map_err(|e| ApiError::bad("bad_request", e.body_text()))
 }
 
 /// Liveness.
@@ -388,98 +455,108 @@ struct ApplianceInfo {
     version: &'static str,
     /// Its data directory.
     data_dir: String,
-    /// Items served.
+    /// Items (every state).
     items: usize,
     /// Address of the data port (source agents).
     data_addr: String,
     /// Address of this API.
     api_addr: String,
+    /// Slots: total, usable, free.
+    slot_count: u32,
+    /// Usable slots (LUN 0 is the appliance's).
+    slots_usable: u32,
+    /// Free slots.
+    slots_free: u32,
+    /// Jobs running now.
+    jobs_running: usize,
 }
 
 /// Appliance information.
 #[utoipa::path(get, path = "/v1/appliance", security(("bearer" = [])),
     responses((status = 200, body = ApplianceInfo), (status = 401, body = ErrorBody)))]
-async fn appliance_info(State(state): State<AppState>) -> Json<ApplianceInfo> {
-    let config = &state.config;
-    Json(ApplianceInfo {
-        version: env!("CARGO_PKG_VERSION"),
-        data_dir: config.data_dir.display().to_string(),
-        items: config.items.len(),
-        data_addr: config.data_addr.to_string(),
-        api_addr: state.api_addr.to_string(),
-    })
-}
-
-/// A replica disk.
-#[derive(Debug, Serialize, ToSchema)]
-struct DiskView {
-    size_bytes: u64,
-    block_size_bytes: u32,
-}
-
-/// A served item.
-#[derive(Debug, Serialize, ToSchema)]
-struct ItemView {
-    /// Item id, 32 hex digits.
-    id: String,
-    name: String,
-    /// OS disk first.
-    disks: Vec<DiskView>,
-    /// Applied watermark (metadata store): frames up to it are in the replicas.
-    applied_seq: u64,
-    /// Frames up to it are durable in the staging log (acknowledged to the agent).
-    staged_seq: u64,
-    /// Recovery points kept.
-    points: usize,
-    /// Id of the newest point, if any.
-    latest_point_id: Option<u64>,
-    /// `healthy`, or why not.
-    health: String,
-}
-
-/// Every served item (items without a stream token are not served and not listed).
-#[utoipa::path(get, path = "/v1/items", security(("bearer" = [])),
-    responses((status = 200, body = Vec<ItemView>), (status = 401, body = ErrorBody),
-        (status = 500, description = "metadata store I/O failure", body = ErrorBody)))]
-async fn list_items(State(state): State<AppState>) -> Result<Json<Vec<ItemView>>, ApiError> {
+async fn appliance_info(State(state): State<AppState>) -> Result<Json<ApplianceInfo>, ApiError> {
     blocking(move || {
-        let meta = &state.config.meta;
-        let mut out = Vec::with_capacity(state.config.items.len());
-        for item in &state.config.items {
-            let hex = item_hex(&item.id);
-            let key = item_key(&item.id);
-            let (applied_seq, _) = meta
-                .state(key)
-                .map_err(|e| ApiError::io(format!("item {hex}: {e}")))?;
-            let points = meta
-                .points(key)
-                .map_err(|e| ApiError::io(format!("item {hex}: {e}")))?;
-            let staged_seq = item.staging.durable_seq();
-            out.push(ItemView {
-                id: hex,
-                name: item.name.clone(),
-                disks: item
-                    .disks
-                    .iter()
-                    .map(|d| DiskView {
-                        size_bytes: d.size_bytes,
-                        block_size_bytes: d.block_size_bytes,
-                    })
-                    .collect(),
-                applied_seq,
-                staged_seq,
-                points: points.len(),
-                latest_point_id: points.last().map(|p| p.point_id),
-                health: if item.worker.failed() {
-                    "apply stopped on an error (see the appliance log)".into()
-                } else {
-                    "healthy".into()
-                },
-            });
-        }
-        Ok(Json(out))
+        let manager = &state.config.manager;
+        let slots = manager.slots();
+        Ok(Json(ApplianceInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            data_dir: manager.root().display().to_string(),
+            items: manager.items().len(),
+            data_addr: state.config.data_addr.to_string(),
+            api_addr: state.api_addr.to_string(),
+            slot_count: slots.slot_count,
+            slots_usable: slots.usable,
+            slots_free: slots.free,
+            jobs_running: manager
+                .jobs()
+                .iter()
+                .filter(|j| j.state == crate::jobs::JobState::Running)
+                .count(),
+        }))
     })
     .await
+}
+
+/// The slot table: each LUN, its state and the disk in it.
+#[utoipa::path(get, path = "/v1/slots", security(("bearer" = [])),
+    responses((status = 200, body = SlotsView), (status = 401, body = ErrorBody)))]
+async fn list_slots(State(state): State<AppState>) -> Result<Json<SlotsView>, ApiError> {
+    blocking(move || Ok(Json(state.config.manager.slots()))).await
+}
+
+/// Every item.
+#[utoipa::path(get, path = "/v1/items", security(("bearer" = [])),
+    responses((status = 200, body = Vec<ItemView>), (status = 401, body = ErrorBody)))]
+async fn list_items(State(state): State<AppState>) -> Result<Json<Vec<ItemView>>, ApiError> {
+    blocking(move || Ok(Json(state.config.manager.items()))).await
+}
+
+/// Enable protection: creates or attaches the replica disks (one slot each), issues the
+/// stream token, starts the initial-replication job.
+#[utoipa::path(post, path = "/v1/items", security(("bearer" = [])), request_body = EnableRequest,
+    responses((status = 201, body = Enabled), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn enable(
+    State(state): State<AppState>,
+    request: Result<Json<EnableRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Enabled>), ApiError> {
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::CREATED,
+            Json(state.config.manager.enable(request)?),
+        ))
+    })
+    .await
+}
+
+/// One item.
+#[utoipa::path(get, path = "/v1/items/{id}", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_item(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ItemView>, ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || Ok(Json(state.config.manager.item_view(&id)?))).await
+}
+
+/// Disable protection: replication stopped, slots released, staging, recovery points and
+/// created replica disks removed (attached and failed-over disks are left alone).
+#[utoipa::path(delete, path = "/v1/items/{id}", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn disable(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ItemView>, ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || Ok(Json(state.config.manager.disable(&id)?))).await
 }
 
 /// A recovery point.
@@ -528,28 +605,209 @@ impl From<PointRecord> for PointView {
         (status = 500, description = "metadata store I/O failure", body = ErrorBody)))]
 async fn list_points(
     State(state): State<AppState>,
-    id: Result<axum::extract::Path<String>, PathRejection>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Vec<PointView>>, ApiError> {
-    let axum::extract::Path(id) =
-        id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_item_id", e.body_text()))?;
-    let item_id = parse_item_hex(&id)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_item_id", format!("{e:#}")))?;
-    if !state.config.items.iter().any(|item| item.id == item_id) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "item_not_found",
-            format!("no item {id:?} is served here"),
-        ));
-    }
+    let id = path_id(id, "bad_item_id")?;
     blocking(move || {
-        let points = state
-            .config
-            .meta
-            .points(item_key(&item_id))
-            .map_err(|e| ApiError::io(format!("item {id}: {e}")))?;
+        let points = state.config.manager.points(&id)?;
         Ok(Json(points.into_iter().map(PointView::from).collect()))
     })
     .await
+}
+
+/// Test failover: the disks at a point written to a directory (raw or fixed VHD) by a job;
+/// replication keeps running.
+#[utoipa::path(post, path = "/v1/items/{id}/test-failover", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    request_body = MaterializeRequest,
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn test_failover(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    request: Result<Json<MaterializeRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.test_failover(&id, request)?),
+        ))
+    })
+    .await
+}
+
+/// Test failover cleanup: the test disks deleted; back to protected.
+#[utoipa::path(post, path = "/v1/items/{id}/test-failover/cleanup", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn test_failover_cleanup(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ItemView>, ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || Ok(Json(state.config.manager.test_failover_cleanup(&id)?))).await
+}
+
+/// Failover to a point (latest, latest-processed, latest-app or a point id): replication
+/// stops and a job writes the disks to the target directory.
+#[utoipa::path(post, path = "/v1/items/{id}/failover", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    request_body = FailoverRequest,
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn failover(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    request: Result<Json<FailoverRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.failover(&id, request)?),
+        ))
+    })
+    .await
+}
+
+/// Change the failed-over disks to another recovery point (before commit).
+#[utoipa::path(post, path = "/v1/items/{id}/change-point", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    request_body = ChangePointRequest,
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn change_point(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    request: Result<Json<ChangePointRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.change_point(&id, request)?),
+        ))
+    })
+    .await
+}
+
+/// Commit the failover.
+#[utoipa::path(post, path = "/v1/items/{id}/commit", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn commit(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ItemView>, ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || Ok(Json(state.config.manager.commit(&id)?))).await
+}
+
+/// Re-protect a committed item: the original VM's disks become the replicas of a new reverse
+/// item (one slot each), a temporary 1 GiB OS disk is created for the original VM, and the
+/// failed-over VM's agent runs a delta resync.
+#[utoipa::path(post, path = "/v1/items/{id}/reprotect", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    request_body = ReprotectRequest,
+    responses((status = 201, body = Enabled), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reprotect(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    request: Result<Json<ReprotectRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Enabled>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::CREATED,
+            Json(state.config.manager.reprotect(&id, request)?),
+        ))
+    })
+    .await
+}
+
+/// Failback (planned failover) of a protected item whose disks were attached: final sync,
+/// the disks handed back, the temporary OS disk deleted.
+#[utoipa::path(post, path = "/v1/items/{id}/failback", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn failback(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.failback(&id)?),
+        ))
+    })
+    .await
+}
+
+/// Delta resync on demand: the agent is told (at its next hello) to run the hash exchange.
+#[utoipa::path(post, path = "/v1/items/{id}/resync", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn resync(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.resync(&id)?),
+        ))
+    })
+    .await
+}
+
+/// Every job, newest first.
+#[utoipa::path(get, path = "/v1/jobs", security(("bearer" = [])),
+    responses((status = 200, body = Vec<JobView>), (status = 401, body = ErrorBody)))]
+async fn list_jobs(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
+    blocking(move || Ok(Json(state.config.manager.jobs()))).await
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", security(("bearer" = [])),
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_job(
+    State(state): State<AppState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::bad("bad_job_id", e.body_text()))?;
+    blocking(move || Ok(Json(state.config.manager.job(id)?))).await
+}
+
+/// Prometheus metrics (text format 0.0.4).
+#[utoipa::path(get, path = "/metrics", security(("bearer" = [])),
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 401, body = ErrorBody)))]
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text =
+        blocking(move || Ok(crate::metrics::render(&state.config.manager.metrics()))).await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 #[cfg(test)]

@@ -19,23 +19,16 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use engine::delta::{DiskGeometry, StreamHeader};
-use engine::staging::{StagingConfig, StagingLog};
+use engine::delta::DiskGeometry;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::api::{ApiConfig, ApiServer, ServedItem};
-use crate::dataport::{DataPort, DataPortConfig, MemoryRegistry};
-use crate::offline::{BadInput, replicas};
-use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup};
-use crate::store::{DataDir, ItemDirs, item_hex};
-
-/// Name of the token file in an item's directory.
-const TOKEN_FILE: &str = "token";
+use crate::api::{ApiConfig, ApiServer};
+use crate::dataport::{DataPort, DataPortConfig};
+use crate::manager::{DiskSpec, EnableRequest, Manager, OpError};
+use crate::offline::BadInput;
 
 pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut out = [0u8; N];
@@ -76,45 +69,38 @@ pub fn parse_disk(text: &str) -> Result<DiskGeometry, BadInput> {
     })
 }
 
-/// Registers a new item with `disks`; returns its id and stream token (hex).
+/// Registers a new item with `disks` (offline: the same path as the control API's enable);
+/// returns its id and stream token (hex).
 pub fn create_item(
     data_dir: &Path,
     name: &str,
     disks: &[DiskGeometry],
+    options: ServeOptions,
 ) -> anyhow::Result<(String, String)> {
-    let header = StreamHeader {
-        item_id: random_bytes()?,
-        item_name: name.to_owned(),
-        first_seq: 1,
-        disks: disks.to_vec(),
-    };
-    header
-        .validate()
-        .map_err(|e| BadInput(format!("item {name:?}: {e}")))?;
-    let data = DataDir::open(data_dir)?;
-    let item = data.item_for(&header)?;
-    let meta = data.meta()?;
-    replicas(&item, &meta)?;
-    let token = hex(&random_bytes::<32>()?);
-    let path = item.root.join(TOKEN_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
-    Ok((item_hex(&header.item_id), token))
-}
-
-fn read_token(item: &ItemDirs) -> anyhow::Result<Option<Vec<u8>>> {
-    let path = item.root.join(TOKEN_FILE);
-    match std::fs::read(&path) {
-        Ok(token) => Ok(Some(token)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let manager = Manager::open(data_dir, options)?;
+    let enabled = manager
+        .enable(EnableRequest {
+            name: name.to_owned(),
+            disks: disks
+                .iter()
+                .map(|d| DiskSpec {
+                    size_mib: Some(d.size_bytes >> 20),
+                    path: None,
+                    block_size_bytes: Some(d.block_size_bytes),
+                })
+                .collect(),
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .map_err(|e| match e {
+            OpError::Io(message) => anyhow::anyhow!(message),
+            refused => BadInput(refused.to_string()).into(),
+        })?;
+    let failures = manager.shutdown();
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
     }
+    Ok((enabled.item.id, enabled.stream_token))
 }
 
 /// Settings of `serve` (command-line flags, or the TOML config file).
@@ -139,11 +125,20 @@ pub struct ServeOptions {
     pub max_jobs: usize,
 }
 
-struct Running {
-    hex: String,
-    log: Arc<Mutex<StagingLog>>,
-    worker: ApplyWorker,
-    worker_failed: bool,
+impl ServeOptions {
+    /// The defaults of `serve`, for offline commands that open the item manager.
+    pub fn offline_default() -> Self {
+        Self {
+            data_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            keep_points: 64,
+            cache_bytes: 2048 << 20,
+            queue_depth: 32,
+            slot_count: 32,
+            disk_stores: Vec::new(),
+            max_jobs: 8,
+        }
+    }
 }
 
 /// Runs the appliance until SIGTERM or SIGINT.
@@ -155,86 +150,21 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     signals
         .thread_block()
         .context("blocking SIGTERM and SIGINT")?;
-    let data = DataDir::open(data_dir)?;
-    let meta = data.meta()?;
-    let (api_token, created) = crate::api::load_or_create_token(data_dir)?;
+    let (data_addr, api_addr) = (options.data_addr, options.api_addr);
+    let manager = Manager::open(data_dir, options)?;
+    let (api_token, created) = crate::api::load_or_create_token(manager.root())?;
     if created {
         eprintln!("API token: {api_token}");
     }
-    let registry = Arc::new(MemoryRegistry::new());
-    let mut running = Vec::new();
-    let mut served = Vec::new();
-    for item in data.items()? {
-        let hex = item_hex(&item.header.item_id);
-        let Some(token) = read_token(&item)? else {
-            tracing::warn!(item = %hex, "no stream token (made by `ingest`?): not served");
-            continue;
-        };
-        let files = replicas(&item, &meta)?;
-        let paths = (0..item.header.disks.len())
-            .map(|i| item.replica_path(i))
-            .collect();
-        let (log, recovery) = StagingLog::open(
-            Arc::new(item.staging()?),
-            item.header.clone(),
-            StagingConfig {
-                capacity_bytes: options.cache_bytes,
-                ..StagingConfig::default()
-            },
-        )
-        .with_context(|| format!("item {hex}: opening its staging log"))?;
-        if let Some(corruption) = &recovery.corruption {
-            tracing::error!(item = %hex, %corruption, "staging damaged: item needs a resync");
-        }
-        let worker = ApplyWorker::start(
-            &hex,
-            WorkerSetup::for_item(
-                &item,
-                files,
-                log.reader(item.header.first_seq),
-                meta.clone(),
-            )?,
-            ApplyOptions {
-                keep_points: options.keep_points,
-                queue_depth: options.queue_depth,
-            },
-        )?;
-        worker.notify(log.durable_seq());
-        let log = Arc::new(Mutex::new(log));
-        registry.insert(item.header.item_id, &token, log.clone(), paths);
-        let notifier = worker.notifier();
-        registry.set_on_durable(
-            &item.header.item_id,
-            Arc::new(move |seq| notifier.notify(seq)),
-        );
-        served.push(ServedItem {
-            id: item.header.item_id,
-            name: item.header.item_name.clone(),
-            disks: item.header.disks.clone(),
-            staging: log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .reader(item.header.first_seq),
-            worker: worker.status(),
-        });
-        tracing::info!(item = %hex, name = %item.header.item_name, "serving");
-        running.push(Running {
-            hex,
-            log,
-            worker,
-            worker_failed: false,
-        });
-    }
-    let mut port = DataPort::bind(options.data_addr, registry, DataPortConfig::default())
-        .with_context(|| format!("binding the data port to {}", options.data_addr))?;
+    let mut port = DataPort::bind(data_addr, manager.clone(), DataPortConfig::default())
+        .with_context(|| format!("binding the data port to {data_addr}"))?;
+    manager.start(port.handle())?;
     let api = ApiServer::start(
-        options.api_addr,
+        api_addr,
         ApiConfig {
-            data_dir: std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()),
             data_addr: port.local_addr(),
             token: api_token,
-            meta: meta.clone(),
-            items: served,
+            manager: manager.clone(),
         },
     )?;
     println!("data port listening on {}", port.local_addr());
@@ -251,25 +181,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         tracing::warn!(error = %format!("{e:#}"), "control API did not stop cleanly");
     }
     port.shutdown();
-    let mut failures = Vec::new();
-    for mut item in running {
-        item.worker_failed = item.worker.failed();
-        let target = item
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .durable_seq();
-        match item.worker.drain_and_stop(target, false) {
-            Ok(drained) => {
-                tracing::info!(item = %item.hex, applied_seq = drained.applied_seq, "stopped")
-            }
-            Err(_) if item.worker_failed => failures.push(format!(
-                "item {}: apply had stopped on an error (logged above)",
-                item.hex
-            )),
-            Err(e) => failures.push(format!("item {}: {e:#}", item.hex)),
-        }
-    }
+    let failures = manager.shutdown();
     if !failures.is_empty() {
         bail!("shutdown left items unapplied: {}", failures.join("; "));
     }

@@ -152,8 +152,15 @@ impl std::fmt::Debug for ReplicaAccess {
 /// Both methods must compare tokens with [`tokens_equal`] (constant time).
 pub trait ItemRegistry: Send + Sync {
     /// Opens an exclusive streaming session on the item, or says why not
-    /// ([`Status::UnknownItem`], [`Status::BadToken`], [`Status::Busy`], …).
-    fn open_stream(&self, item_id: &[u8; 16], token: &[u8]) -> Result<StreamSession, Refusal>;
+    /// ([`Status::UnknownItem`], [`Status::BadToken`], [`Status::Busy`], …). With
+    /// `resync` (the hello's RESYNC flag) the registry must also make sure that every frame
+    /// staged so far has been applied: the port then drops them with the resync marker.
+    fn open_stream(
+        &self,
+        item_id: &[u8; 16],
+        token: &[u8],
+        resync: bool,
+    ) -> Result<StreamSession, Refusal>;
 
     /// Gives read access to replica `disk_index` of the item, or says why not
     /// ([`Status::UnknownItem`], [`Status::BadToken`], [`Status::UnknownDisk`], …).
@@ -173,7 +180,8 @@ struct MemoryItem {
     on_durable: Arc<dyn Fn(u64) + Send + Sync>,
 }
 
-/// A registry over a map in memory: for tests and the embedded demo.
+/// A registry over a map in memory, for tests; the daemon's registry is
+/// `crate::manager::Manager`.
 #[derive(Default)]
 pub struct MemoryRegistry {
     items: Mutex<HashMap<[u8; 16], MemoryItem>>,
@@ -249,7 +257,13 @@ impl MemoryRegistry {
 }
 
 impl ItemRegistry for MemoryRegistry {
-    fn open_stream(&self, item_id: &[u8; 16], token: &[u8]) -> Result<StreamSession, Refusal> {
+    fn open_stream(
+        &self,
+        item_id: &[u8; 16],
+        token: &[u8],
+        _resync: bool,
+    ) -> Result<StreamSession, Refusal> {
+        // No apply side here: the test registry has nothing to wait for.
         let items = self.lock();
         let item = Self::check(&items, item_id, token)?;
         let lease = SessionLease::try_acquire(&item.busy).ok_or_else(|| {
@@ -378,13 +392,59 @@ struct PortShared {
     refused_over_limit: AtomicU64,
     sessions_started: AtomicU64,
     next_conn_id: AtomicU64,
-    /// A clone of each served socket, to end sessions at shutdown.
-    sockets: Mutex<HashMap<u64, TcpStream>>,
+    /// Each served connection, to end sessions at shutdown or per item.
+    sockets: Mutex<HashMap<u64, Conn>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// A served connection: a clone of its socket, the item its session streams (once known), and
+/// whether the session was told to end.
+struct Conn {
+    stream: TcpStream,
+    item: Option<[u8; 16]>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
+}
+
+/// A handle on a running port for the rest of the appliance: ends the streaming sessions of
+/// one item (failover, failback, disable, resync) and reads the counters. Cheap to clone.
+#[derive(Clone)]
+pub struct PortHandle(Arc<PortShared>);
+
+impl std::fmt::Debug for PortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortHandle")
+    }
+}
+
+impl PortHandle {
+    /// The port's counters.
+    pub fn stats(&self) -> DataPortStats {
+        stats_of(&self.0)
+    }
+
+    /// Ends every session streaming `item_id` after its current commit, with a
+    /// `shutting-down` close record (a reconnect then learns from the registry whether the
+    /// item still replicates); returns how many there were.
+    pub fn end_item(&self, item_id: &[u8; 16]) -> usize {
+        let sockets = self.0.sockets();
+        let mine: Vec<&Conn> = sockets
+            .values()
+            .filter(|conn| conn.item.as_ref() == Some(item_id))
+            .collect();
+        mine.iter().for_each(|conn| conn.end());
+        mine.len()
+    }
+}
+
 impl PortShared {
-    fn sockets(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+    fn sockets(&self) -> MutexGuard<'_, HashMap<u64, Conn>> {
         self.sockets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -484,14 +544,14 @@ impl DataPort {
         self.local_addr
     }
 
+    /// A handle for the rest of the appliance (per-item session ends, counters).
+    pub fn handle(&self) -> PortHandle {
+        PortHandle(self.shared.clone())
+    }
+
     /// Counters.
     pub fn stats(&self) -> DataPortStats {
-        DataPortStats {
-            accepted: self.shared.accepted.load(Ordering::Acquire),
-            active: self.shared.active.load(Ordering::Acquire),
-            refused_over_limit: self.shared.refused_over_limit.load(Ordering::Acquire),
-            sessions: self.shared.sessions_started.load(Ordering::Acquire),
-        }
+        stats_of(&self.shared)
     }
 
     /// Stops accepting, ends every session after its current commit (with a
@@ -515,8 +575,8 @@ impl DataPort {
                 tracing::warn!(%error, "could not wake the data port's accept thread");
             }
         }
-        for socket in self.shared.sockets().values() {
-            let _ = socket.shutdown(Shutdown::Read);
+        for conn in self.shared.sockets().values() {
+            conn.end();
         }
         let threads = std::mem::take(&mut *self.shared.threads());
         for thread in threads {
@@ -531,6 +591,15 @@ impl DataPort {
 impl Drop for DataPort {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+fn stats_of(shared: &PortShared) -> DataPortStats {
+    DataPortStats {
+        accepted: shared.accepted.load(Ordering::Acquire),
+        active: shared.active.load(Ordering::Acquire),
+        refused_over_limit: shared.refused_over_limit.load(Ordering::Acquire),
+        sessions: shared.sessions_started.load(Ordering::Acquire),
     }
 }
 
@@ -571,7 +640,14 @@ fn accept_loop(shared: &Arc<PortShared>, listener: TcpListener) {
         let id = shared.next_conn_id.fetch_add(1, Ordering::AcqRel);
         match stream.try_clone() {
             Ok(clone) => {
-                shared.sockets().insert(id, clone);
+                shared.sockets().insert(
+                    id,
+                    Conn {
+                        stream: clone,
+                        item: None,
+                        ended: Arc::new(AtomicBool::new(false)),
+                    },
+                );
             }
             Err(error) => {
                 refuse_without_blocking(
@@ -599,9 +675,9 @@ fn accept_loop(shared: &Arc<PortShared>, listener: TcpListener) {
             Ok(handle) => shared.threads().push(handle),
             Err(error) => {
                 tracing::warn!(%error, "cannot start a data port connection thread");
-                if let Some(stream) = shared.sockets().remove(&id) {
+                if let Some(conn) = shared.sockets().remove(&id) {
                     refuse_without_blocking(
-                        &stream,
+                        &conn.stream,
                         Status::TooManyConnections,
                         &format!("cannot serve the connection: {error}"),
                     );
@@ -763,11 +839,12 @@ fn serve_connection(shared: &PortShared, stream: &TcpStream, id: u64) {
 /// Records the first 40 bytes read (through the stream header's `first_seq`), so that a
 /// decode error can be reported with the sequence number of the bad frame.
 ///
-/// Once the port is shutting down it reports the end of input, so that the session ends at
-/// the next frame boundary even if the agent keeps sending.
+/// Once the port is shutting down (or the session was ended) it reports the end of input, so
+/// that the session ends at the next frame boundary even if the agent keeps sending.
 struct Tap<'a> {
     inner: &'a TcpStream,
     stopping: &'a AtomicBool,
+    ended: &'a AtomicBool,
     head: [u8; 40],
     seen: usize,
 }
@@ -782,7 +859,7 @@ impl Tap<'_> {
 
 impl Read for Tap<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.stopping.load(Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) || self.ended.load(Ordering::Acquire) {
             return Ok(0);
         }
         let n = self.inner.read(buf)?;
@@ -795,7 +872,10 @@ impl Read for Tap<'_> {
 
 fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello) {
     let config = &shared.config;
-    let session = match shared.registry.open_stream(&hello.item_id, &hello.token) {
+    let session = match shared
+        .registry
+        .open_stream(&hello.item_id, &hello.token, hello.resync)
+    {
         Ok(session) => session,
         Err(refusal) => return refuse(shared, stream, Mode::Stream as u8, &refusal),
     };
@@ -815,8 +895,21 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
         }
     };
     if let Some(reason) = guard.resync_required() {
-        let refusal = Refusal::new(Status::ResyncRequired, reason);
-        return refuse(shared, stream, Mode::Stream as u8, &refusal);
+        if !hello.resync {
+            let refusal = Refusal::new(Status::ResyncRequired, reason);
+            return refuse(shared, stream, Mode::Stream as u8, &refusal);
+        }
+        // The agent fetched the hashes and now sends what differs. Every staged frame is
+        // applied (the registry made sure), so the log starts afresh at its next seq.
+        let next_seq = guard.next_seq();
+        if let Err(error) = guard.resync_done(next_seq) {
+            let refusal = Refusal::new(
+                Status::StagingFailed,
+                format!("starting the resync session: {error}"),
+            );
+            return refuse(shared, stream, Mode::Stream as u8, &refusal);
+        }
+        tracing::info!(conn = id, item = %hex(&hello.item_id), next_seq, "resync session");
     }
     let next_seq = guard.next_seq();
     if next_seq != guard.durable_seq().wrapping_add(1) {
@@ -846,9 +939,17 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
     if stream.set_read_timeout(Some(config.idle_timeout)).is_err() {
         return;
     }
+    let ended = match shared.sockets().get_mut(&id) {
+        Some(conn) => {
+            conn.item = Some(hello.item_id);
+            conn.ended.clone()
+        }
+        None => Arc::new(AtomicBool::new(false)),
+    };
     let mut tap = Tap {
         inner: stream,
         stopping: &shared.shutting_down,
+        ended: &ended,
         head: [0u8; 40],
         seen: 0,
     };
@@ -876,7 +977,12 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
     // Release the item before telling the agent, so that its reconnect finds it free.
     drop(guard);
     drop(lease);
-    let (reason, message) = close_reason(shared, &result, tap.first_seq());
+    let (reason, message) = close_reason(
+        shared,
+        &result,
+        tap.first_seq(),
+        ended.load(Ordering::Acquire),
+    );
     match &result {
         Ok(report) => tracing::info!(
             conn = id, %item, staged = report.frames_staged, skipped = report.frames_skipped,
@@ -900,12 +1006,19 @@ fn close_reason(
     shared: &PortShared,
     result: &Result<engine::ingest::IngestReport, IngestError>,
     first_seq: Option<u64>,
+    ended: bool,
 ) -> (CloseReason, String) {
-    let stopping = shared.stopping();
+    let stopping = shared.stopping() || ended;
     let shutting_down = || {
         (
             CloseReason::ShuttingDown,
-            "the appliance is shutting down; reconnect and resume later".to_owned(),
+            if ended {
+                "the appliance stopped this item's session (failover, failback, resync or \
+                 disable); reconnecting says whether the item still replicates"
+            } else {
+                "the appliance is shutting down; reconnect and resume later"
+            }
+            .to_owned(),
         )
     };
     match result {

@@ -10,13 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod api;
-mod daemon;
-mod dataport;
-mod inspect;
-mod offline;
-mod runtime;
-mod store;
+use appliance::{daemon, inspect, offline};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -250,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|d| daemon::parse_disk(d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let (item, token) = daemon::create_item(&data_dir, &name, &disks)?;
+            let (item, token) = daemon::create_item(&data_dir, &name, &disks, daemon::ServeOptions::offline_default())?;
             println!("item {item}");
             println!("token {token}");
             Ok(())

@@ -124,6 +124,7 @@ pub fn ingest(
         WorkerSetup::for_item(&item, files, reader, meta.clone())?,
         ApplyOptions {
             keep_points: options.keep_points,
+            max_age_ns: u64::MAX,
             queue_depth: options.queue_depth,
         },
     )?;

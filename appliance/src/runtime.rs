@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use engine::apply::{Applier, ApplyConfig, Retention};
+use engine::apply::{Applier, ApplyConfig, Pins, Retention};
 use engine::delta::DiskGeometry;
 use engine::durable::DurableDir;
 use engine::io::{BufPool, BufPoolConfig, IoEngine, ReplicaFile, open_os_engine};
@@ -29,6 +29,8 @@ use engine::staging::StagingReader;
 pub struct ApplyOptions {
     /// Recovery points kept.
     pub keep_points: usize,
+    /// Points older than this (by processing time) are pruned; `u64::MAX` for no limit.
+    pub max_age_ns: u64,
     /// Replica queue depth.
     pub queue_depth: usize,
 }
@@ -49,6 +51,19 @@ struct Control {
     wake: Condvar,
     staged_seq: AtomicU64,
     applied_seq: AtomicU64,
+    counters: Arc<ApplyCounters>,
+}
+
+/// What an apply worker has done, readable from any thread without a lock (for status and
+/// metrics); survives the worker.
+#[derive(Debug, Default)]
+pub struct ApplyCounters {
+    /// Data bytes written or zeroed on the replicas.
+    pub applied_bytes: AtomicU64,
+    /// Frames applied.
+    pub applied_frames: AtomicU64,
+    /// Time of each apply batch that did work (staging read, preserve, replica writes).
+    pub batch_latency: crate::metrics::LatencyHistogram,
 }
 
 /// What a drained worker reports.
@@ -61,7 +76,7 @@ pub struct Drained {
 }
 
 /// Wakes an [`ApplyWorker`]; cheap to clone, usable from any thread.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Notifier(Arc<Control>);
 
 impl Notifier {
@@ -72,14 +87,31 @@ impl Notifier {
     }
 }
 
-/// Whether an [`ApplyWorker`] stopped on an error; cheap to clone, usable from any thread.
+/// Whether an [`ApplyWorker`] stopped on an error, and its watermark and counters; cheap to
+/// clone, usable from any thread.
 #[derive(Debug, Clone)]
-pub struct WorkerStatus(Arc<AtomicBool>);
+pub struct WorkerStatus {
+    failed: Arc<AtomicBool>,
+    control: Arc<Control>,
+}
 
 impl WorkerStatus {
     /// Same as [`ApplyWorker::failed`].
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The worker's counters.
+    pub fn counters(&self) -> &ApplyCounters {
+        &self.control.counters
+    }
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("applied_seq", &self.applied_seq.load(Ordering::Acquire))
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,6 +120,7 @@ pub struct ApplyWorker {
     control: Arc<Control>,
     handle: Option<JoinHandle<anyhow::Result<Drained>>>,
     failed: Arc<AtomicBool>,
+    pins: Pins,
 }
 
 impl std::fmt::Debug for ApplyWorker {
@@ -120,6 +153,14 @@ pub struct WorkerSetup {
     pub preserve: Arc<dyn DurableDir>,
 }
 
+impl std::fmt::Debug for WorkerSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSetup")
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
 impl WorkerSetup {
     /// The setup of an item of the data directory.
     pub fn for_item(
@@ -140,20 +181,23 @@ impl WorkerSetup {
 }
 
 impl ApplyWorker {
-    /// Starts the thread; it builds its own ring and buffer pool.
+    /// Starts the thread; it builds its own ring and buffer pool. Returns once the applier is
+    /// built (its recovery done), or with the error that kept it from starting.
     pub fn start(name: &str, setup: WorkerSetup, options: ApplyOptions) -> anyhow::Result<Self> {
         let control = Arc::new(Control {
             stop: Mutex::new(Stop::Running),
             wake: Condvar::new(),
             staged_seq: AtomicU64::new(0),
             applied_seq: AtomicU64::new(0),
+            counters: Arc::new(ApplyCounters::default()),
         });
         let failed = Arc::new(AtomicBool::new(false));
         let (thread_control, thread_failed) = (control.clone(), failed.clone());
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel::<Pins>(1);
         let handle = std::thread::Builder::new()
             .name(format!("apply-{name}"))
             .spawn(move || {
-                let result = run(setup, options, &thread_control);
+                let result = run(setup, options, &thread_control, started_tx);
                 if let Err(e) = &result {
                     tracing::error!(error = %format!("{e:#}"), "apply stopped");
                     thread_failed.store(true, Ordering::Release);
@@ -161,11 +205,26 @@ impl ApplyWorker {
                 result
             })
             .context("starting the apply thread")?;
-        Ok(Self {
-            control,
-            handle: Some(handle),
-            failed,
-        })
+        match started_rx.recv() {
+            Ok(pins) => Ok(Self {
+                control,
+                handle: Some(handle),
+                failed,
+                pins,
+            }),
+            // The thread ended before the applier was built: its result says why.
+            Err(_) => match handle.join() {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(_)) => anyhow::bail!("the apply thread ended before it started"),
+                Err(_) => anyhow::bail!("the apply thread panicked while starting"),
+            },
+        }
+    }
+
+    /// Pins of the worker's applier: a pinned point is never pruned (for a materialize that
+    /// runs while replication goes on).
+    pub fn pins(&self) -> Pins {
+        self.pins.clone()
     }
 
     /// Tells the worker that frames up to `seq` are durable in staging.
@@ -190,7 +249,10 @@ impl ApplyWorker {
 
     /// A read-only view of the worker's health that outlives it (for the control API).
     pub fn status(&self) -> WorkerStatus {
-        WorkerStatus(self.failed.clone())
+        WorkerStatus {
+            failed: self.failed.clone(),
+            control: self.control.clone(),
+        }
     }
 
     /// Applies everything durable up to `target_seq`, flushes (and marks a "latest" point if
@@ -210,7 +272,12 @@ impl ApplyWorker {
     }
 }
 
-fn run(setup: WorkerSetup, options: ApplyOptions, control: &Control) -> anyhow::Result<Drained> {
+fn run(
+    setup: WorkerSetup,
+    options: ApplyOptions,
+    control: &Control,
+    started: std::sync::mpsc::SyncSender<Pins>,
+) -> anyhow::Result<Drained> {
     let pool = BufPool::new(BufPoolConfig {
         buf_size_bytes: engine::delta::MAX_PAYLOAD_BYTES as usize,
         buf_count: (2 * options.queue_depth).max(8),
@@ -244,16 +311,30 @@ fn run(setup: WorkerSetup, options: ApplyOptions, control: &Control) -> anyhow::
         setup.reader,
     )?;
     let backend = applier.backend_name();
+    // The receiver waits in `start`; if it is gone nobody needs the pins.
+    let _ = started.send(applier.pins());
+    drop(started);
     let retention = Retention {
         max_count: options.keep_points,
-        max_age_ns: u64::MAX,
+        max_age_ns: options.max_age_ns,
     };
+    let counters = &control.counters;
     control
         .applied_seq
         .store(applier.durable_seq(), Ordering::Release);
     loop {
         let stop = *control.stop.lock().unwrap_or_else(|e| e.into_inner());
+        let started_at = std::time::Instant::now();
         let progress = applier.apply_available()?;
+        if progress.frames > 0 {
+            counters.batch_latency.observe(started_at.elapsed());
+            counters
+                .applied_bytes
+                .fetch_add(progress.bytes, Ordering::Relaxed);
+            counters
+                .applied_frames
+                .fetch_add(progress.frames, Ordering::Relaxed);
+        }
         applier.prune(retention, now_ns())?;
         if let Stop::Drain {
             target_seq,

@@ -22,6 +22,34 @@ use engine::delta::{DeltaDecoder, StreamHeader};
 use engine::durable::{DurableDir, StdDir};
 use engine::meta::MetaStore;
 
+/// Now, in ns since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content, never
+/// a mix: write `name.tmp`, fsync, rename, fsync the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
 /// Hex form of an item id, as used in paths and on the command line.
 pub fn item_hex(item_id: &[u8; 16]) -> String {
     item_id.iter().map(|b| format!("{b:02x}")).collect()

@@ -169,13 +169,21 @@ fn api_needs_the_token_lists_items_and_names_errors() {
     assert_eq!(items[0]["name"], "vm-api");
     assert_eq!(items[0]["health"], "healthy");
     assert_eq!(items[0]["points"], 0);
+    let disks = items[0]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{items:?}");
     assert_eq!(
-        items[0]["disks"],
-        serde_json::json!([
-            {"size_bytes": 4 << 20, "block_size_bytes": 4096},
-            {"size_bytes": 2 << 20, "block_size_bytes": 512}
-        ])
+        (&disks[0]["size_bytes"], &disks[0]["block_size_bytes"]),
+        (&serde_json::json!(4 << 20), &serde_json::json!(4096))
     );
+    assert_eq!(
+        (&disks[1]["size_bytes"], &disks[1]["block_size_bytes"]),
+        (&serde_json::json!(2 << 20), &serde_json::json!(512))
+    );
+    assert_eq!(
+        (&disks[0]["lun"], &disks[1]["lun"]),
+        (&serde_json::json!(1), &serde_json::json!(2))
+    );
+    assert_eq!(items[0]["state"], "initial_replication");
 
     let (status, body) = get(&addr, "/v1/appliance", Some(token));
     assert_eq!(status, 200, "{body}");

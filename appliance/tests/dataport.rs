@@ -3,14 +3,8 @@
 //!
 //! Every test checks outcomes, never timings: timeouts here are generous safety nets, except
 //! the handshake timeout of the slow-hello test, which is the behaviour under test.
-//!
-//! The appliance is a binary crate, so the server module is compiled into this test crate
-//! from its source file.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
-
-#[path = "../src/dataport.rs"]
-mod dataport;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -20,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dataport::{DataPort, DataPortConfig, MemoryRegistry};
+use appliance::dataport::{DataPort, DataPortConfig, MemoryRegistry};
 use disk_sim::agent::{
     Agent, AgentConfig, AgentError, CloseReason, Fault, RefusalStatus, fetch_chunk_hashes,
 };
@@ -316,12 +310,13 @@ fn read_reply(stream: &mut TcpStream) -> (u8, String) {
 }
 
 fn hello(token: &[u8]) -> Vec<u8> {
-    dataport::Hello {
-        mode: dataport::Mode::Stream,
+    appliance::dataport::Hello {
+        mode: appliance::dataport::Mode::Stream,
         item_id: ITEM,
         token: token.to_vec(),
         disk_index: 0,
         chunk_size_bytes: 0,
+        resync: false,
     }
     .encode()
 }
@@ -390,7 +385,11 @@ fn wrong_token_and_unknown_item_are_refused_by_name_and_stage_nothing() {
 
     // A raw client with the wrong token never gets to send a frame.
     let (status, message) = raw_hello(rig.addr(), &hello(b"x"));
-    assert_eq!(status, dataport::Status::BadToken as u8, "{message}");
+    assert_eq!(
+        status,
+        appliance::dataport::Status::BadToken as u8,
+        "{message}"
+    );
 
     let log = rig.stop_and_reopen();
     assert_eq!((log.next_seq(), log.durable_seq()), (1, 0));
@@ -494,7 +493,7 @@ fn a_second_concurrent_session_for_the_item_is_refused_busy() {
     assert!(error.to_string().contains(": busy: "), "{error}");
 
     let (status, message) = raw_hello(rig.addr(), &hello(TOKEN));
-    assert_eq!(status, dataport::Status::Busy as u8, "{message}");
+    assert_eq!(status, appliance::dataport::Status::Busy as u8, "{message}");
     assert!(message.contains("another session"), "{message}");
 
     // The first session is unharmed.
@@ -514,31 +513,34 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
     let addr = rig.addr();
 
     let (status, message) = raw_hello(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(status, dataport::Status::BadHello as u8);
+    assert_eq!(status, appliance::dataport::Status::BadHello as u8);
     assert!(message.contains("magic"), "{message}");
 
     let mut oversized = hello(TOKEN);
     oversized[24..26].copy_from_slice(&4000u16.to_le_bytes());
     let (status, message) = raw_hello(addr, &oversized);
-    assert_eq!(status, dataport::Status::BadHello as u8);
+    assert_eq!(status, appliance::dataport::Status::BadHello as u8);
     assert!(message.contains("token length 4000"), "{message}");
 
     let mut future = hello(TOKEN);
     future[4] = 2;
     let (status, _) = raw_hello(addr, &future);
-    assert_eq!(status, dataport::Status::UnsupportedVersion as u8);
+    assert_eq!(
+        status,
+        appliance::dataport::Status::UnsupportedVersion as u8
+    );
 
     let mut odd_mode = hello(TOKEN);
     odd_mode[6] = 9;
     let (status, _) = raw_hello(addr, &odd_mode);
-    assert_eq!(status, dataport::Status::UnsupportedMode as u8);
+    assert_eq!(status, appliance::dataport::Status::UnsupportedMode as u8);
 
     // Slowloris: part of a hello, then silence; the deadline covers the whole hello.
     let mut slow = TcpStream::connect(addr).unwrap();
     slow.set_read_timeout(Some(SAFETY)).unwrap();
     slow.write_all(&hello(TOKEN)[..10]).unwrap();
     let (status, message) = read_reply(&mut slow);
-    assert_eq!(status, dataport::Status::HandshakeTimeout as u8);
+    assert_eq!(status, appliance::dataport::Status::HandshakeTimeout as u8);
     assert!(message.contains("handshake timeout"), "{message}");
     drop(slow);
 
@@ -552,7 +554,7 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
         stream.set_read_timeout(Some(SAFETY)).unwrap();
         stream.write_all(&bytes).unwrap();
         let (status, _) = read_reply(&mut stream);
-        assert!(dataport::Status::from_u8(status).is_some());
+        assert!(appliance::dataport::Status::from_u8(status).is_some());
         drop(stream);
     }
     let mut cut = TcpStream::connect(addr).unwrap();
@@ -564,15 +566,15 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
     stream.set_read_timeout(Some(SAFETY)).unwrap();
     stream.write_all(&hello(TOKEN)).unwrap();
     let (status, _) = read_reply(&mut stream);
-    assert_eq!(status, dataport::Status::Ok as u8);
+    assert_eq!(status, appliance::dataport::Status::Ok as u8);
     stream.write_all(&[0x5a; 200]).unwrap();
     let mut record = [0u8; 16];
     stream.read_exact(&mut record).unwrap();
     assert_eq!(
         (record[0], record[1]),
         (
-            dataport::RECORD_CLOSE,
-            dataport::CloseReason::CorruptFrame as u8
+            appliance::dataport::RECORD_CLOSE,
+            appliance::dataport::CloseReason::CorruptFrame as u8
         )
     );
     let mut message = vec![0u8; usize::from(u16::from_le_bytes([record[2], record[3]]))];
@@ -602,7 +604,10 @@ fn connections_beyond_the_limit_are_refused_by_name() {
         .collect();
     wait_until("two connections served", || rig.port.stats().active == 2);
     let (status, message) = raw_hello(rig.addr(), &hello(TOKEN));
-    assert_eq!(status, dataport::Status::TooManyConnections as u8);
+    assert_eq!(
+        status,
+        appliance::dataport::Status::TooManyConnections as u8
+    );
     assert!(message.contains("maximum of 2"), "{message}");
     assert_eq!(rig.port.stats().refused_over_limit, 1);
     drop(idle);

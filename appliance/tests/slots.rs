@@ -5,20 +5,17 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-#[path = "../src/slots.rs"]
-mod slots;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use engine::durable::{DurableDir, SimDir, StdDir};
-use proptest::prelude::*;
-use slots::{
+use appliance::slots::{
     APPLIANCE_LUN, DiskRequest, ItemId, Lun, PAGE_FILE_NAMES, PAGE_FORMAT_VERSION, PAGE_MAGIC,
     PATH_BYTES_MAX, Reservation, SLOT_COUNT_DEFAULT, SLOT_COUNT_MAX, SlotCounts, SlotError,
     SlotRow, SlotState, SlotTable,
 };
+use engine::durable::{DurableDir, SimDir, StdDir};
+use proptest::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 fn item(n: u8) -> ItemId {

@@ -28,6 +28,12 @@
 //! - every wait is bounded: connect, handshake and write timeouts, an ack timeout while frames
 //!   are outstanding, backoff with a bounded number of consecutive failed attempts.
 //!
+//! Delta resync ([`AgentConfig::resync`]): an agent configured for it sets the RESYNC flag on
+//! every hello, so that the appliance accepts its session while the item needs a resync; the
+//! whole exchange (hash lists, diff, resync blocks, closing bookmark) is
+//! [`crate::resync::delta_resync`]. A refusal or close with `resync-required` stops an
+//! ordinary agent ([`AgentError::needs_resync`]); `not-replicating` stops any agent.
+//!
 //! Faults for tests ([`Fault`], [`Agent::drop_connection`]): drop the connection after or
 //! inside a given frame, or flip a byte of a frame in transit, each on the frame's first
 //! transmission only, so that the resend is clean.
@@ -49,7 +55,7 @@ pub use engine::port::{
     ReceivedCloseReason as CloseReason, RefusalStatus,
 };
 use engine::port::{
-    Mode, RECORD_FIXED_BYTES, REPLY_FIXED_BYTES, Record, decode_record, decode_reply_fixed,
+    Hello, Mode, RECORD_FIXED_BYTES, REPLY_FIXED_BYTES, Record, decode_record, decode_reply_fixed,
     encode_hello,
 };
 use engine::resync::ChunkHashes;
@@ -209,6 +215,31 @@ impl fmt::Display for AgentError {
 
 impl std::error::Error for AgentError {}
 
+impl AgentError {
+    /// The refusal status, when the appliance refused the hello.
+    pub fn refusal_status(&self) -> Option<RefusalStatus> {
+        match self {
+            Self::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether the appliance said the item needs a delta resync (a `resync-required` refusal
+    /// or close): the caller runs [`crate::resync::delta_resync`], then streams again.
+    pub fn needs_resync(&self) -> bool {
+        matches!(
+            self,
+            Self::Refused {
+                status: RefusalStatus::ResyncRequired,
+                ..
+            } | Self::Closed {
+                reason: CloseReason::ResyncRequired,
+                ..
+            }
+        )
+    }
+}
+
 /// Called with each new acknowledged sequence number (monotonic).
 pub type AckObserver = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -248,6 +279,10 @@ pub struct AgentConfig {
     pub max_attempts: u32,
     /// Told about every new acknowledged seq.
     pub ack_observer: Option<AckObserver>,
+    /// Set the RESYNC flag on every hello: this agent's session is the item's delta resync
+    /// (opened after fetching the chunk hashes of every disk; see
+    /// [`crate::resync::delta_resync`]). Default false.
+    pub resync: bool,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -260,13 +295,14 @@ impl fmt::Debug for AgentConfig {
             .field("disks", &self.disks)
             .field("backlog_limit_bytes", &self.backlog_limit_bytes)
             .field("max_attempts", &self.max_attempts)
+            .field("resync", &self.resync)
             .finish_non_exhaustive()
     }
 }
 
 impl AgentConfig {
     /// Settings with defaults: 64 MiB backlog, zstd level 1, 30 s send, 5 s connect, 30 s
-    /// I/O, 60 s ack timeouts, backoff 50 ms to 5 s, 30 attempts.
+    /// I/O, 60 s ack timeouts, backoff 50 ms to 5 s, 30 attempts, no RESYNC flag.
     pub fn new(
         addr: SocketAddr,
         item_id: [u8; 16],
@@ -290,6 +326,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(5),
             max_attempts: 30,
             ack_observer: None,
+            resync: false,
         }
     }
 
@@ -874,9 +911,22 @@ fn handshake(
     ))
 }
 
+/// The mode-1 hello of this agent (with the RESYNC flag when configured).
+fn stream_hello(config: &AgentConfig) -> Vec<u8> {
+    Hello {
+        mode: Mode::Stream,
+        item_id: config.item_id,
+        token: config.token.clone(),
+        disk_index: 0,
+        chunk_size_bytes: 0,
+        resync: config.resync,
+    }
+    .encode()
+}
+
 /// One streaming handshake.
 fn stream_handshake(config: &AgentConfig) -> Result<Established, HandshakeError> {
-    let hello = encode_hello(Mode::Stream, &config.item_id, &config.token, 0, 0);
+    let hello = stream_hello(config);
     let (stream, reply) = handshake(
         config.addr,
         &hello,
@@ -1294,7 +1344,9 @@ fn read_records(shared: &Shared, stream: &TcpStream, generation: u64) {
 }
 
 /// Asks the appliance for the chunk hash list of replica `disk_index` (mode 2).
-/// `timeout` bounds connect, the wait for the appliance to hash the replica, and each read.
+/// `timeout` bounds connect, the wait for the reply (the appliance first applies every
+/// acknowledged frame, then hashes the replica: give it time for both), and each read.
+/// Every refusal is returned as [`AgentError::Refused`] without retrying.
 pub fn fetch_chunk_hashes(
     addr: SocketAddr,
     item_id: &[u8; 16],
@@ -1398,6 +1450,66 @@ mod tests {
         assert!(config.validate().is_ok());
         config.token.clear();
         assert!(matches!(config.validate(), Err(AgentError::Config(_))));
+    }
+
+    #[test]
+    fn the_resync_setting_sets_the_flag_on_the_stream_hello() {
+        let mut config = AgentConfig::new(
+            "127.0.0.1:1".parse().unwrap(),
+            *b"item-0123456789a",
+            b"tok",
+            "x",
+            vec![DiskGeometry {
+                size_bytes: 4096,
+                block_size_bytes: 4096,
+            }],
+        );
+        assert!(!config.resync);
+        let plain = stream_hello(&config);
+        assert_eq!(plain[7], 0);
+        assert_eq!(
+            plain,
+            encode_hello(Mode::Stream, &config.item_id, b"tok", 0, 0)
+        );
+        config.resync = true;
+        let resync = stream_hello(&config);
+        assert_eq!(resync[7], engine::port::HELLO_FLAG_RESYNC);
+        let mut fixed = [0u8; engine::port::HELLO_FIXED_BYTES];
+        fixed.copy_from_slice(&resync[..engine::port::HELLO_FIXED_BYTES]);
+        let head = engine::port::decode_hello_fixed(&fixed).unwrap();
+        assert!(head.resync);
+        assert_eq!(head.mode, Mode::Stream);
+        assert!(format!("{config:?}").contains("resync: true"));
+    }
+
+    #[test]
+    fn resync_required_and_not_replicating_are_final_and_named() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let refused = |code: u8| AgentError::Refused {
+            addr,
+            status: RefusalStatus::from_u8(code),
+            message: "m".into(),
+        };
+        assert!(refused(7).needs_resync());
+        assert_eq!(
+            refused(7).refusal_status(),
+            Some(RefusalStatus::ResyncRequired)
+        );
+        assert!(!refused(16).needs_resync());
+        assert_eq!(
+            refused(16).refusal_status(),
+            Some(RefusalStatus::NotReplicating)
+        );
+        assert!(refused(16).to_string().contains("not-replicating"));
+        assert!(!RefusalStatus::NotReplicating.is_transient());
+        assert!(!RefusalStatus::ResyncRequired.is_transient());
+        let closed = AgentError::Closed {
+            reason: CloseReason::ResyncRequired,
+            message: "m".into(),
+        };
+        assert!(closed.needs_resync());
+        assert_eq!(closed.refusal_status(), None);
+        assert!(!AgentError::Stopped.needs_resync());
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! - [`agent`]: the source agent's sender: bounded backlog, data-port handshake, resend
 //!   from the last acknowledgement, fault hooks.
 //! - [`stream`]: a workload written out as a delta stream (the `disk-sim stream` command).
+//! - [`resync`]: the agent's delta resync over the data port (hash lists, diff, resync-block
+//!   frames in a RESYNC session, closing bookmark).
 
 pub mod agent;
+pub mod resync;
 pub mod rng;
 pub mod stream;
 pub mod workload;

@@ -8,6 +8,7 @@
 //! ```text
 //!  hello   (client → server, 32 + T):  "DRDP" version mode flags item_id token_len
 //!                                      disk_index chunk_size token
+//!                                      (flags: bit 0 = RESYNC, mode 1 only)
 //!  reply   (server → client, 32 + M):  "DRDA" version status mode next_seq payload_len
 //!                                      message_len reserved message
 //!  record  (server → client, 16 + M):  kind reason message_len reserved seq [message]
@@ -42,6 +43,12 @@ pub const MAX_MESSAGE_BYTES: usize = 1024;
 pub const RECORD_ACK: u8 = 1;
 /// Record kind: the server ends the session.
 pub const RECORD_CLOSE: u8 = 2;
+/// Hello flag (byte 7, bit 0), mode 1 only: this stream session is the agent's delta resync,
+/// opened after it fetched the chunk hashes of every disk.
+pub const HELLO_FLAG_RESYNC: u8 = 0x01;
+/// Every hello flag this version defines; a hello with any other bit set is refused
+/// ([`Status::BadHello`]).
+pub const HELLO_FLAGS_DEFINED: u8 = HELLO_FLAG_RESYNC;
 
 /// What a connection asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +201,9 @@ wire_codes! {
         HashListTooLarge = 14 => "hash-list-too-large",
         /// Mode 2: reading the replica failed.
         ReplicaReadFailed = 15 => "replica-read-failed",
+        /// The item is not in a replicating state (failed over, failing back, disabled, …);
+        /// the message names the state. Final: retrying does not help until an operator acts.
+        NotReplicating = 16 => "not-replicating",
     }
 }
 
@@ -293,6 +303,9 @@ pub struct Hello {
     pub disk_index: u16,
     /// Mode 2: the chunk size; 0 in mode 1.
     pub chunk_size_bytes: u32,
+    /// Mode 1: the RESYNC flag ([`HELLO_FLAG_RESYNC`]): this session is the agent's delta
+    /// resync. Always false in mode 2 (the server refuses the flag there).
+    pub resync: bool,
 }
 
 impl fmt::Debug for Hello {
@@ -304,15 +317,23 @@ impl fmt::Debug for Hello {
             .field("token_len", &self.token.len())
             .field("disk_index", &self.disk_index)
             .field("chunk_size_bytes", &self.chunk_size_bytes)
+            .field("resync", &self.resync)
             .finish()
     }
 }
 
 impl Hello {
-    /// The wire encoding (what an agent sends).
+    /// The flags byte this hello carries.
+    pub fn flags(&self) -> u8 {
+        if self.resync { HELLO_FLAG_RESYNC } else { 0 }
+    }
+
+    /// The wire encoding (what an agent sends), flags included. It encodes what it is given:
+    /// a RESYNC flag in mode 2 is written, and refused by the server.
     pub fn encode(&self) -> Vec<u8> {
-        encode_hello(
+        encode_hello_bytes(
             self.mode,
+            self.flags(),
             &self.item_id,
             &self.token,
             self.disk_index,
@@ -321,9 +342,21 @@ impl Hello {
     }
 }
 
-/// Encodes a hello. The caller keeps the token within 1..=[`MAX_TOKEN_BYTES`] bytes.
+/// Encodes a hello without flags. The caller keeps the token within 1..=[`MAX_TOKEN_BYTES`]
+/// bytes. For flags (RESYNC) build a [`Hello`] and [`encode`](Hello::encode) it.
 pub fn encode_hello(
     mode: Mode,
+    item_id: &[u8; 16],
+    token: &[u8],
+    disk_index: u16,
+    chunk_size_bytes: u32,
+) -> Vec<u8> {
+    encode_hello_bytes(mode, 0, item_id, token, disk_index, chunk_size_bytes)
+}
+
+fn encode_hello_bytes(
+    mode: Mode,
+    flags: u8,
     item_id: &[u8; 16],
     token: &[u8],
     disk_index: u16,
@@ -333,7 +366,7 @@ pub fn encode_hello(
     out.extend_from_slice(&HELLO_MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     out.push(mode as u8);
-    out.push(0);
+    out.push(flags);
     out.extend_from_slice(item_id);
     out.extend_from_slice(&(token.len() as u16).to_le_bytes());
     out.extend_from_slice(&disk_index.to_le_bytes());
@@ -375,6 +408,8 @@ pub struct HelloFixed {
     pub disk_index: u16,
     /// Mode 2: the chunk size; 0 in mode 1.
     pub chunk_size_bytes: u32,
+    /// Mode 1: the RESYNC flag (see [`Hello::resync`]); false in mode 2.
+    pub resync: bool,
 }
 
 impl HelloFixed {
@@ -386,6 +421,7 @@ impl HelloFixed {
             token,
             disk_index: self.disk_index,
             chunk_size_bytes: self.chunk_size_bytes,
+            resync: self.resync,
         }
     }
 }
@@ -417,10 +453,21 @@ pub fn decode_hello_fixed(raw: &[u8; HELLO_FIXED_BYTES]) -> Result<HelloFixed, R
             ),
         ));
     };
-    if raw[7] != 0 {
+    let flags = raw[7];
+    if flags & !HELLO_FLAGS_DEFINED != 0 {
         return Err(Refusal::new(
             Status::BadHello,
-            format!("hello flags {:#04x}; none are defined", raw[7]),
+            format!(
+                "hello flags {flags:#04x}: bits {:#04x} are not defined (bit 0 is RESYNC)",
+                flags & !HELLO_FLAGS_DEFINED
+            ),
+        ));
+    }
+    let resync = flags & HELLO_FLAG_RESYNC != 0;
+    if resync && mode != Mode::Stream {
+        return Err(Refusal::new(
+            Status::BadHello,
+            "the RESYNC flag is for mode 1 (stream) only; a chunk-hash hello carries no flags",
         ));
     }
     let mut item_id = [0u8; 16];
@@ -449,6 +496,7 @@ pub fn decode_hello_fixed(raw: &[u8; HELLO_FIXED_BYTES]) -> Result<HelloFixed, R
         token_len,
         disk_index,
         chunk_size_bytes,
+        resync,
     })
 }
 
@@ -670,6 +718,7 @@ mod tests {
             token: b"secret".to_vec(),
             disk_index: 3,
             chunk_size_bytes: 65536,
+            resync: false,
         };
         let bytes = hello.encode();
         let mut fixed = [0u8; HELLO_FIXED_BYTES];
@@ -678,6 +727,7 @@ mod tests {
         assert_eq!(head.mode, Mode::ChunkHashes);
         assert_eq!(head.token_len, 6);
         assert_eq!((head.disk_index, head.chunk_size_bytes), (3, 65536));
+        assert!(!head.resync);
         assert_eq!(head.with_token(bytes[HELLO_FIXED_BYTES..].to_vec()), hello);
         assert!(!format!("{hello:?}").contains("secret"));
 
@@ -694,8 +744,66 @@ mod tests {
         assert!(error.message.contains("token length 257"), "{error}");
         assert_eq!(status(hello_bytes(1, 8, 1, 0)), Status::BadHello);
         let mut raw = hello_bytes(1, 8, 0, 0);
-        raw[7] = 1;
+        raw[7] = 2;
         assert_eq!(status(raw), Status::BadHello);
+    }
+
+    #[test]
+    fn the_resync_flag_round_trips_in_mode_1_only_and_unknown_flags_are_refused() {
+        let hello = Hello {
+            mode: Mode::Stream,
+            item_id: *b"item-0123456789a",
+            token: b"secret".to_vec(),
+            disk_index: 0,
+            chunk_size_bytes: 0,
+            resync: true,
+        };
+        let bytes = hello.encode();
+        assert_eq!(bytes[7], HELLO_FLAG_RESYNC);
+        assert_eq!(hello.flags(), HELLO_FLAG_RESYNC);
+        let mut fixed = [0u8; HELLO_FIXED_BYTES];
+        fixed.copy_from_slice(&bytes[..HELLO_FIXED_BYTES]);
+        let head = decode_hello_fixed(&fixed).unwrap();
+        assert!(head.resync);
+        assert_eq!(head.with_token(bytes[HELLO_FIXED_BYTES..].to_vec()), hello);
+        assert!(format!("{hello:?}").contains("resync: true"));
+
+        // Without the flag: byte 7 is zero, and the plain encoder agrees byte for byte.
+        let plain = Hello {
+            resync: false,
+            ..hello.clone()
+        };
+        assert_eq!(plain.encode()[7], 0);
+        assert_eq!(
+            plain.encode(),
+            encode_hello(Mode::Stream, &plain.item_id, b"secret", 0, 0)
+        );
+        fixed.copy_from_slice(&plain.encode()[..HELLO_FIXED_BYTES]);
+        assert!(!decode_hello_fixed(&fixed).unwrap().resync);
+
+        // Every undefined bit, alone or next to RESYNC, is refused by name.
+        for bit in 1..8 {
+            for with_resync in [0, HELLO_FLAG_RESYNC] {
+                let mut raw = hello_bytes(1, 8, 0, 0);
+                raw[7] = (1u8 << bit) | with_resync;
+                let refusal = decode_hello_fixed(&raw).unwrap_err();
+                assert_eq!(refusal.status, Status::BadHello);
+                assert!(refusal.message.contains("not defined"), "{refusal}");
+            }
+        }
+
+        // RESYNC in mode 2 is refused (encoded as given, refused by the decoder).
+        let chunk_hello = Hello {
+            mode: Mode::ChunkHashes,
+            disk_index: 1,
+            chunk_size_bytes: 65536,
+            ..hello
+        };
+        let bytes = chunk_hello.encode();
+        fixed.copy_from_slice(&bytes[..HELLO_FIXED_BYTES]);
+        let refusal = decode_hello_fixed(&fixed).unwrap_err();
+        assert_eq!(refusal.status, Status::BadHello);
+        assert!(refusal.message.contains("mode 1"), "{refusal}");
     }
 
     #[test]
@@ -837,5 +945,18 @@ mod tests {
             "unknown-reason(99)"
         );
         assert!(ReceivedCloseReason::from_u8(2).is_transient());
+    }
+
+    #[test]
+    fn not_replicating_is_code_16_and_final() {
+        assert_eq!(Status::NotReplicating as u8, 16);
+        assert_eq!(Status::from_u8(16), Some(Status::NotReplicating));
+        assert_eq!(Status::NotReplicating.to_string(), "not-replicating");
+        assert_eq!(RefusalStatus::from_u8(16), RefusalStatus::NotReplicating);
+        assert_eq!(RefusalStatus::NotReplicating.code(), 16);
+        assert_eq!(RefusalStatus::from_u8(16).to_string(), "not-replicating");
+        assert!(!RefusalStatus::NotReplicating.is_transient());
+        assert!(!RefusalStatus::ResyncRequired.is_transient());
+        assert_eq!(RefusalStatus::from_u8(17), RefusalStatus::Other(17));
     }
 }

@@ -765,6 +765,12 @@ impl StagingReader {
         self.shared.durable_seq.load(Ordering::Acquire)
     }
 
+    /// Bytes the log's segments take on disk, read without the log's lock (the durable
+    /// length of the segment being appended to, plus the sealed ones).
+    pub fn used_bytes(&self) -> u64 {
+        self.shared.segments().iter().map(|s| s.len_bytes).sum()
+    }
+
     /// Sequence number of the next frame this reader returns.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -76,3 +76,170 @@ pub fn verify_item(
     }
     points.len()
 }
+
+/// A running `appliance serve` process on loopback ports of its own choosing.
+pub struct Server {
+    /// The process.
+    pub child: std::process::Child,
+    /// Control API address.
+    pub api: String,
+    /// Data port address.
+    pub data: std::net::SocketAddr,
+    /// API token.
+    pub token: String,
+}
+
+impl Server {
+    /// Starts `serve` on `data_dir` with `extra` flags; waits until both ports listen.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Same, with a given data-port address (to keep it across restarts).
+    pub fn start_on(data_dir: &Path, data_addr: &str, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--data-addr", data_addr, "--api-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let data = first
+            .strip_prefix("data port listening on ")
+            .unwrap_or_else(|| panic!("{first:?}"))
+            .parse()
+            .unwrap();
+        let second = lines.next().unwrap().unwrap();
+        let api = second
+            .strip_prefix("control API listening on ")
+            .unwrap_or_else(|| panic!("{second:?}"))
+            .to_owned();
+        let token = std::fs::read_to_string(data_dir.join("api-token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self {
+            child,
+            api,
+            data,
+            token,
+        }
+    }
+
+    /// One request with the token; returns the status and the JSON body.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        request(&self.api, method, path, Some(&self.token), body)
+    }
+
+    /// A request that must answer `status`; returns the body.
+    pub fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        status: u16,
+    ) -> serde_json::Value {
+        let (got, answer) = self.call(method, path, body);
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        answer
+    }
+
+    /// Polls a job until it ends; panics unless it succeeded. Returns its view.
+    pub fn wait_job(&self, id: u64) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let job = self.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
+            match job["state"].as_str().unwrap() {
+                "running" => {}
+                "succeeded" => return job,
+                _ => panic!("job {id} failed: {job}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} still running: {job}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and the exit status must be 0.
+    pub fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(
+            self.child.wait().unwrap().success(),
+            "serve exits 0 on SIGTERM"
+        );
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns the status and the body as JSON
+/// (`Value::Null` for an empty body, a string for a non-JSON body).
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        "Content-Type: application/json\r\n".to_owned()
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}{content}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()))
+    };
+    (status, body)
+}
+
+/// Parses 32 hex digits.
+pub fn item_id(hex: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    id
+}

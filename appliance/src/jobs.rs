@@ -1,0 +1,362 @@
+//! Jobs: the long operations of the control API (initial replication, test failover,
+//! failover, change point, failback, resync), with progress, persisted in `DATA_DIR/jobs/`.
+//!
+//! Invariants:
+//! - a job's id is unique for the data directory's life (the next id is one more than the
+//!   highest id found at start);
+//! - every change of a job's *state* (created, succeeded, failed) is written with
+//!   write-temp, fsync, rename, fsync-dir before the call returns, so after a crash a job is
+//!   found in the last state it was reported in; percent and message changes are in memory
+//!   only (they are re-derived after a restart);
+//! - at most [`MAX_KEPT_JOBS`] finished jobs are kept; older ones are deleted, oldest first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::store::write_atomic;
+
+/// Finished jobs kept (in memory and on disk).
+pub const MAX_KEPT_JOBS: usize = 1000;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Waiting for the first full copy of a new item (its first recovery point).
+    InitialReplication,
+    /// A re-protect's delta resync, until its first recovery point.
+    Reprotect,
+    /// Disks at a point written to a target directory while replication goes on.
+    TestFailover,
+    /// Stop replication, pick a point, write the disks.
+    Failover,
+    /// Rewrite the failed-over disks at another point.
+    ChangePoint,
+    /// Final sync, then the disks handed back and the temporary OS disk deleted.
+    Failback,
+    /// A delta resync asked for by the operator, until its first recovery point.
+    Resync,
+}
+
+impl JobKind {
+    /// Snake-case name, as in JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InitialReplication => "initial_replication",
+            Self::Reprotect => "reprotect",
+            Self::TestFailover => "test_failover",
+            Self::Failover => "failover",
+            Self::ChangePoint => "change_point",
+            Self::Failback => "failback",
+            Self::Resync => "resync",
+        }
+    }
+
+    /// Whether the job waits on replication (continues after a restart) rather than
+    /// changing files itself (failed by a restart).
+    pub fn is_replication(self) -> bool {
+        matches!(
+            self,
+            Self::InitialReplication | Self::Reprotect | Self::Resync
+        )
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Under way.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Ended on an error (see `error`).
+    Failed,
+}
+
+impl JobState {
+    /// Snake-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A job as stored and as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// Job id.
+    pub id: u64,
+    /// What it does.
+    pub kind: JobKind,
+    /// The item, 32 hex digits.
+    pub item: String,
+    /// Where it is.
+    pub state: JobState,
+    /// 0..=100.
+    pub percent: u8,
+    /// What it is doing (or did).
+    pub message: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Created, ns since the Unix epoch.
+    pub created_ns: u64,
+    /// Finished, ns since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ns: Option<u64>,
+}
+
+/// A job in the table; progress updates go through it.
+#[derive(Debug)]
+pub struct Job {
+    view: Mutex<JobView>,
+    table: Arc<Inner>,
+}
+
+impl Job {
+    fn lock(&self) -> MutexGuard<'_, JobView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the job's view.
+    pub fn view(&self) -> JobView {
+        self.lock().clone()
+    }
+
+    /// Its id.
+    pub fn id(&self) -> u64 {
+        self.lock().id
+    }
+
+    /// Sets percent (clamped to 0..=99 while running) and message (memory only).
+    pub fn progress(&self, percent: u64, message: impl Into<String>) {
+        let mut view = self.lock();
+        if view.state == JobState::Running {
+            view.percent = percent.min(99) as u8;
+            view.message = message.into();
+        }
+    }
+
+    /// Ends the job successfully (durably).
+    pub fn succeed(&self, message: impl Into<String>) -> anyhow::Result<()> {
+        self.finish(JobState::Succeeded, message.into(), None)
+    }
+
+    /// Ends the job on an error (durably).
+    pub fn fail(&self, error: impl Into<String>) -> anyhow::Result<()> {
+        let error = error.into();
+        self.finish(JobState::Failed, "failed".into(), Some(error))
+    }
+
+    fn finish(
+        &self,
+        state: JobState,
+        message: String,
+        error: Option<String>,
+    ) -> anyhow::Result<()> {
+        let view = {
+            let mut view = self.lock();
+            if view.state != JobState::Running {
+                return Ok(());
+            }
+            view.state = state;
+            if state == JobState::Succeeded {
+                view.percent = 100;
+            }
+            view.message = message;
+            view.error = error;
+            view.finished_ns = Some(crate::store::now_ns());
+            view.clone()
+        };
+        self.table.persist(&view)?;
+        self.table.trim();
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
+}
+
+impl Inner {
+    fn persist(&self, view: &JobView) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(view).context("encoding a job")?;
+        write_atomic(&self.dir, &format!("{}.json", view.id), &bytes)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Job>>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deletes the oldest finished jobs beyond [`MAX_KEPT_JOBS`].
+    fn trim(&self) {
+        let mut jobs = self.lock();
+        let finished: Vec<u64> = jobs
+            .iter()
+            .filter(|(_, job)| job.lock().state != JobState::Running)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in finished
+            .iter()
+            .take(finished.len().saturating_sub(MAX_KEPT_JOBS))
+        {
+            jobs.remove(id);
+            let path = self.dir.join(format!("{id}.json"));
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "could not delete an old job");
+            }
+        }
+    }
+}
+
+/// The job table.
+#[derive(Debug, Clone)]
+pub struct Jobs(Arc<Inner>);
+
+impl Jobs {
+    /// Loads `dir` (created if missing). Unreadable job files are reported and skipped.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            jobs: Mutex::new(BTreeMap::new()),
+        });
+        let mut jobs = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let loaded = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| Ok(serde_json::from_slice::<JobView>(&bytes)?));
+            match loaded {
+                Ok(view) => {
+                    jobs.insert(
+                        view.id,
+                        Arc::new(Job {
+                            view: Mutex::new(view),
+                            table: inner.clone(),
+                        }),
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(path = %path.display(), error = %format!("{error:#}"),
+                        "unreadable job file: skipped")
+                }
+            }
+        }
+        *inner.lock() = jobs;
+        Ok(Self(inner))
+    }
+
+    /// Creates a running job (durably).
+    pub fn create(
+        &self,
+        kind: JobKind,
+        item: &str,
+        message: impl Into<String>,
+    ) -> anyhow::Result<Arc<Job>> {
+        let mut jobs = self.0.lock();
+        let id = jobs.keys().next_back().map_or(1, |last| last + 1);
+        let view = JobView {
+            id,
+            kind,
+            item: item.to_owned(),
+            state: JobState::Running,
+            percent: 0,
+            message: message.into(),
+            error: None,
+            created_ns: crate::store::now_ns(),
+            finished_ns: None,
+        };
+        self.0.persist(&view)?;
+        let job = Arc::new(Job {
+            view: Mutex::new(view),
+            table: self.0.clone(),
+        });
+        jobs.insert(id, job.clone());
+        Ok(job)
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: u64) -> Option<Arc<Job>> {
+        self.0.lock().get(&id).cloned()
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<JobView> {
+        self.0.lock().values().rev().map(|job| job.view()).collect()
+    }
+
+    /// Running jobs that change files themselves (not replication monitors).
+    pub fn running_work(&self) -> usize {
+        self.0
+            .lock()
+            .values()
+            .filter(|job| {
+                let view = job.lock();
+                view.state == JobState::Running && !view.kind.is_replication()
+            })
+            .count()
+    }
+
+    /// The running jobs.
+    pub fn running(&self) -> Vec<Arc<Job>> {
+        self.0
+            .lock()
+            .values()
+            .filter(|job| job.lock().state == JobState::Running)
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_persist_their_state_and_ids_keep_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        let a = jobs.create(JobKind::Failover, "aa", "starting").unwrap();
+        let b = jobs
+            .create(JobKind::InitialReplication, "bb", "waiting")
+            .unwrap();
+        assert_eq!((a.id(), b.id()), (1, 2));
+        a.progress(150, "writing");
+        assert_eq!(a.view().percent, 99, "running jobs never show 100");
+        a.succeed("done").unwrap();
+        b.fail("disk gone").unwrap();
+        b.succeed("too late").unwrap();
+        assert_eq!(jobs.running_work(), 0);
+        let reopened = Jobs::open(dir.path()).unwrap();
+        let list = reopened.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].id, 2, "newest first");
+        assert_eq!(list[0].state, JobState::Failed);
+        assert_eq!(list[0].error.as_deref(), Some("disk gone"));
+        assert_eq!((list[1].state, list[1].percent), (JobState::Succeeded, 100));
+        assert_eq!(reopened.create(JobKind::Resync, "cc", "").unwrap().id(), 3);
+    }
+
+    #[test]
+    fn a_garbage_job_file_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("7.json"), b"{not json").unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        assert!(jobs.list().is_empty());
+    }
+}

@@ -1,0 +1,15 @@
+//! The appliance: the daemon (`serve`), its control API, data port, item manager, slot
+//! table and jobs, and the offline commands. `main.rs` is the command line over this library;
+//! the integration tests use the library directly.
+
+pub mod api;
+pub mod daemon;
+pub mod dataport;
+pub mod inspect;
+pub mod jobs;
+pub mod manager;
+pub mod metrics;
+pub mod offline;
+pub mod runtime;
+pub mod slots;
+pub mod store;

@@ -1,0 +1,2680 @@
+//! The item manager: every protected item's record and state machine, its replication (staging
+//! log + apply worker), the slot table, and the jobs that move items between states. The
+//! control API (`crate::api`) and the data port (`crate::dataport`, through [`ItemRegistry`])
+//! both go through it; `docs/design/control-api.md` is the user-facing description.
+//!
+//! ```text
+//!  DATA_DIR/items/<id>/item.json   the item's record (state, disks, policy, failover result)
+//!  DATA_DIR/slots/                 the slot table (crate::slots)
+//!  DATA_DIR/jobs/<n>.json          jobs (crate::jobs)
+//! ```
+//!
+//! Invariants:
+//! - **The record is the truth about ownership.** A state change is written (write-temp,
+//!   fsync, rename, fsync-dir) before anything that depends on it happens, and at start the
+//!   slot table is reconciled with the records: slots attached to an item whose record does
+//!   not hold slots are released, and a disk of a slot-holding record without a slot gets one.
+//!   So no crash between a slot commit and a record write can leak or double-book a slot.
+//! - **One lifecycle operation at a time.** The synchronous part of every operation (checks,
+//!   state change, job start) runs under one lock (`ops`); jobs do their long work outside it
+//!   and take it again for their final state change.
+//! - **Only replicating states accept streams.** The state is changed before sessions are
+//!   ended, so an agent's reconnect is refused (`not-replicating`) instead of racing the
+//!   drain.
+//! - **Transient states never survive a restart.** An item found in `failing_over`,
+//!   `failing_back` or a `test_failover` without a result is returned to the state before,
+//!   its partial files removed, and its job failed with the reason.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use engine::apply::{ApplyConfig, Pins};
+use engine::delta::{Consistency, DiskGeometry, StreamHeader};
+use engine::durable::StdDir;
+use engine::io::{DirectIo, ReplicaFile};
+use engine::materialize::{OutputFormat, PointChoice, Source, materialize_to_path, resolve_point};
+use engine::meta::{MetaStore, item_key};
+use engine::port::{Refusal, Status};
+use engine::replica::open_replica;
+use engine::staging::{StagingConfig, StagingLog, StagingReader};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::daemon::ServeOptions;
+use crate::dataport::{
+    ItemRegistry, PortHandle, ReplicaAccess, SessionLease, StreamSession, tokens_equal,
+};
+use crate::jobs::{Job, JobKind, JobView, Jobs};
+use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup, WorkerStatus};
+use crate::slots::{DiskRequest, ItemId, SlotError, SlotState, SlotTable};
+use crate::store::{DataDir, ItemDirs, item_hex, now_ns, parse_item_hex, write_atomic};
+
+/// Name of an item's record file.
+const RECORD_FILE: &str = "item.json";
+/// Name of an item's stream-token file (mode 0600).
+const TOKEN_FILE: &str = "token";
+/// Longest wait for an item's streaming session to end after it was told to.
+const SESSION_END_WAIT: Duration = Duration::from_secs(40);
+/// Longest wait for apply to catch up with staging (before hashing, before a resync).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+/// Most disks per item (the stream format allows more; one VM rarely has more than 64).
+const MAX_ITEM_DISKS: usize = 64;
+/// The supervisor's period.
+const TICK: Duration = Duration::from_millis(100);
+
+// ───────────────────────────── records ─────────────────────────────
+
+/// Where an item is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemState {
+    /// Enabled; the first full copy is on its way (until the first recovery point).
+    InitialReplication,
+    /// A re-protect's delta resync is on its way (until its first recovery point).
+    Reprotecting,
+    /// Replicating, with recovery points.
+    Protected,
+    /// Protected, and disks at a point were (or are being) written for a test.
+    TestFailover,
+    /// A delta resync asked for by the operator is on its way.
+    Resyncing,
+    /// Failover or change point running.
+    FailingOver,
+    /// Failed over: the disks at the chosen point are in the target directory.
+    FailedOver,
+    /// The failover is final.
+    Committed,
+    /// A reverse item protects the failed-over VM now.
+    Reprotected,
+    /// Failback running.
+    FailingBack,
+    /// Failed back: the disks were handed back to the original VM.
+    FailedBack,
+    /// Protection disabled.
+    Disabled,
+}
+
+impl ItemState {
+    /// Snake-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InitialReplication => "initial_replication",
+            Self::Reprotecting => "reprotecting",
+            Self::Protected => "protected",
+            Self::TestFailover => "test_failover",
+            Self::Resyncing => "resyncing",
+            Self::FailingOver => "failing_over",
+            Self::FailedOver => "failed_over",
+            Self::Committed => "committed",
+            Self::Reprotected => "reprotected",
+            Self::FailingBack => "failing_back",
+            Self::FailedBack => "failed_back",
+            Self::Disabled => "disabled",
+        }
+    }
+
+    /// Whether the item takes frames from its agent.
+    pub fn replicating(self) -> bool {
+        matches!(
+            self,
+            Self::InitialReplication
+                | Self::Reprotecting
+                | Self::Protected
+                | Self::TestFailover
+                | Self::Resyncing
+        )
+    }
+
+    /// Whether the item's disks occupy slots.
+    pub fn holds_slots(self) -> bool {
+        !matches!(self, Self::FailedBack | Self::Disabled)
+    }
+}
+
+impl std::fmt::Display for ItemState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A lifecycle operation, as the API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Disks at a point for a test.
+    TestFailover,
+    /// Remove the test disks.
+    TestFailoverCleanup,
+    /// Fail over.
+    Failover,
+    /// Another point for the failed-over disks.
+    ChangePoint,
+    /// Make the failover final.
+    Commit,
+    /// Protect the failed-over VM back to the original disks.
+    Reprotect,
+    /// Planned failover back to the original VM.
+    Failback,
+    /// Delta resync.
+    Resync,
+    /// Disable protection.
+    Disable,
+}
+
+impl Op {
+    /// The API's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TestFailover => "test-failover",
+            Self::TestFailoverCleanup => "test-failover-cleanup",
+            Self::Failover => "failover",
+            Self::ChangePoint => "change-point",
+            Self::Commit => "commit",
+            Self::Reprotect => "reprotect",
+            Self::Failback => "failback",
+            Self::Resync => "resync",
+            Self::Disable => "disable",
+        }
+    }
+}
+
+/// Where a replica disk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskOrigin {
+    /// Created by the appliance in the item's directory (deleted on disable).
+    Created,
+    /// An existing disk attached by path (never deleted by the appliance).
+    Attached,
+}
+
+/// One replica disk of an item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskRecord {
+    /// Disk index (0 = OS disk).
+    pub index: u32,
+    /// Size.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size_bytes: u32,
+    /// The replica file or block device.
+    pub path: String,
+    /// Created or attached.
+    pub origin: DiskOrigin,
+}
+
+/// Retention and consistency policy of an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Policy {
+    /// Recovery points kept (oldest pruned first).
+    pub keep_points: u64,
+    /// Points older than this many minutes are pruned; 0 for no age limit.
+    pub keep_minutes: u64,
+    /// How often the source is asked for an app-consistent point, in minutes (shown to the
+    /// agent's operator; the agent decides when to send bookmarks).
+    pub app_consistent_minutes: u64,
+}
+
+/// Replication direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Protects a VM's disks to this appliance.
+    Forward,
+    /// Re-protect: the failed-over VM replicates back into the original VM's disks.
+    Reverse,
+}
+
+/// Image format of written disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// Raw, sparse.
+    #[default]
+    Raw,
+    /// Fixed VHD (Hyper-V, Azure).
+    Vhd,
+}
+
+impl Format {
+    fn output(self) -> OutputFormat {
+        match self {
+            Self::Raw => OutputFormat::Raw,
+            Self::Vhd => OutputFormat::FixedVhd,
+        }
+    }
+}
+
+/// Disks written at a point (test failover, failover).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Materialized {
+    /// The recovery point.
+    pub point_id: u64,
+    /// Where the files are.
+    pub target_dir: String,
+    /// Their format.
+    pub format: Format,
+    /// The files, by disk index.
+    pub files: Vec<String>,
+    /// Whether the appliance created the target directory (removed on cleanup if empty).
+    pub created_dir: bool,
+}
+
+/// An item's durable record (`item.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemRecord {
+    /// Format version of this record (1).
+    pub version: u32,
+    /// Item id, 32 hex digits.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: ItemState,
+    /// Direction.
+    pub role: Role,
+    /// The item this one re-protects.
+    pub reverse_of: Option<String>,
+    /// The item that re-protects this one.
+    pub reversed_by: Option<String>,
+    /// Replica disks.
+    pub disks: Vec<DiskRecord>,
+    /// Policy.
+    pub policy: Policy,
+    /// The temporary OS disk made for the original VM by a re-protect.
+    pub temporary_os_disk: Option<String>,
+    /// The test failover's disks.
+    pub test_failover: Option<Materialized>,
+    /// The failover's disks.
+    pub failover: Option<Materialized>,
+    /// Disks a running job is writing (removed if the job is interrupted).
+    pub pending: Option<Materialized>,
+    /// The sync in progress ends with the first point whose id is at least this.
+    pub sync_from_seq: u64,
+    /// The newest job on this item.
+    pub last_job: Option<u64>,
+    /// The last job's error, if it failed.
+    pub last_error: Option<String>,
+    /// Created, ns since the Unix epoch.
+    pub created_ns: u64,
+    /// Last changed, ns since the Unix epoch.
+    pub updated_ns: u64,
+}
+
+impl ItemRecord {
+    /// The operations allowed now.
+    pub fn allowed(&self) -> Vec<Op> {
+        use ItemState as S;
+        match self.state {
+            S::InitialReplication | S::Reprotecting | S::Resyncing => vec![Op::Disable],
+            S::Protected => {
+                let mut ops = vec![Op::TestFailover, Op::Failover, Op::Resync];
+                if self.disks.iter().all(|d| d.origin == DiskOrigin::Attached) {
+                    ops.push(Op::Failback);
+                }
+                ops.push(Op::Disable);
+                ops
+            }
+            S::TestFailover if self.test_failover.is_some() => {
+                vec![Op::TestFailoverCleanup, Op::Disable]
+            }
+            S::TestFailover | S::FailingOver | S::FailingBack | S::Disabled => vec![],
+            S::FailedOver => vec![Op::ChangePoint, Op::Commit, Op::Disable],
+            S::Committed => vec![Op::Reprotect, Op::Disable],
+            S::Reprotected | S::FailedBack => vec![Op::Disable],
+        }
+    }
+
+    fn geometries(&self) -> Vec<DiskGeometry> {
+        self.disks
+            .iter()
+            .map(|d| DiskGeometry {
+                size_bytes: d.size_bytes,
+                block_size_bytes: d.block_size_bytes,
+            })
+            .collect()
+    }
+}
+
+// ───────────────────────────── errors ─────────────────────────────
+
+/// Why an operation was refused or failed; the API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// 400: the request is malformed.
+    #[error("{message}")]
+    BadRequest {
+        /// `bad_request`, or `bad_item_id` for a malformed id in the path.
+        code: &'static str,
+        /// The field at fault.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// 403: a path outside the allowed directories.
+    #[error("{message}")]
+    PathRefused {
+        /// The field.
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// 404.
+    #[error("{message}")]
+    NotFound {
+        /// `item_not_found`, `job_not_found`, `point_not_found`.
+        code: &'static str,
+        /// What was not found.
+        message: String,
+    },
+    /// 409: the item's state does not allow the operation.
+    #[error("item {item} is {state}; {op} is not allowed (allowed: {})", allowed_list(.allowed))]
+    WrongState {
+        /// Item id.
+        item: String,
+        /// Its state.
+        state: ItemState,
+        /// The operation asked for.
+        op: &'static str,
+        /// What is allowed.
+        allowed: Vec<&'static str>,
+    },
+    /// 409: not enough free slots.
+    #[error("needs {needed} free data-disk slots, {free} are free; nothing was changed")]
+    NotEnoughSlots {
+        /// Slots needed.
+        needed: usize,
+        /// Slots free.
+        free: usize,
+    },
+    /// 409: another conflict.
+    #[error("{message}")]
+    Conflict {
+        /// `path_in_use`, `job_running`, `too_many_jobs`, `disk_mismatch`.
+        code: &'static str,
+        /// What conflicts.
+        message: String,
+    },
+    /// 500: a real I/O failure.
+    #[error("{0}")]
+    Io(String),
+}
+
+fn allowed_list(allowed: &[&'static str]) -> String {
+    if allowed.is_empty() {
+        "none while its job runs".into()
+    } else {
+        allowed.join(", ")
+    }
+}
+
+impl From<anyhow::Error> for OpError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Io(format!("{error:#}"))
+    }
+}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> OpError {
+    OpError::BadRequest {
+        code: "bad_request",
+        field: Some(field.into()),
+        message: message.into(),
+    }
+}
+
+// ───────────────────────────── requests ─────────────────────────────
+
+/// A disk of an enable request: `size_mib` to create one, or `path` to attach one.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Create a new replica disk of this size.
+    pub size_mib: Option<u64>,
+    /// Attach this existing disk (file or block device).
+    pub path: Option<String>,
+    /// 512 or 4096 (default 4096).
+    pub block_size_bytes: Option<u32>,
+}
+
+/// Policy fields of a request (defaults from the appliance's settings).
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRequest {
+    /// Recovery points kept, 1..=100000.
+    pub keep_points: Option<u64>,
+    /// Age limit of points in minutes (0 = none).
+    pub keep_minutes: Option<u64>,
+    /// App-consistent point frequency in minutes (informational).
+    pub app_consistent_minutes: Option<u64>,
+}
+
+/// Enable protection.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnableRequest {
+    /// A name for people, 1..=255 bytes.
+    pub name: String,
+    /// OS disk first.
+    pub disks: Vec<DiskSpec>,
+    /// Retention policy.
+    #[serde(default)]
+    pub policy: Option<PolicyRequest>,
+    /// Re-protect style: create a temporary 1 GiB fixed VHD here for the original VM.
+    #[serde(default)]
+    pub temporary_os_disk: Option<String>,
+}
+
+/// A recovery point choice: `"latest"`, `"latest-processed"`, `"latest-app"` or a point id.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PointSpec {
+    /// A point id.
+    Id(u64),
+    /// A named choice.
+    Named(String),
+}
+
+impl PointSpec {
+    fn choice(&self, latest_allowed: bool) -> Result<PointChoice, OpError> {
+        match self {
+            Self::Id(id) => Ok(PointChoice::Custom(*id)),
+            Self::Named(name) => match name.as_str() {
+                "latest" if latest_allowed => Ok(PointChoice::Latest),
+                "latest" => Err(bad(
+                    "point",
+                    "\"latest\" applies everything received and makes a point of it; it is \
+                     for failover only (use \"latest-processed\")",
+                )),
+                "latest-processed" => Ok(PointChoice::LatestProcessed),
+                "latest-app" | "latest-app-consistent" => Ok(PointChoice::LatestAppConsistent),
+                other => other.parse().map(PointChoice::Custom).map_err(|_| {
+                    bad(
+                        "point",
+                        format!(
+                            "{other:?} is not \"latest\", \"latest-processed\", \"latest-app\" \
+                             or a point id"
+                        ),
+                    )
+                }),
+            },
+        }
+    }
+}
+
+/// Test failover.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaterializeRequest {
+    /// The point.
+    pub point: PointSpec,
+    /// Directory for the disks (created if missing).
+    pub target_dir: String,
+    /// Image format.
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// Failover.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// The point.
+    pub point: PointSpec,
+    /// Directory for the disks (created if missing).
+    pub target_dir: String,
+    /// Image format.
+    #[serde(default)]
+    pub format: Format,
+    /// The operator says the source VM is already shut down (nothing more will arrive).
+    #[serde(default)]
+    pub source_shut_down: bool,
+}
+
+/// Change the failover's point.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePointRequest {
+    /// The point.
+    pub point: PointSpec,
+}
+
+/// Re-protect.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectRequest {
+    /// The original VM's OS + data disks, in the item's disk order.
+    pub disks: Vec<String>,
+    /// Where to create the temporary 1 GiB OS disk (default beside `disks[0]`).
+    #[serde(default)]
+    pub temporary_os_disk: Option<String>,
+    /// Name of the reverse item (default `<name>-reverse`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+// ───────────────────────────── views ─────────────────────────────
+
+/// A replica disk as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DiskView {
+    /// Disk index (0 = OS disk).
+    pub index: u32,
+    /// Size.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size_bytes: u32,
+    /// The replica file or block device.
+    pub path: String,
+    /// Its slot, while attached.
+    pub lun: Option<u32>,
+    /// Created or attached.
+    pub origin: DiskOrigin,
+}
+
+/// An item as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ItemView {
+    /// Item id, 32 hex digits.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: ItemState,
+    /// Operations allowed now.
+    pub allowed_operations: Vec<&'static str>,
+    /// Direction.
+    pub role: Role,
+    /// The item this one re-protects.
+    pub reverse_of: Option<String>,
+    /// The item that re-protects this one.
+    pub reversed_by: Option<String>,
+    /// Replica disks.
+    pub disks: Vec<DiskView>,
+    /// Policy.
+    pub policy: Policy,
+    /// `healthy`, or why not.
+    pub health: String,
+    /// Share of the initial copy or resync done (100 once protected).
+    pub synchronized_percent: u8,
+    /// Age of the newest recovery point (by the source's clock), in ms.
+    pub rpo_lag_ms: Option<u64>,
+    /// Staging bytes in use.
+    pub cache_used_bytes: u64,
+    /// Staging capacity.
+    pub cache_capacity_bytes: u64,
+    /// Frames up to it are in the replicas.
+    pub applied_seq: u64,
+    /// Frames up to it are durable in staging (acknowledged).
+    pub staged_seq: u64,
+    /// Recovery points kept.
+    pub points: u64,
+    /// Newest point.
+    pub latest_point_id: Option<u64>,
+    /// Newest app-consistent point.
+    pub latest_app_point_id: Option<u64>,
+    /// The temporary OS disk (re-protect).
+    pub temporary_os_disk: Option<String>,
+    /// Test failover disks.
+    pub test_failover: Option<Materialized>,
+    /// Failover disks.
+    pub failover: Option<Materialized>,
+    /// Newest job.
+    pub last_job: Option<u64>,
+    /// The last job's error.
+    pub last_error: Option<String>,
+}
+
+/// What enable and re-protect return.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Enabled {
+    /// The new item.
+    pub item: ItemView,
+    /// Its stream token (64 hex digits; shown only here).
+    pub stream_token: String,
+    /// Its replication job.
+    pub job: JobView,
+}
+
+/// One row of the slot table.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SlotView {
+    /// The LUN.
+    pub lun: u32,
+    /// `appliance`, `free`, `reserved` or `attached`.
+    pub state: &'static str,
+    /// The item of the disk.
+    pub item: Option<String>,
+    /// The disk's index in its item.
+    pub disk_index: Option<u32>,
+    /// The disk.
+    pub path: Option<String>,
+}
+
+/// The slot table.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SlotsView {
+    /// LUNs in all (LUN 0 is the appliance's own).
+    pub slot_count: u32,
+    /// LUNs for replica disks.
+    pub usable: u32,
+    /// Free.
+    pub free: u32,
+    /// Reserved by operations in flight.
+    pub reserved: u32,
+    /// Holding replica disks.
+    pub attached: u32,
+    /// Every LUN.
+    pub slots: Vec<SlotView>,
+}
+
+// ───────────────────────────── the manager ─────────────────────────────
+
+struct Replication {
+    log: Arc<Mutex<StagingLog>>,
+    reader: StagingReader,
+    worker: ApplyWorker,
+}
+
+struct Item {
+    id: [u8; 16],
+    hex: String,
+    dirs: ItemDirs,
+    token: Vec<u8>,
+    record: Mutex<ItemRecord>,
+    repl: Mutex<Option<Replication>>,
+    /// The last worker's status (kept after it stops, for counters).
+    status: Mutex<Option<WorkerStatus>>,
+    /// A streaming session holds it.
+    busy: Arc<AtomicBool>,
+    /// New sessions are refused while set (a resync is pausing the item).
+    pausing: AtomicBool,
+}
+
+impl Item {
+    fn record(&self) -> MutexGuard<'_, ItemRecord> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn repl(&self) -> MutexGuard<'_, Option<Replication>> {
+        self.repl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn status(&self) -> Option<WorkerStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Persists `record` and makes it current.
+    fn save(&self, mut record: ItemRecord) -> anyhow::Result<()> {
+        record.updated_ns = now_ns();
+        let bytes = serde_json::to_vec_pretty(&record).context("encoding an item record")?;
+        write_atomic(&self.dirs.root, RECORD_FILE, &bytes)?;
+        *self.record() = record;
+        Ok(())
+    }
+
+    /// Changes the record with `change` and persists it.
+    fn update(&self, change: impl FnOnce(&mut ItemRecord)) -> anyhow::Result<()> {
+        let mut record = self.record().clone();
+        change(&mut record);
+        self.save(record)
+    }
+}
+
+/// The item manager. Shared as `Arc<Manager>` by the API, the data port and the daemon.
+pub struct Manager {
+    data: DataDir,
+    /// The data directory, canonical.
+    root: PathBuf,
+    /// The data directory and the disk stores, canonical.
+    roots: Vec<PathBuf>,
+    meta: Arc<MetaStore>,
+    options: ServeOptions,
+    slots: Mutex<SlotTable>,
+    items: Mutex<BTreeMap<[u8; 16], Arc<Item>>>,
+    jobs: Jobs,
+    ops: Mutex<()>,
+    port: OnceLock<PortHandle>,
+    next_op: AtomicU64,
+    stopping: AtomicBool,
+    supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names under the data directory that requests may not touch.
+const RESERVED_NAMES: [&str; 7] = [
+    "items",
+    "slots",
+    "jobs",
+    "meta.redb",
+    "api-token",
+    "lock",
+    "api-token.tmp",
+];
+
+impl Manager {
+    /// Opens the data directory: the slot table, the jobs, every item's record; finishes or
+    /// undoes what a crash interrupted, and reconciles slots with records. Starts nothing
+    /// (see [`Manager::start`]).
+    pub fn open(data_dir: &Path, options: ServeOptions) -> anyhow::Result<Arc<Self>> {
+        let data = DataDir::open(data_dir)?;
+        let root = std::fs::canonicalize(data_dir)
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let mut roots = vec![root.clone()];
+        for store in &options.disk_stores {
+            let canonical = std::fs::canonicalize(store)
+                .with_context(|| format!("disk store {}", store.display()))?;
+            roots.push(canonical);
+        }
+        let meta = data.meta()?;
+        let slot_dir = root.join("slots");
+        std::fs::create_dir_all(&slot_dir)
+            .with_context(|| format!("creating {}", slot_dir.display()))?;
+        let slots = SlotTable::open(Arc::new(StdDir::open(&slot_dir)?), options.slot_count)
+            .context("opening the slot table")?;
+        let jobs = Jobs::open(&root.join("jobs"))?;
+        let manager = Arc::new(Self {
+            data,
+            root,
+            roots,
+            meta,
+            options,
+            slots: Mutex::new(slots),
+            items: Mutex::new(BTreeMap::new()),
+            jobs,
+            ops: Mutex::new(()),
+            port: OnceLock::new(),
+            next_op: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        manager.load_items()?;
+        manager.recover()?;
+        manager.reconcile_slots()?;
+        Ok(manager)
+    }
+
+    fn load_items(&self) -> anyhow::Result<()> {
+        let mut items = lock(&self.items);
+        for dirs in self.data.items()? {
+            let hex = item_hex(&dirs.header.item_id);
+            let path = dirs.root.join(RECORD_FILE);
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(item = %hex, "no item.json (an `ingest` item): not served");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let record: ItemRecord = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not an item record", path.display()))?;
+            let token = match std::fs::read(dirs.root.join(TOKEN_FILE)) {
+                Ok(token) => token,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).context(format!("item {hex}: reading its token")),
+            };
+            items.insert(
+                dirs.header.item_id,
+                Arc::new(Item {
+                    id: dirs.header.item_id,
+                    hex,
+                    dirs,
+                    token,
+                    record: Mutex::new(record),
+                    repl: Mutex::new(None),
+                    status: Mutex::new(None),
+                    busy: Arc::new(AtomicBool::new(false)),
+                    pausing: AtomicBool::new(false),
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Undoes what a crash interrupted (see the module's invariants).
+    fn recover(&self) -> anyhow::Result<()> {
+        const INTERRUPTED: &str = "interrupted by an appliance restart";
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let back_to = match record.state {
+                ItemState::TestFailover if record.test_failover.is_none() => {
+                    Some(ItemState::Protected)
+                }
+                ItemState::FailingOver if record.failover.is_some() => Some(ItemState::FailedOver),
+                ItemState::FailingOver | ItemState::FailingBack => Some(ItemState::Protected),
+                _ => None,
+            };
+            if let Some(state) = back_to {
+                if let Some(pending) = &record.pending {
+                    remove_materialized(pending);
+                }
+                tracing::warn!(item = %item.hex, from = record.state.name(), to = state.name(),
+                    "an interrupted job's state undone");
+                item.update(|r| {
+                    r.state = state;
+                    r.pending = None;
+                    r.last_error = Some(format!("{} job {INTERRUPTED}", record.state.name()));
+                })?;
+            }
+            if matches!(record.state, ItemState::Disabled | ItemState::FailedBack) {
+                self.remove_item_data(&item)?;
+            }
+        }
+        for job in self.jobs.running() {
+            let view = job.view();
+            let state = parse_item_hex(&view.item)
+                .ok()
+                .and_then(|id| self.item(&id))
+                .map(|item| item.record().state);
+            let continues = view.kind.is_replication()
+                && matches!(
+                    (view.kind, state),
+                    (
+                        JobKind::InitialReplication,
+                        Some(ItemState::InitialReplication)
+                    ) | (JobKind::Reprotect, Some(ItemState::Reprotecting))
+                        | (JobKind::Resync, Some(ItemState::Resyncing))
+                );
+            if !continues {
+                job.fail(format!(
+                    "{INTERRUPTED} (item then {})",
+                    state.map_or("gone", ItemState::name)
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the slot table agree with the records.
+    fn reconcile_slots(&self) -> anyhow::Result<()> {
+        let items = self.all_items();
+        let mut slots = lock(&self.slots);
+        let owners: Vec<ItemId> = slots
+            .table()
+            .into_iter()
+            .filter_map(|row| match row.state {
+                SlotState::Attached { item, .. } => Some(item),
+                _ => None,
+            })
+            .collect();
+        for owner in owners {
+            let keep = items
+                .iter()
+                .any(|item| item.id == owner.0 && item.record().state.holds_slots());
+            if !keep {
+                let luns = slots.release_item(owner)?;
+                tracing::warn!(item = %owner, ?luns, "released slots of an item that holds none");
+            }
+        }
+        for item in &items {
+            let record = item.record().clone();
+            if !record.state.holds_slots() {
+                continue;
+            }
+            let missing: Vec<&DiskRecord> = record
+                .disks
+                .iter()
+                .filter(|d| slots.lun_of(ItemId(item.id), d.index).is_none())
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let requests: Vec<DiskRequest> = missing
+                .iter()
+                .map(|d| DiskRequest {
+                    item: ItemId(item.id),
+                    disk_index: d.index,
+                })
+                .collect();
+            let op = self.next_op.fetch_add(1, Ordering::Relaxed);
+            let result = slots.reserve(op, &requests).and_then(|reservation| {
+                slots.commit(
+                    reservation,
+                    missing.iter().map(|d| PathBuf::from(&d.path)).collect(),
+                )
+            });
+            match result {
+                Ok(()) => tracing::warn!(item = %item.hex, disks = missing.len(),
+                    "slots re-attached for disks whose attach a crash interrupted"),
+                Err(error) => {
+                    tracing::error!(item = %item.hex, %error, "cannot give the item's disks slots");
+                    item.update(|r| r.last_error = Some(format!("slots: {error}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts replication of every replicating item and the supervisor thread.
+    pub fn start(self: &Arc<Self>, port: PortHandle) -> anyhow::Result<()> {
+        let _ = self.port.set(port);
+        for item in self.all_items() {
+            if item.record().state.replicating()
+                && let Err(error) = self.start_replication(&item)
+            {
+                tracing::error!(item = %item.hex, error = %format!("{error:#}"),
+                    "cannot start replication");
+                item.update(|r| r.last_error = Some(format!("{error:#}")))?;
+            }
+        }
+        let manager = Arc::downgrade(self);
+        let handle = std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || {
+                while let Some(manager) = manager.upgrade() {
+                    if manager.stopping.load(Ordering::Acquire) {
+                        break;
+                    }
+                    manager.tick();
+                    drop(manager);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .context("starting the supervisor thread")?;
+        *lock(&self.supervisor) = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the supervisor and every item's replication (applying what is staged, flushing).
+    /// Returns the items that could not be stopped cleanly.
+    pub fn shutdown(&self) -> Vec<String> {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(handle) = lock(&self.supervisor).take() {
+            let _ = handle.join();
+        }
+        let mut failures = Vec::new();
+        for item in self.all_items() {
+            let Some(repl) = item.repl().take() else {
+                continue;
+            };
+            let failed = repl.worker.failed();
+            let target = repl.reader.durable_seq();
+            match repl.worker.drain_and_stop(target, false) {
+                Ok(drained) => {
+                    tracing::info!(item = %item.hex, applied_seq = drained.applied_seq, "stopped")
+                }
+                Err(_) if failed => failures.push(format!(
+                    "item {}: apply had stopped on an error (logged above)",
+                    item.hex
+                )),
+                Err(e) => failures.push(format!("item {}: {e:#}", item.hex)),
+            }
+        }
+        failures
+    }
+
+    fn all_items(&self) -> Vec<Arc<Item>> {
+        lock(&self.items).values().cloned().collect()
+    }
+
+    fn item(&self, id: &[u8; 16]) -> Option<Arc<Item>> {
+        lock(&self.items).get(id).cloned()
+    }
+
+    fn find(&self, hex: &str) -> Result<Arc<Item>, OpError> {
+        let id = parse_item_hex(hex).map_err(|e| OpError::BadRequest {
+            code: "bad_item_id",
+            field: None,
+            message: format!("{e:#}"),
+        })?;
+        self.item(&id).ok_or_else(|| OpError::NotFound {
+            code: "item_not_found",
+            message: format!("no item {hex} on this appliance"),
+        })
+    }
+
+    fn check_allowed(&self, item: &Item, op: Op) -> Result<ItemRecord, OpError> {
+        let record = item.record().clone();
+        let allowed = record.allowed();
+        if allowed.contains(&op) {
+            Ok(record)
+        } else {
+            Err(OpError::WrongState {
+                item: item.hex.clone(),
+                state: record.state,
+                op: op.name(),
+                allowed: allowed.into_iter().map(Op::name).collect(),
+            })
+        }
+    }
+
+    fn check_job_room(&self) -> Result<(), OpError> {
+        let running = self.jobs.running_work();
+        if running >= self.options.max_jobs {
+            return Err(OpError::Conflict {
+                code: "too_many_jobs",
+                message: format!(
+                    "{running} jobs are running, the limit is {}; retry when one ends",
+                    self.options.max_jobs
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    // ─────────────── paths ───────────────
+
+    /// Resolves a request path: absolute, no `..`, inside the data directory (but not its
+    /// own files) or a disk store, following symlinks of the part that exists.
+    fn check_path(&self, raw: &str, field: &str) -> Result<PathBuf, OpError> {
+        let refused = |why: String| OpError::PathRefused {
+            field: field.to_owned(),
+            message: format!("{field} {raw:?}: {why}"),
+        };
+        let path = Path::new(raw);
+        if raw.is_empty() || !path.is_absolute() {
+            return Err(refused("must be an absolute path".into()));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(refused("must not contain \"..\"".into()));
+        }
+        // Canonicalize the longest existing prefix, then append the rest.
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        let canonical = loop {
+            match std::fs::canonicalize(&existing) {
+                Ok(canonical) => break canonical,
+                Err(_) => match (existing.file_name(), existing.parent()) {
+                    (Some(name), Some(parent)) => {
+                        rest.push(name.to_owned());
+                        existing = parent.to_path_buf();
+                    }
+                    _ => return Err(refused("cannot be resolved".into())),
+                },
+            }
+        };
+        let resolved = rest
+            .iter()
+            .rev()
+            .fold(canonical, |acc, part| acc.join(part));
+        let inside_data = resolved.strip_prefix(&self.root).ok().map(|relative| {
+            relative
+                .components()
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .is_none_or(|first| !RESERVED_NAMES.contains(&first))
+        });
+        let allowed = match inside_data {
+            Some(true) => resolved != self.root,
+            Some(false) => false,
+            None => self.roots[1..]
+                .iter()
+                .any(|store| resolved.starts_with(store)),
+        };
+        if !allowed {
+            let stores: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(refused(format!(
+                "resolves to {}, which is not inside the data directory or a disk store ({}), \
+                 or is one of the appliance's own files",
+                resolved.display(),
+                stores.join(", ")
+            )));
+        }
+        Ok(resolved)
+    }
+
+    // ─────────────── enable ───────────────
+
+    /// Enable protection: slots, replica disks, token, record, replication, job.
+    pub fn enable(&self, request: EnableRequest) -> Result<Enabled, OpError> {
+        let _ops = lock(&self.ops);
+        self.enable_locked(request, Role::Forward, None)
+    }
+
+    fn policy(&self, request: Option<PolicyRequest>) -> Result<Policy, OpError> {
+        let request = request.unwrap_or_default();
+        let keep_points = request
+            .keep_points
+            .unwrap_or(self.options.keep_points as u64);
+        if !(1..=100_000).contains(&keep_points) {
+            return Err(bad("policy.keep_points", "must be 1..=100000"));
+        }
+        let keep_minutes = request.keep_minutes.unwrap_or(0);
+        if keep_minutes > 60 * 24 * 366 {
+            return Err(bad(
+                "policy.keep_minutes",
+                "must be at most a year (527040)",
+            ));
+        }
+        let app_consistent_minutes = request.app_consistent_minutes.unwrap_or(60);
+        if !(1..=60 * 24).contains(&app_consistent_minutes) {
+            return Err(bad("policy.app_consistent_minutes", "must be 1..=1440"));
+        }
+        Ok(Policy {
+            keep_points,
+            keep_minutes,
+            app_consistent_minutes,
+        })
+    }
+
+    fn enable_locked(
+        &self,
+        request: EnableRequest,
+        role: Role,
+        reverse_of: Option<String>,
+    ) -> Result<Enabled, OpError> {
+        let name = request.name.trim().to_owned();
+        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+            return Err(bad(
+                "name",
+                "must be 1..=255 bytes without control characters",
+            ));
+        }
+        if request.disks.is_empty() || request.disks.len() > MAX_ITEM_DISKS {
+            return Err(bad(
+                "disks",
+                format!("needs 1..={MAX_ITEM_DISKS} disks, OS disk first"),
+            ));
+        }
+        let policy = self.policy(request.policy)?;
+        // Every check before the first change.
+        let attached_paths: Vec<PathBuf> = lock(&self.slots)
+            .table()
+            .into_iter()
+            .filter_map(|row| match row.state {
+                SlotState::Attached { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        let mut planned: Vec<(DiskGeometry, Option<PathBuf>)> = Vec::new();
+        for (index, disk) in request.disks.iter().enumerate() {
+            let field = format!("disks[{index}]");
+            let block_size_bytes = disk.block_size_bytes.unwrap_or(4096);
+            if !engine::delta::BLOCK_SIZES.contains(&block_size_bytes) {
+                return Err(bad(
+                    format!("{field}.block_size_bytes"),
+                    "must be 512 or 4096",
+                ));
+            }
+            match (disk.size_mib, &disk.path) {
+                (Some(size_mib), None) => {
+                    if size_mib == 0 || size_mib > 64 << 20 {
+                        return Err(bad(format!("{field}.size_mib"), "must be 1..=67108864"));
+                    }
+                    planned.push((
+                        DiskGeometry {
+                            size_bytes: size_mib << 20,
+                            block_size_bytes,
+                        },
+                        None,
+                    ));
+                }
+                (None, Some(raw)) => {
+                    let path = self.check_path(raw, &format!("{field}.path"))?;
+                    let size_bytes = disk_size(&path).map_err(|why| OpError::Conflict {
+                        code: "disk_mismatch",
+                        message: format!("{field}.path {}: {why}", path.display()),
+                    })?;
+                    if size_bytes == 0 || size_bytes % u64::from(block_size_bytes) != 0 {
+                        return Err(OpError::Conflict {
+                            code: "disk_mismatch",
+                            message: format!(
+                                "{field}.path {}: {size_bytes} bytes is not a non-zero multiple \
+                                 of the {block_size_bytes}-byte block size",
+                                path.display()
+                            ),
+                        });
+                    }
+                    if attached_paths.contains(&path)
+                        || planned.iter().any(|(_, p)| p.as_ref() == Some(&path))
+                    {
+                        return Err(OpError::Conflict {
+                            code: "path_in_use",
+                            message: format!(
+                                "{field}.path {} is already attached as a replica disk",
+                                path.display()
+                            ),
+                        });
+                    }
+                    planned.push((
+                        DiskGeometry {
+                            size_bytes,
+                            block_size_bytes,
+                        },
+                        Some(path),
+                    ));
+                }
+                _ => {
+                    return Err(bad(
+                        field,
+                        "give exactly one of size_mib (create a disk) or path (attach one)",
+                    ));
+                }
+            }
+        }
+        let temporary = match &request.temporary_os_disk {
+            Some(raw) => {
+                let path = self.check_path(raw, "temporary_os_disk")?;
+                if path.exists() {
+                    return Err(OpError::Conflict {
+                        code: "path_in_use",
+                        message: format!("temporary_os_disk {} already exists", path.display()),
+                    });
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        let item_id: [u8; 16] = crate::daemon::random_bytes()?;
+        let hex = item_hex(&item_id);
+        let header = StreamHeader {
+            item_id,
+            item_name: name.clone(),
+            first_seq: 1,
+            disks: planned.iter().map(|(g, _)| *g).collect(),
+        };
+        header
+            .validate()
+            .map_err(|e| bad("disks", format!("{e}")))?;
+        let requests: Vec<DiskRequest> = (0..planned.len() as u32)
+            .map(|disk_index| DiskRequest {
+                item: ItemId(item_id),
+                disk_index,
+            })
+            .collect();
+        let op = self.next_op.fetch_add(1, Ordering::Relaxed);
+        let reservation = lock(&self.slots)
+            .reserve(op, &requests)
+            .map_err(|e| match e {
+                SlotError::NotEnoughSlots { needed, free } => {
+                    OpError::NotEnoughSlots { needed, free }
+                }
+                other => OpError::Io(format!("slot table: {other}")),
+            })?;
+        // From here on a failure undoes what was made.
+        let mut made: Vec<PathBuf> = Vec::new();
+        let built = (|| -> anyhow::Result<(Arc<Item>, String, Arc<Job>)> {
+            let dirs = self.data.item_for(&header)?;
+            made.push(dirs.root.clone());
+            let mut disks = Vec::new();
+            for (index, (geometry, attach)) in planned.iter().enumerate() {
+                let (path, origin) = match attach {
+                    Some(path) => (path.clone(), DiskOrigin::Attached),
+                    None => {
+                        let path = dirs.replica_path(index);
+                        let file = File::create(&path)
+                            .with_context(|| format!("creating {}", path.display()))?;
+                        file.set_len(geometry.size_bytes)?;
+                        file.sync_all()?;
+                        (path, DiskOrigin::Created)
+                    }
+                };
+                disks.push(DiskRecord {
+                    index: index as u32,
+                    size_bytes: geometry.size_bytes,
+                    block_size_bytes: geometry.block_size_bytes,
+                    path: path.display().to_string(),
+                    origin,
+                });
+            }
+            if let Some(path) = &temporary {
+                engine::vhd::create_temporary_os_disk(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                made.push(path.clone());
+            }
+            let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
+            let token_path = dirs.root.join(TOKEN_FILE);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token_path)
+                .with_context(|| format!("creating {}", token_path.display()))?;
+            file.write_all(token.as_bytes())?;
+            file.sync_all()?;
+            let reverse = role == Role::Reverse || temporary.is_some();
+            let (state, kind) = if reverse {
+                (ItemState::Reprotecting, JobKind::Reprotect)
+            } else {
+                (ItemState::InitialReplication, JobKind::InitialReplication)
+            };
+            let job = self.jobs.create(
+                kind,
+                &hex,
+                "waiting for the agent's first full copy and first recovery point",
+            )?;
+            let now = now_ns();
+            let record = ItemRecord {
+                version: 1,
+                id: hex.clone(),
+                name: name.clone(),
+                state,
+                role: if reverse {
+                    Role::Reverse
+                } else {
+                    Role::Forward
+                },
+                reverse_of: reverse_of.clone(),
+                reversed_by: None,
+                disks,
+                policy,
+                temporary_os_disk: temporary.as_ref().map(|p| p.display().to_string()),
+                test_failover: None,
+                failover: None,
+                pending: None,
+                sync_from_seq: 1,
+                last_job: Some(job.id()),
+                last_error: None,
+                created_ns: now,
+                updated_ns: now,
+            };
+            let item = Arc::new(Item {
+                id: item_id,
+                hex: hex.clone(),
+                dirs,
+                token: token.clone().into_bytes(),
+                record: Mutex::new(record.clone()),
+                repl: Mutex::new(None),
+                status: Mutex::new(None),
+                busy: Arc::new(AtomicBool::new(false)),
+                pausing: AtomicBool::new(false),
+            });
+            // The record first: a crash after it and before the slot commit is repaired at
+            // start (reconcile gives the disks their slots); the other order could leak.
+            if let Err(error) = item.save(record) {
+                let _ = job.fail(format!("{error:#}"));
+                return Err(error);
+            }
+            Ok((item, token, job))
+        })();
+        let (item, token, job) = match built {
+            Ok(built) => built,
+            Err(error) => {
+                let _ = lock(&self.slots).release_reservation(reservation);
+                for path in made.iter().rev() {
+                    let _ = if path.is_dir() {
+                        std::fs::remove_dir_all(path)
+                    } else {
+                        std::fs::remove_file(path)
+                    };
+                }
+                return Err(error.into());
+            }
+        };
+        let paths = item
+            .record()
+            .disks
+            .iter()
+            .map(|d| PathBuf::from(&d.path))
+            .collect();
+        if let Err(error) = lock(&self.slots).commit(reservation, paths) {
+            // The record exists: disable it so that nothing is left half made.
+            let message = format!("attaching the disks to slots failed: {error}");
+            let _ = job.fail(message.clone());
+            let _ = item.update(|r| {
+                r.state = ItemState::Disabled;
+                r.last_error = Some(message.clone());
+            });
+            let _ = self.remove_item_data(&item);
+            return Err(OpError::Io(message));
+        }
+        lock(&self.items).insert(item_id, item.clone());
+        if let Err(error) = self.start_replication(&item) {
+            let message = format!("{error:#}");
+            let _ = item.update(|r| r.last_error = Some(message.clone()));
+            return Err(OpError::Io(format!(
+                "item {hex} was created but its replication did not start: {message}"
+            )));
+        }
+        tracing::info!(item = %hex, %name, disks = planned.len(), "protection enabled");
+        Ok(Enabled {
+            item: self.view(&item),
+            stream_token: token,
+            job: job.view(),
+        })
+    }
+
+    // ─────────────── replication ───────────────
+
+    fn start_replication(&self, item: &Item) -> anyhow::Result<()> {
+        let record = item.record().clone();
+        let key = item_key(&item.id);
+        let mut files: Vec<ReplicaFile> = Vec::new();
+        for disk in &record.disks {
+            files.push(open_replica(
+                &self.meta,
+                key,
+                disk.index as u16,
+                Path::new(&disk.path),
+                DiskGeometry {
+                    size_bytes: disk.size_bytes,
+                    block_size_bytes: disk.block_size_bytes,
+                },
+                DirectIo::Prefer,
+            )?);
+        }
+        let (log, recovery) = StagingLog::open(
+            Arc::new(item.dirs.staging()?),
+            item.dirs.header.clone(),
+            StagingConfig {
+                capacity_bytes: self.options.cache_bytes,
+                ..StagingConfig::default()
+            },
+        )
+        .with_context(|| format!("item {}: opening its staging log", item.hex))?;
+        if let Some(corruption) = &recovery.corruption {
+            tracing::error!(item = %item.hex, %corruption, "staging damaged: item needs a resync");
+        }
+        let first_seq = item.dirs.header.first_seq;
+        let worker = ApplyWorker::start(
+            &item.hex,
+            WorkerSetup::for_item(&item.dirs, files, log.reader(first_seq), self.meta.clone())?,
+            ApplyOptions {
+                keep_points: record.policy.keep_points as usize,
+                max_age_ns: match record.policy.keep_minutes {
+                    0 => u64::MAX,
+                    minutes => minutes.saturating_mul(60_000_000_000),
+                },
+                queue_depth: self.options.queue_depth,
+            },
+        )?;
+        worker.notify(log.durable_seq());
+        *lock(&item.status) = Some(worker.status());
+        let reader = log.reader(first_seq);
+        *item.repl() = Some(Replication {
+            log: Arc::new(Mutex::new(log)),
+            reader,
+            worker,
+        });
+        Ok(())
+    }
+
+    /// Ends the item's sessions and waits until none holds the item.
+    fn end_sessions(&self, item: &Item) -> anyhow::Result<()> {
+        if let Some(port) = self.port.get() {
+            port.end_item(&item.id);
+        }
+        let deadline = Instant::now() + SESSION_END_WAIT;
+        while item.busy.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the item's streaming session did not end within {SESSION_END_WAIT:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops the item's replication: ends sessions (the caller already moved the state out
+    /// of the replicating ones), applies what is staged, flushes, and (if `latest`) makes a
+    /// point of it. Returns the final watermark, or `None` if it was not running.
+    fn stop_replication(&self, item: &Item, latest: bool) -> anyhow::Result<Option<u64>> {
+        self.end_sessions(item)?;
+        let Some(repl) = item.repl().take() else {
+            return Ok(None);
+        };
+        let target = repl.reader.durable_seq();
+        let drained = repl
+            .worker
+            .drain_and_stop(target, latest)
+            .with_context(|| format!("item {}: applying what was staged", item.hex))?;
+        Ok(Some(drained.applied_seq))
+    }
+
+    fn pins(&self, item: &Item) -> Pins {
+        item.repl()
+            .as_ref()
+            .map_or_else(Pins::default, |r| r.worker.pins())
+    }
+
+    // ─────────────── materialize ───────────────
+
+    /// Writes every disk of `item` at `point_id` into `dir` (`disk-<i>.raw|vhd`). On error
+    /// removes what it wrote.
+    fn write_disks(
+        &self,
+        item: &Item,
+        point_id: u64,
+        dir: &Path,
+        format: Format,
+        job: &Job,
+        percent: (u64, u64),
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        let record = item.record().clone();
+        let key = item_key(&item.id);
+        let pins = self.pins(item);
+        let _pin = pins.pin(point_id);
+        if self.meta.point(key, point_id)?.is_none() {
+            anyhow::bail!("recovery point {point_id} was pruned before it could be pinned");
+        }
+        let geometries = record.geometries();
+        let source = Source {
+            meta: &self.meta,
+            item: key,
+            disks: &geometries,
+            preserve_dir: Arc::new(item.dirs.preserve()?),
+            grain_bytes: ApplyConfig::default().grain_bytes,
+            pins: pins.clone(),
+        };
+        let total: u64 = record
+            .disks
+            .iter()
+            .map(|d| d.size_bytes)
+            .sum::<u64>()
+            .max(1);
+        let mut done_before = 0u64;
+        let mut written = Vec::new();
+        let result = (|| -> anyhow::Result<()> {
+            for disk in &record.disks {
+                let replica = File::open(&disk.path)
+                    .with_context(|| format!("opening replica {}", disk.path))?;
+                let out = dir.join(format!(
+                    "disk-{}.{}",
+                    disk.index,
+                    format.output().extension()
+                ));
+                let (low, high) = percent;
+                materialize_to_path(
+                    &source,
+                    point_id,
+                    disk.index as u16,
+                    &replica,
+                    &out,
+                    format.output(),
+                    &mut |done| {
+                        let share = (done_before + done) * (high - low) / total;
+                        job.progress(
+                            low + share,
+                            format!("writing disk {} at point {point_id}", disk.index),
+                        );
+                    },
+                )
+                .with_context(|| {
+                    format!("materializing disk {} to {}", disk.index, out.display())
+                })?;
+                done_before += disk.size_bytes;
+                written.push(out);
+            }
+            Ok(())
+        })();
+        if let Err(error) = result {
+            for path in &written {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(error);
+        }
+        Ok(written)
+    }
+
+    fn resolve(&self, item: &Item, choice: PointChoice) -> Result<u64, OpError> {
+        resolve_point(&self.meta, item_key(&item.id), choice)
+            .map(|p| p.point_id)
+            .map_err(|e| OpError::NotFound {
+                code: "point_not_found",
+                message: format!("item {}: {e}", item.hex),
+            })
+    }
+
+    /// Checks a target directory and creates it if missing; returns it and whether it was
+    /// created. Refuses one that already holds this item's disk files.
+    fn target_dir(
+        &self,
+        raw: &str,
+        disks: usize,
+        format: Format,
+    ) -> Result<(PathBuf, bool), OpError> {
+        let dir = self.check_path(raw, "target_dir")?;
+        let created = !dir.exists();
+        if !created && !dir.is_dir() {
+            return Err(bad(
+                "target_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        for index in 0..disks {
+            let file = dir.join(format!("disk-{index}.{}", format.output().extension()));
+            if file.exists() {
+                return Err(OpError::Conflict {
+                    code: "path_in_use",
+                    message: format!(
+                        "target_dir: {} already exists (files are never overwritten)",
+                        file.display()
+                    ),
+                });
+            }
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| OpError::Io(format!("creating {}: {e}", dir.display())))?;
+        Ok((dir, created))
+    }
+
+    fn spawn_job(
+        self: &Arc<Self>,
+        item: Arc<Item>,
+        job: Arc<Job>,
+        work: impl FnOnce(&Arc<Self>, &Arc<Item>, &Job) -> anyhow::Result<String> + Send + 'static,
+        undo: impl FnOnce(&Arc<Self>, &Arc<Item>, &str) + Send + 'static,
+    ) -> Result<JobView, OpError> {
+        let view = job.view();
+        let manager = self.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{}", view.id))
+            .spawn(move || match work(&manager, &item, &job) {
+                Ok(message) => {
+                    if let Err(error) = job.succeed(message) {
+                        tracing::error!(error = %format!("{error:#}"), "recording a job's end");
+                    }
+                }
+                Err(error) => {
+                    let message = format!("{error:#}");
+                    tracing::error!(item = %item.hex, job = job.id(), error = %message, "job failed");
+                    {
+                        let _ops = lock(&manager.ops);
+                        undo(&manager, &item, &message);
+                    }
+                    if let Err(error) = job.fail(message) {
+                        tracing::error!(error = %format!("{error:#}"), "recording a job's end");
+                    }
+                }
+            })
+            .map_err(|e| OpError::Io(format!("starting a job thread: {e}")))?;
+        Ok(view)
+    }
+
+    // ─────────────── test failover ───────────────
+
+    /// Test failover: disks at a point into a directory; replication keeps running.
+    pub fn test_failover(
+        self: &Arc<Self>,
+        hex: &str,
+        request: MaterializeRequest,
+    ) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::TestFailover)?;
+        let choice = request.point.choice(false)?;
+        self.check_job_room()?;
+        let point_id = self.resolve(&item, choice)?;
+        let (dir, created_dir) =
+            self.target_dir(&request.target_dir, record.disks.len(), request.format)?;
+        let pending = planned(&dir, &record, point_id, request.format, created_dir);
+        let job = self.jobs.create(
+            JobKind::TestFailover,
+            hex,
+            format!("writing the disks at point {point_id}"),
+        )?;
+        item.update(|r| {
+            r.state = ItemState::TestFailover;
+            r.pending = Some(pending.clone());
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        let format = request.format;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                manager.write_disks(item, point_id, &dir, format, job, (0, 100))?;
+                let _ops = lock(&manager.ops);
+                item.update(|r| {
+                    r.test_failover = r.pending.take();
+                })?;
+                Ok(format!(
+                    "test failover disks at point {point_id} in {}",
+                    dir.display()
+                ))
+            },
+            |_, item, error| {
+                if let Some(pending) = item.record().pending.clone() {
+                    remove_materialized(&pending);
+                }
+                let _ = item.update(|r| {
+                    r.state = ItemState::Protected;
+                    r.pending = None;
+                    r.last_error = Some(error.to_owned());
+                });
+            },
+        )
+    }
+
+    /// Removes the test failover's disks; back to protected.
+    pub fn test_failover_cleanup(&self, hex: &str) -> Result<ItemView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::TestFailoverCleanup)?;
+        if let Some(test) = &record.test_failover {
+            remove_materialized(test);
+        }
+        item.update(|r| {
+            r.state = ItemState::Protected;
+            r.test_failover = None;
+        })?;
+        Ok(self.view(&item))
+    }
+
+    // ─────────────── failover ───────────────
+
+    /// Failover: stop replication, pick the point, write the disks.
+    pub fn failover(
+        self: &Arc<Self>,
+        hex: &str,
+        request: FailoverRequest,
+    ) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::Failover)?;
+        let choice = request.point.choice(true)?;
+        self.check_job_room()?;
+        if choice != PointChoice::Latest {
+            // Refuse an unknown point now, not in the job.
+            self.resolve(&item, choice)?;
+        }
+        let (dir, created_dir) =
+            self.target_dir(&request.target_dir, record.disks.len(), request.format)?;
+        let job = self
+            .jobs
+            .create(JobKind::Failover, hex, "stopping replication".to_owned())?;
+        let format = request.format;
+        item.update(|r| {
+            r.state = ItemState::FailingOver;
+            r.pending = Some(planned(&dir, r, 0, format, created_dir));
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        let shut_down = request.source_shut_down;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                manager.stop_replication(item, choice == PointChoice::Latest)?;
+                job.progress(5, "resolving the recovery point");
+                let point_id = manager
+                    .resolve(
+                        item,
+                        match choice {
+                            PointChoice::Latest => PointChoice::LatestProcessed,
+                            other => other,
+                        },
+                    )
+                    .map_err(|e| anyhow!("{e}"))?;
+                let files = manager.write_disks(item, point_id, &dir, format, job, (5, 100))?;
+                let _ops = lock(&manager.ops);
+                item.update(|r| {
+                    r.state = ItemState::FailedOver;
+                    r.failover = Some(Materialized {
+                        point_id,
+                        target_dir: dir.display().to_string(),
+                        format,
+                        files: files.iter().map(|f| f.display().to_string()).collect(),
+                        created_dir,
+                    });
+                    r.pending = None;
+                })?;
+                Ok(format!(
+                    "failed over to point {point_id}; disks in {}{}",
+                    dir.display(),
+                    if shut_down {
+                        ""
+                    } else {
+                        " (the source was not declared shut down: writes it made after the \
+                         last acknowledged frame are not in this point)"
+                    }
+                ))
+            },
+            |manager, item, error| {
+                if let Some(pending) = item.record().pending.clone() {
+                    remove_materialized(&pending);
+                }
+                let _ = item.update(|r| {
+                    r.state = ItemState::Protected;
+                    r.pending = None;
+                    r.last_error = Some(error.to_owned());
+                });
+                if item.repl().is_none()
+                    && let Err(e) = manager.start_replication(item)
+                {
+                    tracing::error!(item = %item.hex, error = %format!("{e:#}"),
+                        "replication did not restart after a failed failover");
+                }
+            },
+        )
+    }
+
+    /// Change the failed-over disks to another point.
+    pub fn change_point(
+        self: &Arc<Self>,
+        hex: &str,
+        request: ChangePointRequest,
+    ) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::ChangePoint)?;
+        let choice = request.point.choice(false)?;
+        self.check_job_room()?;
+        let point_id = self.resolve(&item, choice)?;
+        let current = record
+            .failover
+            .clone()
+            .ok_or_else(|| OpError::Io("failed over without a failover record".into()))?;
+        let job = self.jobs.create(
+            JobKind::ChangePoint,
+            hex,
+            format!("writing the disks at point {point_id}"),
+        )?;
+        let staging_dir = PathBuf::from(&current.target_dir).join(format!(".change-{}", job.id()));
+        std::fs::create_dir_all(&staging_dir)
+            .map_err(|e| OpError::Io(format!("creating {}: {e}", staging_dir.display())))?;
+        item.update(|r| {
+            r.state = ItemState::FailingOver;
+            r.pending = Some(planned(&staging_dir, r, point_id, current.format, true));
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                let files = manager.write_disks(
+                    item,
+                    point_id,
+                    &staging_dir,
+                    current.format,
+                    job,
+                    (0, 95),
+                )?;
+                let _ops = lock(&manager.ops);
+                for (new, old) in files.iter().zip(&current.files) {
+                    std::fs::rename(new, old)
+                        .with_context(|| format!("replacing {old} with the new point's disk"))?;
+                }
+                let _ = std::fs::remove_dir(&staging_dir);
+                item.update(|r| {
+                    r.state = ItemState::FailedOver;
+                    if let Some(failover) = &mut r.failover {
+                        failover.point_id = point_id;
+                    }
+                    r.pending = None;
+                })?;
+                Ok(format!("failed-over disks now at point {point_id}"))
+            },
+            |_, item, error| {
+                if let Some(pending) = item.record().pending.clone() {
+                    remove_materialized(&pending);
+                }
+                let _ = item.update(|r| {
+                    r.state = ItemState::FailedOver;
+                    r.pending = None;
+                    r.last_error = Some(error.to_owned());
+                });
+            },
+        )
+    }
+
+    /// Makes the failover final.
+    pub fn commit(&self, hex: &str) -> Result<ItemView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        self.check_allowed(&item, Op::Commit)?;
+        item.update(|r| r.state = ItemState::Committed)?;
+        Ok(self.view(&item))
+    }
+
+    // ─────────────── re-protect, failback ───────────────
+
+    /// Re-protect: the original VM's disks become the replicas of a new reverse item, a
+    /// temporary OS disk is made for the original VM, and the agent of the failed-over VM
+    /// runs a delta resync into them.
+    pub fn reprotect(&self, hex: &str, request: ReprotectRequest) -> Result<Enabled, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::Reprotect)?;
+        if request.disks.len() != record.disks.len() {
+            return Err(bad(
+                "disks",
+                format!(
+                    "the item has {} disks; give the original VM's disk for each, OS disk first",
+                    record.disks.len()
+                ),
+            ));
+        }
+        let mut disks = Vec::new();
+        for (index, (raw, disk)) in request.disks.iter().zip(&record.disks).enumerate() {
+            let path = self.check_path(raw, &format!("disks[{index}]"))?;
+            let size_bytes = disk_size(&path).map_err(|why| OpError::Conflict {
+                code: "disk_mismatch",
+                message: format!("disks[{index}] {}: {why}", path.display()),
+            })?;
+            if size_bytes != disk.size_bytes {
+                return Err(OpError::Conflict {
+                    code: "disk_mismatch",
+                    message: format!(
+                        "disks[{index}] {} is {size_bytes} bytes; disk {index} of the item is {}",
+                        path.display(),
+                        disk.size_bytes
+                    ),
+                });
+            }
+            disks.push(DiskSpec {
+                size_mib: None,
+                path: Some(path.display().to_string()),
+                block_size_bytes: Some(disk.block_size_bytes),
+            });
+        }
+        let temporary = match request.temporary_os_disk {
+            Some(path) => path,
+            None => {
+                let os = Path::new(&request.disks[0]);
+                let parent = os.parent().unwrap_or(Path::new("/"));
+                parent
+                    .join(format!("{}-temporary-os.vhd", sanitize(&record.name)))
+                    .display()
+                    .to_string()
+            }
+        };
+        let enabled = self.enable_locked(
+            EnableRequest {
+                name: request
+                    .name
+                    .unwrap_or_else(|| format!("{}-reverse", record.name)),
+                disks,
+                policy: Some(PolicyRequest {
+                    keep_points: Some(record.policy.keep_points),
+                    keep_minutes: Some(record.policy.keep_minutes),
+                    app_consistent_minutes: Some(record.policy.app_consistent_minutes),
+                }),
+                temporary_os_disk: Some(temporary),
+            },
+            Role::Reverse,
+            Some(item.hex.clone()),
+        )?;
+        item.update(|r| {
+            r.state = ItemState::Reprotected;
+            r.reversed_by = Some(enabled.item.id.clone());
+        })?;
+        Ok(enabled)
+    }
+
+    /// Failback: final sync, disks handed back (slots released), temporary OS disk deleted.
+    pub fn failback(self: &Arc<Self>, hex: &str) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        self.check_allowed(&item, Op::Failback)?;
+        self.check_job_room()?;
+        let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
+        item.update(|r| {
+            r.state = ItemState::FailingBack;
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                let applied = manager.stop_replication(item, true)?;
+                job.progress(60, "handing the disks back");
+                let _ops = lock(&manager.ops);
+                let record = item.record().clone();
+                let luns = lock(&manager.slots).release_item(ItemId(item.id))?;
+                let mut deleted = String::new();
+                if let Some(path) = &record.temporary_os_disk {
+                    match std::fs::remove_file(path) {
+                        Ok(()) => deleted = format!("; temporary OS disk {path} deleted"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(anyhow!("deleting {path}: {e}")),
+                    }
+                }
+                let point = manager
+                    .meta
+                    .points(item_key(&item.id))?
+                    .last()
+                    .map(|p| p.point_id);
+                item.update(|r| {
+                    r.state = ItemState::FailedBack;
+                    r.temporary_os_disk = None;
+                })?;
+                manager.remove_item_data(item)?;
+                Ok(format!(
+                    "final sync through seq {}, last point {}; {} disks handed back (LUNs {:?} \
+                     released){deleted}",
+                    applied.unwrap_or(0),
+                    point.map_or("none".into(), |p| p.to_string()),
+                    record.disks.len(),
+                    luns.iter().map(|l| l.0).collect::<Vec<_>>()
+                ))
+            },
+            |manager, item, error| {
+                let _ = item.update(|r| {
+                    r.state = ItemState::Protected;
+                    r.last_error = Some(error.to_owned());
+                });
+                if item.repl().is_none()
+                    && let Err(e) = manager.start_replication(item)
+                {
+                    tracing::error!(item = %item.hex, error = %format!("{e:#}"),
+                        "replication did not restart after a failed failback");
+                }
+            },
+        )
+    }
+
+    // ─────────────── resync ───────────────
+
+    /// Resync on demand: pause, apply what is staged, mark the log as needing a resync; the
+    /// agent then runs the hash exchange and the job ends at the first point after it.
+    pub fn resync(self: &Arc<Self>, hex: &str) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        self.check_allowed(&item, Op::Resync)?;
+        let job = self
+            .jobs
+            .create(JobKind::Resync, hex, "pausing replication")?;
+        item.pausing.store(true, Ordering::Release);
+        item.update(|r| {
+            r.state = ItemState::Resyncing;
+            r.sync_from_seq = u64::MAX;
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                manager.end_sessions(item)?;
+                job.progress(2, "applying what is staged");
+                manager.wait_caught_up(item)?;
+                let next_seq = {
+                    let repl = item.repl();
+                    let repl = repl
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("the item is not replicating"))?;
+                    let mut log = lock(&repl.log);
+                    log.require_resync("the operator asked for a delta resync")?;
+                    log.next_seq()
+                };
+                item.update(|r| r.sync_from_seq = next_seq)?;
+                item.pausing.store(false, Ordering::Release);
+                job.progress(
+                    5,
+                    "waiting for the agent's delta resync (hash exchange, differing chunks, \
+                     bookmark)",
+                );
+                // The supervisor ends the job at the first point after `next_seq`.
+                manager.wait_job_end(item, job);
+                Ok(String::new())
+            },
+            |_, item, error| {
+                item.pausing.store(false, Ordering::Release);
+                let _ = item.update(|r| {
+                    r.state = ItemState::Protected;
+                    r.sync_from_seq = 1;
+                    r.last_error = Some(error.to_owned());
+                });
+            },
+        )
+    }
+
+    /// Waits until apply has applied every durable frame.
+    fn wait_caught_up(&self, item: &Item) -> anyhow::Result<()> {
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        loop {
+            let (durable, applied, failed) = match item.repl().as_ref() {
+                Some(repl) => (
+                    repl.reader.durable_seq(),
+                    repl.worker.applied_seq(),
+                    repl.worker.failed(),
+                ),
+                None => anyhow::bail!("the item is not replicating"),
+            };
+            if failed {
+                anyhow::bail!("apply stopped on an error (see the appliance log)");
+            }
+            if applied >= durable {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "apply did not catch up with staging within {CATCH_UP_WAIT:?} (applied \
+                     {applied}, staged {durable})"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Blocks a job thread until the supervisor ended its job (replication jobs).
+    fn wait_job_end(&self, item: &Item, job: &Job) {
+        while job.view().state == crate::jobs::JobState::Running
+            && !self.stopping.load(Ordering::Acquire)
+            && item.record().state == ItemState::Resyncing
+        {
+            std::thread::sleep(TICK);
+        }
+    }
+
+    // ─────────────── disable ───────────────
+
+    /// Disable protection: replication stopped, slots released, staging, points and created
+    /// replica disks removed; attached disks and failed-over disks are left alone.
+    pub fn disable(&self, hex: &str) -> Result<ItemView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        let record = self.check_allowed(&item, Op::Disable)?;
+        item.update(|r| r.state = ItemState::Disabled)?;
+        self.stop_replication(&item, false)?;
+        if let Some(test) = &record.test_failover {
+            remove_materialized(test);
+        }
+        if let Some(job) = record.last_job.and_then(|id| self.jobs.get(id)) {
+            job.fail("protection was disabled")?;
+        }
+        self.remove_item_data(&item)?;
+        tracing::info!(item = %item.hex, "protection disabled");
+        Ok(self.view(&item))
+    }
+
+    /// Releases the item's slots and removes its staging, preserve files, points, created
+    /// replicas and token. Idempotent (run again at start for disabled items).
+    fn remove_item_data(&self, item: &Item) -> anyhow::Result<()> {
+        lock(&self.slots).release_item(ItemId(item.id))?;
+        for sub in ["staging", "preserve", "replicas"] {
+            let path = item.dirs.root.join(sub);
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+        match std::fs::remove_file(item.dirs.root.join(TOKEN_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing the stream token"),
+        }
+        self.meta.remove_item(item_key(&item.id))?;
+        Ok(())
+    }
+
+    // ─────────────── supervisor ───────────────
+
+    fn tick(&self) {
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let kind = match record.state {
+                ItemState::InitialReplication => JobKind::InitialReplication,
+                ItemState::Reprotecting => JobKind::Reprotect,
+                ItemState::Resyncing => JobKind::Resync,
+                _ => continue,
+            };
+            let Some(job) = record.last_job.and_then(|id| self.jobs.get(id)) else {
+                continue;
+            };
+            if job.view().kind != kind {
+                continue;
+            }
+            let newest = match self.meta.points(item_key(&item.id)) {
+                Ok(points) => points.last().map(|p| p.point_id),
+                Err(error) => {
+                    tracing::warn!(item = %item.hex, %error, "reading points");
+                    continue;
+                }
+            };
+            match newest {
+                Some(point) if point >= record.sync_from_seq => {
+                    let _ops = lock(&self.ops);
+                    if item.record().state != record.state {
+                        continue;
+                    }
+                    if let Err(error) = item.update(|r| r.state = ItemState::Protected) {
+                        tracing::error!(item = %item.hex, error = %format!("{error:#}"),
+                            "recording protected");
+                        continue;
+                    }
+                    let _ = job.succeed(format!(
+                        "synchronized; first recovery point {point} applied; protected"
+                    ));
+                    tracing::info!(item = %item.hex, point, "protected");
+                }
+                _ => {
+                    let percent = self.sync_percent(&item, &record);
+                    if record.sync_from_seq != u64::MAX {
+                        job.progress(
+                            u64::from(percent),
+                            "receiving and applying; protected at the first recovery point",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn sync_percent(&self, item: &Item, record: &ItemRecord) -> u8 {
+        if !matches!(
+            record.state,
+            ItemState::InitialReplication | ItemState::Reprotecting | ItemState::Resyncing
+        ) {
+            return 100;
+        }
+        let total: u64 = record
+            .disks
+            .iter()
+            .map(|d| d.size_bytes)
+            .sum::<u64>()
+            .max(1);
+        let applied = item
+            .status()
+            .map_or(0, |s| s.counters().applied_bytes.load(Ordering::Relaxed));
+        (applied.saturating_mul(100) / total).min(99) as u8
+    }
+
+    // ─────────────── views ───────────────
+
+    /// The API's view of an item.
+    fn view(&self, item: &Item) -> ItemView {
+        let record = item.record().clone();
+        let key = item_key(&item.id);
+        let points = self.meta.points(key).unwrap_or_default();
+        let (staged_seq, cache_used_bytes) = item
+            .repl()
+            .as_ref()
+            .map_or((0, 0), |r| (r.reader.durable_seq(), r.reader.used_bytes()));
+        let status = item.status();
+        let applied_seq = self.meta.state(key).map_or(0, |(applied, _)| applied);
+        let health = if let Some(error) = &record.last_error {
+            format!("error: {error}")
+        } else if status.as_ref().is_some_and(WorkerStatus::failed) {
+            "apply stopped on an error (see the appliance log)".into()
+        } else if record.state.replicating() && item.repl().is_none() {
+            "not replicating (see last_error and the appliance log)".into()
+        } else {
+            "healthy".into()
+        };
+        let slots = lock(&self.slots);
+        let now = now_ns();
+        ItemView {
+            id: item.hex.clone(),
+            name: record.name.clone(),
+            state: record.state,
+            allowed_operations: record.allowed().into_iter().map(Op::name).collect(),
+            role: record.role,
+            reverse_of: record.reverse_of.clone(),
+            reversed_by: record.reversed_by.clone(),
+            disks: record
+                .disks
+                .iter()
+                .map(|d| DiskView {
+                    index: d.index,
+                    size_bytes: d.size_bytes,
+                    block_size_bytes: d.block_size_bytes,
+                    path: d.path.clone(),
+                    lun: slots.lun_of(ItemId(item.id), d.index).map(|l| l.0),
+                    origin: d.origin,
+                })
+                .collect(),
+            policy: record.policy,
+            health,
+            synchronized_percent: self.sync_percent(item, &record),
+            rpo_lag_ms: points
+                .last()
+                .filter(|_| record.state.replicating())
+                .map(|p| now.saturating_sub(p.source_timestamp_ns) / 1_000_000),
+            cache_used_bytes,
+            cache_capacity_bytes: self.options.cache_bytes,
+            applied_seq,
+            staged_seq: staged_seq.max(applied_seq),
+            points: points.len() as u64,
+            latest_point_id: points.last().map(|p| p.point_id),
+            latest_app_point_id: points
+                .iter()
+                .rev()
+                .find(|p| p.consistency == Consistency::App)
+                .map(|p| p.point_id),
+            temporary_os_disk: record.temporary_os_disk.clone(),
+            test_failover: record.test_failover.clone(),
+            failover: record.failover.clone(),
+            last_job: record.last_job,
+            last_error: record.last_error,
+        }
+    }
+
+    /// Every item.
+    pub fn items(&self) -> Vec<ItemView> {
+        self.all_items().iter().map(|i| self.view(i)).collect()
+    }
+
+    /// One item.
+    pub fn item_view(&self, hex: &str) -> Result<ItemView, OpError> {
+        let item = self.find(hex)?;
+        Ok(self.view(&item))
+    }
+
+    /// The recovery points of an item, oldest first.
+    pub fn points(&self, hex: &str) -> Result<Vec<engine::meta::PointRecord>, OpError> {
+        let item = self.find(hex)?;
+        self.meta
+            .points(item_key(&item.id))
+            .map_err(|e| OpError::Io(format!("item {hex}: {e}")))
+    }
+
+    /// The slot table.
+    pub fn slots(&self) -> SlotsView {
+        let slots = lock(&self.slots);
+        let counts = slots.counts();
+        let slot_count = slots.slot_count();
+        SlotsView {
+            slot_count,
+            usable: slot_count.saturating_sub(1),
+            free: counts.free as u32,
+            reserved: counts.reserved as u32,
+            attached: counts.attached as u32,
+            slots: slots
+                .table()
+                .into_iter()
+                .map(|row| {
+                    let (state, item, disk_index, path) = match row.state {
+                        SlotState::Free => ("free", None, None, None),
+                        SlotState::Appliance => ("appliance", None, None, None),
+                        SlotState::Reserved {
+                            item, disk_index, ..
+                        } => ("reserved", Some(item.to_string()), Some(disk_index), None),
+                        SlotState::Attached {
+                            item,
+                            disk_index,
+                            path,
+                        } => (
+                            "attached",
+                            Some(item.to_string()),
+                            Some(disk_index),
+                            Some(path.display().to_string()),
+                        ),
+                    };
+                    SlotView {
+                        lun: row.lun.0,
+                        state,
+                        item,
+                        disk_index,
+                        path,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Jobs, newest first.
+    pub fn jobs(&self) -> Vec<JobView> {
+        self.jobs.list()
+    }
+
+    /// One job.
+    pub fn job(&self, id: u64) -> Result<JobView, OpError> {
+        self.jobs
+            .get(id)
+            .map(|j| j.view())
+            .ok_or_else(|| OpError::NotFound {
+                code: "job_not_found",
+                message: format!("no job {id}"),
+            })
+    }
+
+    /// The data directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Metrics of every item, the slots and the jobs.
+    pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
+        let mut items = Vec::new();
+        for item in self.all_items() {
+            let view = self.view(&item);
+            let counters = item.status();
+            items.push(crate::metrics::ItemMetrics {
+                id: view.id.clone(),
+                name: view.name.clone(),
+                state: view.state.name().to_owned(),
+                rpo_lag_seconds: view.rpo_lag_ms.map(|ms| ms as f64 / 1000.0),
+                cache_used_bytes: view.cache_used_bytes,
+                cache_capacity_bytes: view.cache_capacity_bytes,
+                applied_bytes_total: counters
+                    .as_ref()
+                    .map_or(0, |s| s.counters().applied_bytes.load(Ordering::Relaxed)),
+                applied_frames_total: counters
+                    .as_ref()
+                    .map_or(0, |s| s.counters().applied_frames.load(Ordering::Relaxed)),
+                applied_seq: view.applied_seq,
+                staged_seq: view.staged_seq,
+                synchronized_percent: view.synchronized_percent,
+                points: view.points,
+                apply_latency: counters
+                    .as_ref()
+                    .map(|s| s.counters().batch_latency.snapshot())
+                    .unwrap_or_default(),
+            });
+        }
+        let slots = self.slots();
+        let port = self.port.get().map(PortHandle::stats).unwrap_or_default();
+        let mut jobs_by_state: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for job in self.jobs.list() {
+            *jobs_by_state
+                .entry((job.kind.name().to_owned(), job.state.name().to_owned()))
+                .or_default() += 1;
+        }
+        crate::metrics::MetricsSnapshot {
+            items,
+            slots_total: slots.slot_count,
+            slots_free: slots.free,
+            slots_attached: slots.attached,
+            slots_reserved: slots.reserved,
+            jobs_by_state: jobs_by_state
+                .into_iter()
+                .map(|((kind, state), n)| (kind, state, n))
+                .collect(),
+            data_port_sessions_total: port.sessions,
+            data_port_connections: port.active as u64,
+        }
+    }
+}
+
+/// The files a job will write for `record` into `dir`.
+fn planned(
+    dir: &Path,
+    record: &ItemRecord,
+    point_id: u64,
+    format: Format,
+    created_dir: bool,
+) -> Materialized {
+    Materialized {
+        point_id,
+        target_dir: dir.display().to_string(),
+        format,
+        files: record
+            .disks
+            .iter()
+            .map(|d| {
+                dir.join(format!("disk-{}.{}", d.index, format.output().extension()))
+                    .display()
+                    .to_string()
+            })
+            .collect(),
+        created_dir,
+    }
+}
+
+/// Removes materialized files (and their `.partial` leftovers), and the directory if the
+/// appliance created it and it is empty now.
+fn remove_materialized(materialized: &Materialized) {
+    for file in &materialized.files {
+        for path in [file.clone(), format!("{file}.partial")] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => tracing::warn!(%path, %error, "could not remove"),
+            }
+        }
+    }
+    if materialized.created_dir {
+        let _ = std::fs::remove_dir(&materialized.target_dir);
+    }
+}
+
+/// Size of a disk file or block device, or why it is not a disk.
+fn disk_size(path: &Path) -> Result<u64, String> {
+    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot stat: {e}"))?;
+    let kind = metadata.file_type();
+    if kind.is_file() {
+        Ok(metadata.len())
+    } else if kind.is_block_device() {
+        use std::io::Seek;
+        File::open(path)
+            .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+            .map_err(|e| format!("cannot read its size: {e}"))
+    } else {
+        Err("not a regular file or block device".into())
+    }
+}
+
+/// A name usable in a file name.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+// ───────────────────────────── data port ─────────────────────────────
+
+fn refusal(status: Status, message: impl Into<String>) -> Refusal {
+    Refusal::new(status, message.into())
+}
+
+impl Manager {
+    fn session_item(&self, item_id: &[u8; 16], token: &[u8]) -> Result<Arc<Item>, Refusal> {
+        let item = self.item(item_id).ok_or_else(|| {
+            refusal(
+                Status::UnknownItem,
+                format!("no protected item {}", item_hex(item_id)),
+            )
+        })?;
+        if item.token.is_empty() || !tokens_equal(&item.token, token) {
+            return Err(refusal(
+                Status::BadToken,
+                format!("the token does not match item {}'s stream token", item.hex),
+            ));
+        }
+        let state = item.record().state;
+        if !state.replicating() {
+            return Err(refusal(
+                Status::NotReplicating,
+                format!(
+                    "item {} is {}: it takes no frames in that state",
+                    item.hex,
+                    state.name()
+                ),
+            ));
+        }
+        if item.pausing.load(Ordering::Acquire) {
+            return Err(refusal(
+                Status::Busy,
+                format!("item {} is pausing for a resync; retry shortly", item.hex),
+            ));
+        }
+        Ok(item)
+    }
+}
+
+impl ItemRegistry for Manager {
+    fn open_stream(
+        &self,
+        item_id: &[u8; 16],
+        token: &[u8],
+        resync: bool,
+    ) -> Result<StreamSession, Refusal> {
+        let item = self.session_item(item_id, token)?;
+        if !resync && item.record().state == ItemState::Resyncing {
+            // Until the resync's bookmark is applied the replica may be half old, half new:
+            // only the agent's resync session may stream.
+            return Err(refusal(
+                Status::ResyncRequired,
+                format!(
+                    "item {} is resyncing: fetch the chunk hashes and reconnect with the \
+                     RESYNC flag",
+                    item.hex
+                ),
+            ));
+        }
+        if resync {
+            self.wait_caught_up(&item)
+                .map_err(|e| refusal(Status::StagingFailed, format!("item {}: {e:#}", item.hex)))?;
+        }
+        let repl = item.repl();
+        let repl = repl.as_ref().ok_or_else(|| {
+            refusal(
+                Status::StagingFailed,
+                format!(
+                    "item {}'s replication is not running (see the appliance log)",
+                    item.hex
+                ),
+            )
+        })?;
+        let lease = SessionLease::try_acquire(&item.busy).ok_or_else(|| {
+            refusal(
+                Status::Busy,
+                format!(
+                    "another session is streaming item {}; retry after it ends",
+                    item.hex
+                ),
+            )
+        })?;
+        let notifier = repl.worker.notifier();
+        Ok(StreamSession {
+            log: repl.log.clone(),
+            lease,
+            on_durable: Box::new(move |seq| notifier.notify(seq)),
+        })
+    }
+
+    fn replica(
+        &self,
+        item_id: &[u8; 16],
+        token: &[u8],
+        disk_index: u16,
+    ) -> Result<ReplicaAccess, Refusal> {
+        let item = self.session_item(item_id, token)?;
+        let path = item
+            .record()
+            .disks
+            .get(usize::from(disk_index))
+            .map(|d| PathBuf::from(&d.path))
+            .ok_or_else(|| {
+                refusal(
+                    Status::UnknownDisk,
+                    format!(
+                        "item {} has {} disks, no disk {disk_index}",
+                        item.hex,
+                        item.record().disks.len()
+                    ),
+                )
+            })?;
+        // The hashes must reflect every acknowledged frame.
+        self.wait_caught_up(&item).map_err(|e| {
+            refusal(
+                Status::ReplicaReadFailed,
+                format!("item {}: {e:#}", item.hex),
+            )
+        })?;
+        Ok(ReplicaAccess { path, guard: None })
+    }
+}

@@ -1,0 +1,471 @@
+//! The whole protection lifecycle against a real `appliance serve` process, driven through the
+//! control API (HTTP) and the data port (the disk-sim agent), with the disks checked byte for
+//! byte at every step:
+//!
+//! enable → initial replication → protected → test failover (replication keeps running) →
+//! cleanup → failover (Custom point) → change point (latest app-consistent) → commit →
+//! re-protect (temporary 1 GiB OS disk; delta resync sends only the differing chunks) →
+//! protected (reverse) → failback (final sync; temporary disk gone; disks handed back) →
+//! disable.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Server, item_id};
+use disk_sim::agent::{Agent, AgentConfig};
+use engine::delta::{Consistency, DiskGeometry};
+use serde_json::{Value, json};
+
+/// A source VM: its disks in memory, changed by seeded writes.
+struct Vm {
+    disks: Vec<Vec<u8>>,
+    block_bytes: Vec<u64>,
+    state: u64,
+}
+
+impl Vm {
+    fn new(geometry: &[DiskGeometry], seed: u64) -> Self {
+        Self {
+            disks: geometry
+                .iter()
+                .map(|d| vec![0; d.size_bytes as usize])
+                .collect(),
+            block_bytes: geometry
+                .iter()
+                .map(|d| u64::from(d.block_size_bytes))
+                .collect(),
+            state: seed | 1,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    /// A random write; applied to the model and sent by `agent`.
+    fn write(&mut self, agent: &Agent) {
+        let disk = (self.next() % self.disks.len() as u64) as usize;
+        let block = self.block_bytes[disk];
+        let blocks_total = self.disks[disk].len() as u64 / block;
+        let blocks = (1 + self.next() % 16).min(blocks_total);
+        let offset = (self.next() % (blocks_total - blocks + 1)) * block;
+        let fill = self.next();
+        let data: Vec<u8> = (0..blocks * block)
+            .map(|b| (fill >> (b % 8)) as u8 ^ (b / 512) as u8)
+            .collect();
+        agent.write(disk as u16, offset, &data).unwrap();
+        self.disks[disk][offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    }
+
+    /// The initial full copy: every disk written whole (with content), in 1 MiB writes.
+    fn full_copy(&mut self, agent: &Agent) {
+        for disk in 0..self.disks.len() {
+            for (index, chunk) in self.disks[disk].chunks_mut(1 << 20).enumerate() {
+                let fill = self.state.wrapping_mul(index as u64 + 1);
+                for (i, byte) in chunk.iter_mut().enumerate() {
+                    *byte = (fill >> (i % 8)) as u8 ^ (i / 4096) as u8;
+                }
+                agent
+                    .write(disk as u16, (index as u64) << 20, chunk)
+                    .unwrap();
+            }
+        }
+    }
+
+    fn save(&self, paths: &[PathBuf]) {
+        for (disk, path) in self.disks.iter().zip(paths) {
+            std::fs::write(path, disk).unwrap();
+        }
+    }
+}
+
+fn agent(server: &Server, id: [u8; 16], token: &str, name: &str, disks: &[DiskGeometry]) -> Agent {
+    let mut config = AgentConfig::new(server.data, id, token.as_bytes(), name, disks.to_vec());
+    config.backoff_initial = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(200);
+    config.max_attempts = 50;
+    Agent::connect(config).unwrap()
+}
+
+/// Each file equals the disk image of the same index.
+fn assert_files(files: &[PathBuf], disks: &[Vec<u8>], what: &str) {
+    assert_eq!(files.len(), disks.len(), "{what}");
+    for (index, (file, disk)) in files.iter().zip(disks).enumerate() {
+        let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{what}: {file:?}: {e}"));
+        assert!(bytes == *disk, "{what}: disk {index} ({file:?}) differs");
+    }
+}
+
+fn files(view: &Value) -> Vec<PathBuf> {
+    view["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| PathBuf::from(f.as_str().unwrap()))
+        .collect()
+}
+
+fn state(server: &Server, item: &str) -> Value {
+    server.expect("GET", &format!("/v1/items/{item}"), None, 200)
+}
+
+fn wait_state(server: &Server, item: &str, wanted: &str) -> Value {
+    for _ in 0..2400 {
+        let view = state(server, item);
+        if view["state"] == wanted {
+            return view;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "item {item} never reached {wanted}: {}",
+        state(server, item)
+    );
+}
+
+#[test]
+fn the_whole_lifecycle_over_the_api_and_the_data_port() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let site = data.join("vms");
+    std::fs::create_dir_all(&site).unwrap();
+    let server = Server::start(&data, &[]);
+    let geometry = vec![
+        DiskGeometry {
+            size_bytes: 8 << 20,
+            block_size_bytes: 4096,
+        },
+        DiskGeometry {
+            size_bytes: 4 << 20,
+            block_size_bytes: 512,
+        },
+    ];
+
+    // ── enable ──
+    let enabled = server.expect(
+        "POST",
+        "/v1/items",
+        Some(json!({
+            "name": "vm1",
+            "disks": [{"size_mib": 8}, {"size_mib": 4, "block_size_bytes": 512}],
+            "policy": {"keep_points": 1000, "app_consistent_minutes": 5}
+        })),
+        201,
+    );
+    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
+    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    assert_eq!(enabled["item"]["state"], "initial_replication");
+    assert_eq!(enabled["job"]["kind"], "initial_replication");
+    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert_eq!(
+        (slots["free"].as_u64(), slots["attached"].as_u64()),
+        (Some(29), Some(2))
+    );
+    // A request in the wrong state: 409 with the state and what is allowed.
+    let (status, body) = server.call("POST", &format!("/v1/items/{item}/commit"), None);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "wrong_state");
+    assert_eq!(body["error"]["state"], "initial_replication");
+    assert_eq!(body["error"]["allowed_operations"], json!(["disable"]));
+
+    // ── initial replication ──
+    let mut vm = Vm::new(&geometry, 7);
+    let source = agent(&server, item_id(&item), &token, "vm1", &geometry);
+    vm.full_copy(&source);
+    let mut oracle: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let first = source
+        .bookmark(Consistency::Crash, 1, 1, "initial")
+        .unwrap();
+    oracle.insert(first, vm.disks.clone());
+    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+    let view = wait_state(&server, &item, "protected");
+    assert_eq!(view["synchronized_percent"], 100);
+
+    // ── steady replication with crash- and app-consistent points ──
+    let mut custom = 0;
+    for round in 0..6u64 {
+        for _ in 0..25 {
+            vm.write(&source);
+        }
+        let consistency = if round == 3 {
+            Consistency::App
+        } else {
+            Consistency::Crash
+        };
+        let seq = bookmark(&mut oracle, &vm, &source, 10 + round, consistency);
+        if round == 1 {
+            custom = seq;
+        }
+    }
+    source.flush(Duration::from_secs(60)).unwrap();
+    wait_for_point(&server, &item, *oracle.keys().last().unwrap());
+
+    // ── test failover at the custom point; replication keeps running ──
+    let test_dir = data.join("test-failover");
+    let job = server.expect(
+        "POST",
+        &format!("/v1/items/{item}/test-failover"),
+        Some(json!({"point": custom, "target_dir": test_dir, "format": "raw"})),
+        202,
+    );
+    for _ in 0..30 {
+        vm.write(&source);
+    }
+    let during = bookmark(&mut oracle, &vm, &source, 20, Consistency::Crash);
+    server.wait_job(job["id"].as_u64().unwrap());
+    let view = state(&server, &item);
+    assert_eq!(view["state"], "test_failover");
+    let test_files = files(&view["test_failover"]);
+    assert_files(&test_files, &oracle[&custom], "test failover disks");
+    source.flush(Duration::from_secs(60)).unwrap();
+    wait_for_point(&server, &item, during);
+
+    // ── cleanup ──
+    let view = server.expect(
+        "POST",
+        &format!("/v1/items/{item}/test-failover/cleanup"),
+        None,
+        200,
+    );
+    assert_eq!(view["state"], "protected");
+    assert!(test_files.iter().all(|f| !f.exists()), "test disks removed");
+
+    // More writes; one more app-consistent point; then the source shuts down.
+    for _ in 0..40 {
+        vm.write(&source);
+    }
+    let app = bookmark(&mut oracle, &vm, &source, 30, Consistency::App);
+    for _ in 0..10 {
+        vm.write(&source);
+    }
+    let last = bookmark(&mut oracle, &vm, &source, 31, Consistency::Crash);
+    source.close(Duration::from_secs(60)).unwrap();
+    wait_for_point(&server, &item, last);
+    // The original VM's disks as it left them (used again by re-protect).
+    let original: Vec<PathBuf> = (0..2)
+        .map(|i| site.join(format!("vm1-disk-{i}.img")))
+        .collect();
+    vm.save(&original);
+
+    // ── failover to the custom point ──
+    let failover_dir = data.join("failover");
+    let job = server.expect(
+        "POST",
+        &format!("/v1/items/{item}/failover"),
+        Some(json!({"point": custom, "target_dir": failover_dir, "source_shut_down": true})),
+        202,
+    );
+    server.wait_job(job["id"].as_u64().unwrap());
+    let view = state(&server, &item);
+    assert_eq!(view["state"], "failed_over");
+    assert_eq!(view["failover"]["point_id"], custom);
+    let failed_over = files(&view["failover"]);
+    assert_files(
+        &failed_over,
+        &oracle[&custom],
+        "failover disks at the custom point",
+    );
+    // The source's agent is refused now: the item takes no frames.
+    let refused = Agent::connect({
+        let mut config = AgentConfig::new(
+            server.data,
+            item_id(&item),
+            token.as_bytes(),
+            "vm1",
+            geometry.clone(),
+        );
+        config.max_attempts = 1;
+        config
+    })
+    .and_then(|agent| {
+        agent.write(0, 0, &[1; 4096])?;
+        agent.flush(Duration::from_secs(10))
+    });
+    assert!(refused.is_err(), "a failed-over item takes no frames");
+
+    // ── change point to the latest app-consistent point ──
+    let job = server.expect(
+        "POST",
+        &format!("/v1/items/{item}/change-point"),
+        Some(json!({"point": "latest-app"})),
+        202,
+    );
+    server.wait_job(job["id"].as_u64().unwrap());
+    let view = state(&server, &item);
+    assert_eq!(
+        (
+            view["state"].as_str(),
+            view["failover"]["point_id"].as_u64()
+        ),
+        (Some("failed_over"), Some(app))
+    );
+    assert_files(
+        &files(&view["failover"]),
+        &oracle[&app],
+        "failover disks after change point",
+    );
+
+    // ── commit ──
+    let view = server.expect("POST", &format!("/v1/items/{item}/commit"), None, 200);
+    assert_eq!(view["state"], "committed");
+    assert_eq!(view["allowed_operations"], json!(["reprotect", "disable"]));
+
+    // The failed-over VM runs on the failover disks and writes.
+    let mut reverse_vm = Vm::new(&geometry, 99);
+    reverse_vm.disks = failed_over
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let differing_before: usize = (0..2)
+        .map(|d| differing_chunks(&reverse_vm.disks[d], &vm.disks[d]))
+        .sum();
+
+    // ── re-protect: the original disks become replicas; a temporary OS disk is made ──
+    let reprotected = server.expect(
+        "POST",
+        &format!("/v1/items/{item}/reprotect"),
+        Some(json!({"disks": original})),
+        201,
+    );
+    let reverse = reprotected["item"]["id"].as_str().unwrap().to_owned();
+    let reverse_token = reprotected["stream_token"].as_str().unwrap().to_owned();
+    assert_eq!(reprotected["item"]["state"], "reprotecting");
+    assert_eq!(reprotected["item"]["role"], "reverse");
+    let temporary = PathBuf::from(reprotected["item"]["temporary_os_disk"].as_str().unwrap());
+    let info = engine::vhd::read_fixed_vhd_info(&temporary).unwrap();
+    assert_eq!(
+        info.virtual_size_bytes,
+        1 << 30,
+        "a 1 GiB temporary OS disk"
+    );
+    assert_eq!(state(&server, &item)["state"], "reprotected");
+    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert_eq!(slots["attached"], 4, "{slots}");
+
+    // The delta resync from the failed-over VM: only the differing chunks travel.
+    let report = disk_sim::resync::delta_resync(
+        server.data,
+        item_id(&reverse),
+        reverse_token.as_bytes(),
+        "vm1-reverse",
+        &geometry,
+        &failed_over,
+        64 << 10,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let chunks_differing: u64 = report.disks.iter().map(|d| d.chunks_differing).sum();
+    assert_eq!(chunks_differing as usize, differing_before, "{report:?}");
+    assert!(
+        report.total_bytes_sent <= (differing_before as u64) * (64 << 10),
+        "{report:?}"
+    );
+    assert!(
+        report.total_bytes_sent < report.total_disk_bytes / 2,
+        "{report:?}"
+    );
+    server.wait_job(reprotected["job"]["id"].as_u64().unwrap());
+    wait_state(&server, &reverse, "protected");
+    assert_files(
+        &original,
+        &reverse_vm.disks,
+        "original disks after the delta resync",
+    );
+
+    // Reverse replication of the failed-over VM's writes.
+    let back = agent(
+        &server,
+        item_id(&reverse),
+        &reverse_token,
+        "vm1-reverse",
+        &geometry,
+    );
+    for _ in 0..60 {
+        reverse_vm.write(&back);
+    }
+    let reverse_last = back.bookmark(Consistency::App, 40, 40, "reverse").unwrap();
+    back.close(Duration::from_secs(60)).unwrap();
+    wait_for_point(&server, &reverse, reverse_last);
+
+    // ── failback: final sync, disks handed back, temporary OS disk deleted ──
+    let job = server.expect("POST", &format!("/v1/items/{reverse}/failback"), None, 202);
+    let job = server.wait_job(job["id"].as_u64().unwrap());
+    let view = state(&server, &reverse);
+    assert_eq!(view["state"], "failed_back", "{job}");
+    assert!(!temporary.exists(), "temporary OS disk deleted");
+    assert_files(
+        &original,
+        &reverse_vm.disks,
+        "original disks after failback",
+    );
+    assert!(
+        view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["lun"].is_null())
+    );
+    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert_eq!(
+        slots["attached"], 2,
+        "only the first item's replicas hold slots: {slots}"
+    );
+
+    // ── disable the first item: every slot free again ──
+    let view = server.expect("DELETE", &format!("/v1/items/{item}"), None, 200);
+    assert_eq!(view["state"], "disabled");
+    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert_eq!(
+        (slots["free"].as_u64(), slots["attached"].as_u64()),
+        (Some(31), Some(0))
+    );
+    // The failed-over disks belong to the VM now: disable leaves them alone.
+    assert!(failed_over.iter().all(|f| f.exists()));
+    server.stop();
+}
+
+/// A bookmark; the model at it goes into the oracle.
+fn bookmark(
+    oracle: &mut BTreeMap<u64, Vec<Vec<u8>>>,
+    vm: &Vm,
+    agent: &Agent,
+    id: u64,
+    consistency: Consistency,
+) -> u64 {
+    let seq = agent.bookmark(consistency, id, id, "steady").unwrap();
+    oracle.insert(seq, vm.disks.clone());
+    seq
+}
+
+fn wait_for_point(server: &Server, item: &str, point: u64) {
+    for _ in 0..2400 {
+        let points = server.expect("GET", &format!("/v1/items/{item}/points"), None, 200);
+        if points
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"].as_u64() == Some(point))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("point {point} of {item} never applied");
+}
+
+/// 64 KiB chunks that differ between two images of one disk.
+fn differing_chunks(a: &[u8], b: &[u8]) -> usize {
+    a.chunks(64 << 10)
+        .zip(b.chunks(64 << 10))
+        .filter(|(x, y)| x != y)
+        .count()
+}
