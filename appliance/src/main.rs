@@ -244,7 +244,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|d| daemon::parse_disk(d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let (item, token) = daemon::create_item(&data_dir, &name, &disks, daemon::ServeOptions::offline_default())?;
+            let (item, token) = daemon::create_item(
+                &data_dir,
+                &name,
+                &disks,
+                daemon::ServeOptions::offline_default(),
+            )?;
             println!("item {item}");
             println!("token {token}");
             Ok(())
