@@ -469,3 +469,105 @@ fn differing_chunks(a: &[u8], b: &[u8]) -> usize {
         .filter(|(x, y)| x != y)
         .count()
 }
+
+/// Resync on demand: the item pauses, applies what is staged, and refuses the agent's
+/// ordinary stream until the agent has run the hash exchange; only the differing chunks
+/// travel; the item is protected again at the resync's point, and ordinary streaming resumes.
+#[test]
+fn resync_on_demand_sends_only_what_differs() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let server = Server::start(&data, &[]);
+    let geometry = vec![DiskGeometry {
+        size_bytes: 8 << 20,
+        block_size_bytes: 4096,
+    }];
+    let enabled = server.expect(
+        "POST",
+        "/v1/items",
+        Some(json!({"name": "vm-resync", "disks": [{"size_mib": 8}]})),
+        201,
+    );
+    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
+    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let mut vm = Vm::new(&geometry, 3);
+    let source = agent(&server, item_id(&item), &token, "vm-resync", &geometry);
+    vm.full_copy(&source);
+    source
+        .bookmark(Consistency::Crash, 1, 1, "initial")
+        .unwrap();
+    source.close(Duration::from_secs(60)).unwrap();
+    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+
+    // The source changes while nothing is sent (as after a lost agent backlog).
+    for _ in 0..5 {
+        let block = (vm.next() % 2048) * 4096;
+        vm.disks[0][block as usize..block as usize + 4096].fill(0xEE);
+    }
+    let sources = vec![tmp.path().join("source-0.img")];
+    vm.save(&sources);
+    let differing = differing_chunks(
+        &vm.disks[0],
+        &std::fs::read(data.join("items").join(&item).join("replicas/disk-0.img")).unwrap(),
+    );
+    assert!((1..=5).contains(&differing));
+
+    let job = server.expect("POST", &format!("/v1/items/{item}/resync"), None, 202);
+    assert_eq!(job["kind"], "resync");
+    // An ordinary stream is refused until the hash exchange ran.
+    let refused = {
+        let mut config = AgentConfig::new(
+            server.data,
+            item_id(&item),
+            token.as_bytes(),
+            "vm-resync",
+            geometry.clone(),
+        );
+        config.max_attempts = 20;
+        config.backoff_initial = Duration::from_millis(50);
+        Agent::connect(config)
+            .and_then(|agent| {
+                agent.write(0, 0, &[1; 4096])?;
+                agent.flush(Duration::from_secs(30))
+            })
+            .unwrap_err()
+    };
+    assert!(refused.needs_resync(), "{refused}");
+    let report = disk_sim::resync::delta_resync(
+        server.data,
+        item_id(&item),
+        token.as_bytes(),
+        "vm-resync",
+        &geometry,
+        &sources,
+        64 << 10,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(
+        report.disks[0].chunks_differing as usize, differing,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.total_bytes_sent,
+        differing as u64 * (64 << 10),
+        "{report:?}"
+    );
+    server.wait_job(job["id"].as_u64().unwrap());
+    let view = wait_state(&server, &item, "protected");
+    assert_eq!(view["latest_point_id"].as_u64(), Some(report.bookmark_seq));
+    assert_files(
+        &[data.join("items").join(&item).join("replicas/disk-0.img")],
+        &vm.disks,
+        "replica after the resync",
+    );
+    // Ordinary streaming resumes after the resync's frames.
+    let source = agent(&server, item_id(&item), &token, "vm-resync", &geometry);
+    assert!(source.next_seq() > report.bookmark_seq);
+    vm.write(&source);
+    let seq = source.bookmark(Consistency::Crash, 2, 2, "after").unwrap();
+    source.close(Duration::from_secs(60)).unwrap();
+    wait_for_point(&server, &item, seq);
+    server.stop();
+}
