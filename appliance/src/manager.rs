@@ -421,10 +421,11 @@ impl From<anyhow::Error> for OpError {
 }
 
 fn bad(field: impl Into<String>, message: impl Into<String>) -> OpError {
+    let field = field.into();
     OpError::BadRequest {
         code: "bad_request",
-        field: Some(field.into()),
-        message: message.into(),
+        message: format!("{field}: {}", message.into()),
+        field: Some(field),
     }
 }
 

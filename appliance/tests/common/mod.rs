@@ -87,6 +87,7 @@ pub struct Server {
     pub data: std::net::SocketAddr,
     /// API token.
     pub token: String,
+    stopped: bool,
 }
 
 impl Server {
@@ -129,6 +130,7 @@ impl Server {
             api,
             data,
             token,
+            stopped: false,
         }
     }
 
@@ -175,6 +177,7 @@ impl Server {
 
     /// SIGTERM, and the exit status must be 0.
     pub fn stop(mut self) {
+        self.stopped = true;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -188,8 +191,19 @@ impl Server {
 
     /// SIGKILL.
     pub fn kill(mut self) {
+        self.stopped = true;
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    /// A test that panics must not leave a server running.
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
