@@ -66,6 +66,8 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(40);
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// Most disks per item (the stream format allows more; one VM rarely has more than 64).
 const MAX_ITEM_DISKS: usize = 64;
+/// Longest a graceful shutdown waits for running jobs that write files.
+const JOB_STOP_WAIT: Duration = Duration::from_secs(120);
 /// The supervisor's period.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -1003,6 +1005,11 @@ impl Manager {
         if let Some(handle) = lock(&self.supervisor).take() {
             let _ = handle.join();
         }
+        // Let jobs that write files finish (bounded): a restart would undo their work.
+        let deadline = Instant::now() + JOB_STOP_WAIT;
+        while self.jobs.running_work() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut failures = Vec::new();
         for item in self.all_items() {
             let Some(repl) = item.repl().take() else {
@@ -1271,6 +1278,12 @@ impl Manager {
                         code: "path_in_use",
                         message: format!("temporary_os_disk {} already exists", path.display()),
                     });
+                }
+                if !path.parent().is_some_and(Path::is_dir) {
+                    return Err(bad(
+                        "temporary_os_disk",
+                        format!("{}: its directory does not exist", path.display()),
+                    ));
                 }
                 Some(path)
             }
@@ -1664,7 +1677,9 @@ impl Manager {
         self: &Arc<Self>,
         item: Arc<Item>,
         job: Arc<Job>,
-        work: impl FnOnce(&Arc<Self>, &Arc<Item>, &Job) -> anyhow::Result<String> + Send + 'static,
+        work: impl FnOnce(&Arc<Self>, &Arc<Item>, &Job) -> anyhow::Result<Option<String>>
+        + Send
+        + 'static,
         undo: impl FnOnce(&Arc<Self>, &Arc<Item>, &str) + Send + 'static,
     ) -> Result<JobView, OpError> {
         let view = job.view();
@@ -1672,7 +1687,9 @@ impl Manager {
         std::thread::Builder::new()
             .name(format!("job-{}", view.id))
             .spawn(move || match work(&manager, &item, &job) {
-                Ok(message) => {
+                // The supervisor ends the job (a replication job).
+                Ok(None) => {}
+                Ok(Some(message)) => {
                     if let Err(error) = job.succeed(message) {
                         tracing::error!(error = %format!("{error:#}"), "recording a job's end");
                     }
@@ -1731,10 +1748,10 @@ impl Manager {
                 item.update(|r| {
                     r.test_failover = r.pending.take();
                 })?;
-                Ok(format!(
+                Ok(Some(format!(
                     "test failover disks at point {point_id} in {}",
                     dir.display()
-                ))
+                )))
             },
             |_, item, error| {
                 if let Some(pending) = item.record().pending.clone() {
@@ -1822,7 +1839,7 @@ impl Manager {
                     });
                     r.pending = None;
                 })?;
-                Ok(format!(
+                Ok(Some(format!(
                     "failed over to point {point_id}; disks in {}{}",
                     dir.display(),
                     if shut_down {
@@ -1831,7 +1848,7 @@ impl Manager {
                         " (the source was not declared shut down: writes it made after the \
                          last acknowledged frame are not in this point)"
                     }
-                ))
+                )))
             },
             |manager, item, error| {
                 if let Some(pending) = item.record().pending.clone() {
@@ -1907,7 +1924,7 @@ impl Manager {
                     }
                     r.pending = None;
                 })?;
-                Ok(format!("failed-over disks now at point {point_id}"))
+                Ok(Some(format!("failed-over disks now at point {point_id}")))
             },
             |_, item, error| {
                 if let Some(pending) = item.record().pending.clone() {
@@ -2045,14 +2062,14 @@ impl Manager {
                     r.temporary_os_disk = None;
                 })?;
                 manager.remove_item_data(item)?;
-                Ok(format!(
+                Ok(Some(format!(
                     "final sync through seq {}, last point {}; {} disks handed back (LUNs {:?} \
                      released){deleted}",
                     applied.unwrap_or(0),
                     point.map_or("none".into(), |p| p.to_string()),
                     record.disks.len(),
                     luns.iter().map(|l| l.0).collect::<Vec<_>>()
-                ))
+                )))
             },
             |manager, item, error| {
                 let _ = item.update(|r| {
@@ -2111,8 +2128,7 @@ impl Manager {
                      bookmark)",
                 );
                 // The supervisor ends the job at the first point after `next_seq`.
-                manager.wait_job_end(item, job);
-                Ok(String::new())
+                Ok(None)
             },
             |_, item, error| {
                 item.pausing.store(false, Ordering::Release);
@@ -2150,16 +2166,6 @@ impl Manager {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Blocks a job thread until the supervisor ended its job (replication jobs).
-    fn wait_job_end(&self, item: &Item, job: &Job) {
-        while job.view().state == crate::jobs::JobState::Running
-            && !self.stopping.load(Ordering::Acquire)
-            && item.record().state == ItemState::Resyncing
-        {
-            std::thread::sleep(TICK);
         }
     }
 
