@@ -14,9 +14,8 @@
 //! manager), so no request waits on disk I/O of another. [`ApiServer::shutdown`] stops
 //! accepting, lets requests in flight finish (at most [`GRACE`]), and joins the thread.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -76,20 +75,7 @@ pub fn load_or_create_token(data_dir: &FsPath) -> anyhow::Result<(String, bool)>
     }
     let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
     // Written to a temporary name, synced, then renamed: never an empty or half token file.
-    let tmp = data_dir.join(format!("{TOKEN_FILE}.tmp"));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
-    std::fs::File::open(data_dir)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("syncing {}", data_dir.display()))?;
+    crate::store::write_secret(data_dir, TOKEN_FILE, token.as_bytes())?;
     Ok((token, true))
 }
 

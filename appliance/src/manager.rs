@@ -27,8 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -1347,15 +1346,7 @@ impl Manager {
                 made.push(path.clone());
             }
             let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
-            let token_path = dirs.root.join(TOKEN_FILE);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&token_path)
-                .with_context(|| format!("creating {}", token_path.display()))?;
-            file.write_all(token.as_bytes())?;
-            file.sync_all()?;
+            crate::store::write_secret(&dirs.root, TOKEN_FILE, token.as_bytes())?;
             let reverse = role == Role::Reverse || temporary.is_some();
             let (state, kind) = if reverse {
                 (ItemState::Reprotecting, JobKind::Reprotect)
@@ -1753,16 +1744,7 @@ impl Manager {
                     dir.display()
                 )))
             },
-            |_, item, error| {
-                if let Some(pending) = item.record().pending.clone() {
-                    remove_materialized(&pending);
-                }
-                let _ = item.update(|r| {
-                    r.state = ItemState::Protected;
-                    r.pending = None;
-                    r.last_error = Some(error.to_owned());
-                });
-            },
+            |_, item, error| undo_pending(item, ItemState::Protected, error),
         )
     }
 
@@ -1851,14 +1833,7 @@ impl Manager {
                 )))
             },
             |manager, item, error| {
-                if let Some(pending) = item.record().pending.clone() {
-                    remove_materialized(&pending);
-                }
-                let _ = item.update(|r| {
-                    r.state = ItemState::Protected;
-                    r.pending = None;
-                    r.last_error = Some(error.to_owned());
-                });
+                undo_pending(item, ItemState::Protected, error);
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {
@@ -1926,16 +1901,7 @@ impl Manager {
                 })?;
                 Ok(Some(format!("failed-over disks now at point {point_id}")))
             },
-            |_, item, error| {
-                if let Some(pending) = item.record().pending.clone() {
-                    remove_materialized(&pending);
-                }
-                let _ = item.update(|r| {
-                    r.state = ItemState::FailedOver;
-                    r.pending = None;
-                    r.last_error = Some(error.to_owned());
-                });
-            },
+            |_, item, error| undo_pending(item, ItemState::FailedOver, error),
         )
     }
 
@@ -2487,6 +2453,21 @@ impl Manager {
             data_port_sessions_total: port.sessions,
             data_port_connections: port.active as u64,
         }
+    }
+}
+
+/// Undoes a failed job that was writing disks: removes what it wrote, returns the item to
+/// `state` and records the error.
+fn undo_pending(item: &Item, state: ItemState, error: &str) {
+    if let Some(pending) = item.record().pending.clone() {
+        remove_materialized(&pending);
+    }
+    if let Err(e) = item.update(|r| {
+        r.state = state;
+        r.pending = None;
+        r.last_error = Some(error.to_owned());
+    }) {
+        tracing::error!(item = %item.hex, error = %format!("{e:#}"), "recording a failed job");
     }
 }
 

@@ -32,13 +32,24 @@ pub fn now_ns() -> u64 {
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content, never
 /// a mix: write `name.tmp`, fsync, rename, fsync the directory.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_mode(dir, name, bytes, 0o644)
+}
+
+/// [`write_atomic`] for a secret (a token): readable by the owner only (mode 0600).
+pub fn write_secret(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_mode(dir, name, bytes, 0o600)
+}
+
+fn write_atomic_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(bytes)
