@@ -1640,6 +1640,13 @@ impl Manager {
         format: Format,
     ) -> Result<(PathBuf, bool), OpError> {
         let dir = self.check_path(raw, "target_dir")?;
+        let existing = dir.ancestors().find(|p| p.exists());
+        if !existing.is_some_and(Path::is_dir) {
+            return Err(bad(
+                "target_dir",
+                format!("{} is not a directory (nor inside one)", dir.display()),
+            ));
+        }
         let created = !dir.exists();
         if !created && !dir.is_dir() {
             return Err(bad(

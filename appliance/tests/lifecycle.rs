@@ -209,6 +209,54 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     source.flush(Duration::from_secs(60)).unwrap();
     wait_for_point(&server, &item, *oracle.keys().last().unwrap());
 
+    // Refused up front, with the field named: a target that is a file, a path outside the
+    // data directory, an unknown point, "latest" (failover only).
+    let file = data.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for (body, status, code) in [
+        (
+            json!({"point": custom, "target_dir": file}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"point": custom, "target_dir": file.join("sub")}),
+            400,
+            "bad_request",
+        ),
+        (
+            json!({"point": custom, "target_dir": "/tmp/elsewhere"}),
+            403,
+            "path_refused",
+        ),
+        (
+            json!({"point": 999_999, "target_dir": data.join("t")}),
+            404,
+            "point_not_found",
+        ),
+        (
+            json!({"point": "latest", "target_dir": data.join("t")}),
+            400,
+            "bad_request",
+        ),
+    ] {
+        let (got, answer) = server.call(
+            "POST",
+            &format!("/v1/items/{item}/test-failover"),
+            Some(body.clone()),
+        );
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+    assert_eq!(
+        state(&server, &item)["state"],
+        "protected",
+        "refusals change nothing"
+    );
+
     // ── test failover at the custom point; replication keeps running ──
     let test_dir = data.join("test-failover");
     let job = server.expect(
