@@ -8,9 +8,14 @@
 //! - [`stream`]: a workload written out as a delta stream (the `disk-sim stream` command).
 //! - [`resync`]: the agent's delta resync over the data port (hash lists, diff, resync-block
 //!   frames in a RESYNC session, closing bookmark).
+//! - [`demo`]: the product's main job end to end: two appliances, one VM, the whole cycle.
+//! - [`site`]: a site directory and a real `appliance serve` process driven through its
+//!   control API.
 
 pub mod agent;
+pub mod demo;
 pub mod resync;
 pub mod rng;
+pub mod site;
 pub mod stream;
 pub mod workload;

@@ -22,6 +22,30 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The product's main job, end to end: two `appliance serve` processes (site A and site
+    /// B) on loopback, a VM with an OS disk and two data disks on site A, and the whole cycle
+    /// through the control APIs and data ports: enable → initial replication → steady
+    /// replication → test failover → failover (Custom point) → change point → commit → the VM
+    /// on site B → re-protect to A (temporary 1 GiB OS disk, delta resync) → failback →
+    /// protect A→B again. One line per step (time, bytes moved, check), then a summary table.
+    /// Exit 0 only if every check passed.
+    ///
+    /// Example: `disk-sim demo --keep`
+    Demo {
+        /// Directory for the two sites (default: a new temporary directory, removed at the
+        /// end unless --keep).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the files.
+        #[arg(long)]
+        keep: bool,
+        /// OS disk size in MiB (each data disk is half of it).
+        #[arg(long = "os-disk-mib", default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=4096))]
+        os_disk_mib: u64,
+        /// Workload seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Write a delta-stream file from a seeded workload.
     Stream {
         /// File to write.
@@ -63,6 +87,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo {
+            dir,
+            keep,
+            os_disk_mib,
+            seed,
+        } => {
+            let options = disk_sim::demo::DemoOptions {
+                dir,
+                keep,
+                os_disk_mib,
+                seed,
+                appliance_bin: None,
+            };
+            disk_sim::demo::run(&options, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
         Command::Stream {
             out,
             seed,
