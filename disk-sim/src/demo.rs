@@ -74,15 +74,15 @@ pub struct StepReport {
 }
 
 /// A VM: its disks' current content in memory, mirrored to files on its site.
-struct Vm {
-    disks: Vec<Vec<u8>>,
-    geometry: Vec<DiskGeometry>,
-    files: Vec<PathBuf>,
+pub(crate) struct Vm {
+    pub(crate) disks: Vec<Vec<u8>>,
+    pub(crate) geometry: Vec<DiskGeometry>,
+    pub(crate) files: Vec<PathBuf>,
     rng: Rng,
 }
 
 impl Vm {
-    fn create(dir: &Path, geometry: &[DiskGeometry], seed: u64) -> anyhow::Result<Self> {
+    pub(crate) fn create(dir: &Path, geometry: &[DiskGeometry], seed: u64) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut rng = Rng::new(seed);
         let mut disks = Vec::new();
@@ -120,7 +120,7 @@ impl Vm {
     }
 
     /// One write of 4 KiB to 256 KiB, to the disk file and the model, sent by `agent`.
-    fn write(&mut self, agent: Option<&Agent>) -> anyhow::Result<u64> {
+    pub(crate) fn write(&mut self, agent: Option<&Agent>) -> anyhow::Result<u64> {
         use std::os::unix::fs::FileExt;
         let disk = self.rng.below(self.disks.len() as u64) as usize;
         let block = u64::from(self.geometry[disk].block_size_bytes);
@@ -143,14 +143,14 @@ impl Vm {
         Ok(len)
     }
 
-    fn size_bytes(&self) -> u64 {
+    pub(crate) fn size_bytes(&self) -> u64 {
         self.geometry.iter().map(|d| d.size_bytes).sum()
     }
 }
 
 /// Each file equals the disk of the same index (raw: the whole file; VHD: all but the
 /// 512-byte footer).
-fn same(files: &[PathBuf], disks: &[Vec<u8>]) -> anyhow::Result<bool> {
+pub(crate) fn same(files: &[PathBuf], disks: &[Vec<u8>]) -> anyhow::Result<bool> {
     if files.len() != disks.len() {
         return Ok(false);
     }
@@ -163,7 +163,7 @@ fn same(files: &[PathBuf], disks: &[Vec<u8>]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn paths(value: &Value) -> Vec<PathBuf> {
+pub(crate) fn paths(value: &Value) -> Vec<PathBuf> {
     value
         .as_array()
         .map(|a| {
@@ -194,7 +194,7 @@ fn agent(
     Ok(Agent::connect(config)?)
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -252,7 +252,7 @@ fn progress(what: &str) -> impl FnMut(u64, &str) + 'static {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),

@@ -3,19 +3,27 @@
 //! Modules:
 //! - [`rng`]: seeded randomness; every run prints its seed and replays from it.
 //! - [`workload`]: seeded write/trim/bookmark generators over an item's disks.
+//!   Also the workload clock and the [`workload::Pacer`] that holds a target churn.
+//! - [`vm`]: a source VM's disks as real files on a site directory.
+//! - [`oracle`]: the exact truth: chunk digests of every disk at every bookmark, a chunk log
+//!   to rebuild any disk at any bookmark, and checks of materialized disks against them.
 //! - [`agent`]: the source agent's sender: bounded backlog, data-port handshake, resend
 //!   from the last acknowledgement, fault hooks.
 //! - [`stream`]: a workload written out as a delta stream (the `disk-sim stream` command).
 //! - [`resync`]: the agent's delta resync over the data port (hash lists, diff, resync-block
 //!   frames in a RESYNC session, closing bookmark).
 //! - [`demo`]: the product's main job end to end: two appliances, one VM, the whole cycle.
+//! - [`scenario`]: `disk-sim run`, a scenario against an appliance already running.
 //! - [`site`]: a site directory and a real `appliance serve` process driven through its
 //!   control API.
 
 pub mod agent;
 pub mod demo;
+pub mod oracle;
 pub mod resync;
 pub mod rng;
+pub mod scenario;
 pub mod site;
 pub mod stream;
+pub mod vm;
 pub mod workload;

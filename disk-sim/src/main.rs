@@ -46,6 +46,31 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Run a scenario against an appliance that is already running: enable protection of a
+    /// simulated VM, stream a seeded workload with bookmarks over the data port, then check a
+    /// test failover (and optionally a failover) byte for byte against the source's disks.
+    /// Built-in scenarios: `steady`, `failover`; or a TOML file with the fields name,
+    /// disks_mib, writes, bookmark_every, app_every, seed, failover, disable.
+    ///
+    /// Example: `disk-sim run --scenario steady --appliance http://127.0.0.1:7400
+    /// --token-file /var/lib/appliance/api-token --source-dir /tmp/vm1`
+    Run {
+        /// A built-in scenario name or a TOML file.
+        #[arg(long, default_value = "steady")]
+        scenario: String,
+        /// The appliance's control API.
+        #[arg(long, env = "APPLIANCE_API", default_value = "http://127.0.0.1:7400")]
+        appliance: String,
+        /// The API token.
+        #[arg(long, env = "APPLIANCE_TOKEN", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the API token (DATA_DIR/api-token on the appliance).
+        #[arg(long = "token-file", env = "APPLIANCE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Keep the source VM's disk images here, for outside tools to compare.
+        #[arg(long = "source-dir")]
+        source_dir: Option<PathBuf>,
+    },
     /// Write a delta-stream file from a seeded workload.
     Stream {
         /// File to write.
@@ -102,6 +127,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             disk_sim::demo::run(&options, &mut std::io::stdout().lock())?;
             Ok(())
+        }
+        Command::Run {
+            scenario,
+            appliance,
+            token,
+            token_file,
+            source_dir,
+        } => {
+            let token = match (token, token_file) {
+                (Some(token), _) => token,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading the API token from {}", file.display()))?,
+                (None, None) => anyhow::bail!(
+                    "no API token: give --token or --token-file (or APPLIANCE_TOKEN / \
+                     APPLIANCE_TOKEN_FILE)"
+                ),
+            };
+            let scenario = disk_sim::scenario::Scenario::load(&scenario)?;
+            let options = disk_sim::scenario::RunOptions {
+                api: appliance,
+                token,
+                source_dir,
+            };
+            disk_sim::scenario::run(&scenario, &options, &mut std::io::stdout().lock())
         }
         Command::Stream {
             out,

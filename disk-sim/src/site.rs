@@ -66,31 +66,23 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// A running `appliance serve` on loopback.
-#[derive(Debug)]
-pub struct Appliance {
-    child: Option<Child>,
-    bin: PathBuf,
-    data_dir: PathBuf,
-    extra: Vec<String>,
-    /// Address of its data port (kept across restarts).
-    pub data_addr: SocketAddr,
-    /// Base URL of its control API (changes on restart).
-    pub api: String,
+/// A client of an appliance's control API (HTTP/JSON, bearer token).
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
     token: String,
     http: ureq::Agent,
 }
 
-impl Appliance {
-    /// Starts `appliance serve --data-dir DATA_DIR` with `extra` flags on loopback ports it
-    /// picks; returns once both ports listen.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with_bin(&appliance_bin()?, data_dir, extra)
-    }
-
-    /// [`Appliance::start`] with a given `appliance` binary.
-    pub fn start_with_bin(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let bin = bin.to_path_buf();
+impl Api {
+    /// A client of the API at `base` (`http://host:port`; a bare `host:port` means http).
+    pub fn new(base: &str, token: &str) -> Self {
+        let base = base.trim().trim_end_matches('/');
+        let base = if base.starts_with("http://") {
+            base.to_owned()
+        } else {
+            format!("http://{base}")
+        };
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .proxy(None)
@@ -98,128 +90,17 @@ impl Appliance {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        let mut appliance = Self {
-            child: None,
-            bin,
-            data_dir: data_dir.to_path_buf(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            api: String::new(),
-            token: String::new(),
+        Self {
+            base,
+            token: token.trim().to_owned(),
             http,
-        };
-        appliance.spawn()?;
-        Ok(appliance)
-    }
-
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.data_dir)
-            .with_context(|| format!("creating {}", self.data_dir.display()))?;
-        let mut child = Command::new(&self.bin)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--data-addr", &self.data_addr.to_string()])
-            .args(["--api-addr", "127.0.0.1:0"])
-            .args(&self.extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("the appliance's stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut next_line = |what: &str| -> anyhow::Result<String> {
-            match lines.next() {
-                Some(Ok(line)) => Ok(line),
-                _ => Err(anyhow!("the appliance exited before printing {what}")),
-            }
-        };
-        let started = (|| -> anyhow::Result<(SocketAddr, String)> {
-            let first = next_line("its data port")?;
-            let data = first
-                .strip_prefix("data port listening on ")
-                .ok_or_else(|| anyhow!("unexpected first line {first:?}"))?
-                .parse()?;
-            let second = next_line("its control API address")?;
-            let api = second
-                .strip_prefix("control API listening on ")
-                .ok_or_else(|| anyhow!("unexpected second line {second:?}"))?
-                .to_owned();
-            Ok((data, api))
-        })();
-        let (data, api) = match started {
-            Ok(addresses) => addresses,
-            Err(error) => {
-                let _ = child.kill();
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                let _ = child.wait();
-                bail!("{error:#}; its stderr:\n{stderr}");
-            }
-        };
-        // Keep draining stderr so the appliance never blocks on a full pipe.
-        if let Some(pipe) = child.stderr.take() {
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let _ = BufReader::new(pipe).read_to_end(&mut sink);
-            });
         }
-        self.data_addr = data;
-        self.api = format!("http://{api}");
-        self.token = std::fs::read_to_string(self.data_dir.join("api-token"))
-            .context("reading the API token")?
-            .trim()
-            .to_owned();
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL, then start again on the same data port.
-    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().context("SIGKILL of the appliance")?;
-            child.wait()?;
-        }
-        self.spawn()
-    }
-
-    /// SIGTERM and wait; an error unless it exits 0.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .context("sending SIGTERM to the appliance")?;
-        let exit = child.wait()?;
-        if !exit.success() {
-            bail!("the appliance exited with {exit} after SIGTERM");
-        }
-        Ok(())
     }
 
     /// One API call; a 2xx answer as JSON, anything else an [`ApiError`] (inside the
     /// `anyhow::Error`, so callers can downcast).
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.api);
+        let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let result = match method {
             "GET" => self.http.get(&url).header("Authorization", &auth).call(),
@@ -336,6 +217,155 @@ impl Appliance {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A running `appliance serve` on loopback; derefs to its [`Api`].
+#[derive(Debug)]
+pub struct Appliance {
+    child: Option<Child>,
+    bin: PathBuf,
+    data_dir: PathBuf,
+    extra: Vec<String>,
+    /// Address of its data port (kept across restarts).
+    pub data_addr: SocketAddr,
+    /// Base URL of its control API (changes on restart).
+    pub api: String,
+    client: Api,
+}
+
+impl std::ops::Deref for Appliance {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.client
+    }
+}
+
+impl Appliance {
+    /// Starts `appliance serve --data-dir DATA_DIR` with `extra` flags on loopback ports it
+    /// picks; returns once both ports listen.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_bin(&appliance_bin()?, data_dir, extra)
+    }
+
+    /// [`Appliance::start`] with a given `appliance` binary.
+    pub fn start_with_bin(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let bin = bin.to_path_buf();
+        let mut appliance = Self {
+            child: None,
+            bin,
+            data_dir: data_dir.to_path_buf(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            data_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api: String::new(),
+            client: Api::new("http://127.0.0.1:0", ""),
+        };
+        appliance.spawn()?;
+        Ok(appliance)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        let mut child = Command::new(&self.bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--data-addr", &self.data_addr.to_string()])
+            .args(["--api-addr", "127.0.0.1:0"])
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let stdout = child.stdout.take().context("the appliance's stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut next_line = |what: &str| -> anyhow::Result<String> {
+            match lines.next() {
+                Some(Ok(line)) => Ok(line),
+                _ => Err(anyhow!("the appliance exited before printing {what}")),
+            }
+        };
+        let started = (|| -> anyhow::Result<(SocketAddr, String)> {
+            let first = next_line("its data port")?;
+            let data = first
+                .strip_prefix("data port listening on ")
+                .ok_or_else(|| anyhow!("unexpected first line {first:?}"))?
+                .parse()?;
+            let second = next_line("its control API address")?;
+            let api = second
+                .strip_prefix("control API listening on ")
+                .ok_or_else(|| anyhow!("unexpected second line {second:?}"))?
+                .to_owned();
+            Ok((data, api))
+        })();
+        let (data, api) = match started {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                let _ = child.kill();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                let _ = child.wait();
+                bail!("{error:#}; its stderr:\n{stderr}");
+            }
+        };
+        // Keep draining stderr so the appliance never blocks on a full pipe.
+        if let Some(pipe) = child.stderr.take() {
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = BufReader::new(pipe).read_to_end(&mut sink);
+            });
+        }
+        self.data_addr = data;
+        self.api = format!("http://{api}");
+        let token = std::fs::read_to_string(self.data_dir.join("api-token"))
+            .context("reading the API token")?;
+        self.client = Api::new(&self.api, &token);
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, then start again on the same data port.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("SIGKILL of the appliance")?;
+            child.wait()?;
+        }
+        self.spawn()
+    }
+
+    /// SIGTERM and wait; an error unless it exits 0.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .context("sending SIGTERM to the appliance")?;
+        let exit = child.wait()?;
+        if !exit.success() {
+            bail!("the appliance exited with {exit} after SIGTERM");
+        }
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@
 //!              apply_batch() once: the bookmark ─► point 1, preservation armed (when on)
 //!  timed:      apply_batch() until staging is drained
 //!              ─► per write: submit → reaped (TimedEngine); per call: one sample;
+//!                 bytes of completed writes per 100 ms (TimedEngine, throughput plot);
 //!                 bytes / wall time; getrusage delta
 //!  fio:        --ioengine=io_uring --direct=1 --rw=(rand)write --bs=BS --iodepth=QD
 //!              --size=<replica> --io_size=<same bytes> --end_fsync=1
@@ -45,6 +46,7 @@ use crate::fio::{Fio, FioJob};
 use crate::histogram::LatencyHistogram;
 use crate::machine::Scratch;
 use crate::report::{Bench, Row};
+use crate::series::Intervals;
 use crate::timed::{OpLatencies, TimedEngine};
 use crate::workload::{
     DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets,
@@ -139,6 +141,8 @@ struct ApplyFigures {
     backend: BackendChoice,
     /// Per-op latencies seen by the [`TimedEngine`] under the applier.
     ops: OpLatencies,
+    /// Completed write bytes per 100 ms.
+    intervals: Intervals,
 }
 
 fn lock(latencies: &Mutex<OpLatencies>) -> MutexGuard<'_, OpLatencies> {
@@ -202,7 +206,8 @@ fn apply_once(
         bytes += progress.bytes;
         grains += progress.grains_preserved;
     }
-    let elapsed_s = started.elapsed().as_secs_f64();
+    let ended = Instant::now();
+    let elapsed_s = ended.duration_since(started).as_secs_f64();
     let cpu = cpu::process()?.since(&cpu_before);
     if frames != staged.writes || bytes != staged.data_bytes {
         bail!(
@@ -214,6 +219,7 @@ fn apply_once(
     let flushes = applier.stats().flushes - flushes_before;
     drop(applier); // on this thread: the ring is bound to it
     let ops = std::mem::take(&mut *lock(&op_latencies));
+    let intervals = ops.written.finish(ended);
     Ok(ApplyFigures {
         elapsed_s,
         frames,
@@ -224,6 +230,7 @@ fn apply_once(
         flushes,
         backend,
         ops,
+        intervals,
     })
 }
 
@@ -231,19 +238,20 @@ fn engine_row(label: &str, f: &ApplyFigures) -> Row {
     let calls = f.batches.count().max(1);
     let mut row = Row::engine(label, f.bytes, f.frames, f.elapsed_s)
         .with_cpu(f.cpu)
-        .with_latency("write (submit → reaped)", f.ops.writes.summary())
-        .with_latency(
+        .with_histogram("write (submit → reaped)", &f.ops.writes)
+        .with_histogram(
             format!(
                 "apply_batch call (mean {:.0} frames)",
                 f.frames as f64 / calls as f64
             ),
-            f.batches.summary(),
-        );
+            &f.batches,
+        )
+        .with_intervals(Some(f.intervals.clone()));
     if f.ops.reads.count() > 0 {
-        row = row.with_latency("preserve read (submit → reaped)", f.ops.reads.summary());
+        row = row.with_histogram("preserve read (submit → reaped)", &f.ops.reads);
     }
     if f.ops.flushes.count() > 0 {
-        row = row.with_latency("replica flush", f.ops.flushes.summary());
+        row = row.with_histogram("replica flush", &f.ops.flushes);
     }
     row.with_extra("apply_batch_calls", f.batches.count())
         .with_extra("replica_flushes", f.flushes)

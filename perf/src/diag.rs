@@ -177,7 +177,7 @@ pub fn io_engine(
     };
     Ok(diag_row(label, bytes, offsets.len() as u64, elapsed_s)
         .with_cpu(cpu)
-        .with_latency(kind, lat.summary())
+        .with_histogram(kind, &lat)
         .with_extra("buf_bytes", buf_bytes as u64)
         .with_extra("pool_and_ring_setup_ms", setup_ms))
 }

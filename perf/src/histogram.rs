@@ -11,6 +11,10 @@
 //! upper bound is recorded as the upper bound (`saturating_record`), never dropped.
 //! Fio's own percentiles are converted into the same [`Percentiles`] shape (in µs) so the
 //! report can put both on one table.
+//!
+//! For the plots, [`LatencyHistogram::curve`] samples the distribution at [`CURVE_POINTS`]
+//! percentiles spread evenly on a "nines" scale (`x = −log10(1 − p/100)`: 0 → p0, 1 → p90,
+//! 2 → p99, 3 → p99.9, 4 → p99.99), so the tail gets as many points as the body.
 
 use std::time::Duration;
 
@@ -23,6 +27,24 @@ pub const LOWEST_US: u64 = 1;
 pub const HIGHEST_US: u64 = 60_000_000;
 /// Significant decimal digits kept.
 pub const SIGNIFICANT_DIGITS: u8 = 3;
+/// Points of a latency curve: nines 0, 0.05, …, 4 (p0 … p99.99).
+pub const CURVE_POINTS: usize = 81;
+/// Highest "nines" value of a curve (4 = p99.99).
+pub const CURVE_MAX_NINES: f64 = 4.0;
+
+/// A latency curve: `(percentile, µs)` points, percentiles ascending.
+pub type Curve = Vec<(f64, f64)>;
+
+/// The "nines" of a percentile: `−log10(1 − p/100)`, capped at [`CURVE_MAX_NINES`].
+pub fn nines(percentile: f64) -> f64 {
+    let rest = (1.0 - percentile / 100.0).max(10f64.powf(-CURVE_MAX_NINES));
+    (-rest.log10()).clamp(0.0, CURVE_MAX_NINES)
+}
+
+/// The percentile of a "nines" value (inverse of [`nines`]).
+pub fn percentile_of_nines(nines: f64) -> f64 {
+    100.0 * (1.0 - 10f64.powf(-nines))
+}
 
 /// A latency histogram in µs with fixed bounds [`LOWEST_US`] ..= [`HIGHEST_US`].
 #[derive(Debug, Clone)]
@@ -54,6 +76,21 @@ impl LatencyHistogram {
     /// Number of values recorded.
     pub fn count(&self) -> u64 {
         self.hist.len()
+    }
+
+    /// The distribution at [`CURVE_POINTS`] percentiles, evenly spread in nines (empty when
+    /// nothing was recorded).
+    pub fn curve(&self) -> Curve {
+        if self.hist.is_empty() {
+            return Vec::new();
+        }
+        (0..CURVE_POINTS)
+            .map(|i| {
+                let n = CURVE_MAX_NINES * i as f64 / (CURVE_POINTS - 1) as f64;
+                let p = percentile_of_nines(n);
+                (p, self.hist.value_at_quantile(p / 100.0) as f64)
+            })
+            .collect()
     }
 
     /// The percentiles the report shows.
@@ -105,6 +142,24 @@ mod tests {
         assert!((s.p50_us - 500.0).abs() <= 1.0, "{s:?}");
         assert!((s.p99_us - 990.0).abs() <= 1.0, "{s:?}");
         assert!((s.max_us - 1000.0).abs() <= 1.0, "{s:?}");
+    }
+
+    #[test]
+    fn curve_spans_p0_to_p99_99_and_rises() {
+        let mut h = LatencyHistogram::new();
+        assert!(h.curve().is_empty());
+        for us in 1..=100_000u64 {
+            h.observe(Duration::from_micros(us));
+        }
+        let c = h.curve();
+        assert_eq!(c.len(), CURVE_POINTS);
+        assert!(c[0].0.abs() < 1e-9, "{:?}", c[0]);
+        assert!((c[CURVE_POINTS - 1].0 - 99.99).abs() < 1e-9);
+        assert!(c.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
+        assert!((c[20].0 - 90.0).abs() < 1e-9 && (c[20].1 - 90_000.0).abs() < 100.0);
+        assert!((nines(99.9) - 3.0).abs() < 1e-9);
+        assert!((nines(100.0) - CURVE_MAX_NINES).abs() < 1e-9);
+        assert!((percentile_of_nines(2.0) - 99.0).abs() < 1e-9);
     }
 
     #[test]

@@ -257,6 +257,23 @@ fn check_direct_io(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Drops the page-cache pages of `path` (`posix_fadvise(POSIX_FADV_DONTNEED)` after an
+/// fdatasync, so dirty pages are written and then dropped too): the next buffered read of it
+/// comes from the disk.
+pub fn drop_page_cache(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.sync_data()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    // SAFETY: the descriptor is open for the duration of the call; fadvise only advises.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc))
+            .with_context(|| format!("posix_fadvise(DONTNEED) on {}", path.display()));
+    }
+    Ok(())
+}
+
 /// Gathers the machine facts.
 pub fn machine_info(
     scratch: &Scratch,

@@ -3,16 +3,22 @@
 //! ```text
 //!  perf run [--quick] [--out DIR] [--dir SCRATCH] [--only NAME,…]
 //!
-//!  ensure fio ─► scratch dir (real disk, O_DIRECT, free space) ─► replica file written once
+//!  ensure fio (and qemu-img for materialize) ─► scratch dir (real disk, O_DIRECT, free
+//!  space) ─► replica file written once
 //!     │
 //!     ├─ apply-seq-1m     per queue depth (+ zstd-1 row)                      goal ≥ 0.9
 //!     ├─ apply-rand-4k    qd 32, preservation off (goal ≥ 0.8) and on (no goal)
 //!     ├─ apply-rand-64k   qd 32, preservation off (goal ≥ 0.8) and on (no goal)
-//!     └─ staging-append   per batch size (1, 16, 64 × 64 KiB)
-//!        each: fio, (engine, fio) × repeats on the same file; then diagnostic rows
+//!     ├─ staging-append   per batch size (1, 16, 64 × 64 KiB)
+//!     │  each: fio, (engine, fio) × repeats on the same file; then diagnostic rows
+//!     ├─ materialize      a point (10 % preserved) to raw and fixed VHD, next to qemu-img
+//!     │                   convert and cp --sparse=always           goal ≥ 1.0 vs qemu-img
+//!     └─ resync           hash_path next to an O_DIRECT fio read of the replica file;
+//!                         diff bytes sent / differing chunks at 1 % and 10 %   goal ≤ 1.1
 //!     │
 //!     ▼
 //!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
+//!  DIR/plots/*.svg (latency percentile curves, throughput per 100 ms; linked from report.md)
 //!  stdout: one line per ratio, then the run's duration
 //! ```
 //!
@@ -22,18 +28,22 @@
 //! once (they are slow, and have no goal). Diagnostic rows (`diag: …`) take the engine's
 //! path apart: see `diag.rs`.
 //!
-//! Sizes (`--quick` takes 1–2 minutes on 2 cores, depending on what else runs there; the
+//! Sizes (`--quick` takes 1–3 minutes on 2 cores, depending on what else runs there; the
 //! full run takes several minutes more, prints its duration like the quick one, and needs
-//! about 11 GiB of scratch space):
+//! about 11 GiB of scratch space). The hidden `--tiny` (or `PERF_TINY=1`) shrinks everything
+//! so that the whole run takes seconds: it checks that the run works (`tests/quick.rs`), its
+//! figures mean nothing.
 //!
-//! | | `--quick` | full |
-//! |---|---|---|
-//! | replica file | 1 GiB | 4 GiB |
-//! | apply-seq-1m | 1 GiB at qd 32, + zstd row | 4 GiB at qd 1, 8, 32, + zstd row |
-//! | apply-rand-4k | 65,536 writes (256 MiB), qd 32; preserve on: the first 16,384 | 262,144 writes (1 GiB), qd 32; preserve on: all |
-//! | apply-rand-64k | 8,192 writes (512 MiB), qd 32; preserve on: the first 2,048 | 32,768 writes (2 GiB), qd 32; preserve on: all |
-//! | staging-append | 256 / 2,048 / 4,096 frames at batch 1 / 16 / 64 | 1,024 / 8,192 / 16,384 |
-//! | runs per configuration | engine × 3, fio × 4 (preserve on, zstd: engine × 1) | same |
+//! | | `--quick` | full | `--tiny` |
+//! |---|---|---|---|
+//! | replica file | 1 GiB | 4 GiB | 64 MiB |
+//! | apply-seq-1m | 1 GiB at qd 32, + zstd row | 4 GiB at qd 1, 8, 32, + zstd row | 64 MiB at qd 32 |
+//! | apply-rand-4k | 65,536 writes (256 MiB), qd 32; preserve on: the first 16,384 | 262,144 writes (1 GiB), qd 32; preserve on: all | 4,096; 1,024 |
+//! | apply-rand-64k | 8,192 writes (512 MiB), qd 32; preserve on: the first 2,048 | 32,768 writes (2 GiB), qd 32; preserve on: all | 512; 128 |
+//! | staging-append | 256 / 2,048 / 4,096 frames at batch 1 / 16 / 64 | 1,024 / 8,192 / 16,384 | 32 / 128 / 256 |
+//! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
+//! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
+//! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.
 macro_rules! progress {
@@ -48,7 +58,11 @@ mod diag;
 mod fio;
 mod histogram;
 mod machine;
+mod materialize_bench;
+mod plot;
 mod report;
+mod resync_bench;
+mod series;
 mod staging_bench;
 mod timed;
 mod workload;
@@ -59,10 +73,11 @@ use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand};
 
 use crate::apply_bench::ApplyCtx;
-use crate::report::Results;
+use crate::report::{Results, SCHEMA_VERSION};
 
 /// Benchmarks of the data path, each next to fio.
 #[derive(Debug, Parser)]
@@ -79,18 +94,24 @@ enum Cmd {
 }
 
 /// Benchmark names accepted by `--only`.
-const BENCHMARKS: [&str; 4] = [
+const BENCHMARKS: [&str; 6] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
     "staging-append",
+    "materialize",
+    "resync",
 ];
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Small sizes: finishes in about a minute on 2 cores.
+    /// Small sizes: finishes in one to three minutes on 2 cores.
     #[arg(long)]
     quick: bool,
+    /// Tiny sizes, one engine run each: a check that the run works end to end (seconds), not
+    /// a measurement.
+    #[arg(long, hide = true, env = "PERF_TINY", value_parser = BoolishValueParser::new())]
+    tiny: bool,
     /// Where results.json and report.md go.
     #[arg(long, default_value = "target/perf")]
     out: PathBuf,
@@ -119,11 +140,30 @@ struct Plan {
     repeats: usize,
     /// (frames per commit, frames).
     staging: Vec<(usize, u64)>,
+    /// Disk size of the materialize benchmark.
+    materialize_bytes: u64,
+    /// Size of the two images of the resync bytes-sent table.
+    resync_image_bytes: u64,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
-        if quick {
+    fn new(quick: bool, tiny: bool) -> Self {
+        if tiny {
+            Self {
+                mode: "tiny",
+                replica_bytes: 64 << 20,
+                seq_queue_depths: vec![32],
+                seq_bytes: 64 << 20,
+                rand_queue_depth: 32,
+                rand_4k_writes: 4_096,
+                rand_64k_writes: 512,
+                rand_preserve_writes: (1_024, 128),
+                repeats: 1,
+                staging: vec![(1, 32), (16, 128), (64, 256)],
+                materialize_bytes: 16 << 20,
+                resync_image_bytes: 16 << 20,
+            }
+        } else if quick {
             Self {
                 mode: "quick",
                 replica_bytes: 1 << 30,
@@ -135,6 +175,8 @@ impl Plan {
                 rand_preserve_writes: (16_384, 2_048),
                 repeats: 3,
                 staging: vec![(1, 256), (16, 2_048), (64, 4_096)],
+                materialize_bytes: 256 << 20,
+                resync_image_bytes: 256 << 20,
             }
         } else {
             Self {
@@ -148,15 +190,27 @@ impl Plan {
                 rand_preserve_writes: (262_144, 32_768),
                 repeats: 3,
                 staging: vec![(1, 1_024), (16, 8_192), (64, 16_384)],
+                materialize_bytes: 2 << 30,
+                resync_image_bytes: 1 << 30,
             }
         }
     }
 
-    /// Scratch space needed at the peak: the replica, a staged copy of the largest stream, a
-    /// preserve store as large as the largest random stream, and slack.
+    /// Scratch space needed at the peak: the replica, and the largest of: a staged copy of
+    /// the largest apply stream with a preserve store as large as the largest random stream;
+    /// materialize's replica, staged stream, preserve store and output; resync's two images.
+    /// Plus slack.
     fn scratch_bytes(&self) -> u64 {
         let rand_max = (self.rand_4k_writes * 4096).max(self.rand_64k_writes * 65536);
-        self.replica_bytes + self.seq_bytes.max(rand_max) + rand_max + (1 << 30)
+        let apply = self.seq_bytes.max(rand_max) + rand_max;
+        let materialize = self.materialize_bytes * 3 + self.materialize_bytes / 5;
+        let resync = 2 * self.resync_image_bytes;
+        let slack = if self.mode == "tiny" {
+            64 << 20
+        } else {
+            1 << 30
+        };
+        self.replica_bytes + apply.max(materialize).max(resync) + slack
     }
 }
 
@@ -205,10 +259,15 @@ fn run(args: RunArgs) -> Result<()> {
     let started_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let plan = Plan::new(args.quick);
+    let plan = Plan::new(args.quick, args.tiny);
     let loadavg_start = machine::loadavg();
 
     let fio = fio::ensure_fio()?;
+    let qemu_img = if selected("materialize") {
+        Some(fio::ensure_program("qemu-img", "qemu-utils")?)
+    } else {
+        None
+    };
     let scratch = machine::Scratch::create(args.dir.as_deref(), plan.scratch_bytes())?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -292,6 +351,35 @@ fn run(args: RunArgs) -> Result<()> {
             flush(&mut lines);
         }
     }
+    if let Some(qemu_img) = &qemu_img {
+        benchmarks.push(materialize_bench::materialize(
+            &scratch,
+            qemu_img,
+            plan.materialize_bytes,
+            plan.repeats,
+            &mut lines,
+        )?);
+        flush(&mut lines);
+    }
+    if selected("resync") {
+        benchmarks.push(resync_bench::hash_rate(
+            &fio,
+            &ctx.replica,
+            plan.replica_bytes,
+            plan.repeats,
+            &mut lines,
+        )?);
+        flush(&mut lines);
+        benchmarks.push(resync_bench::bytes_sent(
+            &scratch,
+            plan.resync_image_bytes,
+            &mut lines,
+        )?);
+        flush(&mut lines);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let plots = plot::write_plots(&args.out, &mut benchmarks)?;
 
     let io_backend = match &ctx.backend {
         Some(engine::io::BackendChoice::Uring) => "uring".to_owned(),
@@ -300,7 +388,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let machine = machine::machine_info(&scratch, &fio.version, io_backend, loadavg_start);
     let results = Results {
-        schema_version: 1,
+        schema_version: SCHEMA_VERSION,
         mode: plan.mode.to_owned(),
         started_unix_s,
         duration_s: started.elapsed().as_secs_f64(),
@@ -314,11 +402,14 @@ fn run(args: RunArgs) -> Result<()> {
     std::fs::write(&md_path, report::markdown(&results))
         .with_context(|| format!("writing {}", md_path.display()))?;
     println!(
-        "perf run ({}) took {:.1} s; wrote {} and {}",
+        "perf run ({}) took {:.1} s; wrote {}, {} and {plots} plots in {}; load average {} → {}",
         plan.mode,
         results.duration_s,
         json_path.display(),
-        md_path.display()
+        md_path.display(),
+        args.out.join("plots").display(),
+        results.machine.loadavg_start,
+        results.machine.loadavg_end,
     );
     Ok(())
 }

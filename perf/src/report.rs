@@ -3,12 +3,17 @@
 //!
 //! ```text
 //!  Results { machine, mode, duration, benchmarks: [Bench] }
-//!  Bench   { name, params, rows: [Row], ratios: [Ratio], notes }
-//!  Row     { engine or fio figure: throughput, ops/s, latencies (one or more kinds), CPU }
-//!  Ratio   { median engine run of a group / median fio run, goal, met }
+//!  Bench   { name, params, rows: [Row], ratios: [Ratio], notes, plots }
+//!  Row     { engine, fio or other tool's figure: throughput, ops/s, latencies (one or more
+//!            kinds, each with a percentile curve), CPU, throughput per 100 ms }
+//!  Ratio   { median engine run of a group / median run of the reference group (fio, qemu-img,
+//!            cp), or two counts (resync bytes); goal (at least / at most), met }
 //! ```
 //!
-//! Every figure is stored unrounded in JSON; the Markdown rounds for reading.
+//! Every figure is stored unrounded in JSON; the Markdown rounds for reading. Schema 2 (this
+//! one) generalised schema 1's ratio (`fio_mib_s` became `reference_value` with
+//! `reference_group` and `unit`; goals say whether they are a floor or a ceiling) and added
+//! curves, intervals and plots.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,8 +23,12 @@ use serde_json::Value;
 
 use crate::cpu::CpuTimes;
 use crate::fio::FioResult;
-use crate::histogram::Percentiles;
+use crate::histogram::{Curve, LatencyHistogram, Percentiles};
 use crate::machine::MachineInfo;
+use crate::series::Intervals;
+
+/// Version of the `results.json` layout.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
@@ -32,6 +41,8 @@ pub enum Side {
     Engine,
     /// fio.
     Fio,
+    /// Another outside tool doing the same job (qemu-img, cp): the reference of a ratio.
+    Tool,
     /// A diagnostic: one stage of the engine's path measured alone (not in any ratio).
     Diag,
 }
@@ -43,6 +54,9 @@ pub struct Latency {
     pub kind: String,
     /// The percentiles, µs.
     pub percentiles: Percentiles,
+    /// `(percentile, µs)` points for the latency plot (empty when not kept).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curve: Curve,
 }
 
 /// One measured run of a configuration.
@@ -72,6 +86,9 @@ pub struct Row {
     pub cpu_s_per_gib: f64,
     /// Anything else worth keeping (grains preserved, flushes, fio process CPU, …).
     pub extra: BTreeMap<String, Value>,
+    /// Throughput per 100 ms, when the run recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intervals: Option<Intervals>,
 }
 
 impl Row {
@@ -92,7 +109,27 @@ impl Row {
             cpu: CpuTimes::default(),
             cpu_s_per_gib: 0.0,
             extra: BTreeMap::new(),
+            intervals: None,
         }
+    }
+
+    /// A row of an outside tool other than fio (qemu-img, cp).
+    pub fn tool(
+        label: impl Into<String>,
+        bytes: u64,
+        ops: u64,
+        elapsed_s: f64,
+        cpu: CpuTimes,
+    ) -> Self {
+        let mut row = Self::engine(label, bytes, ops, elapsed_s).with_cpu(cpu);
+        row.side = Side::Tool;
+        row
+    }
+
+    /// Sets the throughput per interval.
+    pub fn with_intervals(mut self, intervals: Option<Intervals>) -> Self {
+        self.intervals = intervals;
+        self
     }
 
     /// Sets the CPU time and the per-GiB figure.
@@ -106,11 +143,23 @@ impl Row {
         self
     }
 
-    /// Adds a latency distribution.
+    /// Adds a latency distribution without a curve (tests build rows from percentiles).
+    #[cfg(test)]
     pub fn with_latency(mut self, kind: impl Into<String>, percentiles: Percentiles) -> Self {
         self.latencies.push(Latency {
             kind: kind.into(),
             percentiles,
+            curve: Vec::new(),
+        });
+        self
+    }
+
+    /// Adds a latency distribution with its curve.
+    pub fn with_histogram(mut self, kind: impl Into<String>, h: &LatencyHistogram) -> Self {
+        self.latencies.push(Latency {
+            kind: kind.into(),
+            percentiles: h.summary(),
+            curve: h.curve(),
         });
         self
     }
@@ -143,35 +192,75 @@ impl Row {
             cpu: CpuTimes::default(),
             cpu_s_per_gib: 0.0,
             extra: BTreeMap::new(),
+            intervals: r.intervals.clone(),
         }
         .with_cpu(r.job_cpu)
-        .with_latency("fio clat per write", r.clat)
         .with_extra("command", r.command.clone())
         .with_extra("process_cpu_s", r.process_cpu.total_s());
+        row.latencies.push(Latency {
+            kind: format!("fio clat per {}", r.direction),
+            percentiles: r.clat,
+            curve: r.clat_curve.clone(),
+        });
         if let Some(sync) = r.sync {
-            row = row.with_latency("fio fdatasync", sync);
+            row.latencies.push(Latency {
+                kind: "fio fdatasync".into(),
+                percentiles: sync,
+                curve: r.sync_curve.clone(),
+            });
         }
         row
     }
 }
 
-/// Engine over fio.
+/// A ratio's goal.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    /// Met when the ratio is at least this (throughput).
+    AtLeast(f64),
+    /// Met when the ratio is at most this (overhead).
+    AtMost(f64),
+}
+
+impl Goal {
+    /// Whether `value` meets the goal.
+    pub fn met(self, value: f64) -> bool {
+        match self {
+            Self::AtLeast(g) => value >= g,
+            Self::AtMost(g) => value <= g,
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Self::AtLeast(g) => format!("≥ {g:.2}"),
+            Self::AtMost(g) => format!("≤ {g:.2}"),
+        }
+    }
+}
+
+/// The engine over a reference (fio, another tool, or a count).
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
     /// What is compared, e.g. "throughput, preserve off".
     pub label: String,
-    /// The engine rows' group.
+    /// The engine rows' group (the numerator).
     pub engine_group: String,
-    /// Median engine throughput of the group, MiB/s.
-    pub engine_mib_s: f64,
-    /// Median fio throughput, MiB/s.
-    pub fio_mib_s: f64,
-    /// Engine runs and fio runs the medians are over.
+    /// The reference rows' group (the denominator), e.g. "fio", "qemu-img".
+    pub reference_group: String,
+    /// Unit of the two values: "MiB/s" (median throughputs) or "MiB" (counts).
+    pub unit: String,
+    /// Median engine throughput of the group, or the engine's count.
+    pub engine_value: f64,
+    /// Median reference throughput, or the reference count.
+    pub reference_value: f64,
+    /// Engine runs and reference runs the medians are over.
     pub runs: (usize, usize),
-    /// `engine_mib_s / fio_mib_s`.
+    /// `engine_value / reference_value` (0 when the reference is 0).
     pub value: f64,
     /// The goal, when there is one.
-    pub goal: Option<f64>,
+    pub goal: Option<Goal>,
     /// Whether the goal is met.
     pub goal_met: Option<bool>,
 }
@@ -191,6 +280,8 @@ pub struct Bench {
     pub ratios: Vec<Ratio>,
     /// Notes shown under the table.
     pub notes: Vec<String>,
+    /// Plots of this table, relative to the report (set by [`crate::plot`]).
+    pub plots: Vec<String>,
 }
 
 /// The median (mean of the two middle values for an even count); `None` when empty.
@@ -217,6 +308,7 @@ impl Bench {
             rows: Vec::new(),
             ratios: Vec::new(),
             notes: Vec::new(),
+            plots: Vec::new(),
         }
     }
 
@@ -234,33 +326,91 @@ impl Bench {
     }
 
     /// Adds the ratio of the median engine run of `engine_group` to the median fio run and
-    /// returns its stdout line.
+    /// returns its stdout line; `goal` is a floor.
     pub fn add_ratio(&mut self, label: &str, engine_group: &str, goal: Option<f64>) -> String {
+        self.add_ratio_vs(label, engine_group, "fio", goal.map(Goal::AtLeast))
+    }
+
+    /// Adds the ratio of the median engine run of `engine_group` to the median run of the fio
+    /// or tool rows of `reference_group`, and returns its stdout line.
+    pub fn add_ratio_vs(
+        &mut self,
+        label: &str,
+        engine_group: &str,
+        reference_group: &str,
+        goal: Option<Goal>,
+    ) -> String {
         let mut ours = self.throughputs(|r| r.side == Side::Engine && r.group == engine_group);
-        let mut fio = self.throughputs(|r| r.side == Side::Fio);
-        let runs = (ours.len(), fio.len());
+        let mut theirs = self.throughputs(|r| {
+            matches!(r.side, Side::Fio | Side::Tool) && r.group == reference_group
+        });
+        let runs = (ours.len(), theirs.len());
         let ours = median(&mut ours).unwrap_or(0.0);
-        let fio = median(&mut fio).unwrap_or(0.0);
-        let value = if fio > 0.0 { ours / fio } else { 0.0 };
-        let goal_met = goal.map(|g| value >= g);
+        let theirs = median(&mut theirs).unwrap_or(0.0);
+        self.push_ratio(
+            label,
+            (engine_group, ours),
+            (reference_group, theirs),
+            "MiB/s",
+            runs,
+            goal,
+        )
+    }
+
+    /// Adds a ratio of two given values (e.g. bytes sent over bytes that differ, in MiB) and
+    /// returns its stdout line.
+    pub fn add_value_ratio(
+        &mut self,
+        label: &str,
+        engine: (&str, f64),
+        reference: (&str, f64),
+        goal: Option<Goal>,
+    ) -> String {
+        self.push_ratio(label, engine, reference, "MiB", (1, 1), goal)
+    }
+
+    fn push_ratio(
+        &mut self,
+        label: &str,
+        (engine_group, ours): (&str, f64),
+        (reference_group, theirs): (&str, f64),
+        unit: &str,
+        runs: (usize, usize),
+        goal: Option<Goal>,
+    ) -> String {
+        let value = if theirs > 0.0 && ours.is_finite() {
+            ours / theirs
+        } else {
+            0.0
+        };
+        let goal_met = goal.map(|g| g.met(value));
         self.ratios.push(Ratio {
             label: label.to_owned(),
             engine_group: engine_group.to_owned(),
-            engine_mib_s: ours,
-            fio_mib_s: fio,
+            reference_group: reference_group.to_owned(),
+            unit: unit.to_owned(),
+            engine_value: ours,
+            reference_value: theirs,
             runs,
             value,
             goal,
             goal_met,
         });
         let verdict = match (goal, goal_met) {
-            (Some(g), Some(true)) => format!("  (goal >= {g:.2}: met)"),
-            (Some(g), _) => format!("  (goal >= {g:.2}: MISSED)"),
+            (Some(g), Some(true)) => format!("  (goal {}: met)", g.text()),
+            (Some(g), _) => format!("  (goal {}: MISSED)", g.text()),
             _ => String::new(),
         };
+        let ours_name = if engine_group.starts_with("engine") {
+            "engine"
+        } else {
+            engine_group
+        };
+        let decimals = if unit == "MiB/s" { 1 } else { 3 };
         format!(
-            "{:<40} {:<26} engine {:>7.1} MiB/s  fio {:>7.1} MiB/s  ratio {:.3}{verdict}",
-            self.title, label, ours, fio, value
+            "{:<40} {:<26} {ours_name} {:>7.decimals$} {unit}  {reference_group} \
+             {:>7.decimals$} {unit}  ratio {:.3}{verdict}",
+            self.title, label, ours, theirs, value
         )
     }
 }
@@ -337,74 +487,43 @@ pub fn markdown(results: &Results) -> String {
             })
             .collect();
         let _ = writeln!(out, "{}\n", params.join(", "));
-        let _ = writeln!(
-            out,
-            "| row | MiB/s | ops/s | latency of | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs \
-             | CPU s | CPU s/GiB |"
-        );
-        let _ = writeln!(
-            out,
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-        );
-        for row in &bench.rows {
-            let mut first = true;
-            let lats: Vec<Option<&Latency>> = if row.latencies.is_empty() {
-                vec![None]
-            } else {
-                row.latencies.iter().map(Some).collect()
-            };
-            for lat in lats {
-                let (head, mib, ops, cpu, cpu_gib) = if first {
-                    (
-                        row.label.clone(),
-                        format!("{:.1}", row.throughput_mib_s),
-                        format!("{:.0}", row.ops_per_s),
-                        format!("{:.2}", row.cpu.total_s()),
-                        format!("{:.2}", row.cpu_s_per_gib),
-                    )
-                } else {
-                    Default::default()
-                };
-                first = false;
-                let lat_cols = match lat {
-                    Some(l) => {
-                        let p = &l.percentiles;
-                        format!(
-                            "{} | {} | {} | {} | {} | {}",
-                            l.kind,
-                            fmt_us(p.p50_us),
-                            fmt_us(p.p90_us),
-                            fmt_us(p.p99_us),
-                            fmt_us(p.p99_9_us),
-                            fmt_us(p.max_us)
-                        )
-                    }
-                    None => "- | | | | | ".into(),
-                };
-                let _ = writeln!(
-                    out,
-                    "| {head} | {mib} | {ops} | {lat_cols} | {cpu} | {cpu_gib} |"
-                );
-            }
+        if !bench.rows.is_empty() {
+            table(&mut out, bench);
+            out.push('\n');
         }
-        out.push('\n');
         for ratio in &bench.ratios {
             let goal = match (ratio.goal, ratio.goal_met) {
-                (Some(g), Some(true)) => format!(" — goal ≥ {g:.2}: **met**"),
-                (Some(g), _) => format!(" — goal ≥ {g:.2}: **missed**"),
+                (Some(g), Some(true)) => format!(" — goal {}: **met**", g.text()),
+                (Some(g), _) => format!(" — goal {}: **missed**", g.text()),
                 _ => " — no goal".into(),
+            };
+            let (ours, theirs) = if ratio.unit == "MiB/s" {
+                (
+                    format!(
+                        "median `{}` {:.1} MiB/s ({} runs)",
+                        ratio.engine_group, ratio.engine_value, ratio.runs.0
+                    ),
+                    format!(
+                        "median `{}` {:.1} MiB/s ({} runs)",
+                        ratio.reference_group, ratio.reference_value, ratio.runs.1
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "{} {:.2} {}",
+                        ratio.engine_group, ratio.engine_value, ratio.unit
+                    ),
+                    format!(
+                        "{} {:.2} {}",
+                        ratio.reference_group, ratio.reference_value, ratio.unit
+                    ),
+                )
             };
             let _ = writeln!(
                 out,
-                "- ratio {}: median `{}` {:.1} MiB/s ({} runs) / median fio {:.1} MiB/s ({} \
-                 runs) = **{:.3}**{goal}",
-                ratio.label,
-                ratio.engine_group,
-                ratio.engine_mib_s,
-                ratio.runs.0,
-                ratio.fio_mib_s,
-                ratio.runs.1,
-                ratio.value
+                "- ratio {}: {ours} / {theirs} = **{:.3}**{goal}",
+                ratio.label, ratio.value
             );
         }
         for row in &bench.rows {
@@ -421,8 +540,69 @@ pub fn markdown(results: &Results) -> String {
         for note in &bench.notes {
             let _ = writeln!(out, "- {note}");
         }
+        if !bench.plots.is_empty() {
+            out.push('\n');
+            for plot in &bench.plots {
+                let name = plot.rsplit('/').next().unwrap_or(plot);
+                let _ = writeln!(out, "- plot: [{name}]({plot})");
+            }
+        }
     }
     out
+}
+
+/// The table of a benchmark's rows.
+fn table(out: &mut String, bench: &Bench) {
+    let _ = writeln!(
+        out,
+        "| row | MiB/s | ops/s | latency of | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs \
+         | CPU s | CPU s/GiB |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in &bench.rows {
+        let mut first = true;
+        let lats: Vec<Option<&Latency>> = if row.latencies.is_empty() {
+            vec![None]
+        } else {
+            row.latencies.iter().map(Some).collect()
+        };
+        for lat in lats {
+            let (head, mib, ops, cpu, cpu_gib) = if first {
+                (
+                    row.label.clone(),
+                    format!("{:.1}", row.throughput_mib_s),
+                    format!("{:.0}", row.ops_per_s),
+                    format!("{:.2}", row.cpu.total_s()),
+                    format!("{:.2}", row.cpu_s_per_gib),
+                )
+            } else {
+                Default::default()
+            };
+            first = false;
+            let lat_cols = match lat {
+                Some(l) => {
+                    let p = &l.percentiles;
+                    format!(
+                        "{} | {} | {} | {} | {} | {}",
+                        l.kind,
+                        fmt_us(p.p50_us),
+                        fmt_us(p.p90_us),
+                        fmt_us(p.p99_us),
+                        fmt_us(p.p99_9_us),
+                        fmt_us(p.max_us)
+                    )
+                }
+                None => "- | | | | | ".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {head} | {mib} | {ops} | {lat_cols} | {cpu} | {cpu_gib} |"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -472,7 +652,7 @@ mod tests {
         assert_eq!(bench.ratios[0].runs, (2, 3));
         assert_eq!(bench.ratios[0].goal_met, Some(true));
         let md = markdown(&Results {
-            schema_version: 1,
+            schema_version: SCHEMA_VERSION,
             mode: "quick".into(),
             started_unix_s: 0,
             duration_s: 1.0,
@@ -502,5 +682,31 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("**0.875**"), "{md}");
+        assert!(md.contains("goal ≥ 0.80: **met**"), "{md}");
+    }
+
+    #[test]
+    fn ratios_against_tools_and_counts() {
+        let mut bench = Bench::new("m", "m");
+        bench.rows = vec![
+            Row::tool("qemu-img", 100 << 20, 1, 1.0, CpuTimes::default()).run(1),
+            Row::engine("ours", 150 << 20, 1, 1.0).run(1),
+            Row::tool("qemu-img", 300 << 20, 1, 1.0, CpuTimes::default()).run(2),
+            Row::tool("cp", 1000 << 20, 1, 1.0, CpuTimes::default()),
+        ];
+        bench.add_ratio_vs("vs qemu-img", "ours", "qemu-img", Some(Goal::AtLeast(1.0)));
+        assert!((bench.ratios[0].value - 0.75).abs() < 1e-9);
+        assert_eq!(bench.ratios[0].runs, (1, 2));
+        assert_eq!(bench.ratios[0].goal_met, Some(false));
+        let line = bench.add_value_ratio(
+            "sent / differing",
+            ("sent", 10.5),
+            ("differing", 10.0),
+            Some(Goal::AtMost(1.1)),
+        );
+        assert!(line.contains("met"), "{line}");
+        assert_eq!(bench.ratios[1].goal_met, Some(true));
+        bench.add_value_ratio("zero", ("a", 1.0), ("b", 0.0), None);
+        assert_eq!(bench.ratios[2].value, 0.0);
     }
 }

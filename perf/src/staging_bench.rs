@@ -30,6 +30,7 @@ use crate::fio::{Fio, FioJob};
 use crate::histogram::LatencyHistogram;
 use crate::machine::Scratch;
 use crate::report::{Bench, Row};
+use crate::series::IntervalBytes;
 use crate::workload::{DataKind, FrameWriter, data_variants, item_header};
 
 /// Payload of every frame.
@@ -74,6 +75,7 @@ fn engine_run(dir: &Path, frames: &EncodedFrames, batch: usize, data_bytes: u64)
     let (mut log, _) = StagingLog::open(Arc::new(StdDir::open(dir)?), header, config)?;
     let mut acks = LatencyHistogram::new();
     let cpu_before = cpu::process()?;
+    let mut series = IntervalBytes::starting_now();
     let started = Instant::now();
     for chunk in frames.spans.chunks(batch) {
         let t0 = Instant::now();
@@ -81,19 +83,23 @@ fn engine_run(dir: &Path, frames: &EncodedFrames, batch: usize, data_bytes: u64)
             log.append(seq, &frames.bytes[start..end], t0)?;
         }
         log.commit()?;
-        acks.observe(t0.elapsed());
+        let acked = Instant::now();
+        acks.observe(acked.duration_since(t0));
+        series.add(acked, (chunk.len() * FRAME_DATA_BYTES) as u64);
     }
-    let elapsed_s = started.elapsed().as_secs_f64();
+    let ended = Instant::now();
+    let elapsed_s = ended.duration_since(started).as_secs_f64();
     let cpu = cpu::process()?.since(&cpu_before);
     drop(log);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(
         Row::engine("engine", data_bytes, frames.spans.len() as u64, elapsed_s)
             .with_cpu(cpu)
-            .with_latency(
+            .with_histogram(
                 format!("ack: first append → commit ({batch} frames)"),
-                acks.summary(),
+                &acks,
             )
+            .with_intervals(Some(series.finish(ended)))
             .with_extra("commits", acks.count())
             .with_extra("wire_bytes", frames.bytes.len() as u64),
     )

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //!  Applier ──submit(op, tag)──► TimedEngine ──► inner engine (io_uring)
-//!              started[tag] = (now, kind)
+//!              started[tag] = (now, kind, bytes)
 //!  Applier ◄──reap(out)──────── TimedEngine ◄── inner engine
-//!              for each completion: histogram[kind].observe(now − started[tag])
+//!              for each completion: histogram[kind].observe(now − started[tag]);
+//!                                   a write's bytes into its 100 ms interval (throughput plot)
 //! ```
 //!
 //! The histograms live behind an `Arc<Mutex<…>>` because the `Applier` owns its engine and
@@ -21,6 +22,7 @@ use std::time::Instant;
 use engine::io::{Completion, FileId, IoEngine, IoOp, Rejected};
 
 use crate::histogram::LatencyHistogram;
+use crate::series::IntervalBytes;
 
 /// Per-kind latency histograms of the ops a [`TimedEngine`] saw complete.
 #[derive(Debug, Default)]
@@ -31,6 +33,8 @@ pub struct OpLatencies {
     pub reads: LatencyHistogram,
     /// Flushes (fdatasync of a replica).
     pub flushes: LatencyHistogram,
+    /// Bytes of completed writes per 100 ms since this value was made.
+    pub written: IntervalBytes,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +48,7 @@ enum Kind {
 #[derive(Debug)]
 pub struct TimedEngine<E> {
     inner: E,
-    started: HashMap<u64, (Instant, Kind)>,
+    started: HashMap<u64, (Instant, Kind, u64)>,
     latencies: Arc<Mutex<OpLatencies>>,
 }
 
@@ -81,14 +85,15 @@ impl<E: IoEngine> IoEngine for TimedEngine<E> {
     }
 
     fn submit(&mut self, op: IoOp, tag: u64) -> Result<(), Rejected> {
-        let kind = match op {
-            IoOp::Write { .. } | IoOp::WriteZeroes { .. } => Kind::Write,
-            IoOp::Read { .. } => Kind::Read,
-            IoOp::Flush { .. } => Kind::Flush,
+        let (kind, bytes) = match &op {
+            IoOp::Write { buf, .. } => (Kind::Write, buf.len_bytes() as u64),
+            IoOp::WriteZeroes { len_bytes, .. } => (Kind::Write, *len_bytes),
+            IoOp::Read { buf, .. } => (Kind::Read, buf.len_bytes() as u64),
+            IoOp::Flush { .. } => (Kind::Flush, 0),
         };
         let now = Instant::now();
         self.inner.submit(op, tag)?;
-        self.started.insert(tag, (now, kind));
+        self.started.insert(tag, (now, kind, bytes));
         Ok(())
     }
 
@@ -105,7 +110,10 @@ impl<E: IoEngine> IoEngine for TimedEngine<E> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for completion in &out[from..] {
-            if let Some((at, kind)) = self.started.remove(&completion.tag) {
+            if let Some((at, kind, bytes)) = self.started.remove(&completion.tag) {
+                if matches!(kind, Kind::Write) && completion.result.is_ok() {
+                    latencies.written.add(now, bytes);
+                }
                 let histogram = match kind {
                     Kind::Write => &mut latencies.writes,
                     Kind::Read => &mut latencies.reads,
@@ -188,6 +196,8 @@ mod tests {
         assert_eq!(l.writes.count(), 3);
         assert_eq!(l.reads.count(), 1);
         assert_eq!(l.flushes.count(), 1);
+        let written = l.written.finish(Instant::now());
+        assert!(!written.samples.is_empty());
         assert!(engine.started.is_empty());
     }
 }

@@ -1,0 +1,122 @@
+//! `perf run` end to end at tiny sizes (`--quick --tiny`: seconds, not a measurement).
+//!
+//! Asserts that the run succeeds and writes `results.json`, `report.md` and the plots it
+//! links, that every benchmark is there, and that every ratio is a finite number. No figure is
+//! asserted: the machine running the tests may be busy with anything. Skips (and says why)
+//! when fio or qemu-img is missing (`scripts/install-tools.sh` installs both).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+const BENCHMARKS: [&str; 6] = [
+    "apply-seq-1m",
+    "apply-rand-4k",
+    "apply-rand-64k",
+    "staging-append",
+    "materialize",
+    "resync",
+];
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::iter::once(Path::new("/usr/bin").join(name)))
+        .find(|p| p.is_file())
+}
+
+fn finite(value: &Value, what: &str) -> f64 {
+    let v = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"));
+    assert!(v.is_finite(), "{what} is not finite: {v}");
+    v
+}
+
+#[test]
+fn quick_run_writes_results_report_and_plots() {
+    for tool in ["fio", "qemu-img"] {
+        if on_path(tool).is_none() {
+            eprintln!(
+                "SKIP: {tool} is not installed (scripts/install-tools.sh installs fio and \
+                 qemu-img); perf run compares against it"
+            );
+            return;
+        }
+    }
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir");
+    let out = scratch.path().join("out");
+    let started = Instant::now();
+    let run = Command::new(env!("CARGO_BIN_EXE_perf"))
+        .args(["run", "--quick", "--tiny", "--out"])
+        .arg(&out)
+        .arg("--dir")
+        .arg(scratch.path())
+        .output()
+        .expect("starting perf");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "perf run failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        run.status
+    );
+    eprintln!(
+        "perf run --quick --tiny took {:.1} s:\n{stdout}",
+        started.elapsed().as_secs_f64()
+    );
+
+    let json = std::fs::read_to_string(out.join("results.json")).expect("results.json");
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    let results: Value = serde_json::from_str(&json).expect("results.json is JSON");
+    assert_eq!(results["mode"], "tiny");
+    let benches = results["benchmarks"].as_array().expect("benchmarks array");
+    for name in BENCHMARKS {
+        assert!(
+            benches.iter().any(|b| b["name"] == name),
+            "no {name} table in results.json"
+        );
+    }
+    let mut ratios = 0;
+    let mut plots = 0;
+    for bench in benches {
+        let title = bench["title"].as_str().unwrap_or("?");
+        assert!(
+            report.contains(&format!("## {title}")),
+            "report.md lacks {title}"
+        );
+        for ratio in bench["ratios"].as_array().expect("ratios array") {
+            let label = format!("{title}: {}", ratio["label"]);
+            for field in ["value", "engine_value", "reference_value"] {
+                finite(&ratio[field], &format!("{label} {field}"));
+            }
+            ratios += 1;
+        }
+        for plot in bench["plots"].as_array().expect("plots array") {
+            let rel = plot.as_str().expect("plot path");
+            let svg = std::fs::read_to_string(out.join(rel)).expect("plot file");
+            assert!(svg.starts_with("<svg"), "{rel} is not an SVG");
+            assert!(
+                report.contains(&format!("]({rel})")),
+                "report.md does not link {rel}"
+            );
+            plots += 1;
+        }
+    }
+    assert!(ratios >= BENCHMARKS.len(), "only {ratios} ratios");
+    assert!(plots > 0, "no plots");
+    // Every ratio line on stdout too.
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(" ratio ")).count(),
+        ratios,
+        "{stdout}"
+    );
+}
