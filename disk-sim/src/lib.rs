@@ -13,12 +13,18 @@
 //! - [`resync`]: the agent's delta resync over the data port (hash lists, diff, resync-block
 //!   frames in a RESYNC session, closing bookmark).
 //! - [`demo`]: the product's main job end to end: two appliances, one VM, the whole cycle.
+//! - [`netfault`]: a fault-injecting TCP proxy between an agent and a data port (drops,
+//!   delays, flipped bytes, duplicated and swapped frames; switchable at run time, seeded).
+//! - [`chaos`]: the chaos run: a real appliance, SIGKILLs and network faults at seeded
+//!   moments, then every retained recovery point verified through the API.
 //! - [`scenario`]: `disk-sim run`, a scenario against an appliance already running.
 //! - [`site`]: a site directory and a real `appliance serve` process driven through its
 //!   control API.
 
 pub mod agent;
+pub mod chaos;
 pub mod demo;
+pub mod netfault;
 pub mod oracle;
 pub mod resync;
 pub mod rng;
