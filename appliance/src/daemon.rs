@@ -178,7 +178,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(%signal, "shutting down: no new sessions, applying what is staged");
     if let Err(e) = api.shutdown() {
-        tracing::warn!(error = %format!("{e:#}"), "control API did not stop cleanly");
+        tracing::warn!(error = %crate::store::describe(&e), "control API did not stop cleanly");
     }
     port.shutdown();
     let failures = manager.shutdown();

@@ -274,7 +274,7 @@ fn main() -> ExitCode {
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", appliance::store::describe(&error));
             if let Some(failure) = error.downcast_ref::<client::Failure>() {
                 ExitCode::from(failure.exit)
             } else if error.downcast_ref::<offline::BadInput>().is_some() {

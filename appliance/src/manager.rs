@@ -417,7 +417,7 @@ fn allowed_list(allowed: &[&'static str]) -> String {
 
 impl From<anyhow::Error> for OpError {
     fn from(error: anyhow::Error) -> Self {
-        Self::Io(format!("{error:#}"))
+        Self::Io(crate::store::describe(&error))
     }
 }
 
@@ -696,6 +696,8 @@ struct Item {
     busy: Arc<AtomicBool>,
     /// New sessions are refused while set (a resync is pausing the item).
     pausing: AtomicBool,
+    /// The supervisor's last failure on this item (logged once until it changes).
+    tick_error: Mutex<Option<String>>,
 }
 
 impl Item {
@@ -847,6 +849,7 @@ impl Manager {
                     status: Mutex::new(None),
                     busy: Arc::new(AtomicBool::new(false)),
                     pausing: AtomicBool::new(false),
+                    tick_error: Mutex::new(None),
                 }),
             );
         }
@@ -974,9 +977,9 @@ impl Manager {
             if item.record().state.replicating()
                 && let Err(error) = self.start_replication(&item)
             {
-                tracing::error!(item = %item.hex, error = %format!("{error:#}"),
+                tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
                     "cannot start replication");
-                item.update(|r| r.last_error = Some(format!("{error:#}")))?;
+                item.update(|r| r.last_error = Some(crate::store::describe(&error)))?;
             }
         }
         let manager = Arc::downgrade(self);
@@ -1024,7 +1027,9 @@ impl Manager {
                     "item {}: apply had stopped on an error (logged above)",
                     item.hex
                 )),
-                Err(e) => failures.push(format!("item {}: {e:#}", item.hex)),
+                Err(e) => {
+                    failures.push(format!("item {}: {}", item.hex, crate::store::describe(&e)))
+                }
             }
         }
         failures
@@ -1042,7 +1047,7 @@ impl Manager {
         let id = parse_item_hex(hex).map_err(|e| OpError::BadRequest {
             code: "bad_item_id",
             field: None,
-            message: format!("{e:#}"),
+            message: crate::store::describe(&e),
         })?;
         self.item(&id).ok_or_else(|| OpError::NotFound {
             code: "item_not_found",
@@ -1393,11 +1398,12 @@ impl Manager {
                 status: Mutex::new(None),
                 busy: Arc::new(AtomicBool::new(false)),
                 pausing: AtomicBool::new(false),
+                tick_error: Mutex::new(None),
             });
             // The record first: a crash after it and before the slot commit is repaired at
             // start (reconcile gives the disks their slots); the other order could leak.
             if let Err(error) = item.save(record) {
-                let _ = job.fail(format!("{error:#}"));
+                let _ = job.fail(crate::store::describe(&error));
                 return Err(error);
             }
             Ok((item, token, job))
@@ -1435,7 +1441,7 @@ impl Manager {
         }
         lock(&self.items).insert(item_id, item.clone());
         if let Err(error) = self.start_replication(&item) {
-            let message = format!("{error:#}");
+            let message = crate::store::describe(&error);
             let _ = item.update(|r| r.last_error = Some(message.clone()));
             return Err(OpError::Io(format!(
                 "item {hex} was created but its replication did not start: {message}"
@@ -1689,18 +1695,18 @@ impl Manager {
                 Ok(None) => {}
                 Ok(Some(message)) => {
                     if let Err(error) = job.succeed(message) {
-                        tracing::error!(error = %format!("{error:#}"), "recording a job's end");
+                        tracing::error!(error = %crate::store::describe(&error), "recording a job's end");
                     }
                 }
                 Err(error) => {
-                    let message = format!("{error:#}");
+                    let message = crate::store::describe(&error);
                     tracing::error!(item = %item.hex, job = job.id(), error = %message, "job failed");
                     {
                         let _ops = lock(&manager.ops);
                         undo(&manager, &item, &message);
                     }
                     if let Err(error) = job.fail(message) {
-                        tracing::error!(error = %format!("{error:#}"), "recording a job's end");
+                        tracing::error!(error = %crate::store::describe(&error), "recording a job's end");
                     }
                 }
             })
@@ -1844,7 +1850,7 @@ impl Manager {
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {
-                    tracing::error!(item = %item.hex, error = %format!("{e:#}"),
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
                         "replication did not restart after a failed failover");
                 }
             },
@@ -2052,7 +2058,7 @@ impl Manager {
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {
-                    tracing::error!(item = %item.hex, error = %format!("{e:#}"),
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
                         "replication did not restart after a failed failback");
                 }
             },
@@ -2215,10 +2221,17 @@ impl Manager {
                         continue;
                     }
                     if let Err(error) = item.update(|r| r.state = ItemState::Protected) {
-                        tracing::error!(item = %item.hex, error = %format!("{error:#}"),
-                            "recording protected");
+                        // Retried every tick: say it once, not ten times a second.
+                        let error = crate::store::describe(&error);
+                        let mut last = lock(&item.tick_error);
+                        if last.as_deref() != Some(error.as_str()) {
+                            tracing::error!(item = %item.hex, %error,
+                                "recording protected (retried until it works)");
+                            *last = Some(error);
+                        }
                         continue;
                     }
+                    *lock(&item.tick_error) = None;
                     let _ = job.succeed(format!(
                         "synchronized; first recovery point {point} applied; protected"
                     ));
@@ -2271,6 +2284,8 @@ impl Manager {
         let applied_seq = self.meta.state(key).map_or(0, |(applied, _)| applied);
         let health = if let Some(error) = &record.last_error {
             format!("error: {error}")
+        } else if let Some(error) = status.as_ref().and_then(WorkerStatus::error) {
+            format!("apply stopped: {error}")
         } else if status.as_ref().is_some_and(WorkerStatus::failed) {
             "apply stopped on an error (see the appliance log)".into()
         } else if record.state.replicating() && item.repl().is_none() {
@@ -2474,7 +2489,7 @@ fn undo_pending(item: &Item, state: ItemState, error: &str) {
         r.pending = None;
         r.last_error = Some(error.to_owned());
     }) {
-        tracing::error!(item = %item.hex, error = %format!("{e:#}"), "recording a failed job");
+        tracing::error!(item = %item.hex, error = %crate::store::describe(&e), "recording a failed job");
     }
 }
 
@@ -2611,8 +2626,12 @@ impl ItemRegistry for Manager {
             ));
         }
         if resync {
-            self.wait_caught_up(&item)
-                .map_err(|e| refusal(Status::StagingFailed, format!("item {}: {e:#}", item.hex)))?;
+            self.wait_caught_up(&item).map_err(|e| {
+                refusal(
+                    Status::StagingFailed,
+                    format!("item {}: {}", item.hex, crate::store::describe(&e)),
+                )
+            })?;
         }
         let repl = item.repl();
         let repl = repl.as_ref().ok_or_else(|| {
@@ -2667,7 +2686,7 @@ impl ItemRegistry for Manager {
         self.wait_caught_up(&item).map_err(|e| {
             refusal(
                 Status::ReplicaReadFailed,
-                format!("item {}: {e:#}", item.hex),
+                format!("item {}: {}", item.hex, crate::store::describe(&e)),
             )
         })?;
         Ok(ReplicaAccess { path, guard: None })

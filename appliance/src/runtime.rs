@@ -52,6 +52,8 @@ struct Control {
     staged_seq: AtomicU64,
     applied_seq: AtomicU64,
     counters: Arc<ApplyCounters>,
+    /// Why the worker stopped, once it stopped on an error.
+    error: Mutex<Option<String>>,
 }
 
 /// What an apply worker has done, readable from any thread without a lock (for status and
@@ -99,6 +101,15 @@ impl WorkerStatus {
     /// Same as [`ApplyWorker::failed`].
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// The error the worker stopped on (it names the disk and the offset for replica I/O).
+    pub fn error(&self) -> Option<String> {
+        self.control
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The worker's counters.
@@ -190,6 +201,7 @@ impl ApplyWorker {
             staged_seq: AtomicU64::new(0),
             applied_seq: AtomicU64::new(0),
             counters: Arc::new(ApplyCounters::default()),
+            error: Mutex::new(None),
         });
         let failed = Arc::new(AtomicBool::new(false));
         let (thread_control, thread_failed) = (control.clone(), failed.clone());
@@ -199,7 +211,12 @@ impl ApplyWorker {
             .spawn(move || {
                 let result = run(setup, options, &thread_control, started_tx);
                 if let Err(e) = &result {
-                    tracing::error!(error = %format!("{e:#}"), "apply stopped");
+                    let error = crate::store::describe(e);
+                    tracing::error!(%error, "apply stopped");
+                    *thread_control
+                        .error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(error);
                     thread_failed.store(true, Ordering::Release);
                 }
                 result

@@ -22,6 +22,23 @@ use engine::delta::{DeltaDecoder, StreamHeader};
 use engine::durable::{DurableDir, StdDir};
 use engine::meta::MetaStore;
 
+/// An error and its causes on one line, each said once: the engine's errors already include
+/// their source in their message, so a cause the message above it ends with is skipped.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Now, in ns since the Unix epoch (0 if the clock is before it).
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
@@ -225,6 +242,18 @@ impl DataDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_says_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let error = anyhow::Error::new(io)
+            .context("write at byte 7 failed: disk on fire")
+            .context("item 1");
+        assert_eq!(
+            describe(&error),
+            "item 1: write at byte 7 failed: disk on fire"
+        );
+    }
 
     #[test]
     fn item_hex_round_trips_and_rejects_garbage() {

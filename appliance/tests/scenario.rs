@@ -18,7 +18,7 @@ fn a_scenario_runs_against_a_running_appliance_and_checks_its_disks() {
     let server = Server::start(&data, &[]);
     let mut scenario = Scenario::builtin("failover").unwrap();
     scenario.disks_mib = vec![8, 4];
-    scenario.writes = 120;
+    scenario.ops = 300;
     let source = tmp.path().join("vm");
     let mut out = Vec::new();
     disk_sim::scenario::run(
@@ -38,7 +38,8 @@ fn a_scenario_runs_against_a_running_appliance_and_checks_its_disks() {
     let files = items[0]["failover"]["files"].as_array().unwrap();
     for (index, file) in files.iter().enumerate() {
         let materialized = std::fs::read(file.as_str().unwrap()).unwrap();
-        let original = std::fs::read(source.join(format!("disk-{index}.img"))).unwrap();
+        let original =
+            std::fs::read(source.join("failover").join(format!("disk-{index}.img"))).unwrap();
         assert!(materialized == original, "disk {index}");
     }
     server.stop();
@@ -46,7 +47,7 @@ fn a_scenario_runs_against_a_running_appliance_and_checks_its_disks() {
     let file = tmp.path().join("bad.toml");
     std::fs::write(
         &file,
-        "name = \"x\"\ndisks_mib = [4]\nwrites = 1\nbookmark_every = 1\napp_every = 1\ncolour = 2\n",
+        "name = \"x\"\ndisks_mib = [4]\nops = 1\ncolour = 2\n",
     )
     .unwrap();
     let error = Scenario::load(file.to_str().unwrap()).unwrap_err();

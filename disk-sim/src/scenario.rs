@@ -1,17 +1,17 @@
 //! `disk-sim run`: a scenario against an appliance that is already running (started by
 //! hand, by systemd, or by `scripts/`), through its control API and data port.
 //!
-//! A scenario is a VM (its disks), a seeded workload with crash- and app-consistent
-//! bookmarks, and what to check at the end: a test failover at a point (its disks compared
+//! A scenario is a VM (its disks, as files: `crate::vm`), a seeded workload (`crate::workload`:
+//! pattern, churn, crash- and app-consistent bookmarks by workload time) whose truth the oracle
+//! records (`crate::oracle`), and what to check at the end: a test failover at a point (its disks compared
 //! byte for byte with the source VM's disks at that bookmark) and optionally a failover. The
 //! source VM's disk images are kept in `--source-dir` (when given) so that an outside tool
 //! (`cmp`, `qemu-img compare`) can compare them with what the appliance materializes; the
 //! materialized files' paths are printed.
 //!
-//! Built-in scenarios: `steady` (the default) and `failover`. A file is TOML with the same
-//! fields as [`Scenario`] (unknown keys refused).
+//! Built-in scenarios: `steady` (database-like, the default) and `failover` (Zipf hot spot).
+//! A file is TOML with the same fields as [`Scenario`] (unknown keys refused).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,23 +22,34 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::agent::{Agent, AgentConfig};
-use crate::demo::{Vm, human_bytes, now_ns, paths, same};
+use crate::demo::{human_bytes, now_ns, paths};
+use crate::oracle::Oracle;
 use crate::site::{Api, parse_item_id};
+use crate::vm::SourceVm;
+use crate::workload::{Op, Pacer, Pattern, SystemClock, Workload, WorkloadSpec};
 
 /// What a scenario does.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
-    /// Its name (the item's name too).
+    /// Its name (the item's and the VM's name too).
     pub name: String,
     /// Disk sizes in MiB, OS disk first (1..=16 disks, each 1..=4096 MiB).
     pub disks_mib: Vec<u64>,
-    /// Writes (4 KiB to 256 KiB each) after the initial copy.
-    pub writes: u64,
-    /// A crash-consistent bookmark every this many writes.
-    pub bookmark_every: u64,
-    /// Every this many bookmarks, the bookmark is app-consistent instead.
-    pub app_every: u64,
+    /// Where writes land: `uniform`, `sequential`, `hotspot` (Zipf), `bursty`, `database`.
+    #[serde(default = "uniform")]
+    pub pattern: String,
+    /// Operations of the workload (writes of 512 B to 1 MiB, trims, bookmarks).
+    pub ops: u64,
+    /// Target churn in MB/s (0: as fast as the appliance takes it).
+    #[serde(default)]
+    pub churn_mb_s: f64,
+    /// A crash-consistent bookmark every this many ms of workload time.
+    #[serde(default = "crash_ms")]
+    pub crash_bookmark_ms: u64,
+    /// An app-consistent bookmark every this many ms of workload time (longer).
+    #[serde(default = "app_ms")]
+    pub app_bookmark_ms: u64,
     /// Workload seed.
     #[serde(default = "one")]
     pub seed: u64,
@@ -55,15 +66,30 @@ fn one() -> u64 {
     1
 }
 
+fn uniform() -> String {
+    "uniform".into()
+}
+
+fn crash_ms() -> u64 {
+    100
+}
+
+fn app_ms() -> u64 {
+    500
+}
+
 impl Scenario {
     /// A built-in scenario by name.
     pub fn builtin(name: &str) -> Option<Self> {
         let steady = Self {
             name: "steady".into(),
             disks_mib: vec![32, 16],
-            writes: 400,
-            bookmark_every: 40,
-            app_every: 3,
+            pattern: "database".into(),
+            ops: 2000,
+            churn_mb_s: 0.0,
+            // Small writes: 2000 of them are about 0.3 s of workload time at full speed.
+            crash_bookmark_ms: 20,
+            app_bookmark_ms: 100,
             seed: 1,
             failover: false,
             disable: false,
@@ -72,6 +98,7 @@ impl Scenario {
             "steady" => Some(steady),
             "failover" => Some(Self {
                 name: "failover".into(),
+                pattern: "hotspot".into(),
                 failover: true,
                 ..steady
             }),
@@ -86,13 +113,27 @@ impl Scenario {
         }
         let text = std::fs::read_to_string(name_or_file).with_context(|| {
             format!(
-                "{name_or_file:?} is not a built-in scenario (steady, failover) nor a readable file"
+                "{name_or_file:?} is not a built-in scenario (steady, failover) nor a readable \
+                 file"
             )
         })?;
         let scenario: Self =
             toml::from_str(&text).with_context(|| format!("scenario file {name_or_file}"))?;
         scenario.validate()?;
         Ok(scenario)
+    }
+
+    fn pattern(&self) -> anyhow::Result<Pattern> {
+        Ok(match self.pattern.as_str() {
+            "uniform" => Pattern::Uniform,
+            "sequential" => Pattern::Sequential,
+            "hotspot" | "zipf" => Pattern::HotSpot,
+            "bursty" => Pattern::Bursty,
+            "database" => Pattern::Database,
+            other => {
+                bail!("pattern {other:?}: one of uniform, sequential, hotspot, bursty, database")
+            }
+        })
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -105,12 +146,16 @@ impl Scenario {
         if self.disks_mib.iter().any(|&m| !(1..=4096).contains(&m)) {
             bail!("disks_mib: each disk 1..=4096 MiB");
         }
-        if self.writes > 10_000_000 {
-            bail!("writes: at most 10000000");
+        if self.ops > 10_000_000 {
+            bail!("ops: at most 10000000");
         }
-        if self.bookmark_every == 0 || self.app_every == 0 {
-            bail!("bookmark_every and app_every: at least 1");
+        if !(self.churn_mb_s >= 0.0 && self.churn_mb_s <= 100_000.0) {
+            bail!("churn_mb_s: 0..=100000");
         }
+        if self.crash_bookmark_ms == 0 || self.app_bookmark_ms < self.crash_bookmark_ms {
+            bail!("crash_bookmark_ms ≥ 1 and app_bookmark_ms ≥ crash_bookmark_ms");
+        }
+        self.pattern()?;
         Ok(())
     }
 }
@@ -178,7 +223,8 @@ fn run_with(
         clock = Instant::now();
         Ok(())
     };
-    let mut vm = Vm::create(source_dir, &geometry, scenario.seed)?;
+    let mut vm = SourceVm::create(source_dir, &scenario.name, &geometry)?;
+    let mut oracle = Oracle::new(&source_dir.join(".oracle"), &vm)?;
     let enabled = api.post(
         "/v1/items",
         json!({"name": scenario.name,
@@ -202,59 +248,75 @@ fn run_with(
     );
     config.backoff_max = Duration::from_millis(500);
     let agent = Agent::connect(config)?;
-    for (index, disk) in vm.disks.iter().enumerate() {
-        for (chunk, bytes) in disk.chunks(1 << 20).enumerate() {
-            agent.write(index as u16, (chunk as u64) << 20, bytes)?;
-        }
+    let spec = WorkloadSpec {
+        pattern: scenario.pattern()?,
+        churn_bytes_per_s: (scenario.churn_mb_s * 1e6) as u64,
+        ..WorkloadSpec::default()
     }
-    let mut oracle: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-    let first = agent.bookmark(Consistency::Crash, 0, now_ns(), "initial")?;
-    oracle.insert(first, vm.disks.clone());
-    api.wait_job(
-        enabled["job"]["id"].as_u64().context("job id")?,
-        timeout,
-        &mut |_, _| {},
-    )?;
-    line(
-        out,
-        format!(
-            "initial replication done ({})",
-            human_bytes(vm.size_bytes())
-        ),
-    )?;
-    let mut bytes = 0;
-    let mut bookmarks = 0u64;
-    let mut last_app = None;
-    for write in 1..=scenario.writes {
-        bytes += vm.write(Some(&agent))?;
-        if write.is_multiple_of(scenario.bookmark_every) {
-            bookmarks += 1;
-            let app = bookmarks.is_multiple_of(scenario.app_every);
-            let seq = agent.bookmark(
-                if app {
-                    Consistency::App
-                } else {
-                    Consistency::Crash
-                },
-                bookmarks,
-                now_ns(),
-                "scenario",
-            )?;
-            oracle.insert(seq, vm.disks.clone());
-            if app {
-                last_app = Some(seq);
+    .with_timed_bookmarks(scenario.crash_bookmark_ms, scenario.app_bookmark_ms);
+    let mut workload = Workload::new(scenario.seed, spec.clone(), geometry.clone());
+    let mut pacer = Pacer::for_workload(&spec);
+    let mut wall = SystemClock::new();
+    let mut data = Vec::new();
+    let (mut bytes, mut bookmarks, mut last_app, mut last_id) = (0u64, 0u64, None, 0);
+    let mut first_point_waited = false;
+    for _ in 0..scenario.ops {
+        let op = workload.next_op(&mut data);
+        pacer.pace(&mut wall, workload.op_at(), op.churn_bytes());
+        match &op {
+            Op::Write {
+                disk_index,
+                offset_bytes,
+                ..
+            } => {
+                oracle.apply(&mut vm, &op, &data)?;
+                agent.write(*disk_index, *offset_bytes, &data)?;
+                bytes += data.len() as u64;
+            }
+            Op::ZeroRange {
+                disk_index,
+                offset_bytes,
+                length_bytes,
+            } => {
+                oracle.apply(&mut vm, &op, &data)?;
+                agent.zero_range(*disk_index, *offset_bytes, *length_bytes)?;
+            }
+            Op::Bookmark {
+                consistency,
+                bookmark_id,
+            } => {
+                let seq = agent.bookmark(*consistency, *bookmark_id, now_ns(), "scenario")?;
+                last_id = *bookmark_id;
+                oracle.record_bookmark(&vm, seq, *consistency)?;
+                bookmarks += 1;
+                if *consistency == Consistency::App {
+                    last_app = Some(seq);
+                }
+                if !first_point_waited {
+                    // The first point ends the initial replication.
+                    api.wait_job(
+                        enabled["job"]["id"].as_u64().context("job id")?,
+                        timeout,
+                        &mut |_, _| {},
+                    )?;
+                    first_point_waited = true;
+                }
             }
         }
     }
+    // A closing crash-consistent bookmark: the final state is a point too.
+    let newest = agent.bookmark(Consistency::Crash, last_id + 1, now_ns(), "end of scenario")?;
+    oracle.record_bookmark(&vm, newest, Consistency::Crash)?;
     let acked = agent.flush(timeout)?;
-    let newest = *oracle.keys().next_back().context("no bookmark")?;
     api.wait_point(&item, newest, timeout)?;
     line(
         out,
         format!(
-            "{} writes ({}), {bookmarks} bookmarks; acknowledged through seq {acked}",
-            scenario.writes,
-            human_bytes(bytes)
+            "{} ops ({} pattern, {} written), {} bookmarks; acknowledged through seq {acked}",
+            scenario.ops,
+            scenario.pattern,
+            human_bytes(bytes),
+            bookmarks + 1
         ),
     )?;
     let (point, label) = match last_app {
@@ -273,26 +335,16 @@ fn run_with(
     )?;
     let view = api.get(&format!("/v1/items/{item}"))?;
     let files = paths(&view["test_failover"]["files"]);
-    let exact = same(&files, &oracle[&point])?;
+    oracle
+        .verify_files(point, &files)
+        .with_context(|| format!("test failover at point {point}"))?;
     line(
         out,
         format!(
-            "test failover at point {point} ({label}): {} ({})",
-            if exact {
-                "every disk equals the source"
-            } else {
-                "MISMATCH"
-            },
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "test failover at point {point} ({label}): every disk equals the source there ({})",
+            list(&files)
         ),
     )?;
-    if !exact {
-        bail!("test failover disks differ from the source at point {point}");
-    }
     api.post(
         &format!("/v1/items/{item}/test-failover/cleanup"),
         json!({}),
@@ -311,26 +363,16 @@ fn run_with(
         )?;
         let view = api.get(&format!("/v1/items/{item}"))?;
         let files = paths(&view["failover"]["files"]);
-        let exact = same(&files, &vm.disks)?;
+        oracle
+            .verify_files(newest, &files)
+            .context("failover to latest")?;
         line(
             out,
             format!(
-                "failover to latest: {} ({})",
-                if exact {
-                    "every disk equals the source's final state"
-                } else {
-                    "MISMATCH"
-                },
-                files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "failover to latest: every disk equals the source's final state ({})",
+                list(&files)
             ),
         )?;
-        if !exact {
-            bail!("failed-over disks differ from the source's final state");
-        }
     } else {
         drop(agent);
     }
@@ -340,4 +382,12 @@ fn run_with(
     }
     writeln!(out, "scenario {} passed", scenario.name)?;
     Ok(())
+}
+
+fn list(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -144,8 +144,24 @@ pub fn open_replica(
     geometry: DiskGeometry,
     direct: DirectIo,
 ) -> Result<ReplicaFile, ReplicaError> {
-    let file = ReplicaFile::open(path, direct)
+    let mut file = ReplicaFile::open(path, direct)
         .map_err(|source| ReplicaError::Open { disk_index, source })?;
+    if direct == DirectIo::Prefer
+        && file.is_direct()
+        && file.alignment_bytes() > geometry.block_size_bytes
+    {
+        // O_DIRECT here needs larger aligned writes than this disk's blocks (a 512-byte disk
+        // on a 4 KiB-sector device or filesystem): buffered I/O writes any block correctly.
+        tracing::warn!(
+            disk_index,
+            path = %path.display(),
+            alignment_bytes = file.alignment_bytes(),
+            block_size_bytes = geometry.block_size_bytes,
+            "O_DIRECT alignment exceeds the disk's block size: buffered I/O for this replica"
+        );
+        file = ReplicaFile::open(path, DirectIo::Off)
+            .map_err(|source| ReplicaError::Open { disk_index, source })?;
+    }
     verify_replica(meta, item, disk_index, &file, geometry)?;
     Ok(file)
 }
