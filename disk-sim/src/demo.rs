@@ -622,6 +622,7 @@ fn run_in(
     let point = back.bookmark(Consistency::App, 50, now_ns(), "before failback")?;
     back.close(Duration::from_secs(120))?;
     a.wait_point(&reverse_item, point, JOB_TIMEOUT)?;
+    let reverse_bytes = bytes;
     run.step(
         "reverse replication B → A under a workload",
         bytes,
@@ -646,7 +647,12 @@ fn run_in(
             && !temporary.exists()
             && same(&original, &vm_b.disks)?
             && slots["attached"] == 0,
-        "original disks equal the site-B VM; temporary disk deleted; A's slots free",
+        format!(
+            "original disks equal the site-B VM; temporary disk deleted; A's slots free; since \
+             re-protect {} of {} travelled back",
+            human_bytes(report.total_bytes_sent + reverse_bytes),
+            human_bytes(vm_b.size_bytes())
+        ),
     )?;
 
     // ── protect A → B again ──
