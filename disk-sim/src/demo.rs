@@ -360,19 +360,9 @@ fn run_in(
         .iter()
         .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
         .collect();
-    let enabled = b.post(
-        "/v1/items",
-        json!({"name": "vm1", "disks": disks_json,
-               "policy": {"keep_points": 500, "app_consistent_minutes": 5}}),
-    )?;
-    let item = enabled["item"]["id"]
-        .as_str()
-        .context("item id")?
-        .to_owned();
-    let token = enabled["stream_token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let enabled = b.enable(json!({"name": "vm1", "disks": disks_json,
+        "policy": {"keep_points": 500, "app_consistent_minutes": 5}}))?;
+    let (item, token) = (enabled.id.clone(), enabled.token.clone());
     let slots = b.get("/v1/slots")?;
     run.step(
         "enable protection on B (3 replica disks, 3 slots)",
@@ -392,11 +382,7 @@ fn run_in(
     let first = source.bookmark(Consistency::Crash, 1, now_ns(), "initial")?;
     oracle.insert(first, vm.disks.clone());
     let mut shown = progress("initial replication");
-    b.wait_job(
-        enabled["job"]["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
+    b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
     let view = b.wait_state(&item, "protected", JOB_TIMEOUT)?;
     run.step(
         "initial replication (full copy, zstd over the data port)",
@@ -566,22 +552,12 @@ fn run_in(
 
     // ── re-protect to site A ──
     let temporary = site_a.join("vms/vm1/vm1-temporary-os.vhd");
-    let reverse = a.post(
-        "/v1/items",
-        json!({"name": "vm1-reverse",
-               "disks": original.iter().zip(&geometry)
-                   .map(|(p, g)| json!({"path": p, "block_size_bytes": g.block_size_bytes}))
-                   .collect::<Vec<_>>(),
-               "temporary_os_disk": temporary}),
-    )?;
-    let reverse_item = reverse["item"]["id"]
-        .as_str()
-        .context("item id")?
-        .to_owned();
-    let reverse_token = reverse["stream_token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let reverse = a.enable(json!({"name": "vm1-reverse",
+        "disks": original.iter().zip(&geometry)
+            .map(|(p, g)| json!({"path": p, "block_size_bytes": g.block_size_bytes}))
+            .collect::<Vec<_>>(),
+        "temporary_os_disk": temporary}))?;
+    let (reverse_item, reverse_token) = (reverse.id.clone(), reverse.token.clone());
     let report = crate::resync::delta_resync(
         a.data_addr,
         parse_item_id(&reverse_item)?,
@@ -593,11 +569,7 @@ fn run_in(
         Duration::from_secs(120),
     )?;
     let mut shown = progress("re-protect");
-    a.wait_job(
-        reverse["job"]["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
+    a.wait_job(reverse.job, JOB_TIMEOUT, &mut shown)?;
     a.wait_state(&reverse_item, "protected", JOB_TIMEOUT)?;
     let temp_ok = engine::vhd::read_fixed_vhd_info(&temporary)
         .is_ok_and(|info| info.virtual_size_bytes == 1 << 30);
@@ -661,20 +633,10 @@ fn run_in(
     let mut vm = Vm::run_on(&original, &geometry, options.seed + 2)?;
     vm.disks = final_disks;
     b.call("DELETE", &format!("/v1/items/{item}"), None)?;
-    let enabled = b.post(
-        "/v1/items",
-        json!({"name": "vm1", "disks": geometry.iter()
-            .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
-            .collect::<Vec<_>>()}),
-    )?;
-    let again = enabled["item"]["id"]
-        .as_str()
-        .context("item id")?
-        .to_owned();
-    let again_token = enabled["stream_token"]
-        .as_str()
-        .context("token")?
-        .to_owned();
+    let enabled = b.enable(json!({"name": "vm1", "disks": geometry.iter()
+        .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
+        .collect::<Vec<_>>()}))?;
+    let (again, again_token) = (enabled.id.clone(), enabled.token.clone());
     let report = crate::resync::delta_resync(
         b.data_addr,
         parse_item_id(&again)?,
@@ -686,11 +648,7 @@ fn run_in(
         Duration::from_secs(120),
     )?;
     let mut shown = progress("protect again");
-    b.wait_job(
-        enabled["job"]["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
+    b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
     let source = agent(&b, &again, &again_token, "vm1", &vm)?;
     for _ in 0..20 {
         vm.write(Some(&source))?;

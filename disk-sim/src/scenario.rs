@@ -225,19 +225,9 @@ fn run_with(
     };
     let mut vm = SourceVm::create(source_dir, &scenario.name, &geometry)?;
     let mut oracle = Oracle::new(&source_dir.join(".oracle"), &vm)?;
-    let enabled = api.post(
-        "/v1/items",
-        json!({"name": scenario.name,
-               "disks": scenario.disks_mib.iter().map(|m| json!({"size_mib": m})).collect::<Vec<_>>()}),
-    )?;
-    let item = enabled["item"]["id"]
-        .as_str()
-        .context("item id")?
-        .to_owned();
-    let token = enabled["stream_token"]
-        .as_str()
-        .context("stream token")?
-        .to_owned();
+    let enabled = api.enable(json!({"name": scenario.name,
+        "disks": scenario.disks_mib.iter().map(|m| json!({"size_mib": m})).collect::<Vec<_>>()}))?;
+    let (item, token) = (enabled.id.clone(), enabled.token.clone());
     line(out, format!("enabled protection: item {item}"))?;
     let mut config = AgentConfig::new(
         data_addr,
@@ -294,11 +284,7 @@ fn run_with(
                 }
                 if !first_point_waited {
                     // The first point ends the initial replication.
-                    api.wait_job(
-                        enabled["job"]["id"].as_u64().context("job id")?,
-                        timeout,
-                        &mut |_, _| {},
-                    )?;
+                    api.wait_job(enabled.job, timeout, &mut |_, _| {})?;
                     first_point_waited = true;
                 }
             }

@@ -66,6 +66,17 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// A newly protected item.
+#[derive(Debug, Clone)]
+pub struct EnabledItem {
+    /// Item id, 32 hex digits.
+    pub id: String,
+    /// Its stream token.
+    pub token: String,
+    /// Its replication job.
+    pub job: u64,
+}
+
 /// A client of an appliance's control API (HTTP/JSON, bearer token).
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -150,6 +161,25 @@ impl Api {
     /// POST.
     pub fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call("POST", path, Some(&body))
+    }
+
+    /// Enables protection (`POST /v1/items` with `body`); the new item's id, stream token and
+    /// replication job.
+    pub fn enable(&self, body: Value) -> anyhow::Result<EnabledItem> {
+        let enabled = self.post("/v1/items", body)?;
+        let field = |value: &Value, what: &str| -> anyhow::Result<String> {
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("the enable answer has no {what}: {enabled}"))
+        };
+        Ok(EnabledItem {
+            id: field(&enabled["item"]["id"], "item id")?,
+            token: field(&enabled["stream_token"], "stream token")?,
+            job: enabled["job"]["id"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("the enable answer has no job: {enabled}"))?,
+        })
     }
 
     /// Waits for job `id` to end, calling `progress(percent, message)` on every change;
