@@ -19,13 +19,14 @@ cd "$(dirname "$0")/.."
 
 scripts/install-tools.sh
 cargo build --release --locked -q -p appliance -p disk-sim
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 printf '\n==> part one: the whole DR cycle with two appliances (disk-sim demo)\n'
 if [ -n "${DEMO_DIR:-}" ]; then
     rm -rf "$DEMO_DIR/cycle"
-    target/release/disk-sim demo --dir "$DEMO_DIR/cycle"
+    "$bin/disk-sim" demo --dir "$DEMO_DIR/cycle"
 else
-    target/release/disk-sim demo
+    "$bin/disk-sim" demo
 fi
 
 printf '\n==> part two: the offline data path on a stream file\n'

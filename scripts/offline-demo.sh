@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 dir="${DEMO_DIR:-$(mktemp -d -t dr-demo.XXXXXX)}"
 mkdir -p "$dir"
 rm -rf "$dir/data" "$dir/source" "$dir/restore"
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 step() { printf '\n==> %s\n' "$*"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 checks=()

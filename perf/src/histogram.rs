@@ -78,6 +78,19 @@ impl LatencyHistogram {
         self.hist.len()
     }
 
+    /// Adds every value of `other` (same fixed bounds, so nothing is lost or resized).
+    pub fn merge(&mut self, other: &Self) {
+        // Both histograms have the same bounds: `add` cannot fail; if it ever did, the
+        // values would be recorded one by one (saturating) instead.
+        if self.hist.add(&other.hist).is_err() {
+            for v in other.hist.iter_recorded() {
+                let _ = self
+                    .hist
+                    .record_n(v.value_iterated_to(), v.count_at_value());
+            }
+        }
+    }
+
     /// The distribution at [`CURVE_POINTS`] percentiles, evenly spread in nines (empty when
     /// nothing was recorded).
     pub fn curve(&self) -> Curve {
@@ -160,6 +173,21 @@ mod tests {
         assert!((nines(99.9) - 3.0).abs() < 1e-9);
         assert!((nines(100.0) - CURVE_MAX_NINES).abs() < 1e-9);
         assert!((percentile_of_nines(2.0) - 99.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn merge_adds_the_counts() {
+        let mut a = LatencyHistogram::new();
+        let mut b = LatencyHistogram::new();
+        for us in 1..=100u64 {
+            a.observe(Duration::from_micros(us));
+            b.observe(Duration::from_millis(us));
+        }
+        a.merge(&b);
+        let s = a.summary();
+        assert_eq!(s.count, 200);
+        assert!((s.max_us - 100_000.0).abs() <= 100.0, "{s:?}");
+        assert!(s.p50_us <= 101.0, "{s:?}");
     }
 
     #[test]

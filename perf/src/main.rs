@@ -13,8 +13,11 @@
 //!     │  each: fio, (engine, fio) × repeats on the same file; then diagnostic rows
 //!     ├─ materialize      a point (10 % preserved) to raw and fixed VHD, next to qemu-img
 //!     │                   convert and cp --sparse=always           goal ≥ 1.0 vs qemu-img
-//!     └─ resync           hash_path next to an O_DIRECT fio read of the replica file;
-//!                         diff bytes sent / differing chunks at 1 % and 10 %   goal ≤ 1.1
+//!     ├─ resync           hash_path next to an O_DIRECT fio read of the replica file;
+//!     │                   diff bytes sent / differing chunks at 1 % and 10 %   goal ≤ 1.1
+//!     └─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
+//!                         lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
+//!                         (goal < 512 MiB); no fio side
 //!     │
 //!     ▼
 //!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
@@ -43,6 +46,7 @@
 //! | staging-append | 256 / 2,048 / 4,096 frames at batch 1 / 16 / 64 | 1,024 / 8,192 / 16,384 | 32 / 128 / 256 |
 //! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
+//! | e2e | 1, 8, 31 disks × 8, 32, 96, 192 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 384 MB/s (9 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.
@@ -55,6 +59,7 @@ macro_rules! progress {
 mod apply_bench;
 mod cpu;
 mod diag;
+mod e2e_bench;
 mod fio;
 mod histogram;
 mod machine;
@@ -94,13 +99,14 @@ enum Cmd {
 }
 
 /// Benchmark names accepted by `--only`.
-const BENCHMARKS: [&str; 6] = [
+const BENCHMARKS: [&str; 7] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
     "staging-append",
     "materialize",
     "resync",
+    "e2e",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +150,8 @@ struct Plan {
     materialize_bytes: u64,
     /// Size of the two images of the resync bytes-sent table.
     resync_image_bytes: u64,
+    /// The e2e benchmark.
+    e2e: e2e_bench::E2ePlan,
 }
 
 impl Plan {
@@ -162,6 +170,7 @@ impl Plan {
                 staging: vec![(1, 32), (16, 128), (64, 256)],
                 materialize_bytes: 16 << 20,
                 resync_image_bytes: 16 << 20,
+                e2e: e2e_bench::E2ePlan::new(quick, tiny),
             }
         } else if quick {
             Self {
@@ -177,6 +186,7 @@ impl Plan {
                 staging: vec![(1, 256), (16, 2_048), (64, 4_096)],
                 materialize_bytes: 256 << 20,
                 resync_image_bytes: 256 << 20,
+                e2e: e2e_bench::E2ePlan::new(quick, tiny),
             }
         } else {
             Self {
@@ -192,6 +202,7 @@ impl Plan {
                 staging: vec![(1, 1_024), (16, 8_192), (64, 16_384)],
                 materialize_bytes: 2 << 30,
                 resync_image_bytes: 1 << 30,
+                e2e: e2e_bench::E2ePlan::new(quick, tiny),
             }
         }
     }
@@ -210,7 +221,8 @@ impl Plan {
         } else {
             1 << 30
         };
-        self.replica_bytes + apply.max(materialize).max(resync) + slack
+        let e2e = self.e2e.scratch_bytes();
+        self.replica_bytes + apply.max(materialize).max(resync).max(e2e) + slack
     }
 }
 
@@ -262,6 +274,13 @@ fn run(args: RunArgs) -> Result<()> {
     let plan = Plan::new(args.quick, args.tiny);
     let loadavg_start = machine::loadavg();
 
+    // The e2e benchmark drives a real appliance process: fail before measuring anything if
+    // its binary is not there.
+    let appliance_bin = if selected("e2e") {
+        Some(e2e_bench::appliance_binary()?)
+    } else {
+        None
+    };
     let fio = fio::ensure_fio()?;
     let qemu_img = if selected("materialize") {
         Some(fio::ensure_program("qemu-img", "qemu-utils")?)
@@ -280,11 +299,16 @@ fn run(args: RunArgs) -> Result<()> {
     );
 
     let replica = scratch.join("replica.img");
-    progress!(
-        "preparing the replica file: {} MiB written once with O_DIRECT",
-        plan.replica_bytes >> 20
-    );
-    workload::prepare_replica(&replica, plan.replica_bytes)?;
+    let needs_replica = ["apply-seq-1m", "apply-rand-4k", "apply-rand-64k", "resync"]
+        .iter()
+        .any(|name| selected(name));
+    if needs_replica {
+        progress!(
+            "preparing the replica file: {} MiB written once with O_DIRECT",
+            plan.replica_bytes >> 20
+        );
+        workload::prepare_replica(&replica, plan.replica_bytes)?;
+    }
 
     let mut lines: Vec<String> = Vec::new();
     let mut benchmarks = Vec::new();
@@ -375,6 +399,10 @@ fn run(args: RunArgs) -> Result<()> {
             plan.resync_image_bytes,
             &mut lines,
         )?);
+        flush(&mut lines);
+    }
+    if let Some(bin) = &appliance_bin {
+        benchmarks.extend(e2e_bench::e2e(&scratch, bin, &plan.e2e, &mut lines)?);
         flush(&mut lines);
     }
     std::fs::create_dir_all(&args.out)

@@ -8,6 +8,8 @@
 //!                               (engine groups, fio, other tools; not diag rows)
 //!    NN-<title>-throughput.svg  MiB/s per 100 ms against seconds since the timed start, one
 //!                               line per group's median run
+//!    NN-<title>-<chart>.svg     each of Bench::charts: lines over a numeric x axis (e2e:
+//!                               achieved against offered churn, lag against offered churn)
 //!  Bench::plots gets the relative paths; report.md links them under each table.
 //! ```
 //!
@@ -23,7 +25,7 @@ use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
 use crate::histogram::{CURVE_MAX_NINES, nines, percentile_of_nines};
-use crate::report::{Bench, Row, Side};
+use crate::report::{Bench, Chart, Row, Side};
 
 /// Latency distributions with fewer samples are not plotted.
 pub const MIN_SAMPLES: u64 = 10;
@@ -225,6 +227,117 @@ fn draw_throughput(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
     Ok(())
 }
 
+/// Colour and stroke width of chart line `index`: reference lines thin and grey, the others
+/// in the palette, in order.
+fn chart_styles(chart: &Chart) -> Vec<(RGBColor, u32)> {
+    let mut next = 0;
+    chart
+        .lines
+        .iter()
+        .map(|line| {
+            if line.reference {
+                (RGBColor(150, 150, 150), 1)
+            } else {
+                next += 1;
+                (color(next - 1), 2)
+            }
+        })
+        .collect()
+}
+
+/// Draws the lines of `chart` (points marked, except on reference lines) and the legend.
+fn draw_chart_lines<'a, DB, CT>(
+    ctx: &mut ChartContext<'a, DB, CT>,
+    chart: &Chart,
+    keep: impl Fn(&(f64, f64)) -> bool,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    for (line, (c, width)) in chart.lines.iter().zip(chart_styles(chart)) {
+        let points: Vec<(f64, f64)> = line.points.iter().copied().filter(&keep).collect();
+        ctx.draw_series(LineSeries::new(
+            points.iter().copied(),
+            c.stroke_width(width),
+        ))
+        .map_err(plot_error)?
+        .label(line.label.clone())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width)));
+        if !line.reference {
+            ctx.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(plot_error)?;
+        }
+    }
+    ctx.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)?;
+    Ok(())
+}
+
+/// A [`Chart`]: lines over a numeric x axis (linear), y linear from 0 or logarithmic (points
+/// at or below 0 left out); every measured point marked; reference lines thin and grey.
+fn draw_chart(path: &Path, title: &str, chart: &Chart) -> Result<()> {
+    let positive = |p: &(f64, f64)| !chart.log_y || p.1 > 0.0;
+    let points = || {
+        chart
+            .lines
+            .iter()
+            .flat_map(|l| l.points.iter())
+            .filter(|p| positive(p))
+    };
+    let (x_lo, x_hi) = points().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.0), hi.max(p.0))
+    });
+    let (y_lo, y_hi) = points().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
+    if x_lo > x_hi || y_lo > y_hi {
+        return Ok(());
+    }
+    let pad = ((x_hi - x_lo) * 0.03).max(0.5);
+    let x_range = (x_lo - pad).max(0.0)..x_hi + pad;
+    let share = legend_share(chart.lines.len());
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(format!("{title}: {}", chart.name), ("sans-serif", 20))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(70);
+    if chart.log_y {
+        let lo = (y_lo * 0.8).max(1e-3);
+        let hi = (y_hi * 1.25).max(lo * 2.0);
+        let hi = 10f64.powf(hi.log10() + (hi.log10() - lo.log10()) * share / (1.0 - share));
+        let mut ctx = builder
+            .build_cartesian_2d(x_range, (lo..hi).log_scale())
+            .map_err(plot_error)?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_desc.as_str())
+            .y_desc(chart.y_desc.as_str())
+            .draw()
+            .map_err(plot_error)?;
+        draw_chart_lines(&mut ctx, chart, positive)?;
+    } else {
+        let hi = y_hi.max(1.0) * 1.05 / (1.0 - share);
+        let mut ctx = builder
+            .build_cartesian_2d(x_range, 0f64..hi)
+            .map_err(plot_error)?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_desc.as_str())
+            .y_desc(chart.y_desc.as_str())
+            .draw()
+            .map_err(plot_error)?;
+        draw_chart_lines(&mut ctx, chart, positive)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
 /// A file-name-safe form of a title: lowercase letters, digits and single dashes.
 fn slug(title: &str) -> String {
     let mut out = String::new();
@@ -262,6 +375,18 @@ pub fn write_plots(out_dir: &Path, benches: &mut [Bench]) -> Result<usize> {
             bench.plots.push(format!("plots/{name}"));
             written += 1;
         }
+        let mut charts = Vec::new();
+        for chart in &bench.charts {
+            if chart.lines.iter().all(|l| l.points.is_empty()) {
+                continue;
+            }
+            let name = format!("{stem}-{}.svg", slug(&chart.name));
+            draw_chart(&dir.join(&name), &bench.title, chart)
+                .with_context(|| format!("plotting {name}"))?;
+            charts.push(format!("plots/{name}"));
+        }
+        written += charts.len();
+        bench.plots.extend(charts);
     }
     Ok(written)
 }

@@ -282,6 +282,39 @@ pub struct Bench {
     pub notes: Vec<String>,
     /// Plots of this table, relative to the report (set by [`crate::plot`]).
     pub plots: Vec<String>,
+    /// Paragraphs (Markdown) shown after the notes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prose: Vec<String>,
+    /// Charts over a numeric x axis, drawn by [`crate::plot`] besides the latency and
+    /// throughput plots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub charts: Vec<Chart>,
+}
+
+/// A chart of lines over a numeric x axis (e.g. achieved against offered churn).
+#[derive(Debug, Clone, Serialize)]
+pub struct Chart {
+    /// File-name part and caption, e.g. "achieved vs offered churn".
+    pub name: String,
+    /// x axis description.
+    pub x_desc: String,
+    /// y axis description.
+    pub y_desc: String,
+    /// Whether the y axis is logarithmic.
+    pub log_y: bool,
+    /// The lines.
+    pub lines: Vec<ChartLine>,
+}
+
+/// One line of a [`Chart`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ChartLine {
+    /// Legend text.
+    pub label: String,
+    /// `(x, y)` points, x ascending.
+    pub points: Vec<(f64, f64)>,
+    /// A reference line (thin, grey): a goal or `y = x`, not a measurement.
+    pub reference: bool,
 }
 
 /// The median (mean of the two middle values for an even count); `None` when empty.
@@ -309,6 +342,8 @@ impl Bench {
             ratios: Vec::new(),
             notes: Vec::new(),
             plots: Vec::new(),
+            prose: Vec::new(),
+            charts: Vec::new(),
         }
     }
 
@@ -367,6 +402,18 @@ impl Bench {
         goal: Option<Goal>,
     ) -> String {
         self.push_ratio(label, engine, reference, "MiB", (1, 1), goal)
+    }
+
+    /// [`Bench::add_value_ratio`] of two values in `unit` (e.g. "MB/s").
+    pub fn add_value_ratio_in(
+        &mut self,
+        label: &str,
+        engine: (&str, f64),
+        reference: (&str, f64),
+        unit: &str,
+        goal: Option<Goal>,
+    ) -> String {
+        self.push_ratio(label, engine, reference, unit, (1, 1), goal)
     }
 
     fn push_ratio(
@@ -487,8 +534,13 @@ pub fn markdown(results: &Results) -> String {
             })
             .collect();
         let _ = writeln!(out, "{}\n", params.join(", "));
+        let e2e = bench.name == "e2e";
         if !bench.rows.is_empty() {
-            table(&mut out, bench);
+            if e2e {
+                e2e_table(&mut out, bench);
+            } else {
+                table(&mut out, bench);
+            }
             out.push('\n');
         }
         for ratio in &bench.ratios {
@@ -526,7 +578,7 @@ pub fn markdown(results: &Results) -> String {
                 ratio.label, ratio.value
             );
         }
-        for row in &bench.rows {
+        for row in bench.rows.iter().filter(|_| !e2e) {
             let extras: Vec<String> = row
                 .extra
                 .iter()
@@ -540,6 +592,9 @@ pub fn markdown(results: &Results) -> String {
         for note in &bench.notes {
             let _ = writeln!(out, "- {note}");
         }
+        for paragraph in &bench.prose {
+            let _ = writeln!(out, "\n{paragraph}");
+        }
         if !bench.plots.is_empty() {
             out.push('\n');
             for plot in &bench.plots {
@@ -549,6 +604,78 @@ pub fn markdown(results: &Results) -> String {
         }
     }
     out
+}
+
+/// A figure of a row's extras, when it is a number.
+fn extra_f64(row: &Row, key: &str) -> Option<f64> {
+    row.extra.get(key).and_then(Value::as_f64)
+}
+
+/// Milliseconds from µs, with three significant digits or so.
+fn fmt_ms(us: f64) -> String {
+    let ms = us / 1000.0;
+    if ms >= 100.0 {
+        format!("{ms:.0}")
+    } else if ms >= 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.2}")
+    }
+}
+
+/// The table of an `e2e` benchmark: one row per churn step (see `crate::e2e_bench`).
+fn e2e_table(out: &mut String, bench: &Bench) {
+    let _ = writeln!(
+        out,
+        "| offered MB/s | achieved MB/s | achieved / offered | lag p50 ms | p90 ms | p99 ms \
+         | p99.9 ms | max ms | frames | p99 < 1 s | API rpo_lag_ms p50 / max | staging peak MB \
+         | drain s | appliance CPU s | agents CPU s |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    );
+    let num = |row: &Row, key: &str, decimals: usize| {
+        extra_f64(row, key).map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+    };
+    for row in &bench.rows {
+        let lag = row.latencies.first().map(|l| l.percentiles);
+        let lag_cols = match lag {
+            Some(p) if p.count > 0 => format!(
+                "{} | {} | {} | {} | {} | {}",
+                fmt_ms(p.p50_us),
+                fmt_ms(p.p90_us),
+                fmt_ms(p.p99_us),
+                fmt_ms(p.p99_9_us),
+                fmt_ms(p.max_us),
+                p.count
+            ),
+            _ => "- | - | - | - | - | 0".into(),
+        };
+        let under = match row.extra.get("lag_p99_under_1s").and_then(Value::as_bool) {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let api = match (
+            extra_f64(row, "api_rpo_lag_ms_p50"),
+            extra_f64(row, "api_rpo_lag_ms_max"),
+        ) {
+            (Some(p50), Some(max)) => format!("{p50:.0} / {max:.0}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {lag_cols} | {under} | {api} | {} | {} | {:.2} | {} |",
+            num(row, "offered_mb_s", 1),
+            num(row, "achieved_mb_s", 1),
+            num(row, "achieved_share", 3),
+            num(row, "staging_peak_mb", 1),
+            num(row, "drain_s", 2),
+            row.cpu.total_s(),
+            num(row, "agents_cpu_s", 2),
+        );
+    }
 }
 
 /// The table of a benchmark's rows.

@@ -53,6 +53,26 @@ impl IntervalBytes {
         }
     }
 
+    /// Counting from `start`.
+    pub fn starting_at(start: Instant) -> Self {
+        Self {
+            start,
+            bins: Vec::new(),
+            total: 0,
+        }
+    }
+
+    /// Adds the bins of `other`, which counted from the same start.
+    pub fn merge(&mut self, other: &Self) {
+        if other.bins.len() > self.bins.len() {
+            self.bins.resize(other.bins.len(), 0);
+        }
+        for (mine, theirs) in self.bins.iter_mut().zip(&other.bins) {
+            *mine += theirs;
+        }
+        self.total += other.total;
+    }
+
     /// Counts `bytes` done at `at`.
     pub fn add(&mut self, at: Instant, bytes: u64) {
         let index =
