@@ -32,10 +32,10 @@
 //! path apart: see `diag.rs`.
 //!
 //! Sizes (`--quick` takes 1–3 minutes on 2 cores, depending on what else runs there; the
-//! full run takes several minutes more, prints its duration like the quick one, and needs
-//! about 11 GiB of scratch space). The hidden `--tiny` (or `PERF_TINY=1`) shrinks everything
-//! so that the whole run takes seconds: it checks that the run works (`tests/quick.rs`), its
-//! figures mean nothing.
+//! full run takes several minutes more, the e2e ladder alone about ten, prints its duration
+//! like the quick one, and checks for about 28 GiB of free scratch space, 11 GiB without
+//! e2e). The hidden `--tiny` (or `PERF_TINY=1`) shrinks everything so that the whole run
+//! takes seconds: it checks that the run works (`tests/quick.rs`), its figures mean nothing.
 //!
 //! | | `--quick` | full | `--tiny` |
 //! |---|---|---|---|
@@ -46,7 +46,7 @@
 //! | staging-append | 256 / 2,048 / 4,096 frames at batch 1 / 16 / 64 | 1,024 / 8,192 / 16,384 | 32 / 128 / 256 |
 //! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
-//! | e2e | 1, 8, 31 disks × 8, 32, 96, 192 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 384 MB/s (9 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s |
+//! | e2e | 1, 8, 31 disks × 8, 96, 384 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 1024 MB/s (10 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s per step |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.

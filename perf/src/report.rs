@@ -629,11 +629,11 @@ fn e2e_table(out: &mut String, bench: &Bench) {
         out,
         "| offered MB/s | achieved MB/s | achieved / offered | lag p50 ms | p90 ms | p99 ms \
          | p99.9 ms | max ms | frames | p99 < 1 s | API rpo_lag_ms p50 / max | staging peak MB \
-         | drain s | appliance CPU s | agents CPU s |"
+         | drain s | applied s | appliance CPU s | agents CPU s |"
     );
     let _ = writeln!(
         out,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     let num = |row: &Row, key: &str, decimals: usize| {
         extra_f64(row, key).map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
@@ -666,12 +666,13 @@ fn e2e_table(out: &mut String, bench: &Bench) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {lag_cols} | {under} | {api} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {} | {lag_cols} | {under} | {api} | {} | {} | {} | {:.2} | {} |",
             num(row, "offered_mb_s", 1),
             num(row, "achieved_mb_s", 1),
             num(row, "achieved_share", 3),
             num(row, "staging_peak_mb", 1),
             num(row, "drain_s", 2),
+            num(row, "apply_caught_up_s", 2),
             row.cpu.total_s(),
             num(row, "agents_cpu_s", 2),
         );

@@ -4,6 +4,11 @@
 //! links, that every benchmark is there, and that every ratio is a finite number. No figure is
 //! asserted: the machine running the tests may be busy with anything. Skips (and says why)
 //! when fio or qemu-img is missing (`scripts/install-tools.sh` installs both).
+//!
+//! The `e2e` benchmark starts a real `appliance serve`: cargo does not build another
+//! package's binary for this test, so the test runs `cargo build -p appliance` (a no-op when
+//! it is up to date) into the perf binary's target directory and profile first, and passes
+//! the binary as `APPLIANCE_BIN`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,13 +16,14 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 6] = [
+const BENCHMARKS: [&str; 7] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
     "staging-append",
     "materialize",
     "resync",
+    "e2e",
 ];
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -31,6 +37,42 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .into_iter()
         .chain(std::iter::once(Path::new("/usr/bin").join(name)))
         .find(|p| p.is_file())
+}
+
+/// Builds the `appliance` binary with the profile and into the target directory of the perf
+/// binary under test; returns its path.
+fn build_appliance() -> PathBuf {
+    let perf = Path::new(env!("CARGO_BIN_EXE_perf"));
+    let profile_dir = perf.parent().expect("the perf binary's directory");
+    let target_dir = profile_dir.parent().expect("the target directory");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("profile directory name");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "-p", "appliance", "--target-dir"])
+        .arg(target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let status = build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo build -p appliance");
+    assert!(
+        status.success(),
+        "cargo build -p appliance failed: {status}"
+    );
+    let bin = profile_dir.join("appliance");
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    bin
 }
 
 fn finite(value: &Value, what: &str) -> f64 {
@@ -52,6 +94,7 @@ fn quick_run_writes_results_report_and_plots() {
             return;
         }
     }
+    let appliance = build_appliance();
     let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir");
     let out = scratch.path().join("out");
     let started = Instant::now();
@@ -60,6 +103,7 @@ fn quick_run_writes_results_report_and_plots() {
         .arg(&out)
         .arg("--dir")
         .arg(scratch.path())
+        .env("APPLIANCE_BIN", &appliance)
         .output()
         .expect("starting perf");
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -112,6 +156,28 @@ fn quick_run_writes_results_report_and_plots() {
         }
     }
     assert!(ratios >= BENCHMARKS.len(), "only {ratios} ratios");
+    // e2e: a table per disk count (1 and 2 disks in --tiny) with a row per churn step, each
+    // with a lag distribution, and the summary with the memory ratio.
+    let e2e: Vec<&Value> = benches.iter().filter(|b| b["name"] == "e2e").collect();
+    assert_eq!(e2e.len(), 3, "e2e tables: {e2e:?}");
+    for bench in &e2e[..2] {
+        let rows = bench["rows"].as_array().expect("e2e rows");
+        assert_eq!(rows.len(), 2, "two churn steps in --tiny");
+        for row in rows {
+            finite(&row["extra"]["achieved_mb_s"], "e2e achieved_mb_s");
+            let lag = &row["latencies"][0]["percentiles"];
+            assert!(
+                lag["count"].as_u64().unwrap_or(0) > 0,
+                "no lag samples: {row}"
+            );
+            finite(&lag["p99_us"], "e2e lag p99");
+            assert_eq!(row["extra"]["lag_samples_dropped"], 0);
+        }
+    }
+    assert!(
+        report.contains("**Memory (benchmark 7).**") && report.contains("anchors.md"),
+        "report.md lacks the e2e summary"
+    );
     assert!(plots > 0, "no plots");
     // Every ratio line on stdout too.
     assert_eq!(
