@@ -38,9 +38,7 @@ pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     Ok(out)
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub(crate) use engine::port::hex;
 
 /// Parses `SIZE_MIB[:LOGICAL_BLOCK_BYTES]`, e.g. `1024` or `64:512`.
 pub fn parse_disk(text: &str) -> Result<DiskGeometry, BadInput> {

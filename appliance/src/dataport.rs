@@ -81,9 +81,7 @@ pub fn tokens_equal(expected: &[u8], presented: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use engine::port::hex;
 
 // ───────────────────────────── registry ─────────────────────────────
 

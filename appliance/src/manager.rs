@@ -2207,8 +2207,8 @@ impl Manager {
             if job.view().kind != kind {
                 continue;
             }
-            let newest = match self.meta.points(item_key(&item.id)) {
-                Ok(points) => points.last().map(|p| p.point_id),
+            let newest = match self.meta.latest_point(item_key(&item.id)) {
+                Ok(point) => point.map(|p| p.point_id),
                 Err(error) => {
                     tracing::warn!(item = %item.hex, %error, "reading points");
                     continue;

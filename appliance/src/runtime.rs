@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use engine::apply::{Applier, ApplyConfig, Pins, Retention};
@@ -142,11 +142,7 @@ impl std::fmt::Debug for ApplyWorker {
     }
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+use crate::store::now_ns;
 
 /// Everything the worker needs for one item.
 pub struct WorkerSetup {

@@ -80,7 +80,7 @@ fn write_atomic_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow:
 
 /// Hex form of an item id, as used in paths and on the command line.
 pub fn item_hex(item_id: &[u8; 16]) -> String {
-    item_id.iter().map(|b| format!("{b:02x}")).collect()
+    engine::port::hex(item_id)
 }
 
 /// Parses the hex form of an item id.

@@ -368,7 +368,11 @@ fn run_in(
         "enable protection on B (3 replica disks, 3 slots)",
         0,
         slots["attached"] == 3,
-        format!("item {}…, slots free {}", &item[..8], slots["free"]),
+        format!(
+            "item {}…, slots free {}",
+            item.get(..8).unwrap_or(&item),
+            slots["free"]
+        ),
     )?;
 
     // ── initial replication ──

@@ -410,7 +410,8 @@ impl Drop for Appliance {
 
 /// Parses 32 hex digits into an item id.
 pub fn parse_item_id(hex: &str) -> anyhow::Result<[u8; 16]> {
-    if hex.len() != 32 {
+    // ASCII first: slicing below must never fall inside a multi-byte character.
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("item id {hex:?} is not 32 hex digits");
     }
     let mut id = [0u8; 16];
@@ -419,4 +420,18 @@ pub fn parse_item_id(hex: &str) -> anyhow::Result<[u8; 16]> {
             .with_context(|| format!("item id {hex:?}"))?;
     }
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_ids_parse_and_garbage_is_refused_without_panicking() {
+        let id = parse_item_id(&"ab".repeat(16)).unwrap();
+        assert_eq!(id, [0xab; 16]);
+        for bad in ["", "ab", &"g".repeat(32), &"é".repeat(16), &"a".repeat(33)] {
+            assert!(parse_item_id(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -99,9 +99,7 @@ impl Default for IngestConfig {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::port::hex;
 
 /// Reads one stream into `log`, calling `on_ack` with each newly durable sequence number and
 /// the back-pressure advice (the data port sleeps on `Pressure::Slow` before acknowledging).

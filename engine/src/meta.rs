@@ -261,6 +261,28 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// The newest point of an item (one record read, for pollers).
+    pub fn latest_point(&self, item: ItemKey) -> Result<Option<PointRecord>, MetaError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(meta_err("reading the newest point"))?;
+        let table = txn
+            .open_table(POINTS)
+            .map_err(meta_err("reading the newest point"))?;
+        let newest = table
+            .range((item, 0)..=(item, u64::MAX))
+            .map_err(meta_err("reading the newest point"))?
+            .next_back();
+        match newest {
+            Some(entry) => {
+                let (_, value) = entry.map_err(meta_err("reading the newest point"))?;
+                Ok(Some(PointRecord::decode(value.value())?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// One point.
     pub fn point(&self, item: ItemKey, point_id: u64) -> Result<Option<PointRecord>, MetaError> {
         let txn = self.db.begin_read().map_err(meta_err("reading a point"))?;
@@ -513,6 +535,12 @@ mod tests {
         assert_eq!(store.state(1).unwrap(), (20, 20));
         assert_eq!(store.points(1).unwrap(), vec![point(10), point(20)]);
         assert!(store.points(2).unwrap().is_empty());
+        assert_eq!(store.latest_point(1).unwrap(), Some(point(20)));
+        assert_eq!(
+            store.latest_point(2).unwrap(),
+            None,
+            "item 2 has a watermark, no point"
+        );
         assert_eq!(store.preserved(1, 10, 0).unwrap(), vec![(3, 0)]);
         assert_eq!(store.preserved(1, 10, 1).unwrap(), vec![(1, 4096)]);
         store.remove_point(1, 10).unwrap();

@@ -568,8 +568,9 @@ impl StagingLog {
         Ok(freed)
     }
 
-    /// Marks the item as needing a delta resync (durably) and drops every staged frame: after
-    /// the resync the replica is exact and the old frames would be stale.
+    /// Marks the item as needing a delta resync (durably). Staged frames stay until
+    /// [`StagingLog::resync_done`], which drops them: after the resync the replica is exact
+    /// and the old frames would be stale.
     pub fn require_resync(&mut self, reason: &str) -> Result<(), StagingError> {
         let marker = self
             .dir
