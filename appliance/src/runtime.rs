@@ -20,7 +20,7 @@ use anyhow::Context;
 use engine::apply::{Applier, ApplyConfig, Pins, Retention};
 use engine::delta::DiskGeometry;
 use engine::durable::DurableDir;
-use engine::io::{BufPool, BufPoolConfig, IoEngine, ReplicaFile, open_os_engine};
+use engine::io::{BufPool, IoEngine, ReplicaFile, open_os_engine};
 use engine::meta::{ItemKey, MetaStore};
 use engine::staging::StagingReader;
 
@@ -291,11 +291,7 @@ fn run(
     control: &Control,
     started: std::sync::mpsc::SyncSender<Pins>,
 ) -> anyhow::Result<Drained> {
-    let pool = BufPool::new(BufPoolConfig {
-        buf_size_bytes: engine::delta::MAX_PAYLOAD_BYTES as usize,
-        buf_count: (2 * options.queue_depth).max(8),
-        ..BufPoolConfig::default()
-    })?;
+    let pool = BufPool::new(engine::apply::default_pool_config(options.queue_depth))?;
     let (mut io, choice) = open_os_engine(&pool, options.queue_depth)?;
     match &choice {
         engine::io::BackendChoice::Uring => {

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  StagingReader ──► batch (≤ stream_max_frames, ends at a bookmark)
-//!      │   decompress each payload straight into an aligned pool buffer (IoBuf)
+//!      │   decompress each payload straight into an aligned pool buffer (IoBuf); a payload
+//!      │   larger than one buffer goes through the spill buffer and is written in pieces
 //!      ▼
 //!  preserve: grains the batch overwrites that were not yet preserved in this interval
 //!      │   read old content (IoOp::Read) ─► append to preserve/pres-<tag>.dat ─► fdatasync
@@ -48,6 +49,23 @@ use crate::staging::{StagingError, StagingReader};
 /// While streaming, ops are handed to the kernel after this many submissions (and whenever
 /// the run waits).
 const STREAM_KICK_EVERY: u64 = 4;
+
+/// Size of one apply buffer. Smaller than a frame may be ([`crate::delta::MAX_PAYLOAD_BYTES`]):
+/// the buffers are registered with the ring, so they are resident for the item's whole life,
+/// and an appliance runs one pool per item. A larger payload is decoded into the applier's
+/// spill buffer and written in pieces of this size (adjacent pieces submitted together merge in
+/// the block layer).
+pub const APPLY_BUF_BYTES: usize = 128 << 10;
+
+/// The buffer pool an [`Applier`] at `queue_depth` is built with by default: one buffer per
+/// queue slot (at least 8), [`APPLY_BUF_BYTES`] each, so 4 MiB at queue depth 32.
+pub fn default_pool_config(queue_depth: usize) -> crate::io::BufPoolConfig {
+    crate::io::BufPoolConfig {
+        buf_size_bytes: APPLY_BUF_BYTES,
+        buf_count: queue_depth.max(8),
+        ..crate::io::BufPoolConfig::default()
+    }
+}
 
 /// Apply settings.
 #[derive(Debug, Clone, Copy)]
@@ -251,6 +269,19 @@ impl PendingOp {
     }
 }
 
+/// What the next staged frame turns into.
+enum Next {
+    /// One op.
+    Op(PendingOp),
+    /// A payload larger than one buffer, decoded into the spill buffer; `first` is the buffer
+    /// taken for its first piece.
+    Spilled {
+        disk_index: u16,
+        offset_bytes: u64,
+        first: IoBuf,
+    },
+}
+
 /// A bookmark frame: its sequence number and content.
 type Bookmark = (u64, crate::delta::Bookmark);
 
@@ -269,6 +300,9 @@ pub struct Applier<E: IoEngine> {
     /// Where the reader started: replay begins here until a watermark exists.
     first_seq: u64,
     payloads: PayloadDecoder,
+    /// Payloads larger than one pool buffer are decoded here first (grows to the largest such
+    /// payload, at most [`crate::delta::MAX_PAYLOAD_BYTES`], and is reused).
+    spill: Vec<u8>,
     /// Last frame applied (written, maybe not flushed).
     applied_seq: u64,
     /// Last frame whose effect is flushed and committed.
@@ -307,8 +341,9 @@ fn now_ns() -> u64 {
 
 impl<E: IoEngine> Applier<E> {
     /// Builds the applier of an item. `files[i]` is replica disk `i` registered with `engine`;
-    /// `reader` is positioned anywhere (it is moved to the watermark); `pool` buffers must hold
-    /// a whole frame ([`crate::delta::MAX_PAYLOAD_BYTES`]) and are shared with nobody else.
+    /// `reader` is positioned anywhere (it is moved to the watermark); `pool` (see
+    /// [`default_pool_config`]) holds at least 4 buffers of at least one grain each and is
+    /// shared with nobody else.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         item: ItemKey,
@@ -328,17 +363,18 @@ impl<E: IoEngine> Applier<E> {
                 disks.len()
             )));
         }
-        if pool.buf_size_bytes() < crate::delta::MAX_PAYLOAD_BYTES as usize || pool.capacity() < 4 {
-            return Err(ApplyError::Invalid(format!(
-                "buffer pool of {} × {} bytes: need at least 4 buffers of {} bytes",
-                pool.capacity(),
-                pool.buf_size_bytes(),
-                crate::delta::MAX_PAYLOAD_BYTES
-            )));
-        }
         if config.grain_bytes == 0 || !config.grain_bytes.is_multiple_of(4096) {
             return Err(ApplyError::Invalid(format!(
                 "grain of {} bytes is not a multiple of 4096",
+                config.grain_bytes
+            )));
+        }
+        if pool.buf_size_bytes() < config.grain_bytes as usize || pool.capacity() < 4 {
+            return Err(ApplyError::Invalid(format!(
+                "buffer pool of {} × {} bytes: need at least 4 buffers of at least one grain \
+                 ({} bytes)",
+                pool.capacity(),
+                pool.buf_size_bytes(),
                 config.grain_bytes
             )));
         }
@@ -356,6 +392,7 @@ impl<E: IoEngine> Applier<E> {
             first_seq: reader.next_seq(),
             reader,
             payloads,
+            spill: Vec::new(),
             applied_seq: 0,
             durable_seq: 0,
             bytes_since_checkpoint: 0,
@@ -574,15 +611,7 @@ impl<E: IoEngine> Applier<E> {
         {
             // A buffer first (the frame borrows the reader); when every buffer is in flight,
             // wait for one to come back. Unused, it returns to the pool on drop.
-            let mut buf = match self.pool.take() {
-                Some(buf) => buf,
-                None => {
-                    self.reap_some(1, "write")?;
-                    self.pool
-                        .take()
-                        .ok_or_else(|| ApplyError::Invalid("buffer pool exhausted".into()))?
-                }
-            };
+            let mut buf = self.take_buf()?;
             let Some(frame) = self.reader.next_frame()? else {
                 break;
             };
@@ -590,31 +619,53 @@ impl<E: IoEngine> Applier<E> {
             last_seq = Some(seq);
             progress.frames += 1;
             let op = match frame.body {
+                FrameBody::Write(extent) | FrameBody::ResyncBlock(extent)
+                    if extent.length_bytes as usize > buf.capacity_bytes() =>
+                {
+                    // Larger than a buffer: decode once into the spill buffer, then write it
+                    // in buffer-sized pieces (below, once the frame's borrow has ended).
+                    self.spill.resize(extent.length_bytes as usize, 0);
+                    self.payloads
+                        .decode_into(&extent, &mut self.spill)
+                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
+                    Next::Spilled {
+                        disk_index: extent.disk_index,
+                        offset_bytes: extent.offset_bytes,
+                        first: buf,
+                    }
+                }
                 FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
                     decode_into(&mut self.payloads, &extent, &mut buf)
                         .map_err(|reason| ApplyError::Payload { seq, reason })?;
-                    PendingOp::Write {
+                    Next::Op(PendingOp::Write {
                         disk_index: extent.disk_index,
                         offset_bytes: extent.offset_bytes,
                         buf,
-                    }
+                    })
                 }
                 FrameBody::ZeroRange {
                     disk_index,
                     offset_bytes,
                     length_bytes,
-                } => PendingOp::Zero {
+                } => Next::Op(PendingOp::Zero {
                     disk_index,
                     offset_bytes,
                     len_bytes: length_bytes,
-                },
+                }),
                 FrameBody::Bookmark(mark) => {
                     bookmark = Some((seq, mark));
                     break;
                 }
                 FrameBody::End => continue,
             };
-            progress.bytes += self.submit_pending(op)?;
+            progress.bytes += match op {
+                Next::Op(op) => self.submit_pending(op)?,
+                Next::Spilled {
+                    disk_index,
+                    offset_bytes,
+                    first,
+                } => self.submit_spilled(disk_index, offset_bytes, first)?,
+            };
             // Hand ops to the kernel a few at a time: one syscall for several writes.
             if progress.frames % STREAM_KICK_EVERY == 0 {
                 self.engine.kick().map_err(|source| ApplyError::Replica {
@@ -630,6 +681,46 @@ impl<E: IoEngine> Applier<E> {
             self.applied_seq = seq;
         }
         Ok((progress, bookmark))
+    }
+
+    /// Writes the spill buffer at `offset_bytes` of disk `disk_index` in buffer-sized pieces,
+    /// the first one in `first`. Returns its bytes.
+    fn submit_spilled(
+        &mut self,
+        disk_index: u16,
+        offset_bytes: u64,
+        first: IoBuf,
+    ) -> Result<u64, ApplyError> {
+        let spill = std::mem::take(&mut self.spill);
+        let result = (|| {
+            let mut next = Some(first);
+            for (index, piece) in spill.chunks(self.pool.buf_size_bytes()).enumerate() {
+                let mut buf = match next.take() {
+                    Some(buf) => buf,
+                    None => self.take_buf()?,
+                };
+                buf.copy_from(piece);
+                self.submit_pending(PendingOp::Write {
+                    disk_index,
+                    offset_bytes: offset_bytes + (index * self.pool.buf_size_bytes()) as u64,
+                    buf,
+                })?;
+            }
+            Ok(spill.len() as u64)
+        })();
+        self.spill = spill;
+        result
+    }
+
+    /// A buffer from the pool; when every buffer is in flight, waits for one to come back.
+    fn take_buf(&mut self) -> Result<IoBuf, ApplyError> {
+        if let Some(buf) = self.pool.take() {
+            return Ok(buf);
+        }
+        self.reap_some(1, "write")?;
+        self.pool
+            .take()
+            .ok_or_else(|| ApplyError::Invalid("buffer pool exhausted".into()))
     }
 
     /// Preserves the old content of every grain the batch overwrites that was not preserved

@@ -31,12 +31,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use engine::apply::{Applier, ApplyConfig};
+use engine::apply::{APPLY_BUF_BYTES, Applier, ApplyConfig};
 use engine::delta::StreamHeader;
 use engine::durable::{DurableDir, StdDir};
-use engine::io::{
-    BackendChoice, BufPool, BufPoolConfig, DirectIo, IoEngine, ReplicaFile, open_os_engine,
-};
+use engine::io::{BackendChoice, BufPool, DirectIo, IoEngine, ReplicaFile, open_os_engine};
 use engine::meta::{MetaStore, item_key};
 use engine::staging::{StagingConfig, StagingLog};
 
@@ -52,8 +50,6 @@ use crate::workload::{
     DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets,
 };
 
-/// Apply buffers must hold a whole frame (`MAX_PAYLOAD_BYTES`).
-const APPLY_BUF_BYTES: usize = 4 << 20;
 /// Frames per staging commit while filling staging (not timed).
 const STAGE_COMMIT_FRAMES: usize = 64;
 
@@ -157,11 +153,8 @@ fn apply_once(
     queue_depth: usize,
     preserve: bool,
 ) -> Result<ApplyFigures> {
-    let pool = BufPool::new(BufPoolConfig {
-        buf_size_bytes: APPLY_BUF_BYTES,
-        buf_count: (2 * queue_depth).max(4),
-        ..BufPoolConfig::default()
-    })?;
+    // The appliance's pool, so the figures are the appliance's.
+    let pool = BufPool::new(engine::apply::default_pool_config(queue_depth))?;
     let (engine, backend) = open_os_engine(&pool, queue_depth)?;
     let (mut engine, op_latencies) = TimedEngine::new(engine);
     let file = ReplicaFile::open(&ctx.replica, DirectIo::Require)?;
@@ -376,7 +369,7 @@ pub fn seq_1m(
             zstd_rows(ctx, &mut bench, &header, &offs, queue_depth, lines)?;
         }
         progress!("[{title}] diagnostics");
-        let diag = diagnostics(ctx, &staged, &offs, BS, queue_depth, &[APPLY_BUF_BYTES])?;
+        let diag = diagnostics(ctx, &staged, &offs, BS, queue_depth, &[BS])?;
         bench.rows.extend(diag);
         bench.notes.push(
             "engine write latency: submit → reaped, timed by a decorator around the engine's \
@@ -536,7 +529,7 @@ fn diagnostics(
         offs,
         block_bytes,
         queue_depth,
-        APPLY_BUF_BYTES,
+        APPLY_BUF_BYTES.max(block_bytes),
         QueueMode::BatchWait,
         "diag: io engine, batch wait",
     )?);

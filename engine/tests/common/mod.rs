@@ -175,9 +175,11 @@ pub struct Item {
     pub meta: Arc<MetaStore>,
 }
 
+/// Small buffers, so most writes of the tests are larger than one and take the applier's
+/// spill-and-split path.
 pub fn pool() -> BufPool {
     BufPool::new(BufPoolConfig {
-        buf_size_bytes: 4 << 20,
+        buf_size_bytes: 16 << 10,
         buf_count: 16,
         ..BufPoolConfig::default()
     })
