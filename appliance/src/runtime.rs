@@ -334,7 +334,10 @@ fn run(
     loop {
         let stop = *control.stop.lock().unwrap_or_else(|e| e.into_inner());
         let started_at = std::time::Instant::now();
-        let progress = applier.apply_available()?;
+        // One batch per turn (a bookmark ends a batch), so retention is applied after every
+        // new point even while a backlog is being worked off: the preserve store stays
+        // within `keep_points` intervals instead of growing with the backlog.
+        let progress = applier.apply_batch()?;
         if progress.frames > 0 {
             counters.batch_latency.observe(started_at.elapsed());
             counters

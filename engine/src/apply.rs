@@ -50,19 +50,27 @@ use crate::staging::{StagingError, StagingReader};
 /// the run waits).
 const STREAM_KICK_EVERY: u64 = 4;
 
-/// Size of one apply buffer. Smaller than a frame may be ([`crate::delta::MAX_PAYLOAD_BYTES`]):
-/// the buffers are registered with the ring, so they are resident for the item's whole life,
-/// and an appliance runs one pool per item. A larger payload is decoded into the applier's
-/// spill buffer and written in pieces of this size (adjacent pieces submitted together merge in
-/// the block layer).
-pub const APPLY_BUF_BYTES: usize = 128 << 10;
+/// Bytes of an item's apply buffer pool at the default queue depth (32) and below. The buffers
+/// are registered with the ring, so they are resident for the item's whole life, and an
+/// appliance runs one pool per item: this, not the frame size, bounds them.
+pub const APPLY_POOL_BYTES: usize = 4 << 20;
+/// Smallest apply buffer; above queue depth 32 the pool grows by this per queue slot.
+pub const APPLY_BUF_MIN_BYTES: usize = 128 << 10;
 
 /// The buffer pool an [`Applier`] at `queue_depth` is built with by default: one buffer per
-/// queue slot (at least 8), [`APPLY_BUF_BYTES`] each, so 4 MiB at queue depth 32.
+/// queue slot (at least 4) sharing [`APPLY_POOL_BYTES`], each a power of two of at least
+/// [`APPLY_BUF_MIN_BYTES`]: 4 × 1 MiB at queue depth 1, 8 × 512 KiB at 8, 32 × 128 KiB at 32,
+/// 64 × 128 KiB at 64. A payload larger than one buffer (frames carry up to
+/// [`crate::delta::MAX_PAYLOAD_BYTES`]) is decoded into the applier's spill buffer and written
+/// in buffer-sized pieces; adjacent pieces submitted together merge in the block layer.
 pub fn default_pool_config(queue_depth: usize) -> crate::io::BufPoolConfig {
+    let buf_count = queue_depth.max(4);
+    let share_bytes = (APPLY_POOL_BYTES / buf_count).max(APPLY_BUF_MIN_BYTES);
+    // The largest power of two not above the share (the share is ≥ 128 KiB, so this is too).
+    let buf_size_bytes = 1usize << share_bytes.ilog2();
     crate::io::BufPoolConfig {
-        buf_size_bytes: APPLY_BUF_BYTES,
-        buf_count: queue_depth.max(8),
+        buf_size_bytes,
+        buf_count,
         ..crate::io::BufPoolConfig::default()
     }
 }
@@ -1114,4 +1122,29 @@ fn decode_into(
     let len = extent.length_bytes as usize;
     buf.set_len_bytes(len);
     payloads.decode_into(extent, buf.as_mut_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_pool_holds_4_mib_up_to_queue_depth_32_then_grows_by_min_buffers() {
+        for (queue_depth, count, size) in [
+            (1, 4, 1 << 20),
+            (4, 4, 1 << 20),
+            (8, 8, 512 << 10),
+            (12, 12, 256 << 10),
+            (32, 32, 128 << 10),
+            (64, 64, 128 << 10),
+        ] {
+            let config = default_pool_config(queue_depth);
+            assert_eq!(
+                (config.buf_count, config.buf_size_bytes),
+                (count, size),
+                "queue depth {queue_depth}"
+            );
+            assert!(BufPool::new(config).is_ok(), "queue depth {queue_depth}");
+        }
+    }
 }

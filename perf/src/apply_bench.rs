@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use engine::apply::{APPLY_BUF_BYTES, Applier, ApplyConfig};
+use engine::apply::{Applier, ApplyConfig, default_pool_config};
 use engine::delta::StreamHeader;
 use engine::durable::{DurableDir, StdDir};
 use engine::io::{BackendChoice, BufPool, DirectIo, IoEngine, ReplicaFile, open_os_engine};
@@ -479,7 +479,7 @@ pub fn rand(
     lines.push(bench.add_ratio("throughput, preserve off", off, Some(0.8)));
     lines.push(bench.add_ratio("throughput, preserve on", on_group, None));
     progress!("[{title}] diagnostics");
-    let buf_sizes = [APPLY_BUF_BYTES, block_bytes];
+    let buf_sizes = [default_pool_config(queue_depth).buf_size_bytes, block_bytes];
     let diag = diagnostics(ctx, &staged, &offs, block_bytes, queue_depth, &buf_sizes)?;
     bench.rows.extend(diag);
     bench.notes.push(format!(
@@ -529,7 +529,9 @@ fn diagnostics(
         offs,
         block_bytes,
         queue_depth,
-        APPLY_BUF_BYTES.max(block_bytes),
+        default_pool_config(queue_depth)
+            .buf_size_bytes
+            .max(block_bytes),
         QueueMode::BatchWait,
         "diag: io engine, batch wait",
     )?);

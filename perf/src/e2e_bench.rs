@@ -577,6 +577,17 @@ fn wait_applied(api: &Api, items: &[String], timeout: Duration) -> Result<Durati
         if behind.is_empty() {
             return Ok(started.elapsed());
         }
+        // An item whose apply stopped will never catch up: say why now, not at the timeout.
+        if let Some(failed) = behind
+            .iter()
+            .find(|v| v["health"].as_str().is_some_and(|h| h != "healthy"))
+        {
+            bail!(
+                "item {} stopped applying: {}",
+                failed["name"].as_str().unwrap_or("?"),
+                failed["health"].as_str().unwrap_or("?")
+            );
+        }
         if started.elapsed() > timeout {
             bail!(
                 "{} items still applying after {timeout:?}; the first: {}",
@@ -1123,10 +1134,9 @@ pub fn e2e(
         "**Memory (benchmark 7).** Peak RSS (VmHWM of /proc/PID/status) of the appliance during \
          the {}-disk run{}: **{peak_mib:.0} MiB**; goal < {MEMORY_GOAL_MIB:.0} MiB at default \
          settings: **{}**. Of it, {pinned_mib:.0} MiB are pinned (VmPin at the end of the run, \
-         {pin_per_item:.1} MiB per protected item) and {:.0} MiB are the rest. At default \
-         settings each item's apply worker registers a pool of 2 × queue depth (32) buffers of \
-         4 MiB = 256 MiB with io_uring{pinned_alone}. From {} to {} disks the peak grew by \
-         {per_item:.1} MiB per item. The appliance was not changed for this measurement.",
+         {pin_per_item:.1} MiB per protected item: each item's apply worker registers \
+         its buffer pool with io_uring) and {:.0} MiB are the rest{pinned_alone}. From {} to {} \
+         disks the peak grew by {per_item:.1} MiB per item.",
         largest.disks,
         if largest.peak_reset {
             " (the peak was reset through /proc/PID/clear_refs before the run)"
