@@ -53,6 +53,10 @@ pub struct StagingConfig {
     pub backpressure_max_delay: Duration,
     /// How long the log may stay full before the item switches to resync required.
     pub full_timeout: Duration,
+    /// Appended frames are written to the active segment (not flushed) once this many bytes
+    /// wait in memory; `commit` writes the rest and flushes. Bounds a session's memory when
+    /// its sender keeps a group of large frames in flight.
+    pub batch_write_bytes: usize,
 }
 
 impl Default for StagingConfig {
@@ -63,6 +67,7 @@ impl Default for StagingConfig {
             backpressure_per_mille: 800,
             backpressure_max_delay: Duration::from_millis(200),
             full_timeout: Duration::from_secs(60),
+            batch_write_bytes: 1 << 20,
         }
     }
 }
@@ -461,6 +466,14 @@ impl StagingLog {
             self.write_batch()?;
             self.unsynced.push(self.active.clone());
             self.start_segment(seq)?;
+        }
+        // Bound the in-memory batch: past `batch_write_bytes` it goes to the file now (not yet
+        // durable; `commit` still makes it so), so a session whose sender keeps data in flight
+        // holds at most that plus one frame, not a whole group of frames.
+        if !self.batch.is_empty()
+            && self.batch.len() + wire_bytes.len() > self.config.batch_write_bytes
+        {
+            self.write_batch()?;
         }
         self.batch.extend_from_slice(wire_bytes);
         self.appended_seq = seq;
@@ -1016,10 +1029,13 @@ mod tests {
         out
     }
 
+    /// Small segments and a small in-memory batch, so every test also crosses segment rolls
+    /// and writes before commit.
     fn config() -> StagingConfig {
         StagingConfig {
             capacity_bytes: 64 << 20,
             segment_target_bytes: 96 << 10,
+            batch_write_bytes: 40 << 10,
             ..StagingConfig::default()
         }
     }
@@ -1114,6 +1130,36 @@ mod tests {
         assert!(
             dir.durable_image().len() > 3,
             "the 96 KiB segment target must have rolled over"
+        );
+    }
+
+    #[test]
+    fn staging_batch_in_memory_stays_bounded_and_only_commit_makes_frames_durable() {
+        let wire = frames(120, 5);
+        let config = StagingConfig {
+            segment_target_bytes: 64 << 20,
+            ..config()
+        };
+        let total: usize = wire.iter().map(Vec::len).sum();
+        assert!(total > 10 * config.batch_write_bytes, "{total}");
+        let dir = SimDir::new();
+        let (mut log, _) = StagingLog::open(Arc::new(dir.clone()), header(), config).unwrap();
+        for (i, bytes) in wire.iter().enumerate() {
+            log.append(i as u64 + 1, bytes, Instant::now()).unwrap();
+            assert!(log.batch.len() <= config.batch_write_bytes.max(bytes.len()));
+        }
+        let header_bytes = header().encoded_len_bytes() as u64;
+        assert_eq!(log.used_bytes(), total as u64 + header_bytes);
+        assert_eq!(log.durable_seq(), 0, "written is not durable");
+        assert_eq!(read_all(&log, 1), vec![]);
+        assert_eq!(log.commit().unwrap(), 120);
+        assert_eq!(read_all(&log, 1).len(), 120);
+        let staged = staged_bytes(&dir);
+        assert_eq!(staged.len(), 120);
+        assert!(
+            staged
+                .iter()
+                .all(|(seq, bytes)| wire[*seq as usize - 1] == *bytes)
         );
     }
 

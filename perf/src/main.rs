@@ -128,6 +128,13 @@ struct RunArgs {
     /// Run only these benchmarks (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// e2e: these disk counts instead of the mode's (comma-separated, 1 to 31).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=31))]
+    e2e_disks: Vec<u64>,
+    /// e2e: these churn steps instead of the mode's (total MB/s, comma-separated, rising,
+    /// 1 to 4096).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=4096))]
+    e2e_churn: Vec<u64>,
 }
 
 /// Sizes of one run.
@@ -271,7 +278,16 @@ fn run(args: RunArgs) -> Result<()> {
     let started_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let plan = Plan::new(args.quick, args.tiny);
+    let mut plan = Plan::new(args.quick, args.tiny);
+    if !args.e2e_disks.is_empty() {
+        plan.e2e.disk_counts = args.e2e_disks.iter().map(|&d| d as usize).collect();
+    }
+    if !args.e2e_churn.is_empty() {
+        if args.e2e_churn.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("--e2e-churn must rise: {:?}", args.e2e_churn);
+        }
+        plan.e2e.steps_mb_s = args.e2e_churn.clone();
+    }
     let loadavg_start = machine::loadavg();
 
     // The e2e benchmark drives a real appliance process: fail before measuring anything if
