@@ -132,9 +132,11 @@ impl E2ePlan {
     }
 
     /// Scratch space needed: the replica disks (sparse: at most what is written), staging
-    /// holding the top step's data (at most the default 2 GiB per item) should the apply fall
-    /// that far behind, and 1 GiB for preserved grains (pruned with the points: 64 kept, 6.4 s
-    /// of bookmarks) and the appliance's metadata.
+    /// holding the top step's whole data (at most the default 2 GiB per item), and 1 GiB for
+    /// the appliance's metadata. The preserve store (at most 64 intervals of 100 ms: 6.4 s of
+    /// churn) is not counted apart: the staging term assumes the apply makes no progress
+    /// during the top step, which it does. The last full run (1 GB/s top step) fit in what
+    /// this asks for.
     pub fn scratch_bytes(&self) -> u64 {
         let disks = self.disk_counts.iter().max().copied().unwrap_or(1) as u64;
         let replicas = (disks * (self.disk_mib << 20)).min(self.ladder_bytes());
