@@ -38,7 +38,7 @@ default. An unknown key, a wrong type or a value out of range is an error naming
     queue_depth = 32                 # replica I/O queue depth: 1..=1024
     slots = 32                       # disk slots (LUNs), LUN 0 (the cache disk) included: 1..=256
     disk_stores = [\"/srv/replicas\"]  # absolute paths the API may use besides the data directory
-    max_jobs = 8                     # jobs running at once: 1..=64
+    max_jobs = 8                     # disk-writing jobs running at once: 1..=64
 
 Defaults: data_addr 127.0.0.1:7401, api_addr 127.0.0.1:7400, keep_points 64, cache_mib 2048,
 queue_depth 32, slots 32, disk_stores none, max_jobs 8.

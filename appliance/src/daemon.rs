@@ -6,7 +6,8 @@
 //!        ─► DataPort (TCP, loopback by default): agents stream frames, get durable acks
 //!        ─► control API (HTTP/JSON, crate::api) on its own thread and tokio runtime
 //!        ─► SIGTERM / SIGINT: stop the API and the data port (sessions end after their
-//!           commit), apply what is staged, flush, exit 0.
+//!           commit), wait up to 120 s for jobs that write disks, apply what is staged,
+//!           flush, exit 0 (a job still running then is undone at the next start).
 //!           SIGKILL: nothing acknowledged is lost (replay on start).
 //! ```
 //!

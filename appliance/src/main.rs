@@ -109,7 +109,8 @@ enum Command {
         /// the file's disk_stores).
         #[arg(long = "disk-store", value_name = "DIR")]
         disk_stores: Vec<PathBuf>,
-        /// Jobs running at once (1..=64, default 8).
+        /// Jobs that write disks (test failover, failover, change point, failback) running at
+        /// once (1..=64, default 8); replication jobs are one per item and do not count.
         #[arg(long = "max-jobs", value_name = "N")]
         max_jobs: Option<u64>,
     },
