@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appliance::dataport::{DataPort, DataPortConfig, MemoryRegistry};
+use common::Rng;
 use disk_sim::agent::{
     Agent, AgentConfig, AgentError, CloseReason, Fault, RefusalStatus, fetch_chunk_hashes,
 };
@@ -49,21 +52,6 @@ fn header(first_seq: u64) -> StreamHeader {
         item_name: "dataport-test".into(),
         first_seq,
         disks: disks(),
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Server, item_id};
+use common::{Rng, Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::json;
@@ -66,13 +66,8 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
     let agent = Agent::connect(config).unwrap();
     let mut model = vec![0u8; 4 << 20]; // the OS disk (the data disk stays empty)
     let mut oracle = BTreeMap::new();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1du64);
+    let mut next = move || rng.next();
     let mut kills = 0;
     for i in 0..900u64 {
         if i % 30 == 29 {

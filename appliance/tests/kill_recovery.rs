@@ -13,22 +13,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::Rng;
 use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};
 use engine::durable::{DurableDir, StdDir};
 use engine::meta::{MetaStore, item_key};
 use engine::staging::{StagingConfig, StagingLog};
 use xxhash_rust::xxh3::xxh3_64;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn header() -> StreamHeader {
     StreamHeader {

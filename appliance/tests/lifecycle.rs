@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Server, item_id};
+use common::{Rng, Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::{Value, json};
@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 struct Vm {
     disks: Vec<Vec<u8>>,
     block_bytes: Vec<u64>,
-    state: u64,
+    rng: Rng,
 }
 
 impl Vm {
@@ -39,15 +39,12 @@ impl Vm {
                 .iter()
                 .map(|d| u64::from(d.block_size_bytes))
                 .collect(),
-            state: seed | 1,
+            rng: Rng(seed | 1),
         }
     }
 
     fn next(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
+        self.rng.next()
     }
 
     /// A random write; applied to the model and sent by `agent`.
@@ -69,7 +66,7 @@ impl Vm {
     fn full_copy(&mut self, agent: &Agent) {
         for disk in 0..self.disks.len() {
             for (index, chunk) in self.disks[disk].chunks_mut(1 << 20).enumerate() {
-                let fill = self.state.wrapping_mul(index as u64 + 1);
+                let fill = self.rng.0.wrapping_mul(index as u64 + 1);
                 for (i, byte) in chunk.iter_mut().enumerate() {
                     *byte = (fill >> (i % 8)) as u8 ^ (i / 4096) as u8;
                 }

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::Rng;
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use xxhash_rust::xxh3::xxh3_64;
@@ -114,13 +115,8 @@ fn serve_killed_mid_stream_loses_nothing_and_every_point_is_exact() {
         .map(|d| vec![0; d.size_bytes as usize])
         .collect();
     let mut oracle = BTreeMap::new();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64);
+    let mut next = move || rng.next();
     let mut kills = 0;
     for i in 0..1200u64 {
         if i % 40 == 39 {

@@ -13,6 +13,24 @@ use engine::materialize::{Source, materialize_disk};
 use engine::meta::{MetaStore, item_key};
 use xxhash_rust::xxh3::xxh3_64;
 
+/// The tests' seeded pseudo-random numbers (xorshift64; a zero seed stays zero).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (not exactly uniform; fine for workloads).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// Checks the item's replicas against `final_digests` and every retained point against
 /// `oracle` (point id → digest per disk; a point not in it, such as a "latest" point, must
 /// equal the final state). Returns the number of points verified.
