@@ -2153,10 +2153,17 @@ impl Manager {
     /// Disable protection: replication stopped, slots released, staging, points and created
     /// replica disks removed; attached disks and failed-over disks are left alone.
     pub fn disable(&self, hex: &str) -> Result<ItemView, OpError> {
-        let _ops = lock(&self.ops);
-        let item = self.find(hex)?;
-        let record = self.check_allowed(&item, Op::Disable)?;
-        item.update(|r| r.state = ItemState::Disabled)?;
+        let (item, record) = {
+            let _ops = lock(&self.ops);
+            let item = self.find(hex)?;
+            let record = self.check_allowed(&item, Op::Disable)?;
+            item.update(|r| r.state = ItemState::Disabled)?;
+            (item, record)
+        };
+        // Durably disabled: no operation is allowed on the item any more, and a restart
+        // finishes the clean-up. The slow part (ending its sessions, draining its apply worker,
+        // removing its data) runs without the ops lock, so operations on other items (a
+        // failover in a disaster) never wait behind it.
         self.stop_replication(&item, false)?;
         if let Some(test) = &record.test_failover {
             remove_materialized(test);
