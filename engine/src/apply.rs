@@ -62,7 +62,7 @@ pub const APPLY_BUF_MIN_BYTES: usize = 128 << 10;
 /// [`APPLY_BUF_MIN_BYTES`]: 4 × 1 MiB at queue depth 1, 8 × 512 KiB at 8, 32 × 128 KiB at 32,
 /// 64 × 128 KiB at 64. A payload larger than one buffer (frames carry up to
 /// [`crate::delta::MAX_PAYLOAD_BYTES`]) is decoded into the applier's spill buffer and written
-/// in buffer-sized pieces; adjacent pieces submitted together merge in the block layer.
+/// in buffer-sized pieces, submitted one after the other without waiting.
 pub fn default_pool_config(queue_depth: usize) -> crate::io::BufPoolConfig {
     let buf_count = queue_depth.max(4);
     let share_bytes = (APPLY_POOL_BYTES / buf_count).max(APPLY_BUF_MIN_BYTES);
