@@ -24,6 +24,9 @@ use engine::io::{BufPool, IoEngine, ReplicaFile, open_os_engine};
 use engine::meta::{ItemKey, MetaStore};
 use engine::staging::StagingReader;
 
+/// How often retention by age is checked when no new point triggers it.
+const PRUNE_BY_AGE_EVERY: Duration = Duration::from_secs(1);
+
 /// Settings of an apply worker.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOptions {
@@ -328,15 +331,17 @@ fn run(
         max_age_ns: options.max_age_ns,
     };
     let counters = &control.counters;
+    let mut last_prune = std::time::Instant::now();
     control
         .applied_seq
         .store(applier.durable_seq(), Ordering::Release);
     loop {
         let stop = *control.stop.lock().unwrap_or_else(|e| e.into_inner());
         let started_at = std::time::Instant::now();
-        // One batch per turn (a bookmark ends a batch), so retention is applied after every
-        // new point even while a backlog is being worked off: the preserve store stays
-        // within `keep_points` intervals instead of growing with the backlog.
+        // One batch per turn (a bookmark ends a batch, so a batch adds at most one point), and
+        // retention after every new point even while a backlog is being worked off: the
+        // preserve store stays within `keep_points` intervals instead of growing with the
+        // backlog. Without a new point only age can prune, so that is checked once a second.
         let progress = applier.apply_batch()?;
         if progress.frames > 0 {
             counters.batch_latency.observe(started_at.elapsed());
@@ -347,7 +352,10 @@ fn run(
                 .applied_frames
                 .fetch_add(progress.frames, Ordering::Relaxed);
         }
-        applier.prune(retention, now_ns())?;
+        if progress.point.is_some() || last_prune.elapsed() >= PRUNE_BY_AGE_EVERY {
+            applier.prune(retention, now_ns())?;
+            last_prune = std::time::Instant::now();
+        }
         if let Stop::Drain {
             target_seq,
             mark_latest,
@@ -391,5 +399,97 @@ fn run(
                     .map_err(|_| anyhow::anyhow!("apply control lock poisoned"))?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+    use engine::delta::{Consistency, DeltaEncoder, EncoderOptions, StreamHeader};
+    use engine::durable::StdDir;
+    use engine::ingest::{IngestConfig, ingest_stream};
+    use engine::io::DirectIo;
+    use engine::staging::{StagingConfig, StagingLog};
+
+    #[test]
+    fn a_backlog_of_points_never_holds_more_than_keep_points_plus_the_newest() {
+        const KEEP: usize = 4;
+        const POINTS: u64 = 200;
+        let tmp = tempfile::tempdir().unwrap();
+        let header = StreamHeader {
+            item_id: [7; 16],
+            item_name: "backlog".into(),
+            first_seq: 1,
+            disks: vec![DiskGeometry {
+                size_bytes: 1 << 20,
+                block_size_bytes: 4096,
+            }],
+        };
+        // A whole backlog staged before the worker starts: a write and a bookmark, 200 times.
+        let mut encoder =
+            DeltaEncoder::new(Vec::new(), &header, EncoderOptions::default()).unwrap();
+        for i in 0..POINTS {
+            encoder
+                .write(0, (i % 256) * 4096, &[i as u8 | 1; 4096])
+                .unwrap();
+            encoder.bookmark(Consistency::Crash, i, i, "b").unwrap();
+        }
+        let dir = |name: &str| {
+            std::fs::create_dir_all(tmp.path().join(name)).unwrap();
+            StdDir::open(&tmp.path().join(name)).unwrap()
+        };
+        let (mut staging, _) = StagingLog::open(
+            Arc::new(dir("staging")),
+            header.clone(),
+            StagingConfig::default(),
+        )
+        .unwrap();
+        ingest_stream(
+            encoder.into_inner().as_slice(),
+            &mut staging,
+            IngestConfig::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let staged_seq = staging.durable_seq();
+        assert_eq!(staged_seq, 2 * POINTS);
+        let meta = Arc::new(MetaStore::open(dir("meta").open("meta.redb", true).unwrap()).unwrap());
+        let replica =
+            ReplicaFile::create(tmp.path().join("replica"), 1 << 20, DirectIo::Prefer).unwrap();
+        let key = engine::meta::item_key(&header.item_id);
+        let worker = ApplyWorker::start(
+            "backlog",
+            WorkerSetup {
+                item: key,
+                disks: header.disks.clone(),
+                replicas: vec![replica],
+                reader: staging.reader(1),
+                meta: meta.clone(),
+                preserve: Arc::new(dir("preserve")),
+            },
+            ApplyOptions {
+                keep_points: KEEP,
+                max_age_ns: u64::MAX,
+                queue_depth: 8,
+            },
+        )
+        .unwrap();
+        worker.notify(staged_seq);
+        // Watch the point count while the backlog is applied: a batch adds at most one point
+        // and retention follows it at once, so never more than KEEP + 1 are there.
+        let mut most = 0;
+        while worker.applied_seq() < staged_seq && !worker.failed() {
+            most = most.max(meta.points(key).unwrap().len());
+        }
+        assert!(!worker.failed(), "{:?}", worker.status().error());
+        worker.drain_and_stop(staged_seq, false).unwrap();
+        most = most.max(meta.points(key).unwrap().len());
+        assert!(
+            most <= KEEP + 1,
+            "{most} points at once, keep_points {KEEP}"
+        );
+        assert_eq!(meta.points(key).unwrap().len(), KEEP);
     }
 }
