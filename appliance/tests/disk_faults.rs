@@ -498,57 +498,97 @@ fn no_space_on_the_data_disk_stops_acks_names_the_problem_and_loses_nothing() {
     drop(mount);
 }
 
+/// An appliance serving from a temporary directory, protecting an item whose replica 0 is a
+/// 4 MiB loop device (a block-device node inside the disk store) and whose disk 1 is a 4 MiB
+/// created file. Fields drop in order: the appliance, then the device, then the directory.
+struct LoopItem {
+    serve: Serve,
+    device: Loop,
+    item: String,
+    token: String,
+    disks: Vec<DiskGeometry>,
+    store: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl LoopItem {
+    /// `None` (with a line saying why the test is skipped) where this machine has no loop
+    /// device or cannot make the node.
+    fn start(test: &str) -> Option<Self> {
+        let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let store = tmp.path().join("store");
+        std::fs::create_dir_all(store.join("restore")).unwrap();
+        let backing = tmp.path().join("replica-0.backing");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let device = match Loop::attach(&backing) {
+            Ok(device) => device,
+            Err(why) => {
+                eprintln!("{test}: skipped: no loop device: {why}");
+                return None;
+            }
+        };
+        let node = store.join("replica-0.dev");
+        if let Err(e) = nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            device.rdev() as nix::libc::dev_t,
+        ) {
+            eprintln!("{test}: skipped: mknod: {e}");
+            return None;
+        }
+        let serve = Serve::start(
+            &tmp.path().join("data"),
+            &tmp.path().join("serve.log"),
+            &["--disk-store", store.to_str().unwrap()],
+        );
+        let enabled = serve
+            .api
+            .post(
+                "/v1/items",
+                json!({"name": "vm", "disks": [{"path": node}, {"size_mib": 4}],
+                       "policy": {"keep_points": 1000}}),
+            )
+            .unwrap();
+        Some(Self {
+            item: enabled["item"]["id"].as_str().unwrap().to_owned(),
+            token: enabled["stream_token"].as_str().unwrap().to_owned(),
+            disks: item_geometry(&enabled["item"]),
+            serve,
+            device,
+            store,
+            _tmp: tmp,
+        })
+    }
+
+    /// The item id, its stream token, its disks and the disk store.
+    fn ids(&self) -> (String, String, Vec<DiskGeometry>, PathBuf) {
+        (
+            self.item.clone(),
+            self.token.clone(),
+            self.disks.clone(),
+            self.store.clone(),
+        )
+    }
+}
+
 #[test]
 fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     let test = "replica_io_errors";
     if !needs_root(test) {
         return;
     }
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = tmp.path().join("store");
-    std::fs::create_dir_all(store.join("restore")).unwrap();
-    let backing = tmp.path().join("replica-0.backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let device = match Loop::attach(&backing) {
-        Ok(device) => device,
-        Err(why) => {
-            eprintln!("{test}: skipped: no loop device: {why}");
-            return;
-        }
-    };
-    // The replica: a block-device node inside the disk store, for the loop device.
-    let node = store.join("replica-0.dev");
-    if let Err(e) = nix::sys::stat::mknod(
-        &node,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        device.rdev() as nix::libc::dev_t,
-    ) {
-        eprintln!("{test}: skipped: mknod: {e}");
+    let Some(mut on_loop) = LoopItem::start(test) else {
         return;
-    }
-    let mut serve = Serve::start(
-        &tmp.path().join("data"),
-        &tmp.path().join("serve.log"),
-        &["--disk-store", store.to_str().unwrap()],
-    );
-    let enabled = serve
-        .api
-        .post(
-            "/v1/items",
-            json!({"name": "vm", "disks": [{"path": node}, {"size_mib": 4}],
-                   "policy": {"keep_points": 1000}}),
-        )
-        .unwrap();
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
-    let disks = item_geometry(&enabled["item"]);
-    let mut source = Source::connect(&serve, &item, &token, &disks, 12);
+    };
+    let (item, token, disks, store) = on_loop.ids();
+    let (serve, device) = (&mut on_loop.serve, &on_loop.device);
+    let mut source = Source::connect(serve, &item, &token, &disks, 12);
     source.ops(30);
-    source.checkpoint(&serve, &item);
+    source.checkpoint(serve, &item);
     assert_eq!(serve.item(&item)["health"], "healthy");
 
     // Every write to replica 0 now fails (EPERM from the read-only block device).
@@ -592,10 +632,9 @@ fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     device.set_read_only(false);
     serve.kill_and_restart();
     source.ops(10);
-    source.finish(&serve, &item, &store.join("restore"));
+    source.finish(serve, &item, &store.join("restore"));
     assert_eq!(serve.item(&item)["health"], "healthy");
-    drop(serve);
-    drop(device);
+    drop(on_loop);
 }
 
 #[test]
@@ -604,21 +643,6 @@ fn replica_latency_spike_lets_apply_fall_behind_not_acks_and_loses_nothing() {
     if !needs_root(test) {
         return;
     }
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = tmp.path().join("store");
-    std::fs::create_dir_all(store.join("restore")).unwrap();
-    let backing = tmp.path().join("replica-0.backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let device = match Loop::attach(&backing) {
-        Ok(device) => device,
-        Err(why) => {
-            eprintln!("{test}: skipped: no loop device: {why}");
-            return;
-        }
-    };
     let cgroup = match Blkio::create() {
         Ok(cgroup) => cgroup,
         Err(why) => {
@@ -626,35 +650,14 @@ fn replica_latency_spike_lets_apply_fall_behind_not_acks_and_loses_nothing() {
             return;
         }
     };
-    let node = store.join("replica-0.dev");
-    if let Err(e) = nix::sys::stat::mknod(
-        &node,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        device.rdev() as nix::libc::dev_t,
-    ) {
-        eprintln!("{test}: skipped: mknod: {e}");
+    let Some(on_loop) = LoopItem::start(test) else {
         return;
-    }
-    let serve = Serve::start(
-        &tmp.path().join("data"),
-        &tmp.path().join("serve.log"),
-        &["--disk-store", store.to_str().unwrap()],
-    );
-    let enabled = serve
-        .api
-        .post(
-            "/v1/items",
-            json!({"name": "vm", "disks": [{"path": node}, {"size_mib": 4}],
-                   "policy": {"keep_points": 1000}}),
-        )
-        .unwrap();
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
-    let disks = item_geometry(&enabled["item"]);
-    let mut source = Source::connect(&serve, &item, &token, &disks, 13);
+    };
+    let (item, token, disks, store) = on_loop.ids();
+    let (serve, device) = (&on_loop.serve, &on_loop.device);
+    let mut source = Source::connect(serve, &item, &token, &disks, 13);
     source.ops(20);
-    source.checkpoint(&serve, &item);
+    source.checkpoint(serve, &item);
 
     // The spike: replica 0's device throttled to 64 KiB/s of writes for the appliance.
     let throttle = |bps: u64| {
@@ -698,8 +701,7 @@ fn replica_latency_spike_lets_apply_fall_behind_not_acks_and_loses_nothing() {
         started.elapsed()
     );
     source.ops(10);
-    source.finish(&serve, &item, &store.join("restore"));
-    drop(serve);
+    source.finish(serve, &item, &store.join("restore"));
+    drop(on_loop); // the appliance first (it leaves the cgroup), then the loop device
     drop(cgroup);
-    drop(device);
 }
