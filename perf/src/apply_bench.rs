@@ -36,7 +36,7 @@ use engine::delta::StreamHeader;
 use engine::durable::{DurableDir, StdDir};
 use engine::io::{BackendChoice, BufPool, DirectIo, IoEngine, ReplicaFile, open_os_engine};
 use engine::meta::{MetaStore, item_key};
-use engine::staging::{StagingConfig, StagingLog};
+use engine::staging::StagingLog;
 
 use crate::cpu;
 use crate::diag::{self, QueueMode};
@@ -47,7 +47,7 @@ use crate::report::{Bench, Row};
 use crate::series::Intervals;
 use crate::timed::{OpLatencies, TimedEngine};
 use crate::workload::{
-    DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets,
+    DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets, open_staging,
 };
 
 /// Frames per staging commit while filling staging (not timed).
@@ -89,17 +89,8 @@ fn stage(
     zstd_level: Option<i32>,
 ) -> Result<Staged> {
     let started = Instant::now();
-    let staging_dir = dir.join("staging");
     let estimate = offsets.len() as u64 * (block_bytes as u64 + 64);
-    let config = StagingConfig {
-        capacity_bytes: estimate + (256 << 20),
-        ..StagingConfig::default()
-    };
-    let (mut log, _) = StagingLog::open(
-        Arc::new(StdDir::open(&staging_dir)?),
-        header.clone(),
-        config,
-    )?;
+    let mut log = open_staging(&dir.join("staging"), header, estimate)?;
     let variants = data_variants(data, block_bytes, 0xda7a);
     let mut writer = FrameWriter::new(header, zstd_level)?;
     let mut block = vec![0u8; block_bytes];

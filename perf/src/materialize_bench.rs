@@ -38,7 +38,6 @@ use engine::durable::{DurableDir, StdDir};
 use engine::io::{BufPool, BufPoolConfig, DirectIo, IoEngine, ReplicaFile, open_os_engine};
 use engine::materialize::{CHUNK_BYTES, OutputFormat, Source, materialize_to_path};
 use engine::meta::{MetaStore, item_key};
-use engine::staging::{StagingConfig, StagingLog};
 
 use crate::cpu;
 use crate::histogram::LatencyHistogram;
@@ -46,7 +45,7 @@ use crate::machine::{Scratch, drop_page_cache};
 use crate::report::{Bench, Goal, Row, Side};
 use crate::series::IntervalBytes;
 use crate::workload::{
-    DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets,
+    DataKind, FrameWriter, Offsets, Stager, data_variants, item_header, offsets, open_staging,
 };
 
 /// Share of the disk overwritten after point A (so preserved for it).
@@ -99,14 +98,10 @@ pub fn materialize(
     progress!("[{title}] staging and applying {fills} fills + {overwrites} overwrites");
     let setup = Instant::now();
     let staging_dir = work.join("staging");
-    let config = StagingConfig {
-        capacity_bytes: disk_bytes + overwrites * OVERWRITE_BYTES as u64 + (256 << 20),
-        ..StagingConfig::default()
-    };
-    let (mut log, _) = StagingLog::open(
-        Arc::new(StdDir::open(&staging_dir)?),
-        header.clone(),
-        config,
+    let mut log = open_staging(
+        &staging_dir,
+        &header,
+        disk_bytes + overwrites * OVERWRITE_BYTES as u64,
     )?;
     {
         let mut writer = FrameWriter::new(&header, None)?;

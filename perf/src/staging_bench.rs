@@ -18,12 +18,9 @@
 //! block allocation and a journal commit per flush.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use engine::durable::StdDir;
-use engine::staging::{StagingConfig, StagingLog};
 
 use crate::cpu;
 use crate::fio::{Fio, FioJob};
@@ -31,7 +28,7 @@ use crate::histogram::LatencyHistogram;
 use crate::machine::Scratch;
 use crate::report::{Bench, Row};
 use crate::series::IntervalBytes;
-use crate::workload::{DataKind, FrameWriter, data_variants, item_header};
+use crate::workload::{DataKind, FrameWriter, data_variants, item_header, open_staging};
 
 /// Payload of every frame.
 pub const FRAME_DATA_BYTES: usize = 64 << 10;
@@ -68,11 +65,7 @@ fn encode(frames: u64, disk_bytes: u64) -> Result<EncodedFrames> {
 /// One timed engine run: a fresh staging log, `batch` frames per commit.
 fn engine_run(dir: &Path, frames: &EncodedFrames, batch: usize, data_bytes: u64) -> Result<Row> {
     let header = item_header("perf-staging", data_bytes);
-    let config = StagingConfig {
-        capacity_bytes: frames.bytes.len() as u64 + (256 << 20),
-        ..StagingConfig::default()
-    };
-    let (mut log, _) = StagingLog::open(Arc::new(StdDir::open(dir)?), header, config)?;
+    let mut log = open_staging(dir, &header, frames.bytes.len() as u64)?;
     let mut acks = LatencyHistogram::new();
     let cpu_before = cpu::process()?;
     let mut series = IntervalBytes::starting_now();

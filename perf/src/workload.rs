@@ -20,8 +20,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};
+use engine::durable::StdDir;
 use engine::io::{BufPool, BufPoolConfig, DirectIo, ReplicaFile};
-use engine::staging::StagingLog;
+use engine::staging::{StagingConfig, StagingLog};
 
 /// The one item every benchmark stages: one disk of `disk_size_bytes`, 4 KiB blocks.
 pub fn item_header(name: &str, disk_size_bytes: u64) -> StreamHeader {
@@ -217,6 +218,21 @@ impl FrameWriter {
             .bookmark(Consistency::Crash, bookmark_id, 0, "perf")?;
         self.emit(seq, sink)
     }
+}
+
+/// A fresh staging log in `dir` for `header`, holding `data_bytes` of frames with 256 MiB to
+/// spare (the defaults otherwise, as in the appliance).
+pub fn open_staging(dir: &Path, header: &StreamHeader, data_bytes: u64) -> Result<StagingLog> {
+    let config = StagingConfig {
+        capacity_bytes: data_bytes + (256 << 20),
+        ..StagingConfig::default()
+    };
+    let (log, _) = StagingLog::open(
+        std::sync::Arc::new(StdDir::open(dir)?),
+        header.clone(),
+        config,
+    )?;
+    Ok(log)
 }
 
 /// Appends frames to a staging log, committing every `commit_every` frames (not timed: this
