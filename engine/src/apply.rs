@@ -1331,8 +1331,16 @@ mod tests {
         model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
     }
 
-    #[test]
-    fn an_unappliable_frame_stops_at_the_watermark_keeps_every_point_and_is_discarded_on_request() {
+    /// An item on simulated storage: staging, metadata and preserve store on one [`SimDir`],
+    /// its replica on a [`SimDiskSet`].
+    fn rig() -> (
+        SimDir,
+        SimDiskSet,
+        StagingLog,
+        Arc<MetaStore>,
+        ItemKey,
+        Applier<SimEngine>,
+    ) {
         let storage = SimDir::new();
         let disks = SimDiskSet::new();
         disks
@@ -1344,7 +1352,7 @@ mod tests {
                 },
             )
             .unwrap();
-        let (mut log, _) = StagingLog::open(
+        let (log, _) = StagingLog::open(
             Arc::new(storage.clone()),
             header(1),
             StagingConfig::default(),
@@ -1362,7 +1370,7 @@ mod tests {
         .unwrap();
         let file = engine.add_file("replica-0".into()).unwrap();
         let item = crate::meta::item_key(&header(1).item_id);
-        let mut applier = Applier::new(
+        let applier = Applier::new(
             item,
             header(1).disks,
             ApplyConfig::default(),
@@ -1374,6 +1382,12 @@ mod tests {
             log.reader(1),
         )
         .unwrap();
+        (storage, disks, log, meta, item, applier)
+    }
+
+    #[test]
+    fn an_unappliable_frame_stops_at_the_watermark_keeps_every_point_and_is_discarded_on_request() {
+        let (storage, disks, mut log, meta, item, mut applier) = rig();
         // Points 2 and 4, then a write and the broken frame 6 in one run, then more.
         let (a, b, c, d) = ([1u8; 8192], [2u8; 8192], [3u8; 4096], [4u8; 4096]);
         let mut staged = frames(1, |e| {
@@ -1474,6 +1488,40 @@ mod tests {
             "point 4 after the discard"
         );
         assert_eq!(applier.mark_latest_point().unwrap(), Some(10));
+    }
+
+    #[test]
+    fn a_frame_damaged_in_the_staging_log_is_unappliable_with_its_segment_and_offset() {
+        let (storage, _disks, mut log, meta, item, mut applier) = rig();
+        let staged = frames(1, |e| {
+            e.write(0, 0, &[1u8; 8192]).unwrap();
+            e.bookmark(Consistency::Crash, 1, 1, "p2").unwrap();
+            e.write(0, 4096, &[2u8; 8192]).unwrap();
+        });
+        for (seq, wire) in &staged {
+            log.append(*seq, wire, std::time::Instant::now()).unwrap();
+        }
+        log.commit().unwrap();
+        // Bit rot after staging: one payload byte of frame 3 flips on the cache disk.
+        let frame_3_at =
+            (header(1).encoded_len_bytes() + staged[0].1.len() + staged[1].1.len()) as u64;
+        let segment = "seg-00000000000000000001.drs";
+        let file = storage.open(segment, false).unwrap();
+        let mut byte = [0u8; 1];
+        let at = frame_3_at + crate::delta::FRAME_HEADER_BYTES as u64 + 7;
+        file.read_exact_at(at, &mut byte).unwrap();
+        file.write_all_at(at, &[byte[0] ^ 0x10]).unwrap();
+
+        let error = applier.apply_available().unwrap_err();
+        let frame = error.unappliable().unwrap_or_else(|| panic!("{error}"));
+        assert_eq!(frame.seq, 3, "{frame}");
+        assert_eq!(frame.segment.as_deref(), Some(segment), "{frame}");
+        assert_eq!(frame.segment_offset_bytes, Some(frame_3_at), "{frame}");
+        assert!(frame.reason.contains("checksum"), "{frame}");
+        assert!(matches!(applier.health(), Health::Unappliable { .. }));
+        assert_eq!(meta.state(item).unwrap().0, 2, "stopped at point 2");
+        assert_eq!(applier.discard_unapplied().unwrap(), 3);
+        assert_eq!(meta.state(item).unwrap().0, 3);
     }
 
     #[test]
