@@ -212,8 +212,9 @@ impl WorkerStatus {
                 what_to_do: format!(
                     "The item takes no frames. Test failover, failover and change point work \
                      for every point at or below seq {applied_seq} (\"latest\" is refused: use \
-                     \"latest-processed\"); run resync to discard the staged frames after seq \
-                     {applied_seq} and rebuild the replicas from the source, or disable."
+                     \"latest-processed\"); run resync (from protected) to discard the staged \
+                     frames after seq {applied_seq} and rebuild the replicas from the source, \
+                     or disable."
                 ),
             },
             frame,
