@@ -592,7 +592,9 @@ fn wait_after_unappliable<E: IoEngine>(
             }
             return Ok(AfterUnappliable::Drained);
         }
-        if let Some(reply) = lock(&control.discard).take() {
+        // Taken into a local: the discard lock is not held across the flush below.
+        let request = lock(&control.discard).take();
+        if let Some(reply) = request {
             drop(guard);
             control.set_unappliable(None);
             return match applier.discard_unapplied() {
