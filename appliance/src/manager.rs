@@ -600,8 +600,10 @@ pub struct ItemView {
     pub disks: Vec<DiskView>,
     /// Policy.
     pub policy: Policy,
-    /// `healthy`, or why not.
+    /// `healthy`, or why not (`apply_failed: …` when a staged frame cannot be applied).
     pub health: String,
+    /// Set while the health is `apply_failed`: the frame, where apply stopped, what to do.
+    pub apply_failure: Option<crate::runtime::ApplyFailure>,
     /// Share of the initial copy or resync done (100 once protected).
     pub synchronized_percent: u8,
     /// Age of the newest recovery point (by the source's clock), in ms.
@@ -1487,9 +1489,19 @@ impl Manager {
             tracing::error!(item = %item.hex, %corruption, "staging damaged: item needs a resync");
         }
         let first_seq = item.dirs.header.first_seq;
+        let mut setup =
+            WorkerSetup::for_item(&item.dirs, files, log.reader(first_seq), self.meta.clone())?;
+        // A frame that never applies: the item takes no more frames (`session_item` refuses
+        // new sessions); the running one is ended here.
+        let (port, id) = (self.port.get().cloned(), item.id);
+        setup.on_unappliable = Some(Box::new(move |_| {
+            if let Some(port) = &port {
+                port.end_item(&id);
+            }
+        }));
         let worker = ApplyWorker::start(
             &item.hex,
-            WorkerSetup::for_item(&item.dirs, files, log.reader(first_seq), self.meta.clone())?,
+            setup,
             ApplyOptions {
                 keep_points: record.policy.keep_points as usize,
                 max_age_ns: match record.policy.keep_minutes {
@@ -1788,6 +1800,9 @@ impl Manager {
         let item = self.find(hex)?;
         let record = self.check_allowed(&item, Op::Failover)?;
         let choice = request.point.choice(true)?;
+        if choice == PointChoice::Latest {
+            refuse_if_apply_failed(&item, "failover to \"latest\"")?;
+        }
         self.check_job_room()?;
         if choice != PointChoice::Latest {
             // Refuse an unknown point now, not in the job.
@@ -2007,6 +2022,10 @@ impl Manager {
         let _ops = lock(&self.ops);
         let item = self.find(hex)?;
         self.check_allowed(&item, Op::Failback)?;
+        refuse_if_apply_failed(
+            &item,
+            "failback (its final sync applies every staged frame)",
+        )?;
         self.check_job_room()?;
         let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
         item.update(|r| {
@@ -2088,6 +2107,7 @@ impl Manager {
             job,
             move |manager, item, job| {
                 manager.end_sessions(item)?;
+                manager.discard_unappliable(item, job)?;
                 job.progress(2, "applying what is staged");
                 manager.wait_caught_up(item)?;
                 let next_seq = {
@@ -2120,6 +2140,36 @@ impl Manager {
         )
     }
 
+    /// For a resync of an `apply_failed` item: makes the delta resync required (durably,
+    /// first: the replicas will miss the discarded frames), then has the worker discard the
+    /// staged frames after its watermark and resume. Nothing to do for a healthy item.
+    fn discard_unappliable(&self, item: &Item, job: &Job) -> anyhow::Result<()> {
+        let Some((failure, frame)) = item.status().and_then(|s| s.apply_failure()) else {
+            return Ok(());
+        };
+        job.progress(
+            2,
+            format!(
+                "discarding the staged frames after seq {} ({frame})",
+                failure.applied_seq
+            ),
+        );
+        let (log, status) = {
+            let repl = item.repl();
+            let repl = repl
+                .as_ref()
+                .ok_or_else(|| anyhow!("the item is not replicating"))?;
+            (repl.log.clone(), repl.worker.status())
+        };
+        lock(&log).require_resync(&format!(
+            "apply_failed: {frame}; the operator asked for a delta resync"
+        ))?;
+        let through = status.discard_unapplied()?;
+        tracing::warn!(item = %item.hex, %frame, through_seq = through,
+            "staged frames discarded for the operator's resync");
+        Ok(())
+    }
+
     /// Waits until apply has applied every durable frame.
     fn wait_caught_up(&self, item: &Item) -> anyhow::Result<()> {
         let deadline = Instant::now() + CATCH_UP_WAIT;
@@ -2133,7 +2183,11 @@ impl Manager {
                 None => anyhow::bail!("the item is not replicating"),
             };
             if failed {
-                anyhow::bail!("apply stopped on an error (see the appliance log)");
+                let error = item.status().and_then(|s| s.error());
+                anyhow::bail!(
+                    "apply stopped on an error: {}",
+                    error.as_deref().unwrap_or("see the appliance log")
+                );
             }
             if applied >= durable {
                 return Ok(());
@@ -2164,7 +2218,15 @@ impl Manager {
         // finishes the clean-up. The slow part (ending its sessions, draining its apply worker,
         // removing its data) runs without the ops lock, so operations on other items (a
         // failover in a disaster) never wait behind it.
-        self.stop_replication(&item, false)?;
+        if let Err(error) = self.stop_replication(&item, false) {
+            // The worker was joined (its thread ended on an error, logged): nothing of the
+            // item runs any more, so its data can go. Only sessions that did not end stop it.
+            if item.repl().is_some() {
+                return Err(error.into());
+            }
+            tracing::warn!(item = %item.hex, error = %crate::store::describe(&error),
+                "apply had stopped on an error; its staged frames go with the item");
+        }
         if let Some(test) = &record.test_failover {
             remove_materialized(test);
         }
@@ -2289,7 +2351,15 @@ impl Manager {
             .map_or((0, 0), |r| (r.reader.durable_seq(), r.reader.used_bytes()));
         let status = item.status();
         let applied_seq = self.meta.state(key).map_or(0, |(applied, _)| applied);
-        let health = if let Some(error) = &record.last_error {
+        // Only while the worker waits before the frame (a replicating item); once drained by
+        // a failover or disable the failure is history.
+        let apply_failure = status
+            .as_ref()
+            .and_then(WorkerStatus::apply_failure)
+            .filter(|_| record.state.replicating() && item.repl().is_some());
+        let health = if let Some((failure, frame)) = &apply_failure {
+            failure.health(frame)
+        } else if let Some(error) = &record.last_error {
             format!("error: {error}")
         } else if let Some(error) = status.as_ref().and_then(WorkerStatus::error) {
             format!("apply stopped: {error}")
@@ -2324,6 +2394,7 @@ impl Manager {
                 .collect(),
             policy: record.policy,
             health,
+            apply_failure: apply_failure.map(|(failure, _)| failure),
             synchronized_percent: self.sync_percent(item, &record),
             rpo_lag_ms: points
                 .last()
@@ -2455,6 +2526,7 @@ impl Manager {
                 staged_seq: view.staged_seq,
                 synchronized_percent: view.synchronized_percent,
                 points: view.points,
+                apply_failed_seq: view.apply_failure.as_ref().map(|f| f.seq),
                 apply_latency: counters
                     .as_ref()
                     .map(|s| s.counters().batch_latency.snapshot())
@@ -2482,6 +2554,22 @@ impl Manager {
             data_port_sessions_total: port.sessions,
             data_port_connections: port.active as u64,
         }
+    }
+}
+
+/// 409 `apply_failed` when the item's apply waits before a staged frame that can never be
+/// applied: `what` needs every staged frame applied.
+fn refuse_if_apply_failed(item: &Item, what: &str) -> Result<(), OpError> {
+    match item.status().and_then(|s| s.apply_failure()) {
+        Some((failure, frame)) => Err(OpError::Conflict {
+            code: "apply_failed",
+            message: format!(
+                "item {}: {what} needs every staged frame applied, but {frame}; applied \
+                 through seq {}. {}",
+                item.hex, failure.applied_seq, failure.what_to_do
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -2599,6 +2687,16 @@ impl Manager {
                     "item {} is {}: it takes no frames in that state",
                     item.hex,
                     state.name()
+                ),
+            ));
+        }
+        if let Some(frame) = item.status().and_then(|s| s.unappliable()) {
+            return Err(refusal(
+                Status::NotReplicating,
+                format!(
+                    "item {} is apply_failed: {frame}; it takes no frames until an operator \
+                     runs resync (or disable)",
+                    item.hex
                 ),
             ));
         }

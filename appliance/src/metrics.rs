@@ -179,6 +179,8 @@ pub struct ItemMetrics {
     pub synchronized_percent: u8,
     /// Number of recovery points kept.
     pub points: u64,
+    /// Sequence number of the staged frame apply cannot apply (health `apply_failed`).
+    pub apply_failed_seq: Option<u64>,
     pub apply_latency: HistogramSnapshot,
 }
 
@@ -222,7 +224,7 @@ impl fmt::Display for Value {
 type ItemValue = fn(&ItemMetrics) -> Option<Value>;
 
 /// The per-item scalar families, in output order: (name, type, help, value).
-const ITEM_FAMILIES: [(&str, &str, &str, ItemValue); 9] = [
+const ITEM_FAMILIES: [(&str, &str, &str, ItemValue); 11] = [
     (
         "appliance_item_rpo_lag_seconds",
         "gauge",
@@ -279,6 +281,19 @@ const ITEM_FAMILIES: [(&str, &str, &str, ItemValue); 9] = [
         "gauge",
         "Recovery points kept for the item.",
         |i| Some(Value::Int(i.points)),
+    ),
+    (
+        "appliance_item_apply_failed",
+        "gauge",
+        "1 while a staged frame of the item cannot be applied (health apply_failed: the item \
+         takes no frames until a resync or disable), else 0.",
+        |i| Some(Value::Int(u64::from(i.apply_failed_seq.is_some()))),
+    ),
+    (
+        "appliance_item_apply_failed_seq",
+        "gauge",
+        "Sequence number of the staged frame that cannot be applied (only while apply_failed).",
+        |i| i.apply_failed_seq.map(Value::Int),
     ),
 ];
 
@@ -472,7 +487,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    const ALL_FAMILIES: [(&str, &str); 16] = [
+    const ALL_FAMILIES: [(&str, &str); 18] = [
         ("appliance_item_state", "gauge"),
         ("appliance_item_rpo_lag_seconds", "gauge"),
         ("appliance_item_cache_used_bytes", "gauge"),
@@ -483,6 +498,8 @@ mod tests {
         ("appliance_item_staged_seq", "gauge"),
         ("appliance_item_synchronized_percent", "gauge"),
         ("appliance_item_recovery_points", "gauge"),
+        ("appliance_item_apply_failed", "gauge"),
+        ("appliance_item_apply_failed_seq", "gauge"),
         ("appliance_apply_latency_seconds", "histogram"),
         ("appliance_slots", "gauge"),
         ("appliance_slots_total", "gauge"),
@@ -619,6 +636,7 @@ mod tests {
             staged_seq: 2100,
             synchronized_percent: 100,
             points: 7,
+            apply_failed_seq: None,
             apply_latency: h.snapshot(),
         }
     }
@@ -630,6 +648,7 @@ mod tests {
         );
         second.rpo_lag_seconds = None;
         second.state = "failed_over".to_owned();
+        second.apply_failed_seq = Some(2101);
         MetricsSnapshot {
             items: vec![item("3f2a9c0b1d4e5f60718293a4b5c6d7e8", "web-01"), second],
             slots_total: 32,
@@ -903,6 +922,20 @@ mod tests {
         );
         assert_eq!(value("appliance_item_staged_seq", &web), 2100.0);
         assert_eq!(value("appliance_item_recovery_points", &web), 7.0);
+        assert_eq!(value("appliance_item_apply_failed", &web), 0.0);
+        assert_eq!(
+            find(&samples, "appliance_item_apply_failed", &[]).len(),
+            2,
+            "one sample per item"
+        );
+        let failing = [("item", "0123456789abcdef0123456789abcdef")];
+        assert_eq!(value("appliance_item_apply_failed", &failing), 1.0);
+        assert_eq!(
+            find(&samples, "appliance_item_apply_failed_seq", &[]).len(),
+            1,
+            "only while apply_failed"
+        );
+        assert_eq!(value("appliance_item_apply_failed_seq", &failing), 2101.0);
         assert_eq!(value("appliance_item_synchronized_percent", &web), 100.0);
         assert_eq!(
             value("appliance_item_state", &[("state", "protected")]),

@@ -30,6 +30,10 @@
 //! - overlapping writes are never in flight together;
 //! - an I/O error fails the item (health names the disk and op); staged data is untouched and
 //!   `clear_fault` resumes from the watermark.
+//! - a staged frame that can never be applied (its payload does not decode, or it is damaged
+//!   in the staging log) stops apply at the watermark with [`Health::Unappliable`] naming the
+//!   frame; every point at or below the watermark stays exact, and only
+//!   [`Applier::discard_unapplied`] (after the caller made a delta resync required) moves on.
 //! - pruning removes the oldest point only (entries under tag `t` serve every point ≤ `t`),
 //!   and never a pinned one (a materialize in progress).
 
@@ -144,10 +148,14 @@ pub enum ApplyError {
     #[error(transparent)]
     Staging(#[from] StagingError),
     /// A staged payload did not decode (checksum held, so the sender encoded it wrongly).
-    #[error("frame seq {seq}: payload: {reason}")]
+    #[error("frame seq {seq} (disk {disk_index}, byte {offset_bytes}): payload: {reason}")]
     Payload {
         /// Sequence number.
         seq: u64,
+        /// The disk the frame writes.
+        disk_index: u16,
+        /// Where on the disk.
+        offset_bytes: u64,
         /// What is wrong.
         reason: DecodeErrorReason,
     },
@@ -162,6 +170,74 @@ pub enum ApplyError {
     Invalid(String),
 }
 
+impl ApplyError {
+    /// The staged frame this error is about, if retrying can never help: a payload that does
+    /// not decode, or a frame damaged in the staging log (checksum, header, sequence). `None`
+    /// for replica, preserve, metadata and staging I/O errors, which a cleared fault or a
+    /// restart may cure.
+    pub fn unappliable(&self) -> Option<UnappliableFrame> {
+        match self {
+            Self::Payload {
+                seq,
+                disk_index,
+                offset_bytes,
+                reason,
+            } => Some(UnappliableFrame {
+                seq: *seq,
+                disk_index: Some(*disk_index),
+                offset_bytes: Some(*offset_bytes),
+                segment: None,
+                segment_offset_bytes: None,
+                reason: format!("payload: {reason}"),
+            }),
+            Self::Staging(StagingError::Corrupt {
+                segment,
+                seq,
+                offset_bytes,
+                reason,
+            }) => Some(UnappliableFrame {
+                seq: *seq,
+                disk_index: None,
+                offset_bytes: None,
+                segment: Some(segment.clone()),
+                segment_offset_bytes: Some(*offset_bytes),
+                reason: format!("damaged in the staging log: {reason}"),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A staged frame that can never be applied; apply stopped right before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnappliableFrame {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The disk it writes, when its header could be read.
+    pub disk_index: Option<u16>,
+    /// Where on that disk.
+    pub offset_bytes: Option<u64>,
+    /// The staging segment holding it, for a frame damaged in the staging log.
+    pub segment: Option<String>,
+    /// Its byte offset in that segment.
+    pub segment_offset_bytes: Option<u64>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl std::fmt::Display for UnappliableFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "staged frame seq {}", self.seq)?;
+        if let (Some(disk), Some(offset)) = (self.disk_index, self.offset_bytes) {
+            write!(f, " (disk {disk}, byte {offset})")?;
+        }
+        if let (Some(segment), Some(offset)) = (&self.segment, self.segment_offset_bytes) {
+            write!(f, " ({segment}, byte {offset})")?;
+        }
+        write!(f, " cannot be applied: {}", self.reason)
+    }
+}
+
 /// Replication health of an item's apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -171,6 +247,12 @@ pub enum Health {
     Failed {
         /// The error.
         error: String,
+    },
+    /// Stopped right before a staged frame that can never be applied; the watermark and every
+    /// point at or below it are intact. [`Applier::discard_unapplied`] moves on.
+    Unappliable {
+        /// The frame.
+        frame: UnappliableFrame,
     },
 }
 
@@ -325,6 +407,9 @@ pub struct Applier<E: IoEngine> {
     next_tag: u64,
     completions: Vec<Completion>,
     health: Health,
+    /// Set by [`Applier::discard_unapplied`] until the next bookmark's point: the replicas
+    /// lack the discarded frames, so no "latest" point may be made of them.
+    discarded_since_point: bool,
     pins: Pins,
     stats: ApplyStats,
 }
@@ -412,6 +497,7 @@ impl<E: IoEngine> Applier<E> {
             next_tag: 1,
             completions: Vec::new(),
             health: Health::Healthy,
+            discarded_since_point: false,
             pins: Pins::default(),
             stats: ApplyStats::default(),
         };
@@ -490,15 +576,48 @@ impl<E: IoEngine> Applier<E> {
             Health::Failed { error } => Err(ApplyError::Failed {
                 error: error.clone(),
             }),
+            Health::Unappliable { frame } => Err(ApplyError::Failed {
+                error: frame.to_string(),
+            }),
         }
     }
 
     fn fail(&mut self, error: ApplyError) -> ApplyError {
         self.drain_in_flight();
-        self.health = Health::Failed {
-            error: error.to_string(),
+        self.health = match error.unappliable() {
+            Some(frame) => Health::Unappliable { frame },
+            None => Health::Failed {
+                error: error.to_string(),
+            },
         };
         error
+    }
+
+    /// After [`Health::Unappliable`]: gives up on every staged frame after the watermark, up
+    /// to the staging log's durable seq, so that apply goes on with the frames staged after
+    /// them. The replicas are flushed (the frames before the bad one in its run were written),
+    /// then the watermark is committed at that seq without a point. Returns the new watermark.
+    ///
+    /// The replicas then lack the discarded frames: the caller must first have made a delta
+    /// resync required durably (so nothing else is staged and the source resends what
+    /// differs) and must not make a point before the resync's bookmark. Every retained point
+    /// stays exact: the frames written before the bad one had their old blocks preserved
+    /// first, and the discarded ones wrote nothing.
+    pub fn discard_unapplied(&mut self) -> Result<u64, ApplyError> {
+        if !matches!(self.health, Health::Unappliable { .. }) {
+            return Err(ApplyError::Invalid(
+                "staged frames are discarded only after an unappliable frame".into(),
+            ));
+        }
+        self.drain_in_flight();
+        let through_seq = self.reader.durable_seq().max(self.durable_seq);
+        self.health = Health::Healthy;
+        self.applied_seq = through_seq;
+        let result = self.checkpoint(None);
+        result.map_err(|e| self.fail(e))?;
+        self.reader.seek(through_seq.wrapping_add(1));
+        self.discarded_since_point = true;
+        Ok(through_seq)
     }
 
     /// Waits for every op in flight, ignoring results (after a failure).
@@ -635,7 +754,12 @@ impl<E: IoEngine> Applier<E> {
                     self.spill.resize(extent.length_bytes as usize, 0);
                     self.payloads
                         .decode_into(&extent, &mut self.spill)
-                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
+                        .map_err(|reason| ApplyError::Payload {
+                            seq,
+                            disk_index: extent.disk_index,
+                            offset_bytes: extent.offset_bytes,
+                            reason,
+                        })?;
                     Next::Spilled {
                         disk_index: extent.disk_index,
                         offset_bytes: extent.offset_bytes,
@@ -643,8 +767,14 @@ impl<E: IoEngine> Applier<E> {
                     }
                 }
                 FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
-                    decode_into(&mut self.payloads, &extent, &mut buf)
-                        .map_err(|reason| ApplyError::Payload { seq, reason })?;
+                    decode_into(&mut self.payloads, &extent, &mut buf).map_err(|reason| {
+                        ApplyError::Payload {
+                            seq,
+                            disk_index: extent.disk_index,
+                            offset_bytes: extent.offset_bytes,
+                            reason,
+                        }
+                    })?;
                     Next::Op(PendingOp::Write {
                         disk_index: extent.disk_index,
                         offset_bytes: extent.offset_bytes,
@@ -1020,6 +1150,7 @@ impl<E: IoEngine> Applier<E> {
         self.reader.set_applied(self.durable_seq);
         self.bytes_since_checkpoint = 0;
         if point.is_some() {
+            self.discarded_since_point = false;
             self.current_tag = tag;
             self.preserving = self.config.preserve;
             self.preserved_now.clear();
@@ -1042,6 +1173,13 @@ impl<E: IoEngine> Applier<E> {
     /// point, records a "latest" point at the last applied frame. Returns the newest point id.
     pub fn mark_latest_point(&mut self) -> Result<Option<u64>, ApplyError> {
         self.ensure_healthy()?;
+        if self.discarded_since_point {
+            return Err(ApplyError::Invalid(format!(
+                "no latest point: staged frames through seq {} were discarded and the replicas \
+                 miss them until the delta resync's bookmark",
+                self.applied_seq
+            )));
+        }
         if self.applied_seq == self.current_tag && self.current_tag != 0 {
             return Ok(Some(self.current_tag));
         }
@@ -1126,7 +1264,265 @@ fn decode_into(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
     use super::*;
+    use crate::delta::{
+        DeltaDecoder, DeltaEncoder, EncoderOptions, Encoding, FrameHeader, FrameKind, StreamHeader,
+    };
+    use crate::durable::SimDir;
+    use crate::io::{SimDiskSet, SimEngine, SimEngineConfig, SimFileConfig};
+    use crate::materialize::{Source, materialize_disk};
+    use crate::staging::{StagingConfig, StagingLog};
+
+    const DISK_BYTES: u64 = 256 << 10;
+
+    fn header(first_seq: u64) -> StreamHeader {
+        StreamHeader {
+            item_id: [0x51; 16],
+            item_name: "poison".into(),
+            first_seq,
+            disks: vec![DiskGeometry {
+                size_bytes: DISK_BYTES,
+                block_size_bytes: 4096,
+            }],
+        }
+    }
+
+    /// The wire bytes of each frame `encode` writes, from `first_seq` on.
+    fn frames(
+        first_seq: u64,
+        encode: impl FnOnce(&mut DeltaEncoder<Vec<u8>>),
+    ) -> Vec<(u64, Vec<u8>)> {
+        let mut encoder =
+            DeltaEncoder::new(Vec::new(), &header(first_seq), EncoderOptions::default()).unwrap();
+        encode(&mut encoder);
+        let bytes = encoder.into_inner();
+        let mut decoder = DeltaDecoder::new(bytes.as_slice()).unwrap();
+        let mut out = Vec::new();
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => out.push((frame.seq, frame.wire_bytes.to_vec())),
+                Ok(None) => return out,
+                // The stream has no end frame: its bytes end at a frame boundary.
+                Err(_) => return out,
+            }
+        }
+    }
+
+    /// A write frame with a valid checksum whose zstd payload does not decompress.
+    fn broken_zstd_write(seq: u64, offset_bytes: u64) -> Vec<u8> {
+        let payload = [0xA5u8; 64];
+        let mut header = FrameHeader {
+            kind: FrameKind::Write,
+            encoding: Encoding::Zstd,
+            disk_index: 0,
+            seq,
+            offset_bytes,
+            length_bytes: 4096,
+            payload_len_bytes: payload.len() as u32,
+            checksum: 0,
+        };
+        header.checksum = FrameHeader::compute_checksum(&header.encode()[..40], &payload);
+        [header.encode().as_slice(), &payload].concat()
+    }
+
+    fn write_model(model: &mut [u8], offset: u64, data: &[u8]) {
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    /// An item on simulated storage: staging, metadata and preserve store on one [`SimDir`],
+    /// its replica on a [`SimDiskSet`].
+    fn rig() -> (
+        SimDir,
+        SimDiskSet,
+        StagingLog,
+        Arc<MetaStore>,
+        ItemKey,
+        Applier<SimEngine>,
+    ) {
+        let storage = SimDir::new();
+        let disks = SimDiskSet::new();
+        disks
+            .create_file(
+                "replica-0",
+                SimFileConfig {
+                    size_bytes: DISK_BYTES,
+                    block_size_bytes: 4096,
+                },
+            )
+            .unwrap();
+        let (log, _) = StagingLog::open(
+            Arc::new(storage.clone()),
+            header(1),
+            StagingConfig::default(),
+        )
+        .unwrap();
+        let meta = Arc::new(MetaStore::open(storage.open("meta.redb", true).unwrap()).unwrap());
+        let mut engine = SimEngine::new(
+            &disks,
+            SimEngineConfig {
+                queue_depth: 8,
+                seed: 3,
+                reorder: true,
+            },
+        )
+        .unwrap();
+        let file = engine.add_file("replica-0".into()).unwrap();
+        let item = crate::meta::item_key(&header(1).item_id);
+        let applier = Applier::new(
+            item,
+            header(1).disks,
+            ApplyConfig::default(),
+            engine,
+            vec![file],
+            BufPool::new(default_pool_config(8)).unwrap(),
+            meta.clone(),
+            Arc::new(storage.clone()),
+            log.reader(1),
+        )
+        .unwrap();
+        (storage, disks, log, meta, item, applier)
+    }
+
+    #[test]
+    fn an_unappliable_frame_stops_at_the_watermark_keeps_every_point_and_is_discarded_on_request() {
+        let (storage, disks, mut log, meta, item, mut applier) = rig();
+        // Points 2 and 4, then a write and the broken frame 6 in one run, then more.
+        let (a, b, c, d) = ([1u8; 8192], [2u8; 8192], [3u8; 4096], [4u8; 4096]);
+        let mut staged = frames(1, |e| {
+            e.write(0, 0, &a).unwrap();
+            e.bookmark(Consistency::Crash, 1, 1, "p2").unwrap();
+            e.write(0, 4096, &b).unwrap();
+            e.bookmark(Consistency::App, 2, 2, "p4").unwrap();
+            e.write(0, 0, &c).unwrap();
+        });
+        staged.push((6, broken_zstd_write(6, 64 << 10)));
+        staged.extend(frames(7, |e| {
+            e.write(0, 128 << 10, &d).unwrap();
+            e.bookmark(Consistency::Crash, 3, 3, "p8").unwrap();
+        }));
+        for (seq, wire) in &staged {
+            log.append(*seq, wire, std::time::Instant::now()).unwrap();
+        }
+        assert_eq!(log.commit().unwrap(), 8);
+        let mut at_2 = vec![0u8; DISK_BYTES as usize];
+        write_model(&mut at_2, 0, &a);
+        let mut at_4 = at_2.clone();
+        write_model(&mut at_4, 4096, &b);
+
+        let error = applier.apply_available().unwrap_err();
+        let frame = error.unappliable().unwrap_or_else(|| panic!("{error}"));
+        assert_eq!(
+            (frame.seq, frame.disk_index, frame.offset_bytes),
+            (6, Some(0), Some(64 << 10)),
+            "{frame}"
+        );
+        assert!(frame.reason.contains("zstd"), "{frame}");
+        assert_eq!(applier.health(), &Health::Unappliable { frame });
+        assert_eq!(
+            applier.durable_seq(),
+            4,
+            "the watermark stays before the run"
+        );
+        assert_eq!(meta.state(item).unwrap().0, 4);
+        // Retrying cannot help, and no latest point is made past a frame that never applies.
+        assert!(matches!(
+            applier.apply_batch(),
+            Err(ApplyError::Failed { .. })
+        ));
+        assert!(applier.mark_latest_point().is_err());
+        let materialize = |applier: &Applier<SimEngine>, point_id: u64| {
+            let source = Source {
+                meta: &meta,
+                item,
+                disks: &header(1).disks,
+                preserve_dir: Arc::new(storage.clone()),
+                grain_bytes: 4096,
+                pins: applier.pins(),
+            };
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("disk.raw");
+            let replica = disks.live_image("replica-0").unwrap();
+            let out = std::fs::File::create(&path).unwrap();
+            materialize_disk(&source, point_id, 0, &replica, &out, &mut |_| {}).unwrap();
+            std::fs::read(&path).unwrap()
+        };
+        let points = |meta: &MetaStore| -> Vec<u64> {
+            meta.points(item)
+                .unwrap()
+                .iter()
+                .map(|p| p.point_id)
+                .collect()
+        };
+        assert_eq!(points(&meta), [2, 4]);
+        // Frame 5 reached the replica before frame 6 failed; the points do not see it.
+        assert!(materialize(&applier, 2) == at_2, "point 2");
+        assert!(materialize(&applier, 4) == at_4, "point 4");
+
+        // Discarding moves the watermark past every staged frame; apply goes on after them.
+        assert_eq!(applier.discard_unapplied().unwrap(), 8);
+        assert_eq!(applier.health(), &Health::Healthy);
+        assert_eq!(meta.state(item).unwrap().0, 8);
+        assert!(
+            applier.mark_latest_point().is_err(),
+            "the replicas miss the discarded frames: no latest point until a bookmark"
+        );
+        let after = frames(9, |e| {
+            e.write(0, 192 << 10, &d).unwrap();
+            e.bookmark(Consistency::Crash, 4, 4, "p10").unwrap();
+        });
+        for (seq, wire) in &after {
+            log.append(*seq, wire, std::time::Instant::now()).unwrap();
+        }
+        log.commit().unwrap();
+        let progress = applier.apply_available().unwrap();
+        assert_eq!(progress.point, Some(10));
+        assert_eq!(points(&meta), [2, 4, 10]);
+        assert!(
+            materialize(&applier, 2) == at_2,
+            "point 2 after the discard"
+        );
+        assert!(
+            materialize(&applier, 4) == at_4,
+            "point 4 after the discard"
+        );
+        assert_eq!(applier.mark_latest_point().unwrap(), Some(10));
+    }
+
+    #[test]
+    fn a_frame_damaged_in_the_staging_log_is_unappliable_with_its_segment_and_offset() {
+        let (storage, _disks, mut log, meta, item, mut applier) = rig();
+        let staged = frames(1, |e| {
+            e.write(0, 0, &[1u8; 8192]).unwrap();
+            e.bookmark(Consistency::Crash, 1, 1, "p2").unwrap();
+            e.write(0, 4096, &[2u8; 8192]).unwrap();
+        });
+        for (seq, wire) in &staged {
+            log.append(*seq, wire, std::time::Instant::now()).unwrap();
+        }
+        log.commit().unwrap();
+        // Bit rot after staging: one payload byte of frame 3 flips on the cache disk.
+        let frame_3_at =
+            (header(1).encoded_len_bytes() + staged[0].1.len() + staged[1].1.len()) as u64;
+        let segment = "seg-00000000000000000001.drs";
+        let file = storage.open(segment, false).unwrap();
+        let mut byte = [0u8; 1];
+        let at = frame_3_at + crate::delta::FRAME_HEADER_BYTES as u64 + 7;
+        file.read_exact_at(at, &mut byte).unwrap();
+        file.write_all_at(at, &[byte[0] ^ 0x10]).unwrap();
+
+        let error = applier.apply_available().unwrap_err();
+        let frame = error.unappliable().unwrap_or_else(|| panic!("{error}"));
+        assert_eq!(frame.seq, 3, "{frame}");
+        assert_eq!(frame.segment.as_deref(), Some(segment), "{frame}");
+        assert_eq!(frame.segment_offset_bytes, Some(frame_3_at), "{frame}");
+        assert!(frame.reason.contains("checksum"), "{frame}");
+        assert!(matches!(applier.health(), Health::Unappliable { .. }));
+        assert_eq!(meta.state(item).unwrap().0, 2, "stopped at point 2");
+        assert_eq!(applier.discard_unapplied().unwrap(), 3);
+        assert_eq!(meta.state(item).unwrap().0, 3);
+    }
 
     #[test]
     fn default_pool_holds_4_mib_up_to_queue_depth_32_then_grows_by_min_buffers() {
