@@ -581,28 +581,42 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused_by_name() {
+fn sessions_beyond_the_limit_are_refused_by_name_and_idle_sockets_count_apart() {
     let config = DataPortConfig {
-        max_connections: 2,
+        max_sessions: 1,
+        max_handshakes: 4,
+        max_handshakes_per_ip: 2,
         ..DataPortConfig::default()
     };
     let rig = Rig::new(config);
-    let idle: Vec<TcpStream> = (0..2)
+    // Idle sockets (no hello) beyond the handshake limits only push out older idle sockets.
+    let idle: Vec<TcpStream> = (0..6)
         .map(|_| TcpStream::connect(rig.addr()).unwrap())
         .collect();
-    wait_until("two connections served", || rig.port.stats().active == 2);
-    let (status, message) = raw_hello(rig.addr(), &hello(TOKEN));
-    assert_eq!(
-        status,
-        appliance::dataport::Status::TooManyConnections as u8
-    );
-    assert!(message.contains("maximum of 2"), "{message}");
-    assert_eq!(rig.port.stats().refused_over_limit, 1);
-    drop(idle);
-    wait_until("idle connections to end", || rig.port.stats().active == 0);
+    wait_until("older idle sockets dropped", || {
+        rig.port.stats().handshakes_dropped >= 4
+    });
+    assert!(rig.port.stats().handshakes <= 2, "{:?}", rig.port.stats());
+    // The one session slot goes to the agent.
     let agent = Agent::connect(rig.agent_config(TOKEN)).unwrap();
     send(&agent, &Op::Bookmark(1));
     assert_eq!(agent.flush(SAFETY).unwrap(), 1);
+    assert_eq!(rig.port.stats().sessions_active, 1);
+    // A second authenticated session (a hash request) finds no slot.
+    let error =
+        fetch_chunk_hashes(rig.addr(), &ITEM, TOKEN, 1, 65536, SAFETY, 1 << 20).unwrap_err();
+    let AgentError::Refused {
+        status, message, ..
+    } = &error
+    else {
+        panic!("expected too-many-connections, got {error}");
+    };
+    assert_eq!(*status, RefusalStatus::TooManyConnections, "{error}");
+    assert!(message.contains("maximum of 1 sessions"), "{message}");
+    assert_eq!(rig.port.stats().refused_over_limit, 1);
+    drop(idle);
+    drop(agent);
+    wait_until("connections to end", || rig.port.stats().active == 0);
 }
 
 #[test]
