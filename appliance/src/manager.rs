@@ -2704,8 +2704,7 @@ impl ItemRegistry for Manager {
         // written while it is hashed: apply what is staged, then take the item's streaming
         // lease (no session can stage frames while the guard lives), then apply what a session
         // staged in between. Apply then has nothing left to write.
-        caught_up(&item)?;
-        let lease = SessionLease::try_acquire(&item.busy).ok_or_else(|| {
+        let busy = || {
             refusal(
                 Status::Busy,
                 format!(
@@ -2714,7 +2713,12 @@ impl ItemRegistry for Manager {
                     item.hex
                 ),
             )
-        })?;
+        };
+        if item.busy.load(Ordering::Acquire) {
+            return Err(busy());
+        }
+        caught_up(&item)?;
+        let lease = SessionLease::try_acquire(&item.busy).ok_or_else(busy)?;
         caught_up(&item)?;
         Ok(ReplicaAccess {
             path,
