@@ -30,16 +30,27 @@
 //! - every byte from the network is parsed with bounds checks and limits (hello, token,
 //!   message lengths, frames through the engine's decoder); nothing here panics on input;
 //! - every wait is bounded: handshake deadline, idle read timeout, write timeout, bounded
-//!   back-pressure sleep, bounded drain after a close, bounded number of connections;
+//!   back-pressure sleep, bounded drain after a close;
+//! - connections are bounded in two classes that cannot crowd each other out: unauthenticated
+//!   ones (reading the hello, or being refused) per peer address and in all, where a new one
+//!   drops the oldest instead of being refused, and authenticated sessions (`max_sessions`);
+//! - a frame is acknowledged only after ingest checked everything apply needs (zstd payloads
+//!   decompressed to their declared length), so a sender's bad payload ends the session with
+//!   `invalid-payload` and is never staged;
+//! - mode 2 hashes a replica only while it holds the item's streaming lease (no frame can be
+//!   staged, and every staged one was applied), and within a port-wide memory budget;
 //! - [`DataPort::shutdown`] stops accepting, ends every session after its current commit
 //!   (a blocked read is woken by shutting the socket for reading, and the session's reader
 //!   reports the end of input from then on: the frames already decoded are committed and
 //!   acknowledged, a close record says "shutting-down") and joins every thread.
 //!
-//! A session holds its item's `StagingLog` mutex for its whole lifetime (`ingest_stream`
-//! borrows the log mutably). Nothing else needs that lock meanwhile: every commit reclaims up
-//! to the watermark the apply side publishes through its `StagingReader`, and status reads use
-//! the reader's lock-free durable seq.
+//! Locks: a session holds its item's `StagingLog` mutex for its whole lifetime
+//! (`ingest_stream` borrows the log mutably), across socket reads, ack writes and staging
+//! flushes. Nothing else needs that lock meanwhile: every commit reclaims up to the watermark
+//! the apply side publishes through its `StagingReader`, and status reads use the reader's
+//! lock-free durable seq. The port's own `sockets` mutex (the served connections, their
+//! phase and item) and `threads` mutex are held only for map updates and for `shutdown(2)`
+//! calls, which do not block; never across a read, a write or a registry call.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -30,8 +30,8 @@ use crate::delta::{
 use crate::staging::{Pressure, StagingError, StagingLog};
 
 /// Checks that a data payload decodes as apply will decode it, without keeping the result:
-/// one zstd context and one scratch buffer, allocated at the first zstd payload, at most
-/// [`MAX_PAYLOAD_BYTES`], and reused for every later frame.
+/// one zstd context and one scratch buffer, created at the first zstd payload, grown to the
+/// largest extent seen (at most [`MAX_PAYLOAD_BYTES`]) and reused for every later frame.
 #[derive(Debug)]
 pub struct PayloadCheck {
     payloads: Option<PayloadDecoder>,
@@ -74,8 +74,12 @@ impl PayloadCheck {
                 }
             })?),
         };
-        if self.scratch.is_empty() {
-            self.scratch = vec![0u8; MAX_PAYLOAD_BYTES as usize];
+        // Grown to the largest extent seen (≤ MAX_PAYLOAD_BYTES, checked by the decoder), so
+        // a stream of 64 KiB writes holds 64 KiB, and no frame after the largest allocates.
+        let length = extent.length_bytes as usize;
+        if self.scratch.len() < length {
+            self.scratch
+                .resize(length.min(MAX_PAYLOAD_BYTES as usize), 0);
         }
         payloads.decode_into(extent, &mut self.scratch)
     }
