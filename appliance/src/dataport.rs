@@ -408,6 +408,8 @@ pub struct DataPortStats {
     pub refused_over_limit: u64,
     /// Unauthenticated connections dropped to make room for newer ones.
     pub handshakes_dropped: u64,
+    /// Memory the mode-2 connections reserved for hashing now.
+    pub hash_memory_bytes: u64,
     /// Streaming sessions that got an OK reply.
     pub sessions: u64,
 }
@@ -769,6 +771,7 @@ fn stats_of(shared: &PortShared) -> DataPortStats {
         sessions_active,
         refused_over_limit: shared.refused_over_limit.load(Ordering::Acquire),
         handshakes_dropped: shared.handshakes_dropped.load(Ordering::Acquire),
+        hash_memory_bytes: shared.hash_memory_bytes.load(Ordering::Acquire),
         sessions: shared.sessions_started.load(Ordering::Acquire),
     }
 }

@@ -787,3 +787,40 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
     let staged = staged_frames(&rig.staging);
     assert_eq!(staged[..], reference_frames(&ops, 1)[..staged.len()]);
 }
+
+#[test]
+fn hashings_share_a_bounded_memory_budget_and_give_it_back() {
+    let mut rng = Rng(21);
+    let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
+        .map(|_| rng.next() as u8)
+        .collect();
+    // 17 chunks of 64 KiB: a 176-byte list, plus the 4 MiB read buffer.
+    let need = 40 + 17 * 8 + (4u64 << 20);
+    let fetch = |rig: &Rig| fetch_chunk_hashes(rig.addr(), &ITEM, TOKEN, 1, 65536, SAFETY, 1 << 20);
+    let short = Rig::new(DataPortConfig {
+        max_hash_memory_bytes: need - 1,
+        ..DataPortConfig::default()
+    });
+    std::fs::write(&short.replicas[1], &data).unwrap();
+    let error = fetch(&short).unwrap_err();
+    let AgentError::Refused {
+        status, message, ..
+    } = &error
+    else {
+        panic!("expected busy, got {error}");
+    };
+    assert_eq!(*status, RefusalStatus::Busy, "{error}");
+    assert!(message.contains("memory"), "{message}");
+    let exact = Rig::new(DataPortConfig {
+        max_hash_memory_bytes: need,
+        ..DataPortConfig::default()
+    });
+    std::fs::write(&exact.replicas[1], &data).unwrap();
+    // One at a time fits, again and again: each hashing returns what it reserved.
+    for _ in 0..3 {
+        assert_eq!(fetch(&exact).unwrap().hashes.len(), 17);
+        wait_until("the hashing to return its memory", || {
+            exact.port.stats().hash_memory_bytes == 0
+        });
+    }
+}
