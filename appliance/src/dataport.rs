@@ -30,16 +30,27 @@
 //! - every byte from the network is parsed with bounds checks and limits (hello, token,
 //!   message lengths, frames through the engine's decoder); nothing here panics on input;
 //! - every wait is bounded: handshake deadline, idle read timeout, write timeout, bounded
-//!   back-pressure sleep, bounded drain after a close, bounded number of connections;
+//!   back-pressure sleep, bounded drain after a close;
+//! - connections are bounded in two classes that cannot crowd each other out: unauthenticated
+//!   ones (reading the hello, or being refused) per peer address and in all, where a new one
+//!   drops the oldest instead of being refused, and authenticated sessions (`max_sessions`);
+//! - a frame is acknowledged only after ingest checked everything apply needs (zstd payloads
+//!   decompressed to their declared length), so a sender's bad payload ends the session with
+//!   `invalid-payload` and is never staged;
+//! - mode 2 hashes a replica only while it holds the item's streaming lease (no frame can be
+//!   staged, and every staged one was applied), and within a port-wide memory budget;
 //! - [`DataPort::shutdown`] stops accepting, ends every session after its current commit
 //!   (a blocked read is woken by shutting the socket for reading, and the session's reader
 //!   reports the end of input from then on: the frames already decoded are committed and
 //!   acknowledged, a close record says "shutting-down") and joins every thread.
 //!
-//! A session holds its item's `StagingLog` mutex for its whole lifetime (`ingest_stream`
-//! borrows the log mutably). Nothing else needs that lock meanwhile: every commit reclaims up
-//! to the watermark the apply side publishes through its `StagingReader`, and status reads use
-//! the reader's lock-free durable seq.
+//! Locks: a session holds its item's `StagingLog` mutex for its whole lifetime
+//! (`ingest_stream` borrows the log mutably), across socket reads, ack writes and staging
+//! flushes. Nothing else needs that lock meanwhile: every commit reclaims up to the watermark
+//! the apply side publishes through its `StagingReader`, and status reads use the reader's
+//! lock-free durable seq. The port's own `sockets` mutex (the served connections, their
+//! phase and item) and `threads` mutex are held only for map updates and for `shutdown(2)`
+//! calls, which do not block; never across a read, a write or a registry call.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -311,9 +322,17 @@ impl ItemRegistry for MemoryRegistry {
 /// Limits and timeouts of the data port.
 #[derive(Debug, Clone, Copy)]
 pub struct DataPortConfig {
-    /// Connections served at once (handshakes included); more are refused
-    /// [`Status::TooManyConnections`].
-    pub max_connections: usize,
+    /// Authenticated sessions (mode 1 and mode 2) served at once; a hello the registry
+    /// accepted beyond it is refused [`Status::TooManyConnections`]. Connections still in their
+    /// handshake never count here, so they cannot lock an agent out.
+    pub max_sessions: usize,
+    /// Unauthenticated connections (no hello accepted yet, or being refused) held at once.
+    /// When a new connection would exceed it, the oldest one of the address holding the most
+    /// is dropped (refused [`Status::TooManyConnections`] if it is still in its handshake).
+    pub max_handshakes: usize,
+    /// Unauthenticated connections held at once per peer IP address; a new one beyond it drops
+    /// that address's oldest.
+    pub max_handshakes_per_ip: usize,
     /// The whole hello must arrive within this time of the accept.
     pub handshake_timeout: Duration,
     /// A streaming session that receives nothing for this long is closed
@@ -328,6 +347,9 @@ pub struct DataPortConfig {
     pub max_backpressure_delay: Duration,
     /// Largest hash list served in mode 2.
     pub max_hash_list_bytes: u64,
+    /// Memory all mode-2 connections together may hold for hashing (each its hash list and
+    /// its read buffer); a hash request beyond it is refused [`Status::Busy`].
+    pub max_hash_memory_bytes: u64,
     /// Group commit and read buffer of each session.
     pub ingest: IngestConfig,
 }
@@ -335,13 +357,16 @@ pub struct DataPortConfig {
 impl Default for DataPortConfig {
     fn default() -> Self {
         Self {
-            max_connections: 64,
-            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 64,
+            max_handshakes: 128,
+            max_handshakes_per_ip: 16,
+            handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             write_timeout: Duration::from_secs(30),
             close_drain_timeout: Duration::from_secs(2),
             max_backpressure_delay: Duration::from_secs(1),
             max_hash_list_bytes: 256 << 20,
+            max_hash_memory_bytes: (256 << 20) + 2 * HASH_READ_BUFFER_BYTES as u64,
             ingest: IngestConfig::default(),
         }
     }
@@ -373,10 +398,18 @@ pub enum DataPortError {
 pub struct DataPortStats {
     /// Connections accepted.
     pub accepted: u64,
-    /// Connections being served now.
+    /// Connections being served now (handshakes and sessions).
     pub active: usize,
-    /// Connections refused because the port was at its limit.
+    /// Of those, unauthenticated ones (in their handshake, or being refused).
+    pub handshakes: usize,
+    /// Of those, authenticated sessions.
+    pub sessions_active: usize,
+    /// Authenticated hellos refused because `max_sessions` sessions were being served.
     pub refused_over_limit: u64,
+    /// Unauthenticated connections dropped to make room for newer ones.
+    pub handshakes_dropped: u64,
+    /// Memory the mode-2 connections reserved for hashing now.
+    pub hash_memory_bytes: u64,
     /// Streaming sessions that got an OK reply.
     pub sessions: u64,
 }
@@ -388,6 +421,9 @@ struct PortShared {
     active: AtomicUsize,
     accepted: AtomicU64,
     refused_over_limit: AtomicU64,
+    handshakes_dropped: AtomicU64,
+    /// Bytes the mode-2 connections hold for hashing now (≤ `max_hash_memory_bytes`).
+    hash_memory_bytes: AtomicU64,
     sessions_started: AtomicU64,
     next_conn_id: AtomicU64,
     /// Each served connection, to end sessions at shutdown or per item.
@@ -395,18 +431,59 @@ struct PortShared {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// A served connection: a clone of its socket, the item its session streams (once known), and
-/// whether the session was told to end.
+/// A served connection: a clone of its socket, the item its hello names (once read), whether
+/// the session was told to end, and where it stands with the limits.
 struct Conn {
     stream: TcpStream,
     item: Option<[u8; 16]>,
     ended: Arc<AtomicBool>,
+    /// Set when the connection was dropped to make room (limits on unauthenticated ones).
+    dropped: Arc<AtomicBool>,
+    peer_ip: Option<IpAddr>,
+    phase: Phase,
+}
+
+/// Where a connection stands with the port's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading the hello: unauthenticated, counted against the handshake limits, may be dropped.
+    Handshake,
+    /// The hello is read and the registry is checking it: counted nowhere (it is either
+    /// refused at once or accepted).
+    Checking,
+    /// The registry accepted the hello: counted against `max_sessions`.
+    Session,
+    /// Being refused (reply sent, draining): counted against the handshake limits again, may be
+    /// dropped.
+    Refused,
+    /// Dropped to make room; its thread is ending.
+    Dropped,
+}
+
+impl Phase {
+    fn unauthenticated(self) -> bool {
+        matches!(self, Self::Handshake | Self::Refused)
+    }
 }
 
 impl Conn {
     fn end(&self) {
         self.ended.store(true, Ordering::Release);
         let _ = self.stream.shutdown(Shutdown::Read);
+    }
+
+    /// Drops an unauthenticated connection: a thread reading the hello sees the end of input
+    /// and refuses it by name; one that is draining after a refusal stops at once.
+    fn drop_for_room(&mut self) {
+        self.dropped.store(true, Ordering::Release);
+        let how = if self.phase == Phase::Handshake {
+            Shutdown::Read
+        } else {
+            Shutdown::Both
+        };
+        // shutdown(2) does not block.
+        let _ = self.stream.shutdown(how);
+        self.phase = Phase::Dropped;
     }
 }
 
@@ -468,6 +545,85 @@ impl Drop for ConnSlot<'_> {
     }
 }
 
+impl PortShared {
+    /// Moves connection `id` to `phase` (not out of `Dropped`); returns its phase before.
+    fn set_phase(&self, id: u64, phase: Phase) -> Option<Phase> {
+        let mut sockets = self.sockets();
+        let conn = sockets.get_mut(&id)?;
+        let before = conn.phase;
+        if before != Phase::Dropped {
+            conn.phase = phase;
+        }
+        Some(before)
+    }
+
+    /// Records the item a connection's hello names (so that `end_item` reaches it).
+    fn set_item(&self, id: u64, item: [u8; 16]) {
+        if let Some(conn) = self.sockets().get_mut(&id) {
+            conn.item = Some(item);
+        }
+    }
+
+    /// Counts an accepted hello as a session, or says why it cannot be served.
+    fn admit_session(&self, id: u64) -> Result<(), Refusal> {
+        let mut sockets = self.sockets();
+        let sessions = sockets
+            .values()
+            .filter(|conn| conn.phase == Phase::Session)
+            .count();
+        let conn = sockets
+            .get_mut(&id)
+            .ok_or_else(|| Refusal::new(Status::ShuttingDown, "the connection is being closed"))?;
+        if conn.phase == Phase::Dropped {
+            return Err(Refusal::new(
+                Status::TooManyConnections,
+                "the connection was dropped to make room for newer ones",
+            ));
+        }
+        if sessions >= self.config.max_sessions {
+            self.refused_over_limit.fetch_add(1, Ordering::AcqRel);
+            return Err(Refusal::new(
+                Status::TooManyConnections,
+                format!(
+                    "the data port serves its maximum of {} sessions; retry later",
+                    self.config.max_sessions
+                ),
+            ));
+        }
+        conn.phase = Phase::Session;
+        Ok(())
+    }
+
+    /// Makes room for a new unauthenticated connection from `peer_ip`: drops that address's
+    /// oldest one when it holds `max_handshakes_per_ip`, else, when all of them together hold
+    /// `max_handshakes`, the oldest one of the address holding the most.
+    fn make_room_for_handshake(&self, peer_ip: Option<IpAddr>) {
+        let mut sockets = self.sockets();
+        let mut per_ip: HashMap<Option<IpAddr>, (usize, u64)> = HashMap::new();
+        let mut total = 0usize;
+        for (&id, conn) in sockets.iter() {
+            if conn.phase.unauthenticated() {
+                total += 1;
+                let entry = per_ip.entry(conn.peer_ip).or_insert((0, id));
+                entry.0 += 1;
+                entry.1 = entry.1.min(id);
+            }
+        }
+        let victim = match per_ip.get(&peer_ip) {
+            Some(&(count, oldest)) if count >= self.config.max_handshakes_per_ip => Some(oldest),
+            _ if total >= self.config.max_handshakes => per_ip
+                .values()
+                .max_by_key(|&&(count, oldest)| (count, std::cmp::Reverse(oldest)))
+                .map(|&(_, oldest)| oldest),
+            _ => None,
+        };
+        if let Some(conn) = victim.and_then(|id| sockets.get_mut(&id)) {
+            conn.drop_for_room();
+            self.handshakes_dropped.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// The data port: a listener and its connection threads.
 pub struct DataPort {
     local_addr: SocketAddr,
@@ -491,10 +647,14 @@ impl DataPort {
         registry: Arc<dyn ItemRegistry>,
         config: DataPortConfig,
     ) -> Result<Self, DataPortError> {
-        if config.max_connections == 0 {
-            return Err(DataPortError::Config(
-                "max_connections must be at least 1".into(),
-            ));
+        for (name, value) in [
+            ("max_sessions", config.max_sessions),
+            ("max_handshakes", config.max_handshakes),
+            ("max_handshakes_per_ip", config.max_handshakes_per_ip),
+        ] {
+            if value == 0 {
+                return Err(DataPortError::Config(format!("{name} must be at least 1")));
+            }
         }
         for (name, value) in [
             ("handshake_timeout", config.handshake_timeout),
@@ -517,6 +677,8 @@ impl DataPort {
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             refused_over_limit: AtomicU64::new(0),
+            handshakes_dropped: AtomicU64::new(0),
+            hash_memory_bytes: AtomicU64::new(0),
             sessions_started: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             sockets: Mutex::new(HashMap::new()),
@@ -593,10 +755,23 @@ impl Drop for DataPort {
 }
 
 fn stats_of(shared: &PortShared) -> DataPortStats {
+    let (handshakes, sessions_active) = {
+        let sockets = shared.sockets();
+        let count =
+            |wanted: fn(Phase) -> bool| sockets.values().filter(|conn| wanted(conn.phase)).count();
+        (
+            count(Phase::unauthenticated),
+            count(|phase| phase == Phase::Session),
+        )
+    };
     DataPortStats {
         accepted: shared.accepted.load(Ordering::Acquire),
         active: shared.active.load(Ordering::Acquire),
+        handshakes,
+        sessions_active,
         refused_over_limit: shared.refused_over_limit.load(Ordering::Acquire),
+        handshakes_dropped: shared.handshakes_dropped.load(Ordering::Acquire),
+        hash_memory_bytes: shared.hash_memory_bytes.load(Ordering::Acquire),
         sessions: shared.sessions_started.load(Ordering::Acquire),
     }
 }
@@ -626,15 +801,11 @@ fn accept_loop(shared: &Arc<PortShared>, listener: TcpListener) {
         };
         shared.accepted.fetch_add(1, Ordering::AcqRel);
         shared.threads().retain(|t| !t.is_finished());
-        if shared.active.load(Ordering::Acquire) >= shared.config.max_connections {
-            shared.refused_over_limit.fetch_add(1, Ordering::AcqRel);
-            let message = format!(
-                "the data port serves its maximum of {} connections; retry later",
-                shared.config.max_connections
-            );
-            refuse_without_blocking(&stream, Status::TooManyConnections, &message);
-            continue;
-        }
+        // Unauthenticated connections never block anyone: a new one makes room by dropping the
+        // oldest of its address (or of the address holding the most), so an agent's hello is
+        // always read. Sessions have their own limit (`admit_session`).
+        let peer_ip = stream.peer_addr().ok().map(|addr| addr.ip());
+        shared.make_room_for_handshake(peer_ip);
         let id = shared.next_conn_id.fetch_add(1, Ordering::AcqRel);
         match stream.try_clone() {
             Ok(clone) => {
@@ -644,6 +815,9 @@ fn accept_loop(shared: &Arc<PortShared>, listener: TcpListener) {
                         stream: clone,
                         item: None,
                         ended: Arc::new(AtomicBool::new(false)),
+                        dropped: Arc::new(AtomicBool::new(false)),
+                        peer_ip,
+                        phase: Phase::Handshake,
                     },
                 );
             }
@@ -722,7 +896,9 @@ fn drain_and_close(stream: &TcpStream, timeout: Duration) {
     }
 }
 
-fn refuse(shared: &PortShared, stream: &TcpStream, mode: u8, refusal: &Refusal) {
+fn refuse(shared: &PortShared, stream: &TcpStream, id: u64, mode: u8, refusal: &Refusal) {
+    // Counted as unauthenticated again (and droppable) while the reply drains.
+    shared.set_phase(id, Phase::Refused);
     tracing::info!(
         peer = ?stream.peer_addr().ok(),
         status = %refusal.status,
@@ -773,10 +949,17 @@ fn read_by(
     Ok(())
 }
 
-fn read_hello(shared: &PortShared, stream: &TcpStream) -> Result<Hello, Refusal> {
+fn read_hello(
+    shared: &PortShared,
+    stream: &TcpStream,
+    dropped: &AtomicBool,
+) -> Result<Hello, Refusal> {
     let timeout = shared.config.handshake_timeout;
     let deadline = Instant::now() + timeout;
     let named = |error: HelloReadError| {
+        if dropped.load(Ordering::Acquire) {
+            return dropped_refusal(&shared.config);
+        }
         if shared.stopping() {
             return Refusal::new(Status::ShuttingDown, "the appliance is shutting down");
         }
@@ -812,6 +995,18 @@ fn read_hello(shared: &PortShared, stream: &TcpStream) -> Result<Hello, Refusal>
     Ok(head.with_token(token))
 }
 
+/// The refusal of a connection dropped to make room for newer ones.
+fn dropped_refusal(config: &DataPortConfig) -> Refusal {
+    Refusal::new(
+        Status::TooManyConnections,
+        format!(
+            "dropped before its hello was complete: the data port holds at most {} \
+             unauthenticated connections ({} per address), and this was the oldest",
+            config.max_handshakes, config.max_handshakes_per_ip
+        ),
+    )
+}
+
 fn serve_connection(shared: &PortShared, stream: &TcpStream, id: u64) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
@@ -819,18 +1014,28 @@ fn serve_connection(shared: &PortShared, stream: &TcpStream, id: u64) {
         tracing::warn!(conn = id, %error, "cannot set the write timeout; dropping connection");
         return;
     }
-    let hello = match read_hello(shared, stream) {
+    let dropped = shared
+        .sockets()
+        .get(&id)
+        .map_or_else(|| Arc::new(AtomicBool::new(false)), |c| c.dropped.clone());
+    let hello = match read_hello(shared, stream, &dropped) {
         Ok(hello) => hello,
-        Err(refusal) => return refuse(shared, stream, 0, &refusal),
+        Err(refusal) => return refuse(shared, stream, id, 0, &refusal),
     };
+    let mode = hello.mode as u8;
+    if shared.set_phase(id, Phase::Checking) == Some(Phase::Dropped) {
+        return refuse(shared, stream, id, mode, &dropped_refusal(&shared.config));
+    }
+    // From here `end_item` reaches the connection (a failover ends a hashing too).
+    shared.set_item(id, hello.item_id);
     if shared.stopping() {
         let refusal = Refusal::new(Status::ShuttingDown, "the appliance is shutting down");
-        return refuse(shared, stream, hello.mode as u8, &refusal);
+        return refuse(shared, stream, id, mode, &refusal);
     }
     tracing::debug!(conn = id, ?peer, ?hello, "data port hello");
     match hello.mode {
         Mode::Stream => serve_stream(shared, stream, id, &hello),
-        Mode::ChunkHashes => serve_hashes(shared, stream, &hello),
+        Mode::ChunkHashes => serve_hashes(shared, stream, id, &hello),
     }
 }
 
@@ -875,8 +1080,12 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
         .open_stream(&hello.item_id, &hello.token, hello.resync)
     {
         Ok(session) => session,
-        Err(refusal) => return refuse(shared, stream, Mode::Stream as u8, &refusal),
+        Err(refusal) => return refuse(shared, stream, id, Mode::Stream as u8, &refusal),
     };
+    if let Err(refusal) = shared.admit_session(id) {
+        drop(session);
+        return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
+    }
     let StreamSession {
         log,
         lease,
@@ -889,13 +1098,13 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
                 Status::StagingFailed,
                 "an earlier session on this item panicked while holding its staging log",
             );
-            return refuse(shared, stream, Mode::Stream as u8, &refusal);
+            return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
         }
     };
     if let Some(reason) = guard.resync_required() {
         if !hello.resync {
             let refusal = Refusal::new(Status::ResyncRequired, reason);
-            return refuse(shared, stream, Mode::Stream as u8, &refusal);
+            return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
         }
         // The agent fetched the hashes and now sends what differs. Every staged frame is
         // applied (the registry made sure), so the log starts afresh at its next seq.
@@ -905,7 +1114,7 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
                 Status::StagingFailed,
                 format!("starting the resync session: {error}"),
             );
-            return refuse(shared, stream, Mode::Stream as u8, &refusal);
+            return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
         }
         tracing::info!(conn = id, item = %hex(&hello.item_id), next_seq, "resync session");
     }
@@ -919,7 +1128,7 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
                 next_seq.wrapping_sub(1)
             ),
         );
-        return refuse(shared, stream, Mode::Stream as u8, &refusal);
+        return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
     }
     let reply = encode_reply(
         Status::Ok,
@@ -937,13 +1146,10 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
     if stream.set_read_timeout(Some(config.idle_timeout)).is_err() {
         return;
     }
-    let ended = match shared.sockets().get_mut(&id) {
-        Some(conn) => {
-            conn.item = Some(hello.item_id);
-            conn.ended.clone()
-        }
-        None => Arc::new(AtomicBool::new(false)),
-    };
+    let ended = shared.sockets().get(&id).map_or_else(
+        || Arc::new(AtomicBool::new(false)),
+        |conn| conn.ended.clone(),
+    );
     let mut tap = Tap {
         inner: stream,
         stopping: &shared.shutting_down,
@@ -999,6 +1205,19 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
     }
 }
 
+/// Where a frame error is, by sequence number when the stream header was read.
+fn frame_place(error: &engine::delta::DecodeError, first_seq: Option<u64>) -> String {
+    match (error.frame_index, first_seq) {
+        (Some(index), Some(first)) => format!(
+            "frame seq {} (frame {index} of this connection, byte offset {})",
+            first.wrapping_add(index),
+            error.offset_bytes
+        ),
+        (Some(index), None) => format!("frame {index}, byte offset {}", error.offset_bytes),
+        (None, _) => "stream header".to_owned(),
+    }
+}
+
 /// Names why a session ended.
 fn close_reason(
     shared: &PortShared,
@@ -1040,20 +1259,18 @@ fn close_reason(
             }
             _ if stopping => shutting_down(),
             DecodeErrorReason::Io(io) => (CloseReason::ReadFailed, format!("read failed: {io}")),
-            reason => {
-                let place = match (error.frame_index, first_seq) {
-                    (Some(index), Some(first)) => format!(
-                        "frame seq {} (frame {index} of this connection, byte offset {})",
-                        first.wrapping_add(index),
-                        error.offset_bytes
-                    ),
-                    (Some(index), None) => {
-                        format!("frame {index}, byte offset {}", error.offset_bytes)
-                    }
-                    (None, _) => "stream header".to_owned(),
-                };
-                (CloseReason::CorruptFrame, format!("{place}: {reason}"))
-            }
+            reason @ (DecodeErrorReason::Decompress { .. }
+            | DecodeErrorReason::DecompressedSizeMismatch { .. }) => (
+                CloseReason::InvalidPayload,
+                format!(
+                    "{}: {reason}; nothing of it was staged",
+                    frame_place(error, first_seq)
+                ),
+            ),
+            reason => (
+                CloseReason::CorruptFrame,
+                format!("{}: {reason}", frame_place(error, first_seq)),
+            ),
         },
         Err(
             error @ (IngestError::WrongItem { .. }
@@ -1069,15 +1286,51 @@ fn close_reason(
     }
 }
 
-fn serve_hashes(shared: &PortShared, stream: &TcpStream, hello: &Hello) {
+/// Memory held for hashing by one mode-2 connection, returned to the port's budget on drop.
+struct HashMemory<'a> {
+    shared: &'a PortShared,
+    bytes: u64,
+}
+
+impl<'a> HashMemory<'a> {
+    /// Reserves `bytes` of the port's `max_hash_memory_bytes`, or returns how much is in use.
+    fn reserve(shared: &'a PortShared, bytes: u64) -> Result<Self, u64> {
+        let limit = shared.config.max_hash_memory_bytes;
+        shared
+            .hash_memory_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= limit)
+            })
+            .map(|_| Self { shared, bytes })
+    }
+}
+
+impl Drop for HashMemory<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .hash_memory_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Size of the read buffer of one hashing (what `ResyncOptions::default` uses).
+const HASH_READ_BUFFER_BYTES: usize = engine::resync::DEFAULT_READ_BUFFER_BYTES;
+
+fn serve_hashes(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello) {
     let mode = Mode::ChunkHashes as u8;
+    // The registry applies every acknowledged frame first and hands out a guard that keeps
+    // the replica from being written until it is dropped (the item's streaming lease).
     let access = match shared
         .registry
         .replica(&hello.item_id, &hello.token, hello.disk_index)
     {
         Ok(access) => access,
-        Err(refusal) => return refuse(shared, stream, mode, &refusal),
+        Err(refusal) => return refuse(shared, stream, id, mode, &refusal),
     };
+    if let Err(refusal) = shared.admit_session(id) {
+        drop(access);
+        return refuse(shared, stream, id, mode, &refusal);
+    }
     let chunk_size_bytes = hello.chunk_size_bytes;
     if !is_valid_chunk_size(chunk_size_bytes) {
         let refusal = Refusal::new(
@@ -1088,7 +1341,8 @@ fn serve_hashes(shared: &PortShared, stream: &TcpStream, hello: &Hello) {
                 engine::resync::MAX_CHUNK_SIZE_BYTES
             ),
         );
-        return refuse(shared, stream, mode, &refusal);
+        drop(access);
+        return refuse(shared, stream, id, mode, &refusal);
     }
     let path = access.path.clone();
     let read_failed = |what: String| Refusal::new(Status::ReplicaReadFailed, what);
@@ -1102,7 +1356,8 @@ fn serve_hashes(shared: &PortShared, stream: &TcpStream, hello: &Hello) {
                 hello.disk_index,
                 path.display()
             ));
-            return refuse(shared, stream, mode, &refusal);
+            drop(access);
+            return refuse(shared, stream, id, mode, &refusal);
         }
     };
     let list_bytes = chunk_count(disk_size_bytes, chunk_size_bytes)
@@ -1117,34 +1372,70 @@ fn serve_hashes(shared: &PortShared, stream: &TcpStream, hello: &Hello) {
                 hello.disk_index, shared.config.max_hash_list_bytes
             ),
         );
-        return refuse(shared, stream, mode, &refusal);
+        drop(access);
+        return refuse(shared, stream, id, mode, &refusal);
     }
+    // The list is held once (it is streamed to the socket, not copied), plus one read buffer.
+    let memory = match HashMemory::reserve(shared, list_bytes + HASH_READ_BUFFER_BYTES as u64) {
+        Ok(memory) => memory,
+        Err(used) => {
+            let refusal = Refusal::new(
+                Status::Busy,
+                format!(
+                    "hashing disk {} needs {} bytes of memory; other hash requests hold {used} \
+                     of the port's {}; retry shortly",
+                    hello.disk_index,
+                    list_bytes + HASH_READ_BUFFER_BYTES as u64,
+                    shared.config.max_hash_memory_bytes
+                ),
+            );
+            drop(access);
+            return refuse(shared, stream, id, mode, &refusal);
+        }
+    };
     let options = ResyncOptions {
         chunk_size_bytes,
-        ..ResyncOptions::default()
+        read_buffer_bytes: HASH_READ_BUFFER_BYTES,
     };
-    let hashed = hash_path(&path, &options, &mut |_| {}, &|| shared.stopping());
+    let ended = shared.sockets().get(&id).map_or_else(
+        || Arc::new(AtomicBool::new(false)),
+        |conn| conn.ended.clone(),
+    );
+    let cancelled = || shared.stopping() || ended.load(Ordering::Acquire);
+    let hashed = hash_path(&path, &options, &mut |_| {}, &cancelled);
+    // The replica may be written again: nothing below reads it.
     drop(access);
     let hashes = match hashed {
         Ok(hashes) => hashes,
         Err(ResyncError::Cancelled) => {
-            let refusal = Refusal::new(Status::ShuttingDown, "the appliance is shutting down");
-            return refuse(shared, stream, mode, &refusal);
+            let refusal = Refusal::new(
+                Status::ShuttingDown,
+                "the appliance is shutting down or stopped this item's sessions",
+            );
+            return refuse(shared, stream, id, mode, &refusal);
         }
         Err(e) => {
             let refusal = read_failed(format!("disk {}: {e}", hello.disk_index));
-            return refuse(shared, stream, mode, &refusal);
+            return refuse(shared, stream, id, mode, &refusal);
         }
     };
-    let payload = hashes.encode();
     let message = format!(
         "disk {}: {} chunks of {chunk_size_bytes} bytes over {} bytes",
         hello.disk_index,
         hashes.hashes.len(),
         hashes.disk_size_bytes
     );
-    let reply = encode_reply(Status::Ok, mode, 0, payload.len() as u64, &message);
-    if (&*stream).write_all(&reply).is_ok() && (&*stream).write_all(&payload).is_ok() {
+    let payload_len = hashes.encoded_len_bytes() as u64;
+    let reply = encode_reply(Status::Ok, mode, 0, payload_len, &message);
+    let mut out = io::BufWriter::with_capacity(64 * 1024, stream);
+    let sent = out
+        .write_all(&reply)
+        .and_then(|()| hashes.encode_to(&mut out))
+        .and_then(|()| out.flush());
+    drop(out);
+    drop(hashes);
+    drop(memory);
+    if sent.is_ok() {
         drain_and_close(stream, shared.config.close_drain_timeout);
     }
 }

@@ -2772,28 +2772,55 @@ impl ItemRegistry for Manager {
         disk_index: u16,
     ) -> Result<ReplicaAccess, Refusal> {
         let item = self.session_item(item_id, token)?;
-        let path = item
-            .record()
-            .disks
-            .get(usize::from(disk_index))
-            .map(|d| PathBuf::from(&d.path))
-            .ok_or_else(|| {
-                refusal(
-                    Status::UnknownDisk,
-                    format!(
-                        "item {} has {} disks, no disk {disk_index}",
-                        item.hex,
-                        item.record().disks.len()
-                    ),
-                )
-            })?;
-        // The hashes must reflect every acknowledged frame.
-        self.wait_caught_up(&item).map_err(|e| {
+        // One lock of the record, released before anything waits.
+        let (path, disk_count) = {
+            let record = item.record();
+            let path = record
+                .disks
+                .get(usize::from(disk_index))
+                .map(|d| PathBuf::from(&d.path));
+            (path, record.disks.len())
+        };
+        let path = path.ok_or_else(|| {
             refusal(
-                Status::ReplicaReadFailed,
-                format!("item {}: {}", item.hex, crate::store::describe(&e)),
+                Status::UnknownDisk,
+                format!(
+                    "item {} has {disk_count} disks, no disk {disk_index}",
+                    item.hex
+                ),
             )
         })?;
-        Ok(ReplicaAccess { path, guard: None })
+        let caught_up = |item: &Item| {
+            self.wait_caught_up(item).map_err(|e| {
+                refusal(
+                    Status::ReplicaReadFailed,
+                    format!("item {}: {}", item.hex, crate::store::describe(&e)),
+                )
+            })
+        };
+        // The hashes must reflect every acknowledged frame, and the replica must not be
+        // written while it is hashed: apply what is staged, then take the item's streaming
+        // lease (no session can stage frames while the guard lives), then apply what a session
+        // staged in between. Apply then has nothing left to write.
+        let busy = || {
+            refusal(
+                Status::Busy,
+                format!(
+                    "a session is streaming item {}; its replica cannot be hashed while it \
+                     changes; retry after the session ends",
+                    item.hex
+                ),
+            )
+        };
+        if item.busy.load(Ordering::Acquire) {
+            return Err(busy());
+        }
+        caught_up(&item)?;
+        let lease = SessionLease::try_acquire(&item.busy).ok_or_else(busy)?;
+        caught_up(&item)?;
+        Ok(ReplicaAccess {
+            path,
+            guard: Some(Box::new(lease)),
+        })
     }
 }

@@ -581,28 +581,42 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused_by_name() {
+fn sessions_beyond_the_limit_are_refused_by_name_and_idle_sockets_count_apart() {
     let config = DataPortConfig {
-        max_connections: 2,
+        max_sessions: 1,
+        max_handshakes: 4,
+        max_handshakes_per_ip: 2,
         ..DataPortConfig::default()
     };
     let rig = Rig::new(config);
-    let idle: Vec<TcpStream> = (0..2)
+    // Idle sockets (no hello) beyond the handshake limits only push out older idle sockets.
+    let idle: Vec<TcpStream> = (0..6)
         .map(|_| TcpStream::connect(rig.addr()).unwrap())
         .collect();
-    wait_until("two connections served", || rig.port.stats().active == 2);
-    let (status, message) = raw_hello(rig.addr(), &hello(TOKEN));
-    assert_eq!(
-        status,
-        appliance::dataport::Status::TooManyConnections as u8
-    );
-    assert!(message.contains("maximum of 2"), "{message}");
-    assert_eq!(rig.port.stats().refused_over_limit, 1);
-    drop(idle);
-    wait_until("idle connections to end", || rig.port.stats().active == 0);
+    wait_until("older idle sockets dropped", || {
+        rig.port.stats().handshakes_dropped >= 4
+    });
+    assert!(rig.port.stats().handshakes <= 2, "{:?}", rig.port.stats());
+    // The one session slot goes to the agent.
     let agent = Agent::connect(rig.agent_config(TOKEN)).unwrap();
     send(&agent, &Op::Bookmark(1));
     assert_eq!(agent.flush(SAFETY).unwrap(), 1);
+    assert_eq!(rig.port.stats().sessions_active, 1);
+    // A second authenticated session (a hash request) finds no slot.
+    let error =
+        fetch_chunk_hashes(rig.addr(), &ITEM, TOKEN, 1, 65536, SAFETY, 1 << 20).unwrap_err();
+    let AgentError::Refused {
+        status, message, ..
+    } = &error
+    else {
+        panic!("expected too-many-connections, got {error}");
+    };
+    assert_eq!(*status, RefusalStatus::TooManyConnections, "{error}");
+    assert!(message.contains("maximum of 1 sessions"), "{message}");
+    assert_eq!(rig.port.stats().refused_over_limit, 1);
+    drop(idle);
+    drop(agent);
+    wait_until("connections to end", || rig.port.stats().active == 0);
 }
 
 #[test]
@@ -772,4 +786,41 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
     assert!(log.durable_seq() >= acked.last().copied().unwrap_or(0));
     let staged = staged_frames(&rig.staging);
     assert_eq!(staged[..], reference_frames(&ops, 1)[..staged.len()]);
+}
+
+#[test]
+fn hashings_share_a_bounded_memory_budget_and_give_it_back() {
+    let mut rng = Rng(21);
+    let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
+        .map(|_| rng.next() as u8)
+        .collect();
+    // 17 chunks of 64 KiB: a 176-byte list, plus the 4 MiB read buffer.
+    let need = 40 + 17 * 8 + (4u64 << 20);
+    let fetch = |rig: &Rig| fetch_chunk_hashes(rig.addr(), &ITEM, TOKEN, 1, 65536, SAFETY, 1 << 20);
+    let short = Rig::new(DataPortConfig {
+        max_hash_memory_bytes: need - 1,
+        ..DataPortConfig::default()
+    });
+    std::fs::write(&short.replicas[1], &data).unwrap();
+    let error = fetch(&short).unwrap_err();
+    let AgentError::Refused {
+        status, message, ..
+    } = &error
+    else {
+        panic!("expected busy, got {error}");
+    };
+    assert_eq!(*status, RefusalStatus::Busy, "{error}");
+    assert!(message.contains("memory"), "{message}");
+    let exact = Rig::new(DataPortConfig {
+        max_hash_memory_bytes: need,
+        ..DataPortConfig::default()
+    });
+    std::fs::write(&exact.replicas[1], &data).unwrap();
+    // One at a time fits, again and again: each hashing returns what it reserved.
+    for _ in 0..3 {
+        assert_eq!(fetch(&exact).unwrap().hashes.len(), 17);
+        wait_until("the hashing to return its memory", || {
+            exact.port.stats().hash_memory_bytes == 0
+        });
+    }
 }

@@ -3,6 +3,8 @@
 //! ```text
 //!  Read (TCP socket / file) ─► BufReader ─► DeltaDecoder (every frame checked)
 //!        ─► frames already staged (seq < next_seq): skipped (a resend after reconnect)
+//!        ─► PayloadCheck: a zstd payload is decompressed into one scratch buffer per stream
+//!           (≤ MAX_PAYLOAD_BYTES) and must give exactly the declared length
 //!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered
 //!           or `group_max_frames` are pending ─► on_ack(durable seq)
 //! ```
@@ -10,17 +12,78 @@
 //! A stream may end with an end frame or simply stop between two frames (the agent
 //! disconnected); it resumes on a new stream. A stream cut inside a frame is an error.
 //!
-//! Invariants: a frame is acknowledged only after [`StagingLog::commit`] returned; the first
-//! bad frame ends the stream with the decoder's error (frame index, byte offset, reason) after
-//! committing and acknowledging the valid frames before it, and nothing of the bad frame is
-//! stored. A stream for another item or disk layout, or one that starts past the next
+//! Invariants: a frame is acknowledged only after [`StagingLog::commit`] returned, and staged
+//! only after everything apply needs of it was checked (the decoder's checks, and for a zstd
+//! payload its decompression to exactly the declared length: the same
+//! [`PayloadDecoder::decode_into`] apply runs); the first bad frame ends the stream with the
+//! decoder's error (frame index, byte offset, reason) after committing and acknowledging the
+//! valid frames before it, and nothing of the bad frame is stored. A stream for another item or disk layout, or one that starts past the next
 //! expected sequence number (frames missing), is refused before anything is staged.
 
 use std::io::{BufReader, Read};
 use std::time::Instant;
 
-use crate::delta::{DecodeError, DecodeErrorReason, DeltaDecoder, FrameBody};
+use crate::delta::{
+    DataExtent, DecodeError, DecodeErrorReason, DeltaDecoder, Encoding, FrameBody,
+    MAX_PAYLOAD_BYTES, PayloadDecoder,
+};
 use crate::staging::{Pressure, StagingError, StagingLog};
+
+/// Checks that a data payload decodes as apply will decode it, without keeping the result:
+/// one zstd context and one scratch buffer, created at the first zstd payload, grown to the
+/// largest extent seen (at most [`MAX_PAYLOAD_BYTES`]) and reused for every later frame.
+#[derive(Debug)]
+pub struct PayloadCheck {
+    payloads: Option<PayloadDecoder>,
+    scratch: Vec<u8>,
+}
+
+impl Default for PayloadCheck {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PayloadCheck {
+    /// A check with nothing allocated yet.
+    pub fn new() -> Self {
+        Self {
+            payloads: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Checks a decoded frame's body: a zstd data payload must decompress to exactly its
+    /// declared length (raw payloads and the other kinds were fully checked by the decoder).
+    pub fn check(&mut self, body: &FrameBody<'_>) -> Result<(), DecodeErrorReason> {
+        match body {
+            FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => self.check_extent(extent),
+            FrameBody::ZeroRange { .. } | FrameBody::Bookmark(_) | FrameBody::End => Ok(()),
+        }
+    }
+
+    fn check_extent(&mut self, extent: &DataExtent<'_>) -> Result<(), DecodeErrorReason> {
+        if extent.encoding == Encoding::Raw {
+            return Ok(());
+        }
+        let payloads = match &mut self.payloads {
+            Some(payloads) => payloads,
+            None => self.payloads.insert(PayloadDecoder::new().map_err(|e| {
+                DecodeErrorReason::Decompress {
+                    message: format!("creating the zstd context: {e}"),
+                }
+            })?),
+        };
+        // Grown to the largest extent seen (≤ MAX_PAYLOAD_BYTES, checked by the decoder), so
+        // a stream of 64 KiB writes holds 64 KiB, and no frame after the largest allocates.
+        let length = extent.length_bytes as usize;
+        if self.scratch.len() < length {
+            self.scratch
+                .resize(length.min(MAX_PAYLOAD_BYTES as usize), 0);
+        }
+        payloads.decode_into(extent, &mut self.scratch)
+    }
+}
 
 /// Why a stream was refused or ended early.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +198,7 @@ pub fn ingest_stream(
         ..IngestReport::default()
     };
     let mut pending = 0usize;
+    let mut payload_check = PayloadCheck::new();
     let commit = |log: &mut StagingLog,
                   report: &mut IngestReport,
                   on_ack: &mut dyn FnMut(u64, Pressure),
@@ -175,11 +239,35 @@ pub fn ingest_stream(
         let seq = frame.seq;
         if matches!(frame.body, FrameBody::End) {
             report.ended = true;
-            continue;
+            // Nothing may follow an end frame. The stream ends here, without waiting for the
+            // sender to close its side; bytes that already arrived behind it are refused.
+            let next_index = frame.index + 1;
+            if !decoder_buffer_empty(&mut decoder) {
+                if pending > 0 {
+                    commit(log, &mut report, on_ack, seq)?;
+                }
+                return Err(IngestError::Decode(Box::new(DecodeError {
+                    frame_index: Some(next_index),
+                    offset_bytes: decoder.offset_bytes(),
+                    reason: DecodeErrorReason::TrailingData,
+                })));
+            }
+            break;
         }
         if seq < log.next_seq() {
             report.frames_skipped += 1;
             continue;
+        }
+        if let Err(reason) = payload_check.check(&frame.body) {
+            let error = DecodeError {
+                frame_index: Some(frame.index),
+                offset_bytes: frame.offset_bytes,
+                reason,
+            };
+            if pending > 0 {
+                commit(log, &mut report, on_ack, seq)?;
+            }
+            return Err(IngestError::Decode(Box::new(error)));
         }
         let wire_len = frame.wire_bytes.len() as u64;
         if let Err(source) = log.append(seq, frame.wire_bytes, Instant::now()) {

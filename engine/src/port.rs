@@ -247,6 +247,11 @@ wire_codes! {
         ShuttingDown = 8 => "shutting-down",
         /// Reading from the connection failed.
         ReadFailed = 9 => "read-failed",
+        /// A frame whose checksum holds carries a data payload that does not decode to its
+        /// declared length (a zstd payload that does not decompress, decompresses short or
+        /// long, or declares another content size). The sender made it so; resending the same
+        /// frame cannot help. Nothing of it was staged.
+        InvalidPayload = 10 => "invalid-payload",
     }
 }
 
@@ -255,7 +260,7 @@ impl ReceivedCloseReason {
     pub fn is_transient(self) -> bool {
         !matches!(
             self,
-            Self::WrongStream | Self::ResyncRequired | Self::Other(_)
+            Self::WrongStream | Self::ResyncRequired | Self::InvalidPayload | Self::Other(_)
         )
     }
 }
@@ -946,6 +951,12 @@ mod tests {
             "unknown-reason(99)"
         );
         assert!(ReceivedCloseReason::from_u8(2).is_transient());
+        assert_eq!(CloseReason::InvalidPayload as u8, 10);
+        assert_eq!(
+            ReceivedCloseReason::from_u8(10),
+            ReceivedCloseReason::InvalidPayload
+        );
+        assert!(!ReceivedCloseReason::InvalidPayload.is_transient());
     }
 
     #[test]

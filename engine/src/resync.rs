@@ -294,18 +294,36 @@ impl ChunkHashes {
     /// [`validate`](Self::validate), so encode only valid lists.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len_bytes());
-        out.extend_from_slice(&HASH_LIST_MAGIC);
-        out.extend_from_slice(&HASH_LIST_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&self.chunk_size_bytes.to_le_bytes());
-        out.extend_from_slice(&self.disk_size_bytes.to_le_bytes());
-        out.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
-        for hash in &self.hashes {
-            out.extend_from_slice(&hash.to_le_bytes());
-        }
-        let checksum = xxhash_rust::xxh3::xxh3_64_with_seed(&out, CHECKSUM_SEED);
-        out.extend_from_slice(&checksum.to_le_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = self.encode_to(&mut out);
         out
+    }
+
+    /// Writes [`encode`](Self::encode)'s bytes to `out` in pieces of at most 64 KiB, with the
+    /// checksum computed on the way: no second copy of the list in memory (the data port
+    /// streams a replica's list to the socket this way).
+    pub fn encode_to(&self, out: &mut impl io::Write) -> io::Result<()> {
+        const PIECE_HASHES: usize = 8 * 1024;
+        let mut checksum = xxhash_rust::xxh3::Xxh3::with_seed(CHECKSUM_SEED);
+        let mut header = [0u8; HASH_LIST_HEADER_BYTES];
+        header[0..8].copy_from_slice(&HASH_LIST_MAGIC);
+        header[8..10].copy_from_slice(&HASH_LIST_VERSION.to_le_bytes());
+        // 10..12: flags, 0.
+        header[12..16].copy_from_slice(&self.chunk_size_bytes.to_le_bytes());
+        header[16..24].copy_from_slice(&self.disk_size_bytes.to_le_bytes());
+        header[24..32].copy_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        checksum.update(&header);
+        out.write_all(&header)?;
+        let mut piece = Vec::with_capacity(PIECE_HASHES.min(self.hashes.len()) * 8);
+        for hashes in self.hashes.chunks(PIECE_HASHES) {
+            piece.clear();
+            for hash in hashes {
+                piece.extend_from_slice(&hash.to_le_bytes());
+            }
+            checksum.update(&piece);
+            out.write_all(&piece)?;
+        }
+        out.write_all(&checksum.digest().to_le_bytes())
     }
 
     /// Decodes and verifies an encoded hash list: magic, version, checksum, flags, chunk size,
@@ -586,8 +604,9 @@ fn hash_with_buffer<R: FileExt + ?Sized>(
     is_cancelled: &dyn Fn() -> bool,
 ) -> Result<ChunkHashes, ResyncError> {
     let count = chunk_count(disk_size_bytes, chunk_size_bytes);
-    // Reserve up front, but not blindly for a caller's absurd size: reads fail first.
-    let mut hashes = Vec::with_capacity(usize::try_from(count.min(1 << 24)).unwrap_or(0));
+    // Reserve up front (so the list never grows by reallocation: a 256 MiB list is 2²⁵
+    // hashes), but not blindly for a caller's absurd size: reads fail first.
+    let mut hashes = Vec::with_capacity(usize::try_from(count.min(1 << 25)).unwrap_or(0));
     let mut offset_bytes = 0u64;
     while offset_bytes < disk_size_bytes {
         if is_cancelled() {

@@ -193,7 +193,7 @@ pub struct DataExtent<'a> {
     pub length_bytes: u32,
     /// How `payload` is stored.
     pub encoding: Encoding,
-    /// The stored payload (raw data or one zstd frame).
+    /// The stored payload (raw data, or one or more concatenated zstd frames).
     pub payload: &'a [u8],
 }
 
@@ -740,7 +740,9 @@ impl PayloadDecoder {
     }
 
     /// Writes the extent's data into `out[..length_bytes]`. `out` must hold at least
-    /// `length_bytes`; for zstd, the data must decompress to exactly `length_bytes`.
+    /// `length_bytes`; for zstd, the payload is one or more whole zstd frames that together
+    /// decompress to exactly `length_bytes` (frames declaring other content sizes are refused
+    /// from their headers, before decompressing).
     pub fn decode_into(
         &mut self,
         extent: &DataExtent<'_>,
@@ -767,15 +769,9 @@ impl PayloadDecoder {
                 Ok(())
             }
             Encoding::Zstd => {
-                // Refuse a frame whose declared content size disagrees before decompressing.
-                if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(extent.payload)
-                    && size != length as u64
-                {
-                    return Err(DecodeErrorReason::DecompressedSizeMismatch {
-                        declared_bytes: length as u64,
-                        actual_bytes: size,
-                    });
-                }
+                // Refuse frames whose declared content sizes disagree before decompressing.
+                check_zstd_frames(extent.payload, length as u64)?;
+                // One call decompresses every frame of the payload, one after the other.
                 match self.zstd.decompress_to_buffer(extent.payload, dest) {
                     Ok(n) if n == length => Ok(()),
                     Ok(n) => Err(DecodeErrorReason::DecompressedSizeMismatch {
@@ -789,4 +785,49 @@ impl PayloadDecoder {
             }
         }
     }
+}
+
+/// Walks the zstd frames of a payload (one or more, skippable frames included) through their
+/// headers only and checks the content sizes they declare: a payload whose frames all declare
+/// their size must add up to exactly `length_bytes`, and no prefix of declared sizes may exceed
+/// it. A payload that is not a sequence of whole zstd frames is refused here, before any
+/// decompression. Frames without a declared size are left to the decompression, which writes
+/// into a buffer of exactly `length_bytes`.
+fn check_zstd_frames(payload: &[u8], length_bytes: u64) -> Result<(), DecodeErrorReason> {
+    let not_zstd = |at: usize, what: &str| DecodeErrorReason::Decompress {
+        message: format!("zstd frame at payload byte {at}: {what}"),
+    };
+    let mut declared_bytes = 0u64;
+    let mut all_declared = true;
+    let mut at = 0usize;
+    while at < payload.len() {
+        let rest = payload.get(at..).unwrap_or_default();
+        match zstd::zstd_safe::get_frame_content_size(rest) {
+            Ok(Some(size)) => declared_bytes = declared_bytes.saturating_add(size),
+            Ok(None) => all_declared = false,
+            Err(_) => return Err(not_zstd(at, "not a zstd frame header")),
+        }
+        if declared_bytes > length_bytes {
+            return Err(DecodeErrorReason::DecompressedSizeMismatch {
+                declared_bytes: length_bytes,
+                actual_bytes: declared_bytes,
+            });
+        }
+        let frame_bytes = zstd::zstd_safe::find_frame_compressed_size(rest)
+            .map_err(|code| not_zstd(at, zstd::zstd_safe::get_error_name(code)))?;
+        if frame_bytes == 0 {
+            return Err(not_zstd(at, "empty frame"));
+        }
+        at = at.saturating_add(frame_bytes);
+    }
+    if at == 0 {
+        return Err(not_zstd(0, "empty payload"));
+    }
+    if all_declared && declared_bytes != length_bytes {
+        return Err(DecodeErrorReason::DecompressedSizeMismatch {
+            declared_bytes: length_bytes,
+            actual_bytes: declared_bytes,
+        });
+    }
+    Ok(())
 }
