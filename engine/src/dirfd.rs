@@ -450,9 +450,10 @@ mod tests {
         let error = dir.rename_new(os("t.partial"), id, os("t")).unwrap_err();
         assert!(matches!(error, DirError::Exists { .. }), "{error}");
         assert_eq!(std::fs::read(tmp.path().join("t")).unwrap(), b"appeared");
-        // Our temporary replaced by someone else's link: not renamed.
-        std::fs::remove_file(tmp.path().join("t.partial")).unwrap();
-        symlink("/etc/passwd", tmp.path().join("t.partial")).unwrap();
+        // Our temporary replaced by someone else's link (made first: another inode): not
+        // renamed.
+        symlink("/etc/passwd", tmp.path().join("swap")).unwrap();
+        std::fs::rename(tmp.path().join("swap"), tmp.path().join("t.partial")).unwrap();
         let error = dir.rename_new(os("t.partial"), id, os("u")).unwrap_err();
         assert!(matches!(error, DirError::NotOurs { .. }), "{error}");
         assert!(
@@ -483,9 +484,10 @@ mod tests {
             "the old file removed"
         );
 
-        // The name now holds someone else's file: left as it is, ours not moved.
-        std::fs::remove_file(tmp.path().join("disk")).unwrap();
-        std::fs::write(tmp.path().join("disk"), b"theirs").unwrap();
+        // The name now holds someone else's file (made first: another inode): left as it
+        // is, ours not moved.
+        std::fs::write(tmp.path().join("swap"), b"theirs").unwrap();
+        std::fs::rename(tmp.path().join("swap"), tmp.path().join("disk")).unwrap();
         let (_next, next_id) = dir.create_new(os("disk.partial")).unwrap();
         let error = dir
             .replace_ours(os("disk.partial"), next_id, os("disk"), new_id)

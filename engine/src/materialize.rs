@@ -703,8 +703,9 @@ mod tests {
         let result = rig.run(&out.join("disk-0.raw"), &mut |_| {
             if !swapped {
                 swapped = true;
-                std::fs::remove_file(&partial).unwrap();
-                symlink(&victim, &partial).unwrap();
+                // Made first, so it cannot reuse the temporary file's inode number.
+                symlink(&victim, out.join("swap")).unwrap();
+                std::fs::rename(out.join("swap"), &partial).unwrap();
             }
         });
         assert!(
