@@ -27,13 +27,16 @@ use utoipa::ToSchema;
 
 use crate::manager::{DiskRecord, OpError};
 
-/// A file's identity: device and inode number.
+/// A file's identity: device, inode number and birth time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FileIdentity {
-    /// Device number (`st_dev`).
+    /// Device number.
     pub dev: u64,
-    /// Inode number (`st_ino`).
+    /// Inode number.
     pub ino: u64,
+    /// Birth time, ns since the Unix epoch (0 where the filesystem reports none).
+    #[serde(default)]
+    pub birth_ns: u64,
 }
 
 impl From<FileId> for FileIdentity {
@@ -41,6 +44,7 @@ impl From<FileId> for FileIdentity {
         Self {
             dev: id.dev,
             ino: id.ino,
+            birth_ns: id.birth_ns,
         }
     }
 }
@@ -50,6 +54,7 @@ impl From<FileIdentity> for FileId {
         Self {
             dev: id.dev,
             ino: id.ino,
+            birth_ns: id.birth_ns,
         }
     }
 }
@@ -63,6 +68,9 @@ pub struct WrittenFile {
     pub dev: u64,
     /// Inode number.
     pub ino: u64,
+    /// Birth time, ns since the Unix epoch (0 where the filesystem reports none).
+    #[serde(default)]
+    pub birth_ns: u64,
 }
 
 impl WrittenFile {
@@ -71,6 +79,7 @@ impl WrittenFile {
         FileId {
             dev: self.dev,
             ino: self.ino,
+            birth_ns: self.birth_ns,
         }
     }
 }
@@ -157,6 +166,7 @@ impl Temp {
             name: self.name.clone(),
             dev: self.id.dev,
             ino: self.id.ino,
+            birth_ns: self.id.birth_ns,
         }
     }
 }

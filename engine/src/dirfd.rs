@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, StatxFlags};
 use rustix::io::Errno;
 
 /// Mode of the directories made here (owner only: they hold VM disks).
@@ -29,27 +29,50 @@ pub const DIR_MODE: u32 = 0o700;
 /// Mode of the files made here (owner only).
 pub const FILE_MODE: u32 = 0o600;
 
-/// A file's identity: device and inode number, as `stat` reports them.
+/// A file's identity: device, inode number and birth time, as `statx` reports them. The birth
+/// time tells a file from a later one that reuses a freed inode number at the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId {
-    /// `st_dev`.
+    /// Device (`makedev(stx_dev_major, stx_dev_minor)`, as `st_dev`).
     pub dev: u64,
-    /// `st_ino`.
+    /// Inode number.
     pub ino: u64,
+    /// Birth time, ns since the Unix epoch; 0 where the filesystem does not report one.
+    pub birth_ns: u64,
 }
 
 impl std::fmt::Display for FileId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dev {} inode {}", self.dev, self.ino)
+        write!(
+            f,
+            "dev {} inode {} born {} ns",
+            self.dev, self.ino, self.birth_ns
+        )
     }
 }
 
 impl FileId {
-    fn of(stat: &rustix::fs::Stat) -> Self {
-        Self {
-            dev: stat.st_dev,
-            ino: stat.st_ino,
-        }
+    /// The identity of `name` in `dirfd` (with `flags`; `""` and `AT_EMPTY_PATH` for `dirfd`
+    /// itself).
+    fn at(dirfd: impl AsFd, name: &OsStr, flags: AtFlags) -> Result<Self, Errno> {
+        let btime = StatxFlags::BTIME;
+        let stx = rustix::fs::statx(dirfd, name, flags, StatxFlags::BASIC_STATS | btime)?;
+        let birth_ns = if stx.stx_mask & btime.bits() != 0 {
+            (stx.stx_btime.tv_sec as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(u64::from(stx.stx_btime.tv_nsec))
+        } else {
+            0
+        };
+        Ok(Self {
+            dev: rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+            ino: stx.stx_ino,
+            birth_ns,
+        })
+    }
+
+    fn of_fd(fd: impl AsFd) -> Result<Self, Errno> {
+        Self::at(fd, OsStr::new(""), AtFlags::EMPTY_PATH)
     }
 }
 
@@ -176,12 +199,12 @@ impl Dir {
                 Err(e) => return Err(DirError::io("open", walked, e)),
             };
         }
-        let stat = rustix::fs::fstat(&fd).map_err(|e| DirError::io("stat", walked.clone(), e))?;
+        let id = FileId::of_fd(&fd).map_err(|e| DirError::io("stat", walked.clone(), e))?;
         Ok((
             Self {
                 fd,
                 path: walked,
-                id: FileId::of(&stat),
+                id,
             },
             created,
         ))
@@ -193,11 +216,11 @@ impl Dir {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let fd = rustix::fs::open(path, flags, Mode::empty())
             .map_err(|e| DirError::io("open", path.to_path_buf(), e))?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| DirError::io("stat", path.into(), e))?;
+        let id = FileId::of_fd(&fd).map_err(|e| DirError::io("stat", path.into(), e))?;
         Ok(Self {
             fd,
             path: path.to_path_buf(),
-            id: FileId::of(&stat),
+            id,
         })
     }
 
@@ -229,8 +252,8 @@ impl Dir {
     /// The identity of what has `name` here (a symbolic link is not followed), or `None`.
     pub fn entry_id(&self, name: &OsStr) -> Result<Option<FileId>, DirError> {
         let path = self.named(name)?;
-        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => Ok(Some(FileId::of(&stat))),
+        match FileId::at(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(id) => Ok(Some(id)),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(DirError::io("stat", path, e)),
         }
@@ -247,8 +270,8 @@ impl Dir {
             Err(Errno::EXIST) => return Err(DirError::Exists { path }),
             Err(e) => return Err(DirError::io("create", path, e)),
         };
-        let stat = rustix::fs::fstat(&fd).map_err(|e| DirError::io("stat", path, e))?;
-        Ok((File::from(fd), FileId::of(&stat)))
+        let id = FileId::of_fd(&fd).map_err(|e| DirError::io("stat", path, e))?;
+        Ok((File::from(fd), id))
     }
 
     /// Fails unless `name` is the file `id`.
@@ -495,6 +518,36 @@ mod tests {
         assert!(matches!(error, DirError::NotOurs { .. }), "{error}");
         assert_eq!(std::fs::read(tmp.path().join("disk")).unwrap(), b"theirs");
         assert_eq!(dir.entry_id(os("disk.partial")).unwrap(), Some(next_id));
+    }
+
+    #[test]
+    fn a_later_file_that_reuses_the_inode_number_is_not_ours() {
+        // Inode numbers are reused at once on ext4 (tmpfs never reuses them): try the system's
+        // temporary directory and the workspace's target directory.
+        let roots = [
+            std::env::temp_dir(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        ];
+        let mut checked = 0;
+        for root in roots.iter().filter(|r| r.is_dir()) {
+            let tmp = tempfile::tempdir_in(root).unwrap();
+            let (dir, _) = Dir::open_nofollow(&tmp.path().canonicalize().unwrap(), false).unwrap();
+            let (file, ours) = dir.create_new(os("disk")).unwrap();
+            drop(file); // closed, so that removing it frees the inode
+            for _ in 0..100 {
+                std::fs::remove_file(tmp.path().join("disk")).unwrap();
+                let (_theirs, id) = dir.create_new(os("disk")).unwrap();
+                if id.ino == ours.ino {
+                    if ours.birth_ns != 0 {
+                        assert_ne!(id, ours, "a reused inode number passed for our file");
+                        assert!(!dir.remove_ours(os("disk"), &[ours]).unwrap());
+                        checked += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        eprintln!("{checked} filesystems reused an inode number and were checked");
     }
 
     #[test]
