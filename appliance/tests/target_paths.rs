@@ -348,6 +348,14 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     let (server, data, outside) = (&rig.server, &rig.data, &rig.outside);
     let a = protect(server, "vm-a", 0x11);
     let made_outside = outside.dir.join("made-through-a-link");
+    // The recorded identities are part of the documented answers.
+    let doc = server.expect("GET", "/openapi.json", None, 200);
+    for schema in ["Materialized", "WrittenFile", "FileIdentity"] {
+        assert!(
+            doc["components"]["schemas"].get(schema).is_some(),
+            "{schema} is not in /openapi.json"
+        );
+    }
 
     // name planted in the target directory → what it points to
     let cases: Vec<(&str, &Path)> = vec![
@@ -383,6 +391,20 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     for target in [data.join("dir-link"), data.join("parent-link/pb")] {
         assert_refused(test_failover(server, &a.id, &target), 403, "path_refused");
         assert_refused(failover(server, &a.id, &target), 403, "path_refused");
+    }
+    // A NUL byte, an over-long component: named 400s, not 500s.
+    let long = data.join("x".repeat(300));
+    for target in [
+        format!("{}/a\u{0}b", data.display()),
+        long.display().to_string(),
+    ] {
+        let answer = post(
+            server,
+            &a.id,
+            "test-failover",
+            json!({"point": "latest-processed", "target_dir": target}),
+        );
+        assert_refused(answer, 400, "bad_request");
     }
     assert_eq!(
         item(server, &a.id)["state"],
