@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -120,6 +120,9 @@ pub struct JobView {
 pub struct Job {
     view: Mutex<JobView>,
     table: Arc<Inner>,
+    /// The target directory (device, inode) the job owns while it runs (memory only: after a
+    /// restart no file-changing job runs).
+    target_dir: OnceLock<(u64, u64)>,
 }
 
 impl Job {
@@ -135,6 +138,12 @@ impl Job {
     /// Its id.
     pub fn id(&self) -> u64 {
         self.lock().id
+    }
+
+    /// Records that the job owns the target directory `(dev, inode)` until it ends (see
+    /// [`Jobs::target_dir_holder`]). Set once.
+    pub fn hold_target_dir(&self, dev: u64, ino: u64) {
+        let _ = self.target_dir.set((dev, ino));
     }
 
     /// Sets percent (clamped to 0..=99 while running) and message (memory only).
@@ -248,6 +257,7 @@ impl Jobs {
                         Arc::new(Job {
                             view: Mutex::new(view),
                             table: inner.clone(),
+                            target_dir: OnceLock::new(),
                         }),
                     );
                 }
@@ -285,6 +295,7 @@ impl Jobs {
         let job = Arc::new(Job {
             view: Mutex::new(view),
             table: self.0.clone(),
+            target_dir: OnceLock::new(),
         });
         jobs.insert(id, job.clone());
         Ok(job)
@@ -310,6 +321,16 @@ impl Jobs {
                 view.state == JobState::Running && !view.kind.is_replication()
             })
             .count()
+    }
+
+    /// The running job that owns the target directory `(dev, inode)`, if one does.
+    pub fn target_dir_holder(&self, dev: u64, ino: u64) -> Option<JobView> {
+        self.0
+            .lock()
+            .values()
+            .filter(|job| job.target_dir.get() == Some(&(dev, ino)))
+            .map(|job| job.view())
+            .find(|view| view.state == JobState::Running)
     }
 
     /// The running jobs.
@@ -350,6 +371,24 @@ mod tests {
         assert_eq!(list[0].error.as_deref(), Some("disk gone"));
         assert_eq!((list[1].state, list[1].percent), (JobState::Succeeded, 100));
         assert_eq!(reopened.create(JobKind::Resync, "cc", "").unwrap().id(), 3);
+    }
+
+    #[test]
+    fn a_job_owns_its_target_directory_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        let a = jobs.create(JobKind::TestFailover, "aa", "").unwrap();
+        let b = jobs.create(JobKind::Failover, "bb", "").unwrap();
+        a.hold_target_dir(1, 10);
+        b.hold_target_dir(1, 11);
+        assert_eq!(jobs.target_dir_holder(1, 10).map(|v| v.id), Some(a.id()));
+        assert_eq!(jobs.target_dir_holder(1, 11).map(|v| v.id), Some(b.id()));
+        assert!(jobs.target_dir_holder(2, 10).is_none(), "another device");
+        a.fail("gone").unwrap();
+        assert!(
+            jobs.target_dir_holder(1, 10).is_none(),
+            "released when it ends"
+        );
     }
 
     #[test]

@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use engine::apply::{ApplyConfig, Pins};
 use engine::delta::{Consistency, DiskGeometry, StreamHeader};
+use engine::dirfd::Dir;
 use engine::durable::StdDir;
 use engine::io::{DirectIo, ReplicaFile};
-use engine::materialize::{OutputFormat, PointChoice, Source, materialize_to_path, resolve_point};
+use engine::materialize::{OutputFormat, PointChoice, Source, materialize_new_file, resolve_point};
 use engine::meta::{MetaStore, item_key};
 use engine::port::{Refusal, Status};
 use engine::replica::open_replica;
@@ -54,6 +55,9 @@ use crate::jobs::{Job, JobKind, JobView, Jobs};
 use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup, WorkerStatus};
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState, SlotTable};
 use crate::store::{DataDir, ItemDirs, item_hex, now_ns, parse_item_hex, write_atomic};
+use crate::target::{
+    FileIdentity, Target, Temp, WrittenFile, check_absent, dir_refusal, disk_names, partial_name,
+};
 
 /// Name of an item's record file.
 const RECORD_FILE: &str = "item.json";
@@ -263,8 +267,18 @@ pub struct Materialized {
     pub format: Format,
     /// The files, by disk index.
     pub files: Vec<String>,
-    /// Whether the appliance created the target directory (removed on cleanup if empty).
+    /// Whether the job created the target directory (removed on clean-up if it is then
+    /// empty).
     pub created_dir: bool,
+    /// The target directory's identity when the job opened it: clean-up acts only on that
+    /// directory (absent in records of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_dir_id: Option<FileIdentity>,
+    /// The files the job created in the directory, by name and identity: clean-up removes
+    /// only these, change point replaces only these. A running job lists its temporary
+    /// (`.partial`) files here.
+    #[serde(default)]
+    pub written: Vec<WrittenFile>,
 }
 
 /// An item's durable record (`item.json`).
@@ -397,7 +411,8 @@ pub enum OpError {
     /// 409: another conflict.
     #[error("{message}")]
     Conflict {
-        /// `path_in_use`, `job_running`, `too_many_jobs`, `disk_mismatch`.
+        /// `path_in_use`, `target_dir_busy`, `target_changed`, `job_running`,
+        /// `too_many_jobs`, `disk_mismatch`.
         code: &'static str,
         /// What conflicts.
         message: String,
@@ -1095,7 +1110,19 @@ impl Manager {
             field: field.to_owned(),
             message: format!("{field} {raw:?}: {why}"),
         };
+        if raw.contains('\0') {
+            return Err(bad(field, "must not contain a NUL byte"));
+        }
         let path = Path::new(raw);
+        if let Some(long) = path.components().find(|c| c.as_os_str().len() > 255) {
+            return Err(bad(
+                field,
+                format!(
+                    "the component {:?} is longer than 255 bytes",
+                    long.as_os_str()
+                ),
+            ));
+        }
         if raw.is_empty() || !path.is_absolute() {
             return Err(refused("must be an absolute path".into()));
         }
@@ -1563,18 +1590,27 @@ impl Manager {
 
     // ─────────────── materialize ───────────────
 
-    /// Writes every disk of `item` at `point_id` into `dir` (`disk-<i>.raw|vhd`). On error
-    /// removes what it wrote.
+    /// Writes every disk of `item` at `point_id` into the job's temporary files (`temps`, in
+    /// disk order, in `dir`), each whole and durable. Names nothing: the caller publishes.
+    #[allow(clippy::too_many_arguments)]
     fn write_disks(
         &self,
         item: &Item,
         point_id: u64,
-        dir: &Path,
+        dir: &Dir,
+        temps: &[Temp],
         format: Format,
         job: &Job,
         percent: (u64, u64),
-    ) -> anyhow::Result<Vec<PathBuf>> {
+    ) -> anyhow::Result<()> {
         let record = item.record().clone();
+        if temps.len() != record.disks.len() {
+            anyhow::bail!(
+                "{} temporary files for {} disks",
+                temps.len(),
+                record.disks.len()
+            );
+        }
         let key = item_key(&item.id);
         let pins = self.pins(item);
         let _pin = pins.pin(point_id);
@@ -1597,47 +1633,31 @@ impl Manager {
             .sum::<u64>()
             .max(1);
         let mut done_before = 0u64;
-        let mut written = Vec::new();
-        let result = (|| -> anyhow::Result<()> {
-            for disk in &record.disks {
-                let replica = File::open(&disk.path)
-                    .with_context(|| format!("opening replica {}", disk.path))?;
-                let out = dir.join(format!(
-                    "disk-{}.{}",
-                    disk.index,
-                    format.output().extension()
-                ));
-                let (low, high) = percent;
-                materialize_to_path(
-                    &source,
-                    point_id,
-                    disk.index as u16,
-                    &replica,
-                    &out,
-                    format.output(),
-                    &mut |done| {
-                        let share = (done_before + done) * (high - low) / total;
-                        job.progress(
-                            low + share,
-                            format!("writing disk {} at point {point_id}", disk.index),
-                        );
-                    },
-                )
-                .with_context(|| {
-                    format!("materializing disk {} to {}", disk.index, out.display())
-                })?;
-                done_before += disk.size_bytes;
-                written.push(out);
-            }
-            Ok(())
-        })();
-        if let Err(error) = result {
-            for path in &written {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(error);
+        for (disk, temp) in record.disks.iter().zip(temps) {
+            let replica =
+                File::open(&disk.path).with_context(|| format!("opening replica {}", disk.path))?;
+            let out = dir.path().join(&temp.name);
+            let (low, high) = percent;
+            materialize_new_file(
+                &source,
+                point_id,
+                disk.index as u16,
+                &replica,
+                &temp.file,
+                &out,
+                format.output(),
+                &mut |done| {
+                    let share = (done_before + done) * (high - low) / total;
+                    job.progress(
+                        low + share,
+                        format!("writing disk {} at point {point_id}", disk.index),
+                    );
+                },
+            )
+            .with_context(|| format!("materializing disk {} to {}", disk.index, out.display()))?;
+            done_before += disk.size_bytes;
         }
-        Ok(written)
+        Ok(())
     }
 
     fn resolve(&self, item: &Item, choice: PointChoice) -> Result<u64, OpError> {
@@ -1649,44 +1669,111 @@ impl Manager {
             })
     }
 
-    /// Checks a target directory and creates it if missing; returns it and whether it was
-    /// created. Refuses one that already holds this item's disk files.
+    /// Opens a job's target directory without following symbolic links (creating what is
+    /// missing), refuses it if a running job owns it (`target_dir_busy`) or if any name the
+    /// job uses exists (`path_in_use`), and creates the job's temporary files there (see
+    /// `crate::target`). Nothing is created when refused.
     fn target_dir(
         &self,
         raw: &str,
-        disks: usize,
+        disks: &[DiskRecord],
         format: Format,
-    ) -> Result<(PathBuf, bool), OpError> {
-        let dir = self.check_path(raw, "target_dir")?;
-        let existing = dir.ancestors().find(|p| p.exists());
-        if !existing.is_some_and(Path::is_dir) {
-            return Err(bad(
-                "target_dir",
-                format!("{} is not a directory (nor inside one)", dir.display()),
-            ));
-        }
-        let created = !dir.exists();
-        if !created && !dir.is_dir() {
-            return Err(bad(
-                "target_dir",
-                format!("{} is not a directory", dir.display()),
-            ));
-        }
-        for index in 0..disks {
-            let file = dir.join(format!("disk-{index}.{}", format.output().extension()));
-            if file.exists() {
-                return Err(OpError::Conflict {
-                    code: "path_in_use",
-                    message: format!(
-                        "target_dir: {} already exists (files are never overwritten)",
-                        file.display()
-                    ),
-                });
+    ) -> Result<Target, OpError> {
+        let path = self.check_path(raw, "target_dir")?;
+        let (dir, created) = match Dir::open_nofollow(&path, false) {
+            Ok((dir, _)) => {
+                self.check_target_free(&dir)?;
+                (dir, false)
             }
+            Err(error) if error.is_not_found() => {
+                Dir::open_nofollow(&path, true).map_err(|e| dir_refusal("target_dir", e))?
+            }
+            Err(error) => return Err(dir_refusal("target_dir", error)),
+        };
+        let names = disk_names(disks, format.output().extension());
+        check_absent(&dir, &names).map_err(|e| dir_refusal("target_dir", e))?;
+        Target::create_temps(Arc::new(dir), created, &names)
+            .map_err(|e| dir_refusal("target_dir", e))
+    }
+
+    /// Opens the failed-over disks' directory for a change point: it must still be the
+    /// directory the failover wrote and hold the files it recorded (else `target_changed`), no
+    /// running job may own it, and the temporary names must be free; creates the temporary
+    /// files.
+    fn change_target(&self, current: &Materialized, disks: usize) -> Result<Target, OpError> {
+        let changed = |why: String| OpError::Conflict {
+            code: "target_changed",
+            message: format!(
+                "the failed-over disks in {}: {why}; change point replaces only the files the \
+                 failover wrote",
+                current.target_dir
+            ),
+        };
+        let Some(dir_id) = current
+            .target_dir_id
+            .filter(|_| current.written.len() == disks)
+        else {
+            return Err(changed(
+                "recorded without file identities (by an older version)".into(),
+            ));
+        };
+        let (dir, _) = Dir::open_nofollow(Path::new(&current.target_dir), false)
+            .map_err(|e| changed(e.to_string()))?;
+        if FileIdentity::from(dir.id()) != dir_id {
+            return Err(changed("the directory was moved or replaced".into()));
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| OpError::Io(format!("creating {}: {e}", dir.display())))?;
-        Ok((dir, created))
+        self.check_target_free(&dir)?;
+        for file in &current.written {
+            dir.check_ours(std::ffi::OsStr::new(&file.name), file.id())
+                .map_err(|e| changed(e.to_string()))?;
+        }
+        let names: Vec<String> = current.written.iter().map(|w| w.name.clone()).collect();
+        Target::create_temps(Arc::new(dir), false, &names).map_err(|e| dir_refusal("target_dir", e))
+    }
+
+    /// Creates the job of a request that made `target`, makes the job own the directory and
+    /// applies `change` (given the job id) to the item's record; on an error removes what the
+    /// request made.
+    fn start_target_job(
+        &self,
+        item: &Item,
+        target: &Target,
+        kind: JobKind,
+        message: String,
+        change: impl FnOnce(&mut ItemRecord, u64),
+    ) -> Result<Arc<Job>, OpError> {
+        let job = self
+            .jobs
+            .create(kind, &item.hex, message)
+            .inspect_err(|_| {
+                target.abandon();
+            })?;
+        job.hold_target_dir(target.dir.id().dev, target.dir.id().ino);
+        let id = job.id();
+        if let Err(error) = item.update(|r| change(r, id)) {
+            target.abandon();
+            let _ = job.fail(crate::store::describe(&error));
+            return Err(error.into());
+        }
+        Ok(job)
+    }
+
+    /// Refuses a directory a running job owns (compared by device and inode).
+    fn check_target_free(&self, dir: &Dir) -> Result<(), OpError> {
+        match self.jobs.target_dir_holder(dir.id().dev, dir.id().ino) {
+            Some(holder) => Err(OpError::Conflict {
+                code: "target_dir_busy",
+                message: format!(
+                    "target_dir {} is the target directory of job {} ({} of item {}), which \
+                     is running; one job writes into a directory at a time",
+                    dir.path().display(),
+                    holder.id,
+                    holder.kind.name(),
+                    holder.item
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn spawn_job(
@@ -1740,33 +1827,42 @@ impl Manager {
         let choice = request.point.choice(false)?;
         self.check_job_room()?;
         let point_id = self.resolve(&item, choice)?;
-        let (dir, created_dir) =
-            self.target_dir(&request.target_dir, record.disks.len(), request.format)?;
-        let pending = planned(&dir, &record, point_id, request.format, created_dir);
-        let job = self.jobs.create(
-            JobKind::TestFailover,
-            hex,
-            format!("writing the disks at point {point_id}"),
-        )?;
-        item.update(|r| {
-            r.state = ItemState::TestFailover;
-            r.pending = Some(pending.clone());
-            r.last_job = Some(job.id());
-            r.last_error = None;
-        })?;
         let format = request.format;
+        let target = self.target_dir(&request.target_dir, &record.disks, format)?;
+        let names = disk_names(&record.disks, format.output().extension());
+        let pending = planned(&target, &names, point_id, format);
+        let job = self.start_target_job(
+            &item,
+            &target,
+            JobKind::TestFailover,
+            format!("writing the disks at point {point_id}"),
+            |r, job| {
+                r.state = ItemState::TestFailover;
+                r.pending = Some(pending);
+                r.last_job = Some(job);
+                r.last_error = None;
+            },
+        )?;
         self.spawn_job(
             item,
             job,
             move |manager, item, job| {
-                manager.write_disks(item, point_id, &dir, format, job, (0, 100))?;
+                let dir = &target.dir;
+                let published = manager
+                    .write_disks(item, point_id, dir, &target.temps, format, job, (0, 100))
+                    .and_then(|()| Ok(target.publish_new(&names)?))
+                    .inspect_err(|_| target.discard(&names))?;
                 let _ops = lock(&manager.ops);
                 item.update(|r| {
-                    r.test_failover = r.pending.take();
-                })?;
+                    r.test_failover = r.pending.take().map(|pending| Materialized {
+                        written: published,
+                        ..pending
+                    });
+                })
+                .inspect_err(|_| target.discard(&names))?;
                 Ok(Some(format!(
                     "test failover disks at point {point_id} in {}",
-                    dir.display()
+                    dir.path().display()
                 )))
             },
             |_, item, error| undo_pending(item, ItemState::Protected, error),
@@ -1808,50 +1904,65 @@ impl Manager {
             // Refuse an unknown point now, not in the job.
             self.resolve(&item, choice)?;
         }
-        let (dir, created_dir) =
-            self.target_dir(&request.target_dir, record.disks.len(), request.format)?;
-        let job = self
-            .jobs
-            .create(JobKind::Failover, hex, "stopping replication".to_owned())?;
         let format = request.format;
-        item.update(|r| {
-            r.state = ItemState::FailingOver;
-            r.pending = Some(planned(&dir, r, 0, format, created_dir));
-            r.last_job = Some(job.id());
-            r.last_error = None;
-        })?;
+        let target = self.target_dir(&request.target_dir, &record.disks, format)?;
+        let names = disk_names(&record.disks, format.output().extension());
+        let pending = planned(&target, &names, 0, format);
+        let job = self.start_target_job(
+            &item,
+            &target,
+            JobKind::Failover,
+            "stopping replication".to_owned(),
+            |r, job| {
+                r.state = ItemState::FailingOver;
+                r.pending = Some(pending);
+                r.last_job = Some(job);
+                r.last_error = None;
+            },
+        )?;
         let shut_down = request.source_shut_down;
         self.spawn_job(
             item,
             job,
             move |manager, item, job| {
-                manager.stop_replication(item, choice == PointChoice::Latest)?;
-                job.progress(5, "resolving the recovery point");
-                let point_id = manager
-                    .resolve(
+                let dir = &target.dir;
+                let published = (|| {
+                    manager.stop_replication(item, choice == PointChoice::Latest)?;
+                    job.progress(5, "resolving the recovery point");
+                    let point_id = manager
+                        .resolve(
+                            item,
+                            match choice {
+                                PointChoice::Latest => PointChoice::LatestProcessed,
+                                other => other,
+                            },
+                        )
+                        .map_err(|e| anyhow!("{e}"))?;
+                    manager.write_disks(
                         item,
-                        match choice {
-                            PointChoice::Latest => PointChoice::LatestProcessed,
-                            other => other,
-                        },
-                    )
-                    .map_err(|e| anyhow!("{e}"))?;
-                let files = manager.write_disks(item, point_id, &dir, format, job, (5, 100))?;
+                        point_id,
+                        dir,
+                        &target.temps,
+                        format,
+                        job,
+                        (5, 100),
+                    )?;
+                    Ok::<_, anyhow::Error>((point_id, target.publish_new(&names)?))
+                })();
+                let (point_id, published) = published.inspect_err(|_| target.discard(&names))?;
                 let _ops = lock(&manager.ops);
                 item.update(|r| {
                     r.state = ItemState::FailedOver;
-                    r.failover = Some(Materialized {
+                    r.failover = r.pending.take().map(|pending| Materialized {
                         point_id,
-                        target_dir: dir.display().to_string(),
-                        format,
-                        files: files.iter().map(|f| f.display().to_string()).collect(),
-                        created_dir,
+                        written: published,
+                        ..pending
                     });
-                    r.pending = None;
-                })?;
+                })
+                .inspect_err(|_| target.discard(&names))?;
                 Ok(Some(format!(
                     "failed over to point {point_id}; disks in {}{}",
-                    dir.display(),
+                    dir.path().display(),
                     if shut_down {
                         ""
                     } else {
@@ -1888,42 +1999,83 @@ impl Manager {
             .failover
             .clone()
             .ok_or_else(|| OpError::Io("failed over without a failover record".into()))?;
-        let job = self.jobs.create(
+        let target = self.change_target(&current, record.disks.len())?;
+        let temp_names: Vec<String> = target.temps.iter().map(|t| t.name.clone()).collect();
+        let pending = planned(&target, &temp_names, point_id, current.format);
+        let job = self.start_target_job(
+            &item,
+            &target,
             JobKind::ChangePoint,
-            hex,
             format!("writing the disks at point {point_id}"),
+            |r, job| {
+                r.state = ItemState::FailingOver;
+                r.pending = Some(pending);
+                r.last_job = Some(job);
+                r.last_error = None;
+            },
         )?;
-        let staging_dir = PathBuf::from(&current.target_dir).join(format!(".change-{}", job.id()));
-        std::fs::create_dir_all(&staging_dir)
-            .map_err(|e| OpError::Io(format!("creating {}: {e}", staging_dir.display())))?;
-        item.update(|r| {
-            r.state = ItemState::FailingOver;
-            r.pending = Some(planned(&staging_dir, r, point_id, current.format, true));
-            r.last_job = Some(job.id());
-            r.last_error = None;
-        })?;
         self.spawn_job(
             item,
             job,
             move |manager, item, job| {
-                let files = manager.write_disks(
-                    item,
-                    point_id,
-                    &staging_dir,
-                    current.format,
-                    job,
-                    (0, 95),
-                )?;
-                let _ops = lock(&manager.ops);
-                for (new, old) in files.iter().zip(&current.files) {
-                    std::fs::rename(new, old)
-                        .with_context(|| format!("replacing {old} with the new point's disk"))?;
+                let dir = &target.dir;
+                manager
+                    .write_disks(
+                        item,
+                        point_id,
+                        dir,
+                        &target.temps,
+                        current.format,
+                        job,
+                        (0, 95),
+                    )
+                    .inspect_err(|_| target.discard(&[]))?;
+                // Each new file in the place of the one the failover wrote (and only that one).
+                let mut replaced: Vec<WrittenFile> = Vec::new();
+                let mut failure = None;
+                for (temp, old) in target.temps.iter().zip(&current.written) {
+                    let (from, to) = (
+                        std::ffi::OsStr::new(&temp.name),
+                        std::ffi::OsStr::new(&old.name),
+                    );
+                    match dir.replace_ours(from, temp.id, to, old.id()) {
+                        Ok(()) => replaced.push(WrittenFile {
+                            name: old.name.clone(),
+                            ..temp.written()
+                        }),
+                        Err(error) => {
+                            failure = Some(error);
+                            break;
+                        }
+                    }
                 }
-                let _ = std::fs::remove_dir(&staging_dir);
+                let synced = dir.sync();
+                let _ops = lock(&manager.ops);
+                if let Some(error) = failure {
+                    target.discard(&[]);
+                    if replaced.is_empty() {
+                        return Err(anyhow!("{error}; no disk was replaced"));
+                    }
+                    // The record keeps naming what is there (for later change points and
+                    // clean-ups): the disks already replaced are at the new point.
+                    let count = replaced.len();
+                    item.update(|r| {
+                        if let Some(failover) = &mut r.failover {
+                            failover.written.splice(..count, replaced);
+                        }
+                    })?;
+                    return Err(anyhow!(
+                        "{error}; disks 0..{count} were already replaced with point {point_id}, \
+                         the others are still at point {}",
+                        current.point_id
+                    ));
+                }
+                synced?;
                 item.update(|r| {
                     r.state = ItemState::FailedOver;
                     if let Some(failover) = &mut r.failover {
                         failover.point_id = point_id;
+                        failover.written = replaced;
                     }
                     r.pending = None;
                 })?;
@@ -2588,45 +2740,42 @@ fn undo_pending(item: &Item, state: ItemState, error: &str) {
     }
 }
 
-/// The files a job will write for `record` into `dir`.
-fn planned(
-    dir: &Path,
-    record: &ItemRecord,
-    point_id: u64,
-    format: Format,
-    created_dir: bool,
-) -> Materialized {
+/// The record of a job that writes `names` into `target`: its temporary files are what it
+/// wrote so far.
+fn planned(target: &Target, names: &[String], point_id: u64, format: Format) -> Materialized {
+    let dir = target.dir.path();
     Materialized {
         point_id,
         target_dir: dir.display().to_string(),
         format,
-        files: record
-            .disks
+        files: names
             .iter()
-            .map(|d| {
-                dir.join(format!("disk-{}.{}", d.index, format.output().extension()))
-                    .display()
-                    .to_string()
-            })
+            .map(|name| dir.join(name).display().to_string())
             .collect(),
-        created_dir,
+        created_dir: target.created_dir,
+        target_dir_id: Some(target.dir.id().into()),
+        written: target.written(),
     }
 }
 
-/// Removes materialized files (and their `.partial` leftovers), and the directory if the
-/// appliance created it and it is empty now.
+/// Removes what a job recorded it wrote (see `crate::target::remove_recorded`): files at the
+/// recorded names, the listed names and their `.partial` names, only where the identity is a
+/// recorded one; then the directory if the job created it and it is empty.
 fn remove_materialized(materialized: &Materialized) {
-    for file in &materialized.files {
-        for path in [file.clone(), format!("{file}.partial")] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => tracing::warn!(%path, %error, "could not remove"),
-            }
-        }
-    }
-    if materialized.created_dir {
-        let _ = std::fs::remove_dir(&materialized.target_dir);
+    let names: Vec<String> = materialized
+        .files
+        .iter()
+        .filter_map(|file| Path::new(file).file_name()?.to_str())
+        .flat_map(|name| [name.to_owned(), partial_name(name)])
+        .collect();
+    for left in crate::target::remove_recorded(
+        &materialized.target_dir,
+        materialized.target_dir_id,
+        &materialized.written,
+        &names,
+        materialized.created_dir,
+    ) {
+        tracing::warn!(target_dir = %materialized.target_dir, %left, "clean-up left something");
     }
 }
 

@@ -16,6 +16,8 @@
 //! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
 //! - [`replica`]: replica disks opened only after size and identity checks.
 //! - [`materialize`]: the disks at a recovery point as new raw images.
+//! - [`dirfd`]: files created through a directory handle, never through a symbolic link,
+//!   never over a name they did not create (materialize's outputs).
 //! - [`resync`]: delta resync by per-chunk hash comparison (hash lists, their wire encoding,
 //!   diff, local resync).
 //! - [`vhd`]: fixed VHD (Hyper-V / Azure) footer codec, writer, in-place conversion, the
@@ -27,6 +29,7 @@
 
 pub mod apply;
 pub mod delta;
+pub mod dirfd;
 pub mod durable;
 pub mod ingest;
 pub mod io;

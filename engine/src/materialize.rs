@@ -16,6 +16,7 @@
 //! newest tags are re-read for every chunk. The point is pinned so pruning waits.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 use crate::apply::{Pins, preserve_file_name};
 use crate::delta::{Consistency, DiskGeometry};
+use crate::dirfd::{Dir, DirError, with_suffix};
 use crate::durable::{DurableDir, DurableFile};
 use crate::meta::{ItemKey, MetaError, MetaStore, PointRecord};
 
@@ -107,6 +109,10 @@ pub enum MaterializeError {
         /// The path.
         path: std::path::PathBuf,
     },
+    /// Creating, renaming or removing an output file through its directory was refused or
+    /// failed (an existing name, a symbolic link, a file that is not the one created).
+    #[error(transparent)]
+    Dir(#[from] DirError),
 }
 
 /// The format of a materialized disk.
@@ -129,9 +135,8 @@ impl OutputFormat {
     }
 }
 
-/// [`materialize_disk`] into a new file at `path` in `format`. The image is built under a
-/// temporary name and renamed into place once complete and durable, so `path` is either
-/// absent or whole.
+/// [`materialize_disk`] into a new file at `path` in `format`: [`materialize_in_dir`] in
+/// `path`'s directory, opened as the system resolves it (a path an operator gave).
 pub fn materialize_to_path(
     source: &Source<'_>,
     point_id: u64,
@@ -141,51 +146,89 @@ pub fn materialize_to_path(
     format: OutputFormat,
     progress: &mut dyn FnMut(u64),
 ) -> Result<MaterializeStats, MaterializeError> {
-    if path.exists() {
+    let name = path.file_name().ok_or_else(|| DirError::BadName {
+        path: path.to_path_buf(),
+        why: "names no file",
+    })?;
+    let parent = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let dir = Dir::open(parent)?;
+    materialize_in_dir(
+        source, point_id, disk_index, replica, &dir, name, format, progress,
+    )
+}
+
+/// [`materialize_disk`] into the new file `name` of `dir` in `format`. The image is built in
+/// `<name>.partial`, created with `O_EXCL | O_NOFOLLOW` (never an existing name, never
+/// through a link), then renamed to `name` without replacing anything that has it
+/// (`RENAME_NOREPLACE`) and the directory synced, so `name` is either absent or whole. On an
+/// error the temporary file is removed if it is still the one created.
+#[allow(clippy::too_many_arguments)]
+pub fn materialize_in_dir(
+    source: &Source<'_>,
+    point_id: u64,
+    disk_index: u16,
+    replica: &dyn DiskReader,
+    dir: &Dir,
+    name: &OsStr,
+    format: OutputFormat,
+    progress: &mut dyn FnMut(u64),
+) -> Result<MaterializeStats, MaterializeError> {
+    if dir.entry_id(name)?.is_some() {
         return Err(MaterializeError::Exists {
-            path: path.to_path_buf(),
+            path: dir.path().join(name),
         });
     }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp_name);
-    let out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|source| MaterializeError::Write {
-            offset_bytes: 0,
-            source,
-        })?;
-    let result =
-        materialize_disk(source, point_id, disk_index, replica, &out, progress).and_then(|stats| {
-            drop(out);
-            if format == OutputFormat::FixedVhd {
-                crate::vhd::convert_raw_to_fixed_vhd(
-                    &tmp,
-                    &crate::vhd::VhdCreateOptions::generate(),
-                )?;
-            }
-            std::fs::rename(&tmp, path).map_err(|source| MaterializeError::Write {
-                offset_bytes: 0,
-                source,
-            })?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|source| MaterializeError::Write {
-                        offset_bytes: 0,
-                        source,
-                    })?;
-            }
-            Ok(stats)
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let tmp = with_suffix(name, ".partial");
+    let (out, id) = dir.create_new(&tmp)?;
+    let result = materialize_new_file(
+        source,
+        point_id,
+        disk_index,
+        replica,
+        &out,
+        &dir.path().join(&tmp),
+        format,
+        progress,
+    )
+    .and_then(|stats| {
+        drop(out);
+        dir.rename_new(&tmp, id, name)?;
+        dir.sync()?;
+        Ok(stats)
+    });
+    if result.is_err()
+        && let Err(error) = dir.remove_ours(&tmp, &[id])
+    {
+        tracing::warn!(%error, "could not remove a partial image");
     }
     result
+}
+
+/// [`materialize_disk`] into `out`, a new file open for reading and writing, then (for a
+/// fixed VHD) its footer: the whole image, durable. `path` only names it in errors.
+#[allow(clippy::too_many_arguments)]
+pub fn materialize_new_file(
+    source: &Source<'_>,
+    point_id: u64,
+    disk_index: u16,
+    replica: &dyn DiskReader,
+    out: &File,
+    path: &std::path::Path,
+    format: OutputFormat,
+    progress: &mut dyn FnMut(u64),
+) -> Result<MaterializeStats, MaterializeError> {
+    let stats = materialize_disk(source, point_id, disk_index, replica, out, progress)?;
+    if format == OutputFormat::FixedVhd {
+        crate::vhd::convert_open_raw_to_fixed_vhd(
+            out,
+            path,
+            &crate::vhd::VhdCreateOptions::generate(),
+        )?;
+    }
+    Ok(stats)
 }
 
 /// Starts the kernel's writeback of a materialized image window by window while the next
@@ -446,4 +489,231 @@ pub fn materialize_disk(
     }
     out.sync_all().map_err(write_err(disk.size_bytes))?;
     Ok(stats)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The output file's creation: never through a link planted at the final or the temporary
+    //! name, never over a file that appears at the final name while the image is written.
+    use super::*;
+    use crate::durable::StdDir;
+    use crate::meta::{PointOrigin, item_key};
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    use std::path::Path;
+
+    const DISK_BYTES: u64 = 3 << 20;
+
+    struct Rig {
+        _tmp: tempfile::TempDir,
+        root: std::path::PathBuf,
+        meta: MetaStore,
+        replica: Vec<u8>,
+        disks: Vec<DiskGeometry>,
+        preserve: Arc<dyn DurableDir>,
+    }
+
+    /// An item with one point (id 7) whose disk is `replica` (nothing preserved since).
+    fn rig() -> Rig {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let store = StdDir::open(&root.join("store")).unwrap();
+        let meta = MetaStore::open(store.open("meta.redb", true).unwrap()).unwrap();
+        let point = PointRecord {
+            point_id: 7,
+            consistency: Consistency::Crash,
+            origin: PointOrigin::Bookmark,
+            bookmark_id: 1,
+            source_timestamp_ns: 1,
+            processed_at_ns: 1,
+            label: "p".into(),
+        };
+        meta.checkpoint(item_key(&[1; 16]), 7, 7, Some(&point))
+            .unwrap();
+        let replica: Vec<u8> = (0..DISK_BYTES).map(|i| (i % 251) as u8).collect();
+        Rig {
+            _tmp: tmp,
+            preserve: Arc::new(StdDir::open(&root.join("preserve")).unwrap()),
+            root,
+            meta,
+            replica,
+            disks: vec![DiskGeometry {
+                size_bytes: DISK_BYTES,
+                block_size_bytes: 4096,
+            }],
+        }
+    }
+
+    impl Rig {
+        fn source(&self) -> Source<'_> {
+            Source {
+                meta: &self.meta,
+                item: item_key(&[1; 16]),
+                disks: &self.disks,
+                preserve_dir: self.preserve.clone(),
+                grain_bytes: 4096,
+                pins: crate::apply::Pins::default(),
+            }
+        }
+
+        /// A directory `out` and a file outside it that must never change.
+        fn dirs(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+            let out = self.root.join("out");
+            std::fs::create_dir(&out).unwrap();
+            let victim = self.root.join("victim");
+            std::fs::write(&victim, b"outside").unwrap();
+            (out, victim)
+        }
+
+        fn run(
+            &self,
+            path: &Path,
+            progress: &mut dyn FnMut(u64),
+        ) -> Result<MaterializeStats, MaterializeError> {
+            materialize_to_path(
+                &self.source(),
+                7,
+                0,
+                &self.replica,
+                path,
+                OutputFormat::Raw,
+                progress,
+            )
+        }
+    }
+
+    fn assert_exists_error(result: Result<MaterializeStats, MaterializeError>, name: &str) {
+        match result {
+            Err(MaterializeError::Exists { path })
+            | Err(MaterializeError::Dir(DirError::Exists { path }))
+                if path.ends_with(name) => {}
+            other => panic!("expected `{name} already exists`, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn writes_the_image_owner_only_and_leaves_no_temporary_file() {
+        let rig = rig();
+        let (out, _) = rig.dirs();
+        let stats = rig.run(&out.join("disk-0.raw"), &mut |_| {}).unwrap();
+        assert_eq!(stats.size_bytes, DISK_BYTES);
+        assert!(std::fs::read(out.join("disk-0.raw")).unwrap() == rig.replica);
+        let mode = std::fs::metadata(out.join("disk-0.raw"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            1,
+            "no .partial left"
+        );
+    }
+
+    #[test]
+    fn a_link_at_the_temporary_name_is_not_followed() {
+        let rig = rig();
+        let (out, victim) = rig.dirs();
+        symlink(&victim, out.join("disk-0.raw.partial")).unwrap();
+        let dangling = rig.root.join("made-through-a-link");
+        symlink(&dangling, out.join("disk-1.raw.partial")).unwrap();
+        assert_exists_error(
+            rig.run(&out.join("disk-0.raw"), &mut |_| {}),
+            "disk-0.raw.partial",
+        );
+        assert_exists_error(
+            rig.run(&out.join("disk-1.raw"), &mut |_| {}),
+            "disk-1.raw.partial",
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+        assert!(
+            !dangling.exists(),
+            "nothing created through the dangling link"
+        );
+        for name in ["disk-0.raw.partial", "disk-1.raw.partial"] {
+            assert!(
+                out.join(name).is_symlink(),
+                "{name} is still the planted link"
+            );
+        }
+        assert!(!out.join("disk-0.raw").exists() && !out.join("disk-1.raw").exists());
+    }
+
+    #[test]
+    fn a_link_at_the_final_name_is_not_followed_or_replaced() {
+        let rig = rig();
+        let (out, victim) = rig.dirs();
+        symlink(&victim, out.join("disk-0.raw")).unwrap();
+        let dangling = rig.root.join("made-through-a-link");
+        symlink(&dangling, out.join("disk-1.raw")).unwrap();
+        assert_exists_error(rig.run(&out.join("disk-0.raw"), &mut |_| {}), "disk-0.raw");
+        assert_exists_error(rig.run(&out.join("disk-1.raw"), &mut |_| {}), "disk-1.raw");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+        assert!(!dangling.exists());
+        assert!(out.join("disk-0.raw").is_symlink() && out.join("disk-1.raw").is_symlink());
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            2,
+            "no .partial left"
+        );
+    }
+
+    #[test]
+    fn a_file_that_appears_at_the_final_name_while_writing_is_not_replaced() {
+        let rig = rig();
+        let (out, victim) = rig.dirs();
+        let target = out.join("disk-0.raw");
+        let mut planted = false;
+        let result = rig.run(&target, &mut |_| {
+            if !planted {
+                planted = true;
+                std::fs::write(&target, b"appeared").unwrap();
+            }
+        });
+        assert!(planted);
+        assert_exists_error(result, "disk-0.raw");
+        assert_eq!(std::fs::read(&target).unwrap(), b"appeared");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+        assert!(
+            !out.join("disk-0.raw.partial").exists(),
+            "the temporary file removed"
+        );
+
+        // The same with a link appearing at the final name.
+        let second = out.join("disk-1.raw");
+        let mut linked = false;
+        let result = rig.run(&second, &mut |_| {
+            if !linked {
+                linked = true;
+                symlink(&victim, &second).unwrap();
+            }
+        });
+        assert_exists_error(result, "disk-1.raw");
+        assert!(second.is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+        assert!(!out.join("disk-1.raw.partial").exists());
+    }
+
+    #[test]
+    fn a_temporary_file_swapped_for_a_link_while_writing_is_neither_renamed_nor_removed() {
+        let rig = rig();
+        let (out, victim) = rig.dirs();
+        let partial = out.join("disk-0.raw.partial");
+        let mut swapped = false;
+        let result = rig.run(&out.join("disk-0.raw"), &mut |_| {
+            if !swapped {
+                swapped = true;
+                // Made first, so it cannot reuse the temporary file's inode number.
+                symlink(&victim, out.join("swap")).unwrap();
+                std::fs::rename(out.join("swap"), &partial).unwrap();
+            }
+        });
+        assert!(
+            matches!(result, Err(MaterializeError::Dir(DirError::NotOurs { .. }))),
+            "{result:?}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+        assert!(partial.is_symlink(), "the planted link is left alone");
+        assert!(!out.join("disk-0.raw").exists());
+    }
 }

@@ -835,13 +835,23 @@ pub fn convert_raw_to_fixed_vhd(
         .write(true)
         .open(path)
         .map_err(io_error("open", path))?;
-    let raw_size_bytes = file_len(&file, path)?;
+    convert_open_raw_to_fixed_vhd(&file, path, options)
+}
+
+/// [`convert_raw_to_fixed_vhd`] of a file already open for reading and writing (`path` only
+/// names it in errors): for a file created through a directory handle, never reopened by path.
+pub fn convert_open_raw_to_fixed_vhd(
+    file: &File,
+    path: &Path,
+    options: &VhdCreateOptions,
+) -> Result<FixedVhdInfo, VhdError> {
+    let raw_size_bytes = file_len(file, path)?;
     if raw_size_bytes == 0 {
         return Err(VhdError::EmptyImage {
             path: path.to_path_buf(),
         });
     }
-    if let Ok(info) = fixed_info_of_open_file(&file, path, raw_size_bytes) {
+    if let Ok(info) = fixed_info_of_open_file(file, path, raw_size_bytes) {
         return Err(VhdError::AlreadyVhd {
             path: path.to_path_buf(),
             virtual_size_bytes: info.virtual_size_bytes,
