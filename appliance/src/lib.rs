@@ -13,3 +13,4 @@ pub mod offline;
 pub mod runtime;
 pub mod slots;
 pub mod store;
+pub mod testhook;
