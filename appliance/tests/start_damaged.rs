@@ -137,7 +137,30 @@ fn setup(data: &Path) -> (Healthy, String) {
     );
     let victim = victim["item"]["id"].as_str().expect("an id").to_owned();
     server.stop();
+    for dir in ["items", "jobs", "slots"] {
+        assert!(owner_only(&data.join(dir)) > 0, "files in {dir}");
+    }
     (healthy, victim)
+}
+
+/// Every directory under `dir` is mode 0700 and every file 0600 (VM data: replicas,
+/// staging, preserve files, records, tokens). Returns the files seen.
+fn owner_only(dir: &Path) -> usize {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).expect("listing") {
+        let entry = entry.expect("an entry");
+        let meta = entry.metadata().expect("its metadata");
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", entry.path().display());
+            files += owner_only(&entry.path());
+        } else {
+            assert_eq!(mode, 0o600, "{}", entry.path().display());
+            files += 1;
+        }
+    }
+    files
 }
 
 fn items(server: &Server) -> Vec<Value> {
@@ -204,8 +227,14 @@ fn after_damage(damage: impl FnOnce(&Path, &str), check: impl FnOnce(&Server, Op
         assert!(!data.join("items").join(&victim).exists(), "purged");
     }
     server.stop();
-    // And once more: the next start is clean.
+    // And once more: the next start is clean (a disabled item is gone).
     let server = Server::start(&data, &[]);
+    assert!(
+        items(&server)
+            .iter()
+            .all(|i| i["id"] != victim.as_str() || i["state"] != "disabled"),
+        "a disabled item is purged"
+    );
     replicate(&server, &mut healthy, 3);
     fails_over_exactly(&server, &healthy, &data.join("tf-2"));
     check_slots(&server);
