@@ -1042,10 +1042,22 @@ impl Manager {
         }
         for job in self.jobs.running() {
             let view = job.view();
-            let state = parse_item_hex(&view.item)
+            let owner = parse_item_hex(&view.item)
                 .ok()
-                .and_then(|id| self.item(&id))
-                .map(|item| item.record().state);
+                .and_then(|id| self.item(&id));
+            let state = owner.as_ref().map(|item| item.record().state);
+            // The supervisor records `protected` and then ends the sync's job: a crash between
+            // the two writes leaves the job running with its item protected. The sync is done.
+            let synced = view.kind.is_replication()
+                && state == Some(ItemState::Protected)
+                && owner.is_some_and(|item| item.record().last_job == Some(view.id));
+            if synced {
+                if let Err(error) = job.succeed("synchronized; protected (recorded at restart)") {
+                    tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                        "recording a finished sync");
+                }
+                continue;
+            }
             let continues = view.kind.is_replication()
                 && matches!(
                     (view.kind, state),
