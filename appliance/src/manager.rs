@@ -920,6 +920,15 @@ impl Manager {
             };
             if bytes.is_none() && (found.enabling || matches!(found.header, Ok(None))) {
                 // Enable never wrote the record: nothing refers to what it made.
+                if let Some(created) = &found.enabling_creates {
+                    match std::fs::remove_file(created) {
+                        Ok(()) => tracing::warn!(item = %hex, path = %created.display(),
+                            "removed the temporary OS disk of an interrupted enable"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => tracing::error!(item = %hex, path = %created.display(),
+                            %error, "could not remove an interrupted enable's file"),
+                    }
+                }
                 match self.data.purge_item(&found.root) {
                     Ok(()) => tracing::warn!(item = %hex,
                         "rolled back an enable that a crash interrupted (no record)"),
@@ -1561,9 +1570,13 @@ impl Manager {
                 });
             }
             if let Some(path) = &temporary {
+                self.data.note_enabling(&dirs.root, path)?;
                 engine::vhd::create_temporary_os_disk(path)
                     .with_context(|| format!("creating {}", path.display()))?;
                 made.push(path.clone());
+                if let Some(parent) = path.parent() {
+                    crate::store::sync_dir(parent)?;
+                }
             }
             crate::store::sync_dir(&dirs.root.join("replicas"))?;
             crate::testhook::crash_point("enable:replicas");

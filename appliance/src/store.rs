@@ -163,6 +163,9 @@ pub struct FoundItem {
     pub header: Result<Option<StreamHeader>, String>,
     /// Enable's marker is present: enable had not written the record (yet).
     pub enabling: bool,
+    /// A file outside the item directory the marker says enable was creating (a temporary
+    /// OS disk), to be removed with the item on a rollback.
+    pub enabling_creates: Option<PathBuf>,
 }
 
 /// One item's directories.
@@ -280,6 +283,13 @@ impl DataDir {
         Ok(root)
     }
 
+    /// Records in enable's marker that enable is about to create `path` (outside the item
+    /// directory, with `create_new`), so that a rollback after a crash removes it too.
+    pub fn note_enabling(&self, root: &Path, path: &Path) -> anyhow::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        write_atomic(root, ENABLING_MARKER, path.as_os_str().as_bytes())
+    }
+
     /// Removes enable's marker once the item's record is written.
     pub fn end_enabling(&self, root: &Path) -> anyhow::Result<()> {
         match std::fs::remove_file(root.join(ENABLING_MARKER)) {
@@ -348,9 +358,15 @@ impl DataDir {
                 )),
                 other => other,
             };
+            let marker = std::fs::read(root.join(ENABLING_MARKER));
+            let enabling_creates = marker.as_ref().ok().filter(|m| !m.is_empty()).map(|m| {
+                use std::os::unix::ffi::OsStrExt;
+                PathBuf::from(std::ffi::OsStr::from_bytes(m))
+            });
             out.push(FoundItem {
                 id,
-                enabling: root.join(ENABLING_MARKER).exists(),
+                enabling: marker.is_ok(),
+                enabling_creates,
                 root,
                 header,
             });

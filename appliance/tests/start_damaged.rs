@@ -406,11 +406,30 @@ fn request_into_a_crash(server: &Server, body: &Value) {
 
 #[test]
 fn serve_killed_at_every_step_of_enable_restarts_with_the_item_whole_or_absent() {
-    let enable = json!({"name": "vm", "disks": [{"size_mib": 1}, {"size_mib": 2}]});
+    killed_in_enable(false);
+}
+
+/// The same with a temporary OS disk (re-protect style): a rollback removes it too.
+#[test]
+fn serve_killed_in_an_enable_with_a_temporary_os_disk_leaves_no_disk_behind() {
+    killed_in_enable(true);
+}
+
+fn killed_in_enable(temporary_os_disk: bool) {
     for (step, point) in appliance::testhook::ENABLE_POINTS.iter().enumerate() {
         let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temporary dir");
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).expect("creating the data directory");
+        let temporary = data.join("os-temporary.vhd");
+        let mut enable = json!({"name": "vm", "disks": [{"size_mib": 1}, {"size_mib": 2}]});
+        if temporary_os_disk {
+            enable["temporary_os_disk"] = json!(temporary);
+        }
+        let state = if temporary_os_disk {
+            "reprotecting"
+        } else {
+            "initial_replication"
+        };
         let mut server = Server::start_with_env(
             &data,
             "127.0.0.1:0",
@@ -433,7 +452,7 @@ fn serve_killed_at_every_step_of_enable_restarts_with_the_item_whole_or_absent()
         if committed {
             assert_eq!(listed.len(), 1, "{point}: the item is there: {listed:?}");
             let item = &listed[0];
-            assert_eq!(item["state"], "initial_replication", "{point}: {item}");
+            assert_eq!(item["state"], state, "{point}: {item}");
             assert_eq!(item["health"], "healthy", "{point}: {item}");
             let job = item["last_job"].as_u64().expect("a job");
             let job = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
@@ -462,6 +481,13 @@ fn serve_killed_at_every_step_of_enable_restarts_with_the_item_whole_or_absent()
                 "{point}: no job left running: {jobs}"
             );
         }
+        if temporary_os_disk {
+            assert_eq!(
+                temporary.exists(),
+                committed,
+                "{point}: the temporary OS disk exists exactly when the item does"
+            );
+        }
         check_slots(&server);
         let slots = server.expect("GET", "/v1/slots", None, 200);
         assert_eq!(
@@ -470,7 +496,10 @@ fn serve_killed_at_every_step_of_enable_restarts_with_the_item_whole_or_absent()
             "{point}: {slots}"
         );
         // Enabling again works.
-        server.expect("POST", "/v1/items", Some(enable.clone()), 201);
+        if committed && temporary_os_disk {
+            enable["temporary_os_disk"] = json!(data.join("os-again.vhd"));
+        }
+        server.expect("POST", "/v1/items", Some(enable), 201);
         check_slots(&server);
         server.stop();
     }
