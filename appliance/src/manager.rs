@@ -24,6 +24,11 @@
 //! - **Transient states never survive a restart.** An item found in `failing_over`,
 //!   `failing_back` or a `test_failover` without a result is returned to the state before,
 //!   its partial files removed, and its job failed with the reason.
+//! - **Start-up never stops on one item.** An item directory a crash during enable left (the
+//!   `enabling` marker, or no header, and no record) is rolled back; an item whose record or
+//!   header is damaged, or whose recovery fails, is quarantined (state `quarantined` in
+//!   memory only, never written; its slots kept; only disable allowed); see
+//!   `docs/design/control-api.md`, "Restart and quarantine".
 
 use std::collections::BTreeMap;
 use std::fs::File;
