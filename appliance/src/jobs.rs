@@ -2,8 +2,16 @@
 //! failover, change point, failback, resync), with progress, persisted in `DATA_DIR/jobs/`.
 //!
 //! Invariants:
-//! - a job's id is unique for the data directory's life (the next id is one more than the
-//!   highest id found at start);
+//! - a job's id is unique for the data directory's life: the next id is one more than the
+//!   highest id found at start, among readable *and* damaged job files, and ids never wrap
+//!   (a create beyond [`MAX_JOB_ID`] is refused);
+//! - a job file is loaded only if its name is `<id>.json` with `id` in 1..=[`MAX_JOB_ID`],
+//!   its content is a job with that id, a valid item id and a percent of at most 100; any
+//!   other file is reported ([`Jobs::damaged`]) and left in place for the operator, and the
+//!   rest of the table loads;
+//! - a job counts as running (for [`Jobs::running_work`], which a graceful stop waits on)
+//!   until its final state is durable: the end is decided in memory, written, and only then
+//!   shown as ended;
 //! - every change of a job's *state* (created, succeeded, failed) is written with
 //!   write-temp, fsync, rename, fsync-dir before the call returns, so after a crash a job is
 //!   found in the last state it was reported in; percent and message changes are in memory
@@ -12,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use anyhow::Context;
@@ -22,6 +31,17 @@ use crate::store::write_atomic;
 
 /// Finished jobs kept (in memory and on disk).
 pub const MAX_KEPT_JOBS: usize = 1000;
+/// The largest job id (2^53 - 1: every id is exact in a JSON number).
+pub const MAX_JOB_ID: u64 = (1 << 53) - 1;
+
+/// A job file that could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedJob {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
+}
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -119,6 +139,8 @@ pub struct JobView {
 #[derive(Debug)]
 pub struct Job {
     view: Mutex<JobView>,
+    /// Set by the first `finish`: the end is decided, its record being written.
+    finishing: AtomicBool,
     table: Arc<Inner>,
     /// The target directory (device, inode) the job owns while it runs (memory only: after a
     /// restart no file-changing job runs).
@@ -172,23 +194,29 @@ impl Job {
         message: String,
         error: Option<String>,
     ) -> anyhow::Result<()> {
-        let view = {
-            let mut view = self.lock();
-            if view.state != JobState::Running {
+        let ended = {
+            let view = self.lock();
+            if view.state != JobState::Running || self.finishing.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
-            view.state = state;
+            let mut ended = view.clone();
+            ended.state = state;
             if state == JobState::Succeeded {
-                view.percent = 100;
+                ended.percent = 100;
             }
-            view.message = message;
-            view.error = error;
-            view.finished_ns = Some(crate::store::now_ns());
-            view.clone()
+            ended.message = message;
+            ended.error = error;
+            ended.finished_ns = Some(crate::store::now_ns());
+            ended
         };
-        self.table.persist(&view)?;
+        crate::testhook::pause_point(&format!("job:finish:{}", ended.kind.name()));
+        // Shown as ended only once the record is written (or its write failed: then a restart
+        // finds it running and fails it as interrupted), so a graceful stop that waits for
+        // running jobs also waits for this write.
+        let persisted = self.table.persist(&ended);
+        *self.lock() = ended;
         self.table.trim();
-        Ok(())
+        persisted
     }
 }
 
@@ -196,6 +224,10 @@ impl Job {
 struct Inner {
     dir: PathBuf,
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
+    /// The next id (changed under the `jobs` lock).
+    next_id: AtomicU64,
+    /// Job files that could not be loaded at open.
+    damaged: Vec<DamagedJob>,
 }
 
 impl Inner {
@@ -234,41 +266,59 @@ impl Inner {
 pub struct Jobs(Arc<Inner>);
 
 impl Jobs {
-    /// Loads `dir` (created if missing). Unreadable job files are reported and skipped.
+    /// Loads `dir` (created if missing). A job file that cannot be loaded is reported (see
+    /// [`Jobs::damaged`]) and skipped; its id is never given to a new job.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let inner = Arc::new(Inner {
-            dir: dir.to_path_buf(),
-            jobs: Mutex::new(BTreeMap::new()),
-        });
-        let mut jobs = BTreeMap::new();
+        crate::store::create_private_dir(dir)?;
+        let mut views = Vec::new();
+        let mut damaged = Vec::new();
+        let mut highest = 0u64;
         for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
             let path = entry?.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let loaded = std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|bytes| Ok(serde_json::from_slice::<JobView>(&bytes)?));
-            match loaded {
-                Ok(view) => {
-                    jobs.insert(
-                        view.id,
-                        Arc::new(Job {
-                            view: Mutex::new(view),
-                            table: inner.clone(),
-                            target_dir: OnceLock::new(),
-                        }),
-                    );
-                }
-                Err(error) => {
-                    tracing::error!(path = %path.display(), error = %format!("{error:#}"),
-                        "unreadable job file: skipped")
+            let id = path
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u64>().ok());
+            if let Some(id) = id.filter(|id| *id <= MAX_JOB_ID) {
+                highest = highest.max(id);
+            }
+            match load_job(&path, id) {
+                Ok(view) => views.push(view),
+                Err(reason) => {
+                    tracing::error!(path = %path.display(), %reason,
+                        "damaged job file: skipped (left in place; its id is not reused)");
+                    damaged.push(DamagedJob { path, reason });
                 }
             }
         }
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            jobs: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(highest + 1),
+            damaged,
+        });
+        let jobs = views
+            .into_iter()
+            .map(|view| {
+                let job = Arc::new(Job {
+                    view: Mutex::new(view),
+                    finishing: AtomicBool::new(false),
+                    table: inner.clone(),
+                    target_dir: OnceLock::new(),
+                });
+                (job.id(), job)
+            })
+            .collect();
         *inner.lock() = jobs;
         Ok(Self(inner))
+    }
+
+    /// The job files that could not be loaded at open.
+    pub fn damaged(&self) -> &[DamagedJob] {
+        &self.0.damaged
     }
 
     /// Creates a running job (durably).
@@ -279,7 +329,10 @@ impl Jobs {
         message: impl Into<String>,
     ) -> anyhow::Result<Arc<Job>> {
         let mut jobs = self.0.lock();
-        let id = jobs.keys().next_back().map_or(1, |last| last + 1);
+        let id = self.0.next_id.load(Ordering::Acquire);
+        if id > MAX_JOB_ID {
+            anyhow::bail!("job ids are used up (the largest is {MAX_JOB_ID}); no job was created");
+        }
         let view = JobView {
             id,
             kind,
@@ -292,8 +345,10 @@ impl Jobs {
             finished_ns: None,
         };
         self.0.persist(&view)?;
+        self.0.next_id.store(id + 1, Ordering::Release);
         let job = Arc::new(Job {
             view: Mutex::new(view),
+            finishing: AtomicBool::new(false),
             table: self.0.clone(),
             target_dir: OnceLock::new(),
         });
@@ -344,6 +399,24 @@ impl Jobs {
     }
 }
 
+/// Reads and checks one job file; `id` is the number its name carries, if any.
+fn load_job(path: &Path, id: Option<u64>) -> Result<JobView, String> {
+    let id = id
+        .filter(|id| (1..=MAX_JOB_ID).contains(id))
+        .ok_or_else(|| format!("its name is not <job id 1..={MAX_JOB_ID}>.json"))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let view: JobView =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a job record: {e}"))?;
+    if view.id != id {
+        return Err(format!("it records job id {}, its name says {id}", view.id));
+    }
+    if view.percent > 100 {
+        return Err(format!("percent {} is above 100", view.percent));
+    }
+    crate::store::parse_item_hex(&view.item).map_err(|e| format!("{e:#}"))?;
+    Ok(view)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,9 +425,9 @@ mod tests {
     fn jobs_persist_their_state_and_ids_keep_growing() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Jobs::open(dir.path()).unwrap();
-        let a = jobs.create(JobKind::Failover, "aa", "starting").unwrap();
+        let a = jobs.create(JobKind::Failover, ITEM_A, "starting").unwrap();
         let b = jobs
-            .create(JobKind::InitialReplication, "bb", "waiting")
+            .create(JobKind::InitialReplication, ITEM_B, "waiting")
             .unwrap();
         assert_eq!((a.id(), b.id()), (1, 2));
         a.progress(150, "writing");
@@ -370,15 +443,21 @@ mod tests {
         assert_eq!(list[0].state, JobState::Failed);
         assert_eq!(list[0].error.as_deref(), Some("disk gone"));
         assert_eq!((list[1].state, list[1].percent), (JobState::Succeeded, 100));
-        assert_eq!(reopened.create(JobKind::Resync, "cc", "").unwrap().id(), 3);
+        assert_eq!(
+            reopened.create(JobKind::Resync, ITEM_A, "").unwrap().id(),
+            3
+        );
     }
+
+    const ITEM_A: &str = "000102030405060708090a0b0c0d0e0f";
+    const ITEM_B: &str = "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
 
     #[test]
     fn a_job_owns_its_target_directory_until_it_ends() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Jobs::open(dir.path()).unwrap();
-        let a = jobs.create(JobKind::TestFailover, "aa", "").unwrap();
-        let b = jobs.create(JobKind::Failover, "bb", "").unwrap();
+        let a = jobs.create(JobKind::TestFailover, ITEM_A, "").unwrap();
+        let b = jobs.create(JobKind::Failover, ITEM_B, "").unwrap();
         a.hold_target_dir(1, 10);
         b.hold_target_dir(1, 11);
         assert_eq!(jobs.target_dir_holder(1, 10).map(|v| v.id), Some(a.id()));
@@ -392,10 +471,74 @@ mod tests {
     }
 
     #[test]
-    fn a_garbage_job_file_is_skipped_not_fatal() {
+    fn a_garbage_job_file_is_skipped_not_fatal_and_its_id_is_not_reused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("7.json"), b"{not json").unwrap();
         let jobs = Jobs::open(dir.path()).unwrap();
         assert!(jobs.list().is_empty());
+        assert_eq!(jobs.damaged().len(), 1);
+        assert!(jobs.damaged()[0].reason.contains("not a job record"));
+        assert_eq!(jobs.create(JobKind::Resync, ITEM_A, "").unwrap().id(), 8);
+    }
+
+    /// A job file whose id is the largest u64 made the next id wrap to 0 (and a debug build
+    /// panic): ids read from disk are checked, and creating past the largest id is refused.
+    #[test]
+    fn job_ids_from_disk_are_checked_and_never_wrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        let job = jobs.create(JobKind::Failover, ITEM_A, "x").unwrap();
+        drop(jobs);
+        let good = std::fs::read_to_string(dir.path().join("1.json")).unwrap();
+        let max = u64::MAX.to_string();
+        std::fs::write(
+            dir.path().join(format!("{max}.json")),
+            good.replace("\"id\": 1,", &format!("\"id\": {max},")),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("5.json"),
+            good.replace("\"id\": 1,", "\"id\": 6,"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("0.json"),
+            good.replace("\"id\": 1,", "\"id\": 0,"),
+        )
+        .unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        let reasons: Vec<&str> = jobs.damaged().iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains("records job id 6")),
+            "{reasons:?}"
+        );
+        assert_eq!(jobs.list().len(), 1);
+        assert_eq!(jobs.list()[0].id, job.id());
+        assert_eq!(jobs.create(JobKind::Resync, ITEM_A, "").unwrap().id(), 6);
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(format!("{MAX_JOB_ID}.json")),
+            good.replace("\"id\": 1,", &format!("\"id\": {MAX_JOB_ID},")),
+        )
+        .unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        assert!(jobs.damaged().is_empty());
+        let refused = jobs.create(JobKind::Resync, ITEM_A, "").unwrap_err();
+        assert!(format!("{refused}").contains("used up"), "{refused}");
+    }
+
+    /// A job shows as ended only once its end is durable.
+    #[test]
+    fn a_job_counts_as_running_until_its_end_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path()).unwrap();
+        let job = jobs.create(JobKind::Failover, ITEM_A, "x").unwrap();
+        // The write of the end fails (its directory is gone): the job still ends in memory.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert!(job.fail("boom").is_err());
+        assert_eq!(job.view().state, JobState::Failed);
+        assert_eq!(jobs.running_work(), 0);
     }
 }

@@ -14,3 +14,4 @@ pub mod runtime;
 pub mod slots;
 pub mod store;
 pub mod target;
+pub mod testhook;

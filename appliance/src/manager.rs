@@ -24,6 +24,11 @@
 //! - **Transient states never survive a restart.** An item found in `failing_over`,
 //!   `failing_back` or a `test_failover` without a result is returned to the state before,
 //!   its partial files removed, and its job failed with the reason.
+//! - **Start-up never stops on one item.** An item directory a crash during enable left (the
+//!   `enabling` marker, or no header, and no record) is rolled back; an item whose record or
+//!   header is damaged, or whose recovery fails, is quarantined (state `quarantined` in
+//!   memory only, never written; its slots kept; only disable allowed); see
+//!   `docs/design/control-api.md`, "Restart and quarantine".
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -104,6 +109,9 @@ pub enum ItemState {
     FailedBack,
     /// Protection disabled.
     Disabled,
+    /// Found damaged at start (its record, header or files): not served, its slots kept;
+    /// see the item's `quarantine` for why and what to do. Never written to a record.
+    Quarantined,
 }
 
 impl ItemState {
@@ -122,6 +130,7 @@ impl ItemState {
             Self::FailingBack => "failing_back",
             Self::FailedBack => "failed_back",
             Self::Disabled => "disabled",
+            Self::Quarantined => "quarantined",
         }
     }
 
@@ -281,6 +290,17 @@ pub struct Materialized {
     pub written: Vec<WrittenFile>,
 }
 
+/// Why an item was quarantined at start, and what the operator can do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Quarantine {
+    /// What is damaged, naming the file.
+    pub reason: String,
+    /// What the operator should do.
+    pub action: String,
+    /// The state its record held, when the record could be read.
+    pub recorded_state: Option<ItemState>,
+}
+
 /// An item's durable record (`item.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemRecord {
@@ -342,7 +362,7 @@ impl ItemRecord {
             S::TestFailover | S::FailingOver | S::FailingBack | S::Disabled => vec![],
             S::FailedOver => vec![Op::ChangePoint, Op::Commit, Op::Disable],
             S::Committed => vec![Op::Reprotect, Op::Disable],
-            S::Reprotected | S::FailedBack => vec![Op::Disable],
+            S::Reprotected | S::FailedBack | S::Quarantined => vec![Op::Disable],
         }
     }
 
@@ -647,6 +667,8 @@ pub struct ItemView {
     pub last_job: Option<u64>,
     /// The last job's error.
     pub last_error: Option<String>,
+    /// Why the item is quarantined (state `quarantined`) and what to do.
+    pub quarantine: Option<Quarantine>,
 }
 
 /// What enable and re-protect return.
@@ -715,9 +737,48 @@ struct Item {
     pausing: AtomicBool,
     /// The supervisor's last failure on this item (logged once until it changes).
     tick_error: Mutex<Option<String>>,
+    /// Set when the item was found damaged at start (its record's state is then
+    /// `Quarantined` in memory).
+    quarantine: Mutex<Option<Quarantine>>,
 }
 
 impl Item {
+    fn new(id: [u8; 16], dirs: ItemDirs, token: Vec<u8>, record: ItemRecord) -> Self {
+        Self {
+            id,
+            hex: item_hex(&id),
+            dirs,
+            token,
+            record: Mutex::new(record),
+            repl: Mutex::new(None),
+            status: Mutex::new(None),
+            busy: Arc::new(AtomicBool::new(false)),
+            pausing: AtomicBool::new(false),
+            tick_error: Mutex::new(None),
+            quarantine: Mutex::new(None),
+        }
+    }
+
+    fn quarantine(&self) -> Option<Quarantine> {
+        lock(&self.quarantine).clone()
+    }
+
+    /// Quarantines the item (memory only: the record keeps what it says).
+    fn quarantine_now(&self, reason: String, action: &str) {
+        let mut record = self.record();
+        let recorded_state = match lock(&self.quarantine).as_ref() {
+            Some(earlier) => earlier.recorded_state,
+            None => Some(record.state),
+        };
+        tracing::error!(item = %self.hex, %reason, "item quarantined: not served");
+        record.state = ItemState::Quarantined;
+        *lock(&self.quarantine) = Some(Quarantine {
+            reason,
+            action: action.replace("{id}", &self.hex),
+            recorded_state,
+        });
+    }
+
     fn record(&self) -> MutexGuard<'_, ItemRecord> {
         self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -808,10 +869,29 @@ impl Manager {
         }
         let meta = data.meta()?;
         let slot_dir = root.join("slots");
-        std::fs::create_dir_all(&slot_dir)
-            .with_context(|| format!("creating {}", slot_dir.display()))?;
-        let slots = SlotTable::open(Arc::new(StdDir::open(&slot_dir)?), options.slot_count)
-            .context("opening the slot table")?;
+        crate::store::create_private_dir(&slot_dir)?;
+        let slot_store = Arc::new(StdDir::open(&slot_dir)?);
+        let slots = match SlotTable::open(slot_store.clone(), options.slot_count) {
+            Err(SlotError::Corrupt { reason }) => {
+                // Neither page can be trusted: keep them for the operator and rebuild the table
+                // from the item records (reconcile_slots gives every disk a slot), rather than
+                // refusing to start.
+                let suffix = format!("damaged-{}", now_ns());
+                for name in crate::slots::PAGE_FILE_NAMES {
+                    let from = slot_dir.join(name);
+                    let to = slot_dir.join(format!("{name}.{suffix}"));
+                    if let Err(error) = std::fs::rename(&from, &to) {
+                        tracing::warn!(path = %from.display(), %error, "could not move aside");
+                    }
+                }
+                crate::store::sync_dir(&slot_dir)?;
+                tracing::error!(%reason, kept = %format!("{}/*.{suffix}", slot_dir.display()),
+                    "slot table damaged: rebuilt from the item records (LUNs may change)");
+                SlotTable::open(slot_store, options.slot_count)
+            }
+            other => other,
+        }
+        .context("opening the slot table")?;
         let jobs = Jobs::open(&root.join("jobs"))?;
         let manager = Arc::new(Self {
             data,
@@ -834,50 +914,118 @@ impl Manager {
         Ok(manager)
     }
 
+    /// Loads every item directory. A directory that a crash during enable left (the
+    /// `enabling` marker or no header, and no record) is rolled back; one whose record or
+    /// header cannot be read or disagree is quarantined; only an error listing `items/` itself
+    /// stops the start.
     fn load_items(&self) -> anyhow::Result<()> {
+        let attached: Vec<(ItemId, u32, PathBuf)> = lock(&self.slots)
+            .table()
+            .into_iter()
+            .filter_map(|row| match row.state {
+                SlotState::Attached {
+                    item,
+                    disk_index,
+                    path,
+                } => Some((item, disk_index, path)),
+                _ => None,
+            })
+            .collect();
         let mut items = lock(&self.items);
-        for dirs in self.data.items()? {
-            let hex = item_hex(&dirs.header.item_id);
-            let path = dirs.root.join(RECORD_FILE);
+        for found in self.data.found_items()? {
+            let hex = item_hex(&found.id);
+            let path = found.root.join(RECORD_FILE);
             let bytes = match std::fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    tracing::info!(item = %hex, "no item.json (an `ingest` item): not served");
-                    continue;
+                Ok(bytes) => Some(Ok(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => Some(Err(format!("{}: cannot read: {e}", path.display()))),
+            };
+            if bytes.is_none() && (found.enabling || matches!(found.header, Ok(None))) {
+                // Enable never wrote the record: nothing refers to what it made.
+                if let Some(created) = &found.enabling_creates {
+                    match std::fs::remove_file(created) {
+                        Ok(()) => tracing::warn!(item = %hex, path = %created.display(),
+                            "removed the temporary OS disk of an interrupted enable"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => tracing::error!(item = %hex, path = %created.display(),
+                            %error, "could not remove an interrupted enable's file"),
+                    }
                 }
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+                match self.data.purge_item(&found.root) {
+                    Ok(()) => tracing::warn!(item = %hex,
+                        "rolled back an enable that a crash interrupted (no record)"),
+                    Err(error) => tracing::error!(item = %hex,
+                        error = %crate::store::describe(&error),
+                        "could not roll back an interrupted enable (retried at the next start)"),
+                }
+                continue;
+            }
+            let header = found.header.clone();
+            let Some(bytes) = bytes else {
+                match header {
+                    Ok(_) => {
+                        tracing::info!(item = %hex, "no item.json (an `ingest` item): not served")
+                    }
+                    Err(reason) => tracing::error!(item = %hex, %reason,
+                        "a damaged item directory without a record: not served"),
+                }
+                continue;
             };
-            let record: ItemRecord = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{}: not an item record", path.display()))?;
-            let token = match std::fs::read(dirs.root.join(TOKEN_FILE)) {
-                Ok(token) => token,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(e).context(format!("item {hex}: reading its token")),
+            if found.enabling
+                && let Err(error) = self.data.end_enabling(&found.root)
+            {
+                tracing::warn!(item = %hex, error = %crate::store::describe(&error),
+                    "removing the enable marker");
+            }
+            let record = bytes.and_then(|bytes| {
+                serde_json::from_slice::<ItemRecord>(&bytes)
+                    .map_err(|e| format!("{}: not an item record: {e}", path.display()))
+            });
+            let token = match std::fs::read(found.root.join(TOKEN_FILE)) {
+                Ok(token) => Ok(token),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(format!("{}/{TOKEN_FILE}: cannot read: {e}", hex)),
             };
-            items.insert(
-                dirs.header.item_id,
-                Arc::new(Item {
-                    id: dirs.header.item_id,
-                    hex,
-                    dirs,
-                    token,
-                    record: Mutex::new(record),
-                    repl: Mutex::new(None),
-                    status: Mutex::new(None),
-                    busy: Arc::new(AtomicBool::new(false)),
-                    pausing: AtomicBool::new(false),
-                    tick_error: Mutex::new(None),
-                }),
-            );
+            let problem = match (&record, &header, &token) {
+                (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => Some(why.clone()),
+                (Ok(record), Ok(header), _) => check_record(&hex, record, header.as_ref()).err(),
+            };
+            let placeholder = StreamHeader {
+                item_id: found.id,
+                item_name: String::new(),
+                first_seq: 1,
+                disks: Vec::new(),
+            };
+            let dirs = ItemDirs {
+                root: found.root.clone(),
+                header: header.clone().ok().flatten().unwrap_or(placeholder),
+            };
+            let Some(reason) = problem else {
+                let (Ok(record), Ok(token)) = (record, token) else {
+                    continue;
+                };
+                items.insert(found.id, Arc::new(Item::new(found.id, dirs, token, record)));
+                continue;
+            };
+            let record = record.unwrap_or_else(|_| {
+                stand_in_record(&hex, &found.root, header.ok().flatten().as_ref(), &attached)
+            });
+            let item = Item::new(found.id, dirs, Vec::new(), record);
+            item.quarantine_now(reason, QUARANTINE_ACTION);
+            items.insert(found.id, Arc::new(item));
         }
         Ok(())
     }
 
-    /// Undoes what a crash interrupted (see the module's invariants).
+    /// Undoes what a crash interrupted (see the module's invariants). A failure on one item
+    /// quarantines that item; the others are recovered.
     fn recover(&self) -> anyhow::Result<()> {
         const INTERRUPTED: &str = "interrupted by an appliance restart";
         for item in self.all_items() {
             let record = item.record().clone();
+            if record.state == ItemState::Quarantined {
+                continue;
+            }
             let back_to = match record.state {
                 ItemState::TestFailover if record.test_failover.is_none() => {
                     Some(ItemState::Protected)
@@ -892,22 +1040,55 @@ impl Manager {
                 }
                 tracing::warn!(item = %item.hex, from = record.state.name(), to = state.name(),
                     "an interrupted job's state undone");
-                item.update(|r| {
+                if let Err(error) = item.update(|r| {
                     r.state = state;
                     r.pending = None;
                     r.last_error = Some(format!("{} job {INTERRUPTED}", record.state.name()));
-                })?;
+                }) {
+                    item.quarantine_now(
+                        format!(
+                            "undoing its interrupted {} job failed: {}",
+                            record.state.name(),
+                            crate::store::describe(&error)
+                        ),
+                        QUARANTINE_ACTION,
+                    );
+                    continue;
+                }
             }
             if matches!(record.state, ItemState::Disabled | ItemState::FailedBack) {
-                self.remove_item_data(&item)?;
+                let cleaned = self.remove_item_data(&item).and_then(|()| {
+                    if record.state == ItemState::Disabled {
+                        self.data.purge_item(&item.dirs.root)?;
+                        lock(&self.items).remove(&item.id);
+                    }
+                    Ok(())
+                });
+                if let Err(error) = cleaned {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
+                        "clean-up of a {} item failed (retried at the next start)",
+                        record.state.name());
+                }
             }
         }
         for job in self.jobs.running() {
             let view = job.view();
-            let state = parse_item_hex(&view.item)
+            let owner = parse_item_hex(&view.item)
                 .ok()
-                .and_then(|id| self.item(&id))
-                .map(|item| item.record().state);
+                .and_then(|id| self.item(&id));
+            let state = owner.as_ref().map(|item| item.record().state);
+            // The supervisor records `protected` and then ends the sync's job: a crash between
+            // the two writes leaves the job running with its item protected. The sync is done.
+            let synced = view.kind.is_replication()
+                && state == Some(ItemState::Protected)
+                && owner.is_some_and(|item| item.record().last_job == Some(view.id));
+            if synced {
+                if let Err(error) = job.succeed("synchronized; protected (recorded at restart)") {
+                    tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                        "recording a finished sync");
+                }
+                continue;
+            }
             let continues = view.kind.is_replication()
                 && matches!(
                     (view.kind, state),
@@ -917,17 +1098,48 @@ impl Manager {
                     ) | (JobKind::Reprotect, Some(ItemState::Reprotecting))
                         | (JobKind::Resync, Some(ItemState::Resyncing))
                 );
-            if !continues {
-                job.fail(format!(
+            if !continues
+                && let Err(error) = job.fail(format!(
                     "{INTERRUPTED} (item then {})",
                     state.map_or("gone", ItemState::name)
-                ))?;
+                ))
+            {
+                tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                    "recording an interrupted job");
+            }
+        }
+        // A replicating item whose job file was damaged (or lost) gets a new job: the
+        // supervisor ends the sync through it.
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let kind = match record.state {
+                ItemState::InitialReplication => JobKind::InitialReplication,
+                ItemState::Reprotecting => JobKind::Reprotect,
+                ItemState::Resyncing => JobKind::Resync,
+                _ => continue,
+            };
+            if record.last_job.and_then(|id| self.jobs.get(id)).is_some() {
+                continue;
+            }
+            let replaced = self
+                .jobs
+                .create(
+                    kind,
+                    &item.hex,
+                    "its job's record was unreadable at start: this job replaces it",
+                )
+                .and_then(|job| item.update(|r| r.last_job = Some(job.id())));
+            if let Err(error) = replaced {
+                tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
+                    "could not replace the item's lost job");
             }
         }
         Ok(())
     }
 
-    /// Makes the slot table agree with the records.
+    /// Makes the slot table agree with the records. A quarantined item keeps the slots the
+    /// table gives it (never handed to another item) and gets none; a failure to attach one
+    /// item's disks is recorded on that item.
     fn reconcile_slots(&self) -> anyhow::Result<()> {
         let items = self.all_items();
         let mut slots = lock(&self.slots);
@@ -938,19 +1150,25 @@ impl Manager {
                 SlotState::Attached { item, .. } => Some(item),
                 _ => None,
             })
+            .collect::<std::collections::BTreeSet<ItemId>>()
+            .into_iter()
             .collect();
         for owner in owners {
             let keep = items
                 .iter()
                 .any(|item| item.id == owner.0 && item.record().state.holds_slots());
             if !keep {
-                let luns = slots.release_item(owner)?;
-                tracing::warn!(item = %owner, ?luns, "released slots of an item that holds none");
+                match slots.release_item(owner) {
+                    Ok(luns) => tracing::warn!(item = %owner, ?luns,
+                        "released slots of an item that holds none"),
+                    Err(error) => tracing::error!(item = %owner, %error,
+                        "could not release the slots of an item that holds none"),
+                }
             }
         }
         for item in &items {
             let record = item.record().clone();
-            if !record.state.holds_slots() {
+            if !record.state.holds_slots() || record.state == ItemState::Quarantined {
                 continue;
             }
             let missing: Vec<&DiskRecord> = record
@@ -980,23 +1198,31 @@ impl Manager {
                     "slots re-attached for disks whose attach a crash interrupted"),
                 Err(error) => {
                     tracing::error!(item = %item.hex, %error, "cannot give the item's disks slots");
-                    item.update(|r| r.last_error = Some(format!("slots: {error}")))?;
+                    if let Err(e) = item.update(|r| r.last_error = Some(format!("slots: {error}")))
+                    {
+                        tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                            "recording the slot failure");
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Starts replication of every replicating item and the supervisor thread.
+    /// Starts replication of every replicating item and the supervisor thread. An item whose
+    /// replication cannot start keeps the reason in `last_error`; the others start.
     pub fn start(self: &Arc<Self>, port: PortHandle) -> anyhow::Result<()> {
         let _ = self.port.set(port);
         for item in self.all_items() {
             if item.record().state.replicating()
                 && let Err(error) = self.start_replication(&item)
             {
-                tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
-                    "cannot start replication");
-                item.update(|r| r.last_error = Some(crate::store::describe(&error)))?;
+                let message = crate::store::describe(&error);
+                tracing::error!(item = %item.hex, error = %message, "cannot start replication");
+                if let Err(e) = item.update(|r| r.last_error = Some(message.clone())) {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                        "recording why replication did not start");
+                }
             }
         }
         let manager = Arc::downgrade(self);
@@ -1348,19 +1574,22 @@ impl Manager {
                 }
                 other => OpError::Io(format!("slot table: {other}")),
             })?;
-        // From here on a failure undoes what was made.
+        crate::testhook::crash_point("enable:reserved");
+        // From here on a failure undoes what was made. A crash before the record is written
+        // leaves the `enabling` marker: the next start rolls the item back.
         let mut made: Vec<PathBuf> = Vec::new();
         let built = (|| -> anyhow::Result<(Arc<Item>, String, Arc<Job>)> {
+            made.push(self.data.begin_item(&item_id)?);
+            crate::testhook::crash_point("enable:item-dir");
             let dirs = self.data.item_for(&header)?;
-            made.push(dirs.root.clone());
+            crate::testhook::crash_point("enable:header");
             let mut disks = Vec::new();
             for (index, (geometry, attach)) in planned.iter().enumerate() {
                 let (path, origin) = match attach {
                     Some(path) => (path.clone(), DiskOrigin::Attached),
                     None => {
                         let path = dirs.replica_path(index);
-                        let file = File::create(&path)
-                            .with_context(|| format!("creating {}", path.display()))?;
+                        let file = crate::store::create_private_file(&path)?;
                         file.set_len(geometry.size_bytes)?;
                         file.sync_all()?;
                         (path, DiskOrigin::Created)
@@ -1375,12 +1604,19 @@ impl Manager {
                 });
             }
             if let Some(path) = &temporary {
+                self.data.note_enabling(&dirs.root, path)?;
                 engine::vhd::create_temporary_os_disk(path)
                     .with_context(|| format!("creating {}", path.display()))?;
                 made.push(path.clone());
+                if let Some(parent) = path.parent() {
+                    crate::store::sync_dir(parent)?;
+                }
             }
+            crate::store::sync_dir(&dirs.root.join("replicas"))?;
+            crate::testhook::crash_point("enable:replicas");
             let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
             crate::store::write_secret(&dirs.root, TOKEN_FILE, token.as_bytes())?;
+            crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();
             let (state, kind) = if reverse {
                 (ItemState::Reprotecting, JobKind::Reprotect)
@@ -1392,6 +1628,7 @@ impl Manager {
                 &hex,
                 "waiting for the agent's first full copy and first recovery point",
             )?;
+            crate::testhook::crash_point("enable:job");
             let now = now_ns();
             let record = ItemRecord {
                 version: 1,
@@ -1417,23 +1654,23 @@ impl Manager {
                 created_ns: now,
                 updated_ns: now,
             };
-            let item = Arc::new(Item {
-                id: item_id,
-                hex: hex.clone(),
+            let item = Arc::new(Item::new(
+                item_id,
                 dirs,
-                token: token.clone().into_bytes(),
-                record: Mutex::new(record.clone()),
-                repl: Mutex::new(None),
-                status: Mutex::new(None),
-                busy: Arc::new(AtomicBool::new(false)),
-                pausing: AtomicBool::new(false),
-                tick_error: Mutex::new(None),
-            });
+                token.clone().into_bytes(),
+                record.clone(),
+            ));
             // The record first: a crash after it and before the slot commit is repaired at
             // start (reconcile gives the disks their slots); the other order could leak.
             if let Err(error) = item.save(record) {
                 let _ = job.fail(crate::store::describe(&error));
                 return Err(error);
+            }
+            crate::testhook::crash_point("enable:record");
+            if let Err(error) = self.data.end_enabling(&item.dirs.root) {
+                // Harmless: the next start removes a marker beside a record.
+                tracing::warn!(item = %hex, error = %crate::store::describe(&error),
+                    "removing the enable marker");
             }
             Ok((item, token, job))
         })();
@@ -1468,6 +1705,7 @@ impl Manager {
             let _ = self.remove_item_data(&item);
             return Err(OpError::Io(message));
         }
+        crate::testhook::crash_point("enable:slots");
         lock(&self.items).insert(item_id, item.clone());
         if let Err(error) = self.start_replication(&item) {
             let message = crate::store::describe(&error);
@@ -1476,6 +1714,7 @@ impl Manager {
                 "item {hex} was created but its replication did not start: {message}"
             )));
         }
+        crate::testhook::crash_point("enable:started");
         tracing::info!(item = %hex, %name, disks = planned.len(), "protection enabled");
         Ok(Enabled {
             item: self.view(&item),
@@ -2386,6 +2625,9 @@ impl Manager {
             job.fail("protection was disabled")?;
         }
         self.remove_item_data(&item)?;
+        // Clean-up complete: the record goes too (the item stays listed as disabled until the
+        // appliance restarts; a crash before this purges it at the next start).
+        self.data.purge_item(&item.dirs.root)?;
         tracing::info!(item = %item.hex, "protection disabled");
         Ok(self.view(&item))
     }
@@ -2509,7 +2751,10 @@ impl Manager {
             .as_ref()
             .and_then(WorkerStatus::apply_failure)
             .filter(|_| record.state.replicating() && item.repl().is_some());
-        let health = if let Some((failure, frame)) = &apply_failure {
+        let quarantine = item.quarantine();
+        let health = if let Some(quarantine) = &quarantine {
+            format!("quarantined: {}", quarantine.reason)
+        } else if let Some((failure, frame)) = &apply_failure {
             failure.health(frame)
         } else if let Some(error) = &record.last_error {
             format!("error: {error}")
@@ -2568,6 +2813,7 @@ impl Manager {
             failover: record.failover.clone(),
             last_job: record.last_job,
             last_error: record.last_error,
+            quarantine,
         }
     }
 
@@ -2722,6 +2968,116 @@ fn refuse_if_apply_failed(item: &Item, what: &str) -> Result<(), OpError> {
             ),
         }),
         None => Ok(()),
+    }
+}
+
+/// What an operator can do about a quarantined item (shown with the reason).
+const QUARANTINE_ACTION: &str = "the item is not served and its slots stay held. Repair or \
+     restore the named file (e.g. from a backup) and restart the appliance to serve the item \
+     again, or disable it (DELETE /v1/items/{id}, `appliance disable`) to remove it: that \
+     releases its slots and deletes its staging, recovery points and created replica disks \
+     (attached and failed-over disks are left alone)";
+
+/// Checks a record read from disk against its directory and header.
+fn check_record(
+    hex: &str,
+    record: &ItemRecord,
+    header: Option<&StreamHeader>,
+) -> Result<(), String> {
+    let Some(header) = header else {
+        return Err(format!(
+            "item {hex}: header.drs is missing but item.json exists"
+        ));
+    };
+    if record.version != 1 {
+        return Err(format!(
+            "item {hex}: item.json has format version {}; this build reads version 1",
+            record.version
+        ));
+    }
+    if record.id != hex {
+        return Err(format!(
+            "item {hex}: item.json records item id {:?}",
+            record.id
+        ));
+    }
+    if record.state == ItemState::Quarantined {
+        return Err(format!(
+            "item {hex}: item.json records the state quarantined"
+        ));
+    }
+    let indexed = record
+        .disks
+        .iter()
+        .enumerate()
+        .all(|(i, d)| d.index as usize == i);
+    if !indexed || record.geometries() != header.disks {
+        return Err(format!(
+            "item {hex}: item.json's disks ({:?}) do not match header.drs ({:?})",
+            record.geometries(),
+            header.disks
+        ));
+    }
+    Ok(())
+}
+
+/// A record for a quarantined item whose `item.json` cannot be read: its disks from the
+/// header, with the paths the slot table holds for them.
+fn stand_in_record(
+    hex: &str,
+    root: &Path,
+    header: Option<&StreamHeader>,
+    attached: &[(ItemId, u32, PathBuf)],
+) -> ItemRecord {
+    let now = now_ns();
+    let id = parse_item_hex(hex).unwrap_or_default();
+    let disks = header.map_or_else(Vec::new, |header| {
+        header
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, geometry)| {
+                let path = attached
+                    .iter()
+                    .find(|(item, disk, _)| item.0 == id && *disk as usize == index)
+                    .map(|(_, _, path)| path.clone());
+                let origin = match &path {
+                    Some(path) if !path.starts_with(root) => DiskOrigin::Attached,
+                    _ => DiskOrigin::Created,
+                };
+                DiskRecord {
+                    index: index as u32,
+                    size_bytes: geometry.size_bytes,
+                    block_size_bytes: geometry.block_size_bytes,
+                    path: path.map_or_else(String::new, |p| p.display().to_string()),
+                    origin,
+                }
+            })
+            .collect()
+    });
+    ItemRecord {
+        version: 1,
+        id: hex.to_owned(),
+        name: header.map_or_else(String::new, |h| h.item_name.clone()),
+        state: ItemState::Quarantined,
+        role: Role::Forward,
+        reverse_of: None,
+        reversed_by: None,
+        disks,
+        policy: Policy {
+            keep_points: 1,
+            keep_minutes: 0,
+            app_consistent_minutes: 60,
+        },
+        temporary_os_disk: None,
+        test_failover: None,
+        failover: None,
+        pending: None,
+        sync_from_seq: 1,
+        last_job: None,
+        last_error: None,
+        created_ns: now,
+        updated_ns: now,
     }
 }
 

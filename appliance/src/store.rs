@@ -8,11 +8,20 @@
 //!      ├── header.drs                    the item's stream header: identity and disks
 //!      ├── staging/seg-*.drs             the cache staging area (engine::staging)
 //!      ├── preserve/pres-*.dat           old blocks kept for recovery points (engine::apply)
-//!      └── replicas/disk-<i>.img         replica disks created by the appliance
+//!      ├── replicas/disk-<i>.img         replica disks created by the appliance
+//!      └── enabling                      only while enable makes the item (see below)
 //! ```
 //!
 //! An item directory is created once, from the first stream's header; a later stream for the
 //! same item must declare the same disks.
+//!
+//! VM data is the owner's only: directories are created mode 0700 and files mode 0600. Every
+//! directory a record points to is made durable (its parent fsynced) before the record is
+//! written. Enable makes an item in steps (`DataDir::begin_item`: the directory and its
+//! `enabling` marker; then the header, replicas, token, record); a directory found at start
+//! with the marker and no record, or with neither header nor record, is what a crash during
+//! enable left and is rolled back. A purge renames the directory to `items/.purge-<id>` first,
+//! so a crash mid-way never leaves half an item under its own name.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,7 +58,7 @@ pub fn now_ns() -> u64 {
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content, never
 /// a mix: write `name.tmp`, fsync, rename, fsync the directory.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    write_atomic_mode(dir, name, bytes, 0o644)
+    write_atomic_mode(dir, name, bytes, 0o600)
 }
 
 /// [`write_atomic`] for a secret (a token): readable by the owner only (mode 0600).
@@ -73,10 +82,49 @@ fn write_atomic_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> anyhow:
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    sync_dir(dir)
+}
+
+/// Makes the entries of directory `dir` durable (fsync of the directory).
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))
 }
+
+/// Creates `dir` and any missing parents with mode 0700 (an existing directory keeps its
+/// mode), and makes the new entry durable in its parent.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// Creates a new empty file `path` with mode 0600 (refusing an existing one).
+pub fn create_private_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// Name of the marker enable keeps in an item directory until the item's record is written.
+pub const ENABLING_MARKER: &str = "enabling";
+/// Prefix of an item directory being purged.
+const PURGE_PREFIX: &str = ".purge-";
 
 /// Hex form of an item id, as used in paths and on the command line.
 pub fn item_hex(item_id: &[u8; 16]) -> String {
@@ -102,6 +150,22 @@ pub struct DataDir {
     root: PathBuf,
     /// Held while any clone lives; released on drop (flock on `DATA_DIR/lock`).
     _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// One directory under `items/`, as found at start.
+#[derive(Debug)]
+pub struct FoundItem {
+    /// The item id (the directory's name).
+    pub id: [u8; 16],
+    /// The directory.
+    pub root: PathBuf,
+    /// Its header, or why it cannot be read (`Ok(None)`: there is no `header.drs`).
+    pub header: Result<Option<StreamHeader>, String>,
+    /// Enable's marker is present: enable had not written the record (yet).
+    pub enabling: bool,
+    /// A file outside the item directory the marker says enable was creating (a temporary
+    /// OS disk), to be removed with the item on a rollback.
+    pub enabling_creates: Option<PathBuf>,
 }
 
 /// One item's directories.
@@ -137,8 +201,7 @@ fn open_dir(path: &Path) -> anyhow::Result<StdDir> {
 impl DataDir {
     /// Opens (creating) the data directory.
     pub fn open(root: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(root.join("items"))
-            .with_context(|| format!("creating {}", root.display()))?;
+        create_private_dir(&root.join("items"))?;
         let lock_path = root.join("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -184,8 +247,10 @@ impl DataDir {
             }
             return Ok(item);
         }
-        std::fs::create_dir_all(root.join("replicas"))
-            .with_context(|| format!("creating {}", root.display()))?;
+        create_private_dir(&root)?;
+        for sub in ["replicas", "staging", "preserve"] {
+            create_private_dir(&root.join(sub))?;
+        }
         let mut bytes = Vec::new();
         header.encode_into(&mut bytes);
         // Written to a temporary name, synced, then renamed: never a half header.
@@ -200,6 +265,114 @@ impl DataDir {
             root,
             header: header.clone(),
         })
+    }
+
+    /// Starts a new item for enable: creates its directory (mode 0700, refusing an existing
+    /// one) and the `enabling` marker, both durable. [`DataDir::item_for`] then writes the
+    /// header.
+    pub fn begin_item(&self, item_id: &[u8; 16]) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let root = self.root.join("items").join(item_hex(item_id));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .with_context(|| format!("creating {}", root.display()))?;
+        sync_dir(&self.root.join("items"))?;
+        create_private_file(&root.join(ENABLING_MARKER))?.sync_all()?;
+        sync_dir(&root)?;
+        Ok(root)
+    }
+
+    /// Records in enable's marker that enable is about to create `path` (outside the item
+    /// directory, with `create_new`), so that a rollback after a crash removes it too.
+    pub fn note_enabling(&self, root: &Path, path: &Path) -> anyhow::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        write_atomic(root, ENABLING_MARKER, path.as_os_str().as_bytes())
+    }
+
+    /// Removes enable's marker once the item's record is written.
+    pub fn end_enabling(&self, root: &Path) -> anyhow::Result<()> {
+        match std::fs::remove_file(root.join(ENABLING_MARKER)) {
+            Ok(()) => sync_dir(root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", root.display())),
+        }
+    }
+
+    /// Removes an item directory and everything in it: renamed to `items/.purge-<id>` (durably)
+    /// first, so that a crash never leaves part of it under the item's name; a leftover is
+    /// removed by [`DataDir::found_items`].
+    pub fn purge_item(&self, root: &Path) -> anyhow::Result<()> {
+        let items = self.root.join("items");
+        let Some(name) = root.file_name().and_then(|n| n.to_str()) else {
+            bail!("{} is not an item directory", root.display());
+        };
+        let trash = items.join(format!("{PURGE_PREFIX}{name}"));
+        match std::fs::rename(root, &trash) {
+            Ok(()) => sync_dir(&items)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("purging {}", root.display())),
+        }
+        std::fs::remove_dir_all(&trash).with_context(|| format!("removing {}", trash.display()))?;
+        sync_dir(&items)
+    }
+
+    /// Every directory under `items/` named by an item id, whatever its state (a damaged or
+    /// missing header is reported, not an error); leftovers of an interrupted purge are
+    /// removed.
+    pub fn found_items(&self) -> anyhow::Result<Vec<FoundItem>> {
+        let mut out = Vec::new();
+        let dir = self.root.join("items");
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(PURGE_PREFIX) {
+                let trash = dir.join(name);
+                if let Err(error) = std::fs::remove_dir_all(&trash) {
+                    tracing::warn!(path = %trash.display(), %error,
+                        "could not finish removing a purged item");
+                }
+                continue;
+            }
+            let Ok(id) = parse_item_hex(name) else {
+                continue;
+            };
+            let root = dir.join(name);
+            if !root.is_dir() {
+                continue;
+            }
+            let header = match std::fs::read(root.join("header.drs")) {
+                Ok(bytes) => DeltaDecoder::new(bytes.as_slice())
+                    .map(|decoder| Some(decoder.header().clone()))
+                    .map_err(|e| format!("{}/header.drs: {e}", root.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}/header.drs: cannot read: {e}", root.display())),
+            };
+            let header = match header {
+                Ok(Some(found)) if found.item_id != id => Err(format!(
+                    "{}/header.drs names item {}",
+                    root.display(),
+                    item_hex(&found.item_id)
+                )),
+                other => other,
+            };
+            let marker = std::fs::read(root.join(ENABLING_MARKER));
+            let enabling_creates = marker.as_ref().ok().filter(|m| !m.is_empty()).map(|m| {
+                use std::os::unix::ffi::OsStrExt;
+                PathBuf::from(std::ffi::OsStr::from_bytes(m))
+            });
+            out.push(FoundItem {
+                id,
+                enabling: marker.is_ok(),
+                enabling_creates,
+                root,
+                header,
+            });
+        }
+        out.sort_by(|a, b| a.root.cmp(&b.root));
+        Ok(out)
     }
 
     /// An existing item.

@@ -360,7 +360,16 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&data).expect("creating the data directory");
     std::fs::create_dir_all(&scratch).expect("creating the scratch directory");
-    let mut server = Server::start(&data, &[]);
+    // The job's end is held between its decision and its record write (the race window of
+    // observation 9: the stop used to see the job ended in memory and exit before the write).
+    let finish = scratch.join("finish");
+    let pause = format!("job:finish:test_failover={}", finish.display());
+    let mut server = Server::start_with_env(
+        &data,
+        "127.0.0.1:0",
+        &[],
+        &[("APPLIANCE_TEST_PAUSE_AT", pause.as_str())],
+    );
     let a = protect(&server, "vm-a", 0x44);
     // An item whose agent never connects: its initial-replication job stays running.
     let waiting = server.expect(
@@ -421,6 +430,24 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     assert_eq!(read_json(&job_file)["state"], "running", "still under way");
 
     hold.release();
+    // The job has ended its work and decided its end; its record is not written yet. The
+    // process must still wait for it.
+    let reached = PathBuf::from(format!("{}.reached", finish.display()));
+    let deadline = Instant::now() + DEADLINE;
+    while !reached.exists() {
+        assert!(Instant::now() < deadline, "the job never reached its end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        let exited = server.child.try_wait().expect("polling the process");
+        assert!(
+            exited.is_none(),
+            "serve exited ({exited:?}) before the job's end was recorded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&finish, b"go").expect("releasing the job's record write");
     let deadline = Instant::now() + DEADLINE;
     let status = loop {
         if let Some(status) = server.child.try_wait().expect("polling the process") {

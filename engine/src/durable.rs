@@ -54,9 +54,13 @@ pub struct StdDir {
 }
 
 impl StdDir {
-    /// Opens (and creates) the directory.
+    /// Opens (and creates, mode 0700) the directory.
     pub fn open(path: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(path)?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
         Ok(Self {
             path: path.to_path_buf(),
         })
@@ -111,10 +115,13 @@ impl DurableFile for StdFile {
 
 impl DurableDir for StdDir {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn DurableFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Staging segments, preserved blocks and metadata are VM data: owner only.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(create)
+            .mode(0o600)
             .open(self.path.join(name))?;
         Ok(Arc::new(StdFile {
             file,

@@ -116,8 +116,19 @@ impl Server {
 
     /// Same, with a given data-port address (to keep it across restarts).
     pub fn start_on(data_dir: &Path, data_addr: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(data_dir, data_addr, extra, &[])
+    }
+
+    /// Same, with environment variables (e.g. the test hooks of `appliance::testhook`).
+    pub fn start_with_env(
+        data_dir: &Path,
+        data_addr: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
