@@ -233,8 +233,22 @@ enum Expect {
     EndOfStream,
 }
 
-/// Opens a mode-1 session on target `t`; the reply's next seq, or the outcome of a refusal.
+/// Opens a mode-1 session on target `t`, retrying `busy` up to 10 times 50 ms apart as the
+/// documents advise; the reply's next seq, or the outcome of a refusal.
 fn open_session(ctx: &Context, t: &Target) -> Result<(TcpStream, u64), Outcome> {
+    let mut attempts = 0;
+    loop {
+        match open_session_once(ctx, t) {
+            Err(outcome) if outcome.answer.starts_with("refused busy") && attempts < 10 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn open_session_once(ctx: &Context, t: &Target) -> Result<(TcpStream, u64), Outcome> {
     let mut stream = connect(ctx.data_addr)
         .map_err(|e| Outcome::bad("connect failed", format!("connect: {e}")))?;
     let hello = RawHello::valid(1, t.id, &t.token, 0, 0).encode();
