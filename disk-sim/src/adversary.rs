@@ -255,7 +255,7 @@ pub fn run(options: &AdversaryOptions, out: &mut dyn Write) -> anyhow::Result<Ad
                 "disk-sim-adversary-{}-{}-{:x}",
                 options.seed,
                 std::process::id(),
-                Instant::now().elapsed().as_nanos() ^ u128::from(now_ns())
+                now_ns()
             )),
             true,
         ),
