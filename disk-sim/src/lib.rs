@@ -18,9 +18,13 @@
 //! - [`chaos`]: the chaos run: a real appliance, SIGKILLs and network faults at seeded
 //!   moments, then every retained recovery point verified through the API.
 //! - [`scenario`]: `disk-sim run`, a scenario against an appliance already running.
+//! - [`adversary`]: `disk-sim adversary`, hostile traffic written from the docs (broken
+//!   payloads, every hello variant, idle/slow/flooding connections) mixed with real replication,
+//!   then every bookmark verified.
 //! - [`site`]: a site directory and a real `appliance serve` process driven through its
 //!   control API.
 
+pub mod adversary;
 pub mod agent;
 pub mod chaos;
 pub mod demo;

@@ -89,6 +89,64 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Adversary: a real appliance, real replication of 2+ items by the real agent with
+    /// bookmarks, and at the same time hostile traffic from a client written from the docs:
+    /// valid-checksum frames with broken zstd payloads, frames out of sequence, resync blocks
+    /// outside a RESYNC session, every hello variant, hash requests for unknown disks, idle,
+    /// slow and flooding connections, aimed at other items and at the replicating ones.
+    /// Afterwards: the API answers within the deadline, every bookmark of every replicating
+    /// item fails over exactly, nothing acknowledged is lost. Prints per kind what was sent and
+    /// how it was answered; exits non-zero on any failure or acknowledged hostile frame.
+    ///
+    /// Example: `disk-sim adversary --seed 1 --duration-s 60`;
+    /// `disk-sim adversary --only hash-unknown-disk --rounds 1`
+    Adversary {
+        /// Seed of the workloads and of every hostile action.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Send hostile traffic for this long (default 30 s unless --rounds is given).
+        #[arg(long = "duration-s")]
+        duration_s: Option<f64>,
+        /// Each worker sends every selected kind this many times (shuffled).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        rounds: Option<u64>,
+        /// Only these hostile kinds, comma-separated (e.g. zstd-garbage,hash-unknown-disk).
+        #[arg(long)]
+        only: Option<String>,
+        /// Hostile worker threads.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        workers: u32,
+        /// Items replicated by real agents.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+        replicating: u16,
+        /// Items only hostile traffic uses.
+        #[arg(long = "hostile-items", default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=16))]
+        hostile_items: u16,
+        /// Size of each of an item's two disks, MiB.
+        #[arg(long = "size-mib", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        size_mib: u64,
+        /// A bookmark after every N writes of an agent.
+        #[arg(long = "bookmark-every", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        bookmark_every: u64,
+        /// How long a hello or a frame may wait for its answer, seconds.
+        #[arg(long = "answer-timeout-s", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+        answer_timeout_s: u64,
+        /// How fast the API must answer after the run, ms.
+        #[arg(long = "api-deadline-ms", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        api_deadline_ms: u64,
+        /// Longest idle connection, seconds (over the handshake timeout, 10 s, to see it).
+        #[arg(long = "idle-max-s", default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=600))]
+        idle_max_s: u64,
+        /// Connections of an idle flood.
+        #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        flood: u64,
+        /// Directory for the appliance's data and the restores (kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the temporary directory after a successful run.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run a scenario against an appliance that is already running: enable protection of a
     /// simulated VM, stream a seeded workload with bookmarks over the data port, then check a
     /// test failover (and optionally a failover) byte for byte against the source's disks.
@@ -204,6 +262,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 appliance_bin: None,
             };
             disk_sim::chaos::run(&options, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Adversary {
+            seed,
+            duration_s,
+            rounds,
+            only,
+            workers,
+            replicating,
+            hostile_items,
+            size_mib,
+            bookmark_every,
+            answer_timeout_s,
+            api_deadline_ms,
+            idle_max_s,
+            flood,
+            dir,
+            keep,
+        } => {
+            let options = disk_sim::adversary::AdversaryOptions {
+                seed,
+                duration_s,
+                rounds,
+                only: match only {
+                    Some(list) => disk_sim::adversary::parse_kinds(&list)?,
+                    None => Vec::new(),
+                },
+                workers,
+                replicating,
+                hostile_items,
+                size_mib,
+                bookmark_every,
+                answer_timeout: std::time::Duration::from_secs(answer_timeout_s),
+                api_deadline: std::time::Duration::from_millis(api_deadline_ms),
+                idle_max: std::time::Duration::from_secs(idle_max_s),
+                flood_connections: flood as usize,
+                work_dir: dir,
+                keep,
+                ..disk_sim::adversary::AdversaryOptions::default()
+            };
+            disk_sim::adversary::run(&options, &mut std::io::stdout().lock())?;
             Ok(())
         }
         Command::Run {
