@@ -6,16 +6,14 @@
 //!
 //! `adversary_seed_1_every_kind` is the CI run of every hostile kind (a few seconds; idle
 //! connections held at most 2 s). It fails on 9c21a3f (hash-unknown-disk deadlock, broken zstd
-//! payloads acknowledged, end frame unanswered, agent locked out by idle connections), so it is
-//! ignored until the data-port fixes merge. `adversary_seed_1_kinds_answered_today` runs the
-//! kinds 9c21a3f already answers as documented, so the harness itself is exercised in CI now.
+//! payloads acknowledged, end frame unanswered, agent locked out by idle connections).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use disk_sim::adversary::{AdversaryOptions, AdversaryReport, HostileKind, run};
+use disk_sim::adversary::{AdversaryOptions, AdversaryReport, run};
 
 fn options(seed: u64) -> AdversaryOptions {
     AdversaryOptions {
@@ -57,35 +55,6 @@ fn adversary(mut options: AdversaryOptions) -> AdversaryReport {
 }
 
 #[test]
-fn adversary_seed_1_kinds_answered_today() {
-    use HostileKind::*;
-    adversary(AdversaryOptions {
-        only: vec![
-            HelloBadMagic,
-            HelloBadVersion,
-            HelloBadMode,
-            HelloBadFlags,
-            HelloBadTokenLen,
-            HelloMode1Args,
-            HelloUnknownItem,
-            HelloBadToken,
-            HelloCutShort,
-            HashBadChunk,
-            HashOk,
-            StreamEmpty,
-            RawWrongLength,
-            SeqGap,
-            SeqReorder,
-            SeqDuplicate,
-            FirstSeqAhead,
-            Idle,
-        ],
-        ..options(1)
-    });
-}
-
-#[test]
-#[ignore = "enable after the data-port fixes merge"]
 fn adversary_seed_1_every_kind() {
     adversary(options(1));
 }

@@ -69,7 +69,8 @@ kinds! {
     SeqDuplicate => "seq-duplicate",
     /// A stream header whose first seq is past the reply's next seq.
     FirstSeqAhead => "first-seq-ahead",
-    /// A resync-block frame in a session opened without RESYNC (hostile items only).
+    /// A resync-block frame in a session opened without RESYNC (hostile items only): valid in
+    /// any session (data-port.md), so it must be acknowledged and applied like a write.
     ResyncOutside => "resync-outside-resync",
     /// A stream header and an end frame, the socket left open: the close must come anyway.
     EndFrame => "end-frame",
@@ -227,6 +228,9 @@ fn pick(ctx: &Context, rng: &mut Rng, hostile_only: bool) -> Option<usize> {
 enum Expect {
     /// A close refusing the frame (`corrupt-frame` or `wrong-stream`), nothing of it durable.
     Refusal,
+    /// A close `invalid-payload` (the payload does not give its declared length), nothing of it
+    /// durable.
+    InvalidPayload,
     /// An ack covering the frame, then (after our half-close) `end-of-stream`.
     Ack,
     /// `end-of-stream`, with the socket still open.
@@ -339,7 +343,7 @@ fn frames_for(
             let mut garbage = vec![0u8; 16 + rng.below(4096) as usize];
             rng.fill(&mut garbage);
             garbage[0] = 0; // never the zstd magic
-            (n, vec![zstd(n, garbage)], Expect::Refusal, "random bytes")
+            (n, vec![zstd(n, garbage)], Expect::InvalidPayload, "random bytes")
         }
         ZstdTruncated => {
             let whole = zstd_frame(&data(rng, l), Some(len));
@@ -347,7 +351,7 @@ fn frames_for(
             (
                 n,
                 vec![zstd(n, whole[..cut].to_vec())],
-                Expect::Refusal,
+                Expect::InvalidPayload,
                 "cut",
             )
         }
@@ -357,7 +361,7 @@ fn frames_for(
             (
                 n,
                 vec![zstd(n, payload)],
-                Expect::Refusal,
+                Expect::InvalidPayload,
                 "no content size",
             )
         }
@@ -365,14 +369,14 @@ fn frames_for(
             if rng.chance(1, 3) {
                 let total = (8 + rng.below(57) as usize) << 20;
                 let payload = zstd_rle_frame(rng.below(256) as u8, total);
-                (n, vec![zstd(n, payload)], Expect::Refusal, "rle bomb")
+                (n, vec![zstd(n, payload)], Expect::InvalidPayload, "rle bomb")
             } else {
                 let long = l + 512 * (1 + rng.below(64) as usize);
                 let payload = zstd_frame(&data(rng, long), None);
                 (
                     n,
                     vec![zstd(n, payload)],
-                    Expect::Refusal,
+                    Expect::InvalidPayload,
                     "no content size",
                 )
             }
@@ -389,7 +393,7 @@ fn frames_for(
                 (
                     n,
                     vec![zstd(n, payload)],
-                    Expect::Refusal,
+                    Expect::InvalidPayload,
                     "declared ≠ content",
                 )
             } else {
@@ -398,7 +402,7 @@ fn frames_for(
                 (
                     n,
                     vec![zstd(n, payload)],
-                    Expect::Refusal,
+                    Expect::InvalidPayload,
                     "declared ≠ length",
                 )
             }
@@ -412,7 +416,7 @@ fn frames_for(
             };
             let mut payload = zstd_frame(&data(rng, first), Some(first as u64));
             payload.extend(zstd_frame(&data(rng, second), Some(second as u64)));
-            (n, vec![zstd(n, payload)], Expect::Refusal, "two frames")
+            (n, vec![zstd(n, payload)], Expect::InvalidPayload, "two frames")
         }
         ZstdConcatValid => {
             let first = 1 + rng.below(len - 1) as usize;
@@ -471,7 +475,7 @@ fn frames_for(
                 kind: KIND_RESYNC_BLOCK,
                 ..write(n, disk, offset, len, ENCODING_RAW, data(rng, l))
             };
-            (n, vec![frame], Expect::Refusal, "raw resync block")
+            (n, vec![frame], Expect::Ack, "raw resync block (valid in any session)")
         }
         _ => (n, vec![RawFrame::end(n)], Expect::EndOfStream, "end frame"),
     }
@@ -564,6 +568,7 @@ fn judge(stream: &mut TcpStream, n: u64, expect: Expect, timeout: Duration) -> O
                     Expect::Refusal if reason == 2 || reason == 3 => {
                         Outcome::ok(format!("close {name}"))
                     }
+                    Expect::InvalidPayload if reason == 10 => Outcome::ok(format!("close {name}")),
                     Expect::EndOfStream if reason == 1 => Outcome::ok(format!("close {name}")),
                     _ => Outcome::bad(
                         format!("close {name}"),
