@@ -5,7 +5,7 @@
 //!
 //! Auth is `Authorization: Bearer <token>` on everything but `/health` and `/openapi.json`,
 //! the token being the 64 hex digits of `DATA_DIR/api-token` (created with mode 0600 at first
-//! start and printed once on stderr); it is compared in constant time. Every error has one
+//! start; never printed); it is compared in constant time. Every error has one
 //! shape, `{"error": {"code": "...", "message": "...", ...}}`; a 500 only names a real I/O
 //! failure.
 //!
@@ -13,6 +13,11 @@
 //! the manager runs on tokio's blocking pool, and long work runs as jobs (threads of the
 //! manager), so no request waits on disk I/O of another. [`ApiServer::shutdown`] stops
 //! accepting, lets requests in flight finish (at most [`GRACE`]), and joins the thread.
+//! Connections are capped and timed out ([`ApiLimits`], `api/conn.rs`).
+
+mod conn;
+
+pub use conn::ApiLimits;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -88,6 +93,8 @@ pub struct ApiConfig {
     pub token: String,
     /// The items, slots and jobs.
     pub manager: Arc<Manager>,
+    /// Connection cap and timeouts.
+    pub limits: ApiLimits,
 }
 
 #[derive(Debug)]
@@ -113,6 +120,7 @@ impl ApiServer {
             .with_context(|| format!("binding the control API to {addr}"))?;
         listener.set_nonblocking(true)?;
         let api_addr = listener.local_addr()?;
+        let limits = config.limits;
         let app = router(Arc::new(Shared { config, api_addr }))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -124,7 +132,10 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                let result = runtime.block_on(run(listener, app, stopped));
+                let result = runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    conn::serve(listener, app, limits, stopped, GRACE).await
+                });
                 runtime.shutdown_timeout(GRACE);
                 result
             })
@@ -155,29 +166,6 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.send_replace(true);
-    }
-}
-
-async fn run(
-    listener: std::net::TcpListener,
-    app: Router,
-    stopped: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let (mut graceful, mut deadline) = (stopped.clone(), stopped);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        // An error means the sender is gone: stop too.
-        let _ = graceful.wait_for(|stop| *stop).await;
-    });
-    tokio::select! {
-        result = server => result,
-        _ = async {
-            let _ = deadline.wait_for(|stop| *stop).await;
-            tokio::time::sleep(GRACE).await;
-        } => {
-            tracing::warn!("control API: requests still running after {GRACE:?}; dropped");
-            Ok(())
-        }
     }
 }
 
@@ -247,7 +235,56 @@ fn router(state: AppState) -> anyhow::Result<Router> {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .with_state(state))
+}
+
+/// Reads the whole body (at most [`MAX_BODY_BYTES`]) within the body timeout before any
+/// handler runs: a client that sends a head and then trickles or stops gets 408 and its
+/// connection is closed, instead of holding it.
+async fn read_body_in_time(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let timeout = state.config.limits.body_timeout;
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(error)) => {
+            let mut response = ApiError::bad(
+                "bad_request",
+                format!("reading the request body (at most {MAX_BODY_BYTES} bytes): {error}"),
+            )
+            .into_response();
+            close_after(&mut response);
+            response
+        }
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+            .into_response();
+            close_after(&mut response);
+            response
+        }
+    }
+}
+
+/// Asks hyper to close the connection after this response.
+fn close_after(response: &mut Response) {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
 }
 
 /// Largest request body accepted.
