@@ -200,9 +200,22 @@ fn serve_with_nofile(data: &std::path::Path, soft: u64, hard: u64) -> std::proce
 #[test]
 fn serve_refuses_to_start_when_the_hard_fd_limit_is_below_its_budget() {
     let data = tempfile::tempdir().expect("tempdir");
-    let output = serve_with_nofile(data.path(), 64, 64)
-        .output()
+    let mut child = serve_with_nofile(data.path(), 64, 64)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run serve");
+    // It must exit by itself; one that started serving is stopped and is a failure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started under a hard limit of 64 open files");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     for part in [
