@@ -156,6 +156,11 @@ mod tests {
     #[test]
     fn the_defaults_fit_the_usual_soft_limit_of_1024() {
         assert!(DEFAULTS.needed() <= 1024, "{}", DEFAULTS.needed());
+        assert_eq!(
+            DEFAULTS.needed(),
+            752,
+            "docs/design/control-api.md states it"
+        );
         assert_eq!(plan(&DEFAULTS, 1024, 4096), Ok(None));
     }
 
