@@ -5,7 +5,7 @@
 //!
 //! Auth is `Authorization: Bearer <token>` on everything but `/health` and `/openapi.json`,
 //! the token being the 64 hex digits of `DATA_DIR/api-token` (created with mode 0600 at first
-//! start and printed once on stderr); it is compared in constant time. Every error has one
+//! start; never printed); it is compared in constant time. Every error has one
 //! shape, `{"error": {"code": "...", "message": "...", ...}}`; a 500 only names a real I/O
 //! failure.
 //!
@@ -13,6 +13,13 @@
 //! the manager runs on tokio's blocking pool, and long work runs as jobs (threads of the
 //! manager), so no request waits on disk I/O of another. [`ApiServer::shutdown`] stops
 //! accepting, lets requests in flight finish (at most [`GRACE`]), and joins the thread.
+//! Connections are capped and timed out ([`ApiLimits`], `api/conn.rs`).
+
+mod conn;
+pub(crate) mod number;
+pub(crate) mod schema;
+
+pub use conn::ApiLimits;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -88,6 +95,8 @@ pub struct ApiConfig {
     pub token: String,
     /// The items, slots and jobs.
     pub manager: Arc<Manager>,
+    /// Connection cap and timeouts.
+    pub limits: ApiLimits,
 }
 
 #[derive(Debug)]
@@ -113,6 +122,7 @@ impl ApiServer {
             .with_context(|| format!("binding the control API to {addr}"))?;
         listener.set_nonblocking(true)?;
         let api_addr = listener.local_addr()?;
+        let limits = config.limits;
         let app = router(Arc::new(Shared { config, api_addr }))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -124,7 +134,10 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                let result = runtime.block_on(run(listener, app, stopped));
+                let result = runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    conn::serve(listener, app, limits, stopped, GRACE).await
+                });
                 runtime.shutdown_timeout(GRACE);
                 result
             })
@@ -155,29 +168,6 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.send_replace(true);
-    }
-}
-
-async fn run(
-    listener: std::net::TcpListener,
-    app: Router,
-    stopped: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let (mut graceful, mut deadline) = (stopped.clone(), stopped);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        // An error means the sender is gone: stop too.
-        let _ = graceful.wait_for(|stop| *stop).await;
-    });
-    tokio::select! {
-        result = server => result,
-        _ = async {
-            let _ = deadline.wait_for(|stop| *stop).await;
-            tokio::time::sleep(GRACE).await;
-        } => {
-            tracing::warn!("control API: requests still running after {GRACE:?}; dropped");
-            Ok(())
-        }
     }
 }
 
@@ -229,7 +219,10 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .routes(routes!(health))
         .split_for_parts();
-    let openapi = axum::body::Bytes::from(openapi.to_json().context("rendering /openapi.json")?);
+    let mut document = serde_json::to_value(&openapi).context("rendering /openapi.json")?;
+    add_links(&mut document);
+    let openapi =
+        axum::body::Bytes::from(serde_json::to_vec(&document).context("rendering /openapi.json")?);
     Ok(router
         .route(
             "/openapi.json",
@@ -247,7 +240,134 @@ fn router(state: AppState) -> anyhow::Result<Router> {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .with_state(state))
+}
+
+/// Reads the whole body (at most [`MAX_BODY_BYTES`]) within the body timeout before any
+/// handler runs: a client that sends a head and then trickles or stops gets 408 and its
+/// connection is closed, instead of holding it.
+async fn read_body_in_time(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let timeout = state.config.limits.body_timeout;
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(error)) => {
+            let mut response = ApiError::bad(
+                "bad_request",
+                format!("reading the request body (at most {MAX_BODY_BYTES} bytes): {error}"),
+            )
+            .into_response();
+            close_after(&mut response);
+            response
+        }
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+            .into_response();
+            close_after(&mut response);
+            response
+        }
+    }
+}
+
+/// Asks hyper to close the connection after this response.
+fn close_after(response: &mut Response) {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+}
+
+/// OpenAPI links between operations, so that a client (or a schema-driven fuzzer) can follow
+/// enable → the item → its operations → their jobs with the ids the answers carry.
+fn add_links(document: &mut serde_json::Value) {
+    use serde_json::json;
+    let link =
+        |operation: &str, id: &str| json!({"operationId": operation, "parameters": {"id": id}});
+    let item_operations = [
+        ("GetItem", "get_item"),
+        ("ListPoints", "list_points"),
+        ("TestFailover", "test_failover"),
+        ("Failover", "failover"),
+        ("Resync", "resync"),
+        ("Failback", "failback"),
+        ("Disable", "disable"),
+    ];
+    let from_item = |id: &str| -> serde_json::Map<String, serde_json::Value> {
+        item_operations
+            .iter()
+            .map(|(name, operation)| ((*name).to_owned(), link(operation, id)))
+            .collect()
+    };
+    let mut links: Vec<(&str, &str, &str, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+    for path in ["/v1/items", "/v1/items/{id}/reprotect"] {
+        let mut map = from_item("$response.body#/item/id");
+        map.insert("GetJob".into(), link("get_job", "$response.body#/job/id"));
+        links.push((path, "post", "201", map));
+    }
+    let mut item = from_item("$response.body#/id");
+    item.remove("GetItem");
+    for (name, operation) in [
+        ("ChangePoint", "change_point"),
+        ("Commit", "commit"),
+        ("TestFailoverCleanup", "test_failover_cleanup"),
+    ] {
+        item.insert(name.into(), link(operation, "$response.body#/id"));
+    }
+    links.push(("/v1/items/{id}", "get", "200", item));
+    for (path, extra) in [
+        (
+            "/v1/items/{id}/test-failover",
+            &[("TestFailoverCleanup", "test_failover_cleanup")][..],
+        ),
+        (
+            "/v1/items/{id}/failover",
+            &[("ChangePoint", "change_point"), ("Commit", "commit")][..],
+        ),
+        ("/v1/items/{id}/change-point", &[("Commit", "commit")][..]),
+        ("/v1/items/{id}/failback", &[][..]),
+        ("/v1/items/{id}/resync", &[][..]),
+    ] {
+        let mut map = serde_json::Map::new();
+        map.insert("GetJob".into(), link("get_job", "$response.body#/id"));
+        map.insert("GetItem".into(), link("get_item", "$response.body#/item"));
+        for (name, operation) in extra {
+            map.insert((*name).into(), link(operation, "$response.body#/item"));
+        }
+        links.push((path, "post", "202", map));
+    }
+    let mut commit = serde_json::Map::new();
+    commit.insert("Reprotect".into(), link("reprotect", "$response.body#/id"));
+    commit.insert("Disable".into(), link("disable", "$response.body#/id"));
+    links.push(("/v1/items/{id}/commit", "post", "200", commit));
+    let mut job = serde_json::Map::new();
+    job.insert("GetItem".into(), link("get_item", "$response.body#/item"));
+    links.push(("/v1/jobs/{id}", "get", "200", job));
+    for (path, method, status, map) in links {
+        if let Some(response) = document
+            .pointer_mut(&format!(
+                "/paths/{}/{method}/responses/{status}",
+                path.replace('/', "~1")
+            ))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            response.insert("links".into(), serde_json::Value::Object(map));
+        }
+    }
 }
 
 /// Largest request body accepted.
@@ -519,7 +639,7 @@ async fn enable(
 
 /// One item.
 #[utoipa::path(get, path = "/v1/items/{id}", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_item(
@@ -533,7 +653,7 @@ async fn get_item(
 /// Disable protection: replication stopped, slots released, staging, recovery points and
 /// created replica disks removed (attached and failed-over disks are left alone).
 #[utoipa::path(delete, path = "/v1/items/{id}", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
@@ -585,7 +705,7 @@ impl From<PointRecord> for PointView {
 
 /// The recovery points of an item, oldest first.
 #[utoipa::path(get, path = "/v1/items/{id}/points", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 200, body = Vec<PointView>), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 500, description = "metadata store I/O failure", body = ErrorBody)))]
@@ -604,7 +724,7 @@ async fn list_points(
 /// Test failover: the disks at a point written to a directory (raw or fixed VHD) by a job;
 /// replication keeps running.
 #[utoipa::path(post, path = "/v1/items/{id}/test-failover", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = MaterializeRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -627,7 +747,7 @@ async fn test_failover(
 
 /// Test failover cleanup: the test disks deleted; back to protected.
 #[utoipa::path(post, path = "/v1/items/{id}/test-failover/cleanup", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
@@ -642,7 +762,7 @@ async fn test_failover_cleanup(
 /// Failover to a point (latest, latest-processed, latest-app or a point id): replication
 /// stops and a job writes the disks to the target directory.
 #[utoipa::path(post, path = "/v1/items/{id}/failover", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = FailoverRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -665,7 +785,7 @@ async fn failover(
 
 /// Change the failed-over disks to another recovery point (before commit).
 #[utoipa::path(post, path = "/v1/items/{id}/change-point", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = ChangePointRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -688,7 +808,7 @@ async fn change_point(
 
 /// Commit the failover.
 #[utoipa::path(post, path = "/v1/items/{id}/commit", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 200, body = ItemView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
@@ -704,7 +824,7 @@ async fn commit(
 /// item (one slot each), a temporary 1 GiB OS disk is created for the original VM, and the
 /// failed-over VM's agent runs a delta resync.
 #[utoipa::path(post, path = "/v1/items/{id}/reprotect", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = ReprotectRequest,
     responses((status = 201, body = Enabled), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -728,7 +848,7 @@ async fn reprotect(
 /// Failback (planned failover) of a protected item whose disks were attached: final sync,
 /// the disks handed back, the temporary OS disk deleted.
 #[utoipa::path(post, path = "/v1/items/{id}/failback", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
@@ -748,7 +868,7 @@ async fn failback(
 
 /// Delta resync on demand: the agent is told (at its next hello) to run the hash exchange.
 #[utoipa::path(post, path = "/v1/items/{id}/resync", security(("bearer" = [])),
-    params(("id" = String, Path, description = "item id, 32 hex digits")),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]

@@ -13,6 +13,7 @@
 //! slots = 64
 //! disk_stores = ["/srv/replicas", "/mnt/restore"]
 //! max_jobs = 8
+//! api_max_connections = 256
 //! ```
 
 use std::net::SocketAddr;
@@ -39,9 +40,10 @@ default. An unknown key, a wrong type or a value out of range is an error naming
     slots = 32                       # disk slots (LUNs), LUN 0 (the cache disk) included: 1..=256
     disk_stores = [\"/srv/replicas\"]  # absolute paths the API may use besides the data directory
     max_jobs = 8                     # disk-writing jobs running at once: 1..=64
+    api_max_connections = 256        # control API connections open at once: 16..=16384
 
 Defaults: data_addr 127.0.0.1:7401, api_addr 127.0.0.1:7400, keep_points 64, cache_mib 2048,
-queue_depth 32, slots 32, disk_stores none, max_jobs 8.
+queue_depth 32, slots 32, disk_stores none, max_jobs 8, api_max_connections 256.
 
 Examples:
   appliance serve --data-dir /var/lib/appliance
@@ -62,12 +64,15 @@ pub const DEFAULT_QUEUE_DEPTH: u64 = 32;
 pub const DEFAULT_SLOTS: u64 = 32;
 /// Jobs running at once.
 pub const DEFAULT_MAX_JOBS: u64 = 8;
+/// Control API connections open at once.
+pub const DEFAULT_API_MAX_CONNECTIONS: u64 = 256;
 
 const KEEP_POINTS: RangeInclusive<i64> = 1..=100_000;
 const CACHE_MIB: RangeInclusive<i64> = 16..=1_048_576;
 const QUEUE_DEPTH: RangeInclusive<i64> = 1..=1024;
 const SLOTS: RangeInclusive<i64> = 1..=256;
 const MAX_JOBS: RangeInclusive<i64> = 1..=64;
+const API_MAX_CONNECTIONS: RangeInclusive<i64> = 16..=16_384;
 
 /// The TOML file, as written. Integers are read signed so that a negative value gets the same
 /// range error as any other out-of-range value.
@@ -82,6 +87,7 @@ struct FileConfig {
     slots: Option<i64>,
     disk_stores: Option<Vec<PathBuf>>,
     max_jobs: Option<i64>,
+    api_max_connections: Option<i64>,
 }
 
 /// Values given as flags on the command line (`None`/empty: not given).
@@ -103,6 +109,8 @@ pub struct Flags {
     pub disk_stores: Vec<PathBuf>,
     /// `--max-jobs`.
     pub max_jobs: Option<u64>,
+    /// `--api-max-connections`.
+    pub api_max_connections: Option<u64>,
 }
 
 /// Reads `config` (when given), applies `flags` over it and checks every value.
@@ -161,6 +169,13 @@ pub fn resolve(file: Option<(&Path, &str)>, flags: &Flags) -> Result<ServeOption
         DEFAULT_MAX_JOBS,
         MAX_JOBS,
     )?;
+    let api_max_connections = number(
+        "api_max_connections",
+        flags.api_max_connections,
+        parsed.api_max_connections,
+        DEFAULT_API_MAX_CONNECTIONS,
+        API_MAX_CONNECTIONS,
+    )?;
     let data_addr = pick_addr(
         "data_addr",
         &origin,
@@ -205,6 +220,7 @@ pub fn resolve(file: Option<(&Path, &str)>, flags: &Flags) -> Result<ServeOption
         slot_count: u32::try_from(slots).unwrap_or(u32::MAX),
         disk_stores,
         max_jobs: usize::try_from(max_jobs).unwrap_or(usize::MAX),
+        api_max_connections: usize::try_from(api_max_connections).unwrap_or(usize::MAX),
     })
 }
 
@@ -303,6 +319,7 @@ mod tests {
         assert_eq!(options.queue_depth, 32);
         assert_eq!(options.slot_count, 32);
         assert_eq!(options.max_jobs, 8);
+        assert_eq!(options.api_max_connections, 256);
         assert!(options.disk_stores.is_empty());
     }
 
@@ -322,6 +339,7 @@ queue_depth = 16
 slots = 64
 disk_stores = ["/srv/replicas", "/mnt/restore"]
 max_jobs = 4
+api_max_connections = 1024
 "#;
 
     #[test]
@@ -334,6 +352,7 @@ max_jobs = 4
         assert_eq!(options.queue_depth, 16);
         assert_eq!(options.slot_count, 64);
         assert_eq!(options.max_jobs, 4);
+        assert_eq!(options.api_max_connections, 1024);
         assert_eq!(
             options.disk_stores,
             vec![
@@ -392,6 +411,11 @@ max_jobs = 4
             ("slots = 257", "slots", "1..=256"),
             ("max_jobs = 65", "max_jobs", "1..=64"),
             ("max_jobs = -1", "max_jobs", "1..=64"),
+            (
+                "api_max_connections = 8",
+                "api_max_connections",
+                "16..=16384",
+            ),
         ] {
             let message = error(file(text, &Flags::default()));
             assert!(message.contains(key), "{text}: {message}");

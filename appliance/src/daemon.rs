@@ -26,7 +26,7 @@ use anyhow::{Context, bail};
 use engine::delta::DiskGeometry;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::api::{ApiConfig, ApiServer};
+use crate::api::{ApiConfig, ApiLimits, ApiServer};
 use crate::dataport::{DataPort, DataPortConfig};
 use crate::manager::{DiskSpec, EnableRequest, Manager, OpError};
 use crate::offline::BadInput;
@@ -122,6 +122,8 @@ pub struct ServeOptions {
     pub disk_stores: Vec<std::path::PathBuf>,
     /// Jobs running at once (1..=64; default 8).
     pub max_jobs: usize,
+    /// Control API connections open at once (16..=16384; default 256).
+    pub api_max_connections: usize,
 }
 
 impl ServeOptions {
@@ -136,6 +138,7 @@ impl ServeOptions {
             slot_count: 32,
             disk_stores: Vec::new(),
             max_jobs: 8,
+            api_max_connections: crate::api::ApiLimits::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -150,13 +153,36 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         .thread_block()
         .context("blocking SIGTERM and SIGINT")?;
     let (data_addr, api_addr) = (options.data_addr, options.api_addr);
+    let port_config = DataPortConfig::default();
+    let api_limits = ApiLimits {
+        max_connections: options.api_max_connections,
+        ..ApiLimits::default()
+    };
+    // Before anything is opened: enough file descriptors for every configured limit.
+    let needs = crate::fdbudget::FdNeeds {
+        api_connections: api_limits.max_connections,
+        data_connections: port_config.max_sessions + port_config.max_handshakes,
+        disk_slots: options.slot_count as usize,
+        jobs: options.max_jobs,
+    };
+    let fds = crate::fdbudget::ensure(&needs).map_err(|e| anyhow::anyhow!(e))?;
+    tracing::debug!(
+        needed = fds.needed,
+        soft = fds.soft,
+        hard = fds.hard,
+        "file descriptors"
+    );
     let manager = Manager::open(data_dir, options)?;
     let (api_token, created) = crate::api::load_or_create_token(manager.root())?;
     if created {
-        eprintln!("API token: {api_token}");
+        // The token itself never goes to a log: only where it is.
+        tracing::info!(
+            path = %manager.root().join(crate::api::TOKEN_FILE).display(),
+            "created the control API's bearer token (mode 0600); clients read it from this file"
+        );
     }
-    let mut port = DataPort::bind(data_addr, manager.clone(), DataPortConfig::default())
-        .with_context(|| format!("binding the data port to {data_addr}"))?;
+    // The port's error names the address.
+    let mut port = DataPort::bind(data_addr, manager.clone(), port_config)?;
     manager.start(port.handle())?;
     let api = ApiServer::start(
         api_addr,
@@ -164,6 +190,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
             data_addr: port.local_addr(),
             token: api_token,
             manager: manager.clone(),
+            limits: api_limits,
         },
     )?;
     println!("data port listening on {}", port.local_addr());

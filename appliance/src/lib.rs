@@ -5,6 +5,7 @@
 pub mod api;
 pub mod daemon;
 pub mod dataport;
+pub mod fdbudget;
 pub mod inspect;
 pub mod jobs;
 pub mod manager;

@@ -87,7 +87,7 @@ enum Command {
         #[arg(long = "data-addr", value_name = "ADDR")]
         data_addr: Option<String>,
         /// Address of the control API, HTTP/JSON (default 127.0.0.1:7400). Its bearer token is
-        /// DATA_DIR/api-token, created at first start and printed once on stderr.
+        /// DATA_DIR/api-token (mode 0600), created at first start.
         #[arg(long = "api-addr", value_name = "ADDR")]
         api_addr: Option<String>,
         /// Recovery points to keep per item unless its policy says otherwise, oldest pruned
@@ -113,6 +113,10 @@ enum Command {
         /// once (1..=64, default 8); replication jobs are one per item and do not count.
         #[arg(long = "max-jobs", value_name = "N")]
         max_jobs: Option<u64>,
+        /// Control API connections open at once (16..=16384, default 256). At the cap the
+        /// connection idle longest makes room for a new one.
+        #[arg(long = "api-max-connections", value_name = "N")]
+        api_max_connections: Option<u64>,
     },
     /// Show a protected item (API), or register one offline (`item create`).
     ///
@@ -338,6 +342,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             slots,
             disk_stores,
             max_jobs,
+            api_max_connections,
         } => {
             let flags = config::Flags {
                 data_addr,
@@ -348,6 +353,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 slots,
                 disk_stores,
                 max_jobs,
+                api_max_connections,
             };
             let options = config::load(config.as_deref(), &flags)?;
             daemon::serve(&data_dir, options)

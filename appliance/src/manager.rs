@@ -74,6 +74,8 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(40);
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// Most disks per item (the stream format allows more; one VM rarely has more than 64).
 const MAX_ITEM_DISKS: usize = 64;
+/// Longest item name, in characters (at most 4 bytes each: within the stream header's 255).
+pub const MAX_NAME_CHARS: usize = 63;
 /// Longest a graceful shutdown waits for running jobs that write files.
 const JOB_STOP_WAIT: Duration = Duration::from_secs(120);
 /// The supervisor's period.
@@ -467,11 +469,13 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> OpError {
 
 // ───────────────────────────── requests ─────────────────────────────
 
-/// A disk of an enable request: `size_mib` to create one, or `path` to attach one.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// A disk of an enable request: `size_mib` to create one, or `path` to attach one. Its
+/// OpenAPI schema (`oneOf` the two forms) is written by hand in `crate::api::schema`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Create a new replica disk of this size.
+    #[serde(default, deserialize_with = "crate::api::number::opt_u64_integral")]
     pub size_mib: Option<u64>,
     /// Attach this existing disk (file or block device).
     pub path: Option<String>,
@@ -484,10 +488,16 @@ pub struct DiskSpec {
 #[serde(deny_unknown_fields)]
 pub struct PolicyRequest {
     /// Recovery points kept, 1..=100000.
+    #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "crate::api::number::opt_u64_integral")]
     pub keep_points: Option<u64>,
-    /// Age limit of points in minutes (0 = none).
+    /// Age limit of points in minutes (0 = none), at most a year (527040).
+    #[schema(minimum = 0, maximum = 527_040)]
+    #[serde(default, deserialize_with = "crate::api::number::opt_u64_integral")]
     pub keep_minutes: Option<u64>,
-    /// App-consistent point frequency in minutes (informational).
+    /// App-consistent point frequency in minutes (informational), 1..=1440.
+    #[schema(minimum = 1, maximum = 1440)]
+    #[serde(default, deserialize_with = "crate::api::number::opt_u64_integral")]
     pub app_consistent_minutes: Option<u64>,
 }
 
@@ -495,24 +505,33 @@ pub struct PolicyRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnableRequest {
-    /// A name for people, 1..=255 bytes.
+    /// A name for people: 1..=63 characters, no control characters, not only white space
+    /// (stored trimmed).
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
     /// OS disk first.
+    #[schema(min_items = 1, max_items = 64)]
     pub disks: Vec<DiskSpec>,
     /// Retention policy.
     #[serde(default)]
     pub policy: Option<PolicyRequest>,
     /// Re-protect style: create a temporary 1 GiB fixed VHD here for the original VM.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::optional_path)]
     pub temporary_os_disk: Option<String>,
 }
 
 /// A recovery point choice: `"latest"`, `"latest-processed"`, `"latest-app"` or a point id.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// Its OpenAPI schemas (with and without `"latest"`) are in `crate::api::schema`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PointSpec {
     /// A point id.
-    Id(u64),
+    Id(#[serde(deserialize_with = "crate::api::number::u64_integral")] u64),
     /// A named choice.
     Named(String),
 }
@@ -549,8 +568,10 @@ impl PointSpec {
 #[serde(deny_unknown_fields)]
 pub struct MaterializeRequest {
     /// The point.
+    #[schema(schema_with = crate::api::schema::point_processed)]
     pub point: PointSpec,
     /// Directory for the disks (created if missing).
+    #[schema(schema_with = crate::api::schema::path)]
     pub target_dir: String,
     /// Image format.
     #[serde(default)]
@@ -562,8 +583,10 @@ pub struct MaterializeRequest {
 #[serde(deny_unknown_fields)]
 pub struct FailoverRequest {
     /// The point.
+    #[schema(schema_with = crate::api::schema::point_or_latest)]
     pub point: PointSpec,
     /// Directory for the disks (created if missing).
+    #[schema(schema_with = crate::api::schema::path)]
     pub target_dir: String,
     /// Image format.
     #[serde(default)]
@@ -578,6 +601,7 @@ pub struct FailoverRequest {
 #[serde(deny_unknown_fields)]
 pub struct ChangePointRequest {
     /// The point.
+    #[schema(schema_with = crate::api::schema::point_processed)]
     pub point: PointSpec,
 }
 
@@ -585,13 +609,16 @@ pub struct ChangePointRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReprotectRequest {
-    /// The original VM's OS + data disks, in the item's disk order.
+    /// The original VM's OS + data disks, in the item's disk order (absolute paths).
+    #[schema(schema_with = crate::api::schema::reprotect_disks)]
     pub disks: Vec<String>,
     /// Where to create the temporary 1 GiB OS disk (default beside `disks[0]`).
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::optional_path)]
     pub temporary_os_disk: Option<String>,
-    /// Name of the reverse item (default `<name>-reverse`).
+    /// Name of the reverse item (default `<name>-reverse`), as `EnableRequest.name`.
     #[serde(default)]
+    #[schema(schema_with = crate::api::schema::optional_name)]
     pub name: Option<String>,
 }
 
@@ -1352,6 +1379,10 @@ impl Manager {
         if raw.is_empty() || !path.is_absolute() {
             return Err(refused("must be an absolute path".into()));
         }
+        if raw.contains('\0') {
+            return Err(bad(field, "contains a NUL byte, which no path can"));
+        }
+        check_path_lengths(raw).map_err(refused)?;
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
             return Err(refused("must not contain \"..\"".into()));
         }
@@ -1374,6 +1405,9 @@ impl Manager {
             .iter()
             .rev()
             .fold(canonical, |acc, part| acc.join(part));
+        // Symlinks in the existing part may have made it longer.
+        check_path_lengths(&resolved.display().to_string())
+            .map_err(|why| refused(format!("resolves to {}: {why}", resolved.display())))?;
         let inside_data = resolved.strip_prefix(&self.root).ok().map(|relative| {
             relative
                 .components()
@@ -1440,11 +1474,19 @@ impl Manager {
         role: Role,
         reverse_of: Option<String>,
     ) -> Result<Enabled, OpError> {
+        // Characters, not bytes, so that the OpenAPI schema can state it (maxLength); 63
+        // characters of UTF-8 always fit the stream header's 255 bytes.
         let name = request.name.trim().to_owned();
-        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        if name.is_empty()
+            || request.name.chars().count() > MAX_NAME_CHARS
+            || request.name.chars().any(char::is_control)
+        {
             return Err(bad(
                 "name",
-                "must be 1..=255 bytes without control characters",
+                format!(
+                    "must be 1..={MAX_NAME_CHARS} characters without control characters, not \
+                     only white space"
+                ),
             ));
         }
         if request.disks.is_empty() || request.disks.len() > MAX_ITEM_DISKS {
@@ -1590,7 +1632,19 @@ impl Manager {
                     None => {
                         let path = dirs.replica_path(index);
                         let file = crate::store::create_private_file(&path)?;
-                        file.set_len(geometry.size_bytes)?;
+                        file.set_len(geometry.size_bytes).map_err(|source| {
+                            if source.raw_os_error() == Some(nix::libc::EFBIG) {
+                                anyhow::Error::new(DiskTooLarge {
+                                    field: format!("disks[{index}].size_mib"),
+                                    size_bytes: geometry.size_bytes,
+                                    path: path.display().to_string(),
+                                    source,
+                                })
+                            } else {
+                                anyhow::Error::new(source)
+                                    .context(format!("sizing {}", path.display()))
+                            }
+                        })?;
                         file.sync_all()?;
                         (path, DiskOrigin::Created)
                     }
@@ -1684,6 +1738,12 @@ impl Manager {
                     } else {
                         std::fs::remove_file(path)
                     };
+                }
+                if let Some(too_large) = error.downcast_ref::<DiskTooLarge>() {
+                    return Err(OpError::Conflict {
+                        code: "disk_too_large",
+                        message: too_large.to_string(),
+                    });
                 }
                 return Err(error.into());
             }
@@ -2343,13 +2403,16 @@ impl Manager {
         let item = self.find(hex)?;
         let record = self.check_allowed(&item, Op::Reprotect)?;
         if request.disks.len() != record.disks.len() {
-            return Err(bad(
-                "disks",
-                format!(
-                    "the item has {} disks; give the original VM's disk for each, OS disk first",
-                    record.disks.len()
+            // The request is well formed; it does not fit this item.
+            return Err(OpError::Conflict {
+                code: "disk_mismatch",
+                message: format!(
+                    "disks: the item has {} disks, {} were given; give the original VM's disk \
+                     for each, OS disk first",
+                    record.disks.len(),
+                    request.disks.len()
                 ),
-            ));
+            });
         }
         let mut disks = Vec::new();
         for (index, (raw, disk)) in request.disks.iter().zip(&record.disks).enumerate() {
@@ -2387,9 +2450,12 @@ impl Manager {
         };
         let enabled = self.enable_locked(
             EnableRequest {
-                name: request
-                    .name
-                    .unwrap_or_else(|| format!("{}-reverse", record.name)),
+                name: request.name.unwrap_or_else(|| {
+                    // Within the name limit however long the item's name is.
+                    let keep = MAX_NAME_CHARS - "-reverse".len();
+                    let stem: String = record.name.chars().take(keep).collect();
+                    format!("{stem}-reverse")
+                }),
                 disks,
                 policy: Some(PolicyRequest {
                     keep_points: Some(record.policy.keep_points),
@@ -3152,6 +3218,39 @@ fn disk_size(path: &Path) -> Result<u64, String> {
 }
 
 /// A name usable in a file name.
+/// Longest path component (NAME_MAX) and whole path (PATH_MAX without its NUL), in bytes.
+const MAX_COMPONENT_BYTES: usize = 255;
+const MAX_PATH_BYTES: usize = 4095;
+
+/// The lengths the kernel refuses with ENAMETOOLONG, checked before any file is touched.
+fn check_path_lengths(path: &str) -> Result<(), String> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(format!(
+            "is {} bytes long; a path has at most {MAX_PATH_BYTES}",
+            path.len()
+        ));
+    }
+    match path.split('/').find(|c| c.len() > MAX_COMPONENT_BYTES) {
+        Some(component) => Err(format!(
+            "has a component of {} bytes; a file name has at most {MAX_COMPONENT_BYTES}",
+            component.len()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A disk larger than the filesystem allows for one file (EFBIG at its creation).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{field}: {size_bytes} bytes is larger than the filesystem of {path} allows for one file ({source})"
+)]
+struct DiskTooLarge {
+    field: String,
+    size_bytes: u64,
+    path: String,
+    source: std::io::Error,
+}
+
 fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {

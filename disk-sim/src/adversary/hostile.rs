@@ -583,7 +583,7 @@ fn judge(stream: &mut TcpStream, n: u64, expect: Expect, timeout: Duration) -> O
                 let what = match expect {
                     Expect::Ack if acked => "no close after our half-close",
                     Expect::Ack => "no ack of a valid frame",
-                    Expect::Refusal => "no refusal of a broken frame",
+                    Expect::Refusal | Expect::InvalidPayload => "no refusal of a broken frame",
                     Expect::EndOfStream => "no close after an end frame (socket left open)",
                 };
                 return Outcome::bad(
