@@ -23,3 +23,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "cargo test"
 cargo test --workspace --locked
+
+say "control API: schemathesis (every check, stateful phase) against a real serve"
+scripts/schemathesis.sh

@@ -1318,19 +1318,7 @@ const HASH_READ_BUFFER_BYTES: usize = engine::resync::DEFAULT_READ_BUFFER_BYTES;
 
 fn serve_hashes(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello) {
     let mode = Mode::ChunkHashes as u8;
-    // The registry applies every acknowledged frame first and hands out a guard that keeps
-    // the replica from being written until it is dropped (the item's streaming lease).
-    let access = match shared
-        .registry
-        .replica(&hello.item_id, &hello.token, hello.disk_index)
-    {
-        Ok(access) => access,
-        Err(refusal) => return refuse(shared, stream, id, mode, &refusal),
-    };
-    if let Err(refusal) = shared.admit_session(id) {
-        drop(access);
-        return refuse(shared, stream, id, mode, &refusal);
-    }
+    // The hello's own fields first: a bad chunk size never waits for apply.
     let chunk_size_bytes = hello.chunk_size_bytes;
     if !is_valid_chunk_size(chunk_size_bytes) {
         let refusal = Refusal::new(
@@ -1341,6 +1329,18 @@ fn serve_hashes(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
                 engine::resync::MAX_CHUNK_SIZE_BYTES
             ),
         );
+        return refuse(shared, stream, id, mode, &refusal);
+    }
+    // The registry applies every acknowledged frame first and hands out a guard that keeps
+    // the replica from being written until it is dropped (the item's streaming lease).
+    let access = match shared
+        .registry
+        .replica(&hello.item_id, &hello.token, hello.disk_index)
+    {
+        Ok(access) => access,
+        Err(refusal) => return refuse(shared, stream, id, mode, &refusal),
+    };
+    if let Err(refusal) = shared.admit_session(id) {
         drop(access);
         return refuse(shared, stream, id, mode, &refusal);
     }

@@ -186,7 +186,7 @@ mod tests {
             needed.to_string().as_str(),
             "hard limit on open files (RLIMIT_NOFILE) is 64",
             "256 control API connections",
-            "64 data-port connections",
+            "192 data-port connections",
             "32 disk slots",
             "8 jobs",
             "LimitNOFILE",

@@ -36,6 +36,13 @@ use engine::staging::StagingReader;
 /// How often retention by age is checked when no new point triggers it.
 const PRUNE_BY_AGE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long staging must have had nothing new before the worker makes what it applied durable
+/// without a bookmark (an idle checkpoint): the watermark then covers every acknowledged frame,
+/// so a chunk-hash request or a drain does not wait for the source's next bookmark, and
+/// staging can reclaim the space. Long enough that a steady trickle of writes does not turn
+/// into one replica flush per frame.
+const IDLE_CHECKPOINT_AFTER: Duration = Duration::from_millis(200);
+
 /// Settings of an apply worker.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOptions {
@@ -469,6 +476,7 @@ fn run(
     };
     let counters = &control.counters;
     let mut last_prune = std::time::Instant::now();
+    let mut last_progress = std::time::Instant::now();
     control
         .applied_seq
         .store(applier.durable_seq(), Ordering::Release);
@@ -546,6 +554,13 @@ fn run(
                     applier.applied_seq()
                 );
             }
+        }
+        if progress.frames > 0 {
+            last_progress = std::time::Instant::now();
+        } else if applier.applied_seq() > applier.durable_seq()
+            && last_progress.elapsed() >= IDLE_CHECKPOINT_AFTER
+        {
+            applier.flush()?;
         }
         control
             .applied_seq

@@ -392,11 +392,12 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
         assert_refused(test_failover(server, &a.id, &target), 403, "path_refused");
         assert_refused(failover(server, &a.id, &target), 403, "path_refused");
     }
-    // A NUL byte, an over-long component: named 400s, not 500s.
+    // A NUL byte (400 bad_request), an over-long component (403 path_refused, as for every
+    // path the filesystem cannot take): named 4xx, not 500s.
     let long = data.join("x".repeat(300));
-    for target in [
-        format!("{}/a\u{0}b", data.display()),
-        long.display().to_string(),
+    for (target, status, code) in [
+        (format!("{}/a\u{0}b", data.display()), 400, "bad_request"),
+        (long.display().to_string(), 403, "path_refused"),
     ] {
         let answer = post(
             server,
@@ -404,7 +405,7 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
             "test-failover",
             json!({"point": "latest-processed", "target_dir": target}),
         );
-        assert_refused(answer, 400, "bad_request");
+        assert_refused(answer, status, code);
     }
     assert_eq!(
         item(server, &a.id)["state"],
