@@ -1,0 +1,68 @@
+//! Lock discipline of a running `serve` (ARCHITECTURE.md, "Locks"): an error path that takes a
+//! lock twice hangs every later API call, so each such path is driven here and the API must
+//! still answer afterwards.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use common::{Server, request};
+use serde_json::json;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long an answer may take on a loaded machine; a deadlock never answers.
+const ANSWER_WAIT: Duration = Duration::from_secs(60);
+
+/// `method path` on `server`, or a panic naming the call if it does not answer in time.
+fn answers(server: &Server, method: &str, path: &str, body: Option<serde_json::Value>) -> u16 {
+    let (api, token) = (server.api.clone(), server.token.clone());
+    let (method_owned, path_owned) = (method.to_owned(), path.to_owned());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(request(
+            &api,
+            &method_owned,
+            &path_owned,
+            Some(&token),
+            body,
+        ));
+    });
+    match rx.recv_timeout(ANSWER_WAIT) {
+        Ok((status, _)) => status,
+        Err(_) => panic!("{method} {path} got no answer (timed out): a lock is held"),
+    }
+}
+
+/// A slot commit that fails in enable cleans up and answers; the manager's locks are free
+/// afterwards (once, the clean-up took the slot table's lock that the failed commit's `if let`
+/// still held, with `ops` held too: enable never answered and every later call hung).
+#[test]
+fn a_failed_slot_commit_in_enable_answers_and_leaves_the_api_working() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(
+        data.path(),
+        "127.0.0.1:0",
+        &[],
+        &[("APPLIANCE_TEST_FAIL_AT", "enable:slots-commit")],
+    );
+    let enable = json!({"name": "vm", "disks": [{"size_mib": 1}]});
+    let status = answers(&server, "POST", "/v1/items", Some(enable.clone()));
+    assert_eq!(status, 500, "the failed commit is an I/O error");
+    for path in [
+        "/v1/appliance",
+        "/v1/items",
+        "/v1/slots",
+        "/metrics",
+        "/v1/jobs",
+    ] {
+        assert_eq!(answers(&server, "GET", path, None), 200, "GET {path}");
+    }
+    // The reservation was freed: no slot stays reserved or attached.
+    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert_eq!(slots["reserved"], 0, "{slots}");
+    assert_eq!(slots["attached"], 0, "{slots}");
+    // `ops` is free: another operation runs (and fails the same way, with an answer).
+    assert_eq!(answers(&server, "POST", "/v1/items", Some(enable)), 500);
+    server.stop();
+}
