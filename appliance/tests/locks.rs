@@ -66,3 +66,80 @@ fn a_failed_slot_commit_in_enable_answers_and_leaves_the_api_working() {
     assert_eq!(answers(&server, "POST", "/v1/items", Some(enable)), 500);
     server.stop();
 }
+
+/// Every `Mutex` and `Condvar` of appliance/ and engine/ is in ARCHITECTURE.md's "Locks"
+/// section, as `Struct.field` (a tuple struct by its name): a new lock is documented with its
+/// place in the order.
+#[test]
+fn every_lock_of_the_code_is_in_the_architecture_document() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let start = doc.find("## Locks\n").expect("a Locks section");
+    let section = &doc[start..];
+    let section = &section[..section[3..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 3)];
+    let mut locks = Vec::new();
+    for dir in ["appliance/src", "engine/src"] {
+        let mut pending = vec![root.join(dir)];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    locks.extend(locks_in(&std::fs::read_to_string(&path).unwrap()));
+                }
+            }
+        }
+    }
+    assert!(locks.len() >= 20, "the scan finds the locks: {locks:?}");
+    let missing: Vec<&String> = locks
+        .iter()
+        .filter(|name| !section.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in ARCHITECTURE.md's Locks section (as `Struct.field`): {missing:?}"
+    );
+}
+
+/// `Struct.field` of each `field: Mutex<…>`, `Arc<Mutex<…>>` or `Condvar` in `source`, and
+/// `Struct` of a tuple struct around one.
+fn locks_in(source: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    // The struct whose braces the line is in (fields only; not a function's parameters).
+    let mut owner: Option<String> = None;
+    for line in source.lines() {
+        let line = line.trim_start();
+        if line == "}" {
+            owner = None;
+            continue;
+        }
+        let line = line.strip_prefix("pub(crate) ").unwrap_or(line);
+        let line = line.strip_prefix("pub ").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix("struct ") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let after = &rest[name.len()..];
+            if after.starts_with("(Arc<Mutex<") || after.starts_with("(Mutex<") {
+                found.push(name.clone());
+            }
+            owner = after.trim_end().ends_with('{').then_some(name);
+            continue;
+        }
+        let Some((field, ty)) = line.split_once(": ") else {
+            continue;
+        };
+        let is_field = !field.is_empty() && field.chars().all(|c| c.is_alphanumeric() || c == '_');
+        let is_lock = ["Mutex<", "Arc<Mutex<", "Condvar,"]
+            .iter()
+            .any(|prefix| ty.starts_with(prefix));
+        if let Some(owner) = owner.as_ref().filter(|_| is_field && is_lock) {
+            found.push(format!("{owner}.{field}"));
+        }
+    }
+    found
+}
