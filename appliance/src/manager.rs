@@ -2594,6 +2594,7 @@ impl Manager {
                     .ok_or_else(|| anyhow!("the item is not replicating"))?;
                 let next_seq = {
                     let mut log = lock(&log);
+                    crate::testhook::pause_point("resync:marker");
                     log.require_resync("the operator asked for a delta resync")?;
                     log.next_seq()
                 };

@@ -24,6 +24,7 @@
 //! | `enable:record` | enable: `item.json` written (the commit point) |
 //! | `enable:slots` | enable: the slots committed |
 //! | `enable:started` | enable: replication started, before the answer |
+//! | `resync:marker` | the resync job, holding the staging log's lock, before writing the resync marker |
 //! | `job:finish:<kind>` | a job's end decided, before its record is written (`<kind>` as in `JobKind::name`) |
 
 /// Every point of enable, in order.

@@ -6,10 +6,12 @@
 
 mod common;
 
-use common::{Server, request};
+use common::{Server, item_id, request};
+use disk_sim::agent::{Agent, AgentConfig};
+use engine::delta::{Consistency, DiskGeometry};
 use serde_json::json;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long an answer may take on a loaded machine; a deadlock never answers.
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
@@ -64,6 +66,62 @@ fn a_failed_slot_commit_in_enable_answers_and_leaves_the_api_working() {
     assert_eq!(slots["attached"], 0, "{slots}");
     // `ops` is free: another operation runs (and fails the same way, with an answer).
     assert_eq!(answers(&server, "POST", "/v1/items", Some(enable)), 500);
+    server.stop();
+}
+
+/// While the resync job writes the resync marker (under the staging log's lock, held here by
+/// `APPLIANCE_TEST_PAUSE_AT`), the item's views answer: the job no longer holds the item's
+/// `repl` lock (which every view takes) across that write + fsync.
+#[test]
+fn item_views_answer_while_the_resync_job_writes_its_marker() {
+    let data = tempfile::tempdir().unwrap();
+    let release = data.path().join("release-resync");
+    let pause = format!("resync:marker={}", release.display());
+    let server = Server::start_with_env(
+        data.path(),
+        "127.0.0.1:0",
+        &[],
+        &[("APPLIANCE_TEST_PAUSE_AT", pause.as_str())],
+    );
+    // An item in `protected`: the agent's first copy (one write) and a point.
+    let enabled = server.expect(
+        "POST",
+        "/v1/items",
+        Some(json!({"name": "vm", "disks": [{"size_mib": 1}]})),
+        201,
+    );
+    let id = enabled["item"]["id"].as_str().unwrap().to_owned();
+    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let geometry = vec![DiskGeometry {
+        size_bytes: 1 << 20,
+        block_size_bytes: 4096,
+    }];
+    let mut config = AgentConfig::new(server.data, item_id(&id), token.as_bytes(), "vm", geometry);
+    config.max_attempts = 50;
+    let agent = Agent::connect(config).unwrap();
+    agent.write(0, 0, &[7u8; 4096]).unwrap();
+    agent.bookmark(Consistency::Crash, 1, 1, "first").unwrap();
+    agent.close(ANSWER_WAIT).unwrap();
+    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+
+    let job = server.expect("POST", &format!("/v1/items/{id}/resync"), None, 202);
+    let reached = data.path().join("release-resync.reached");
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while !reached.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the resync job never reached its marker: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for path in [
+        format!("/v1/items/{id}"),
+        "/v1/items".to_owned(),
+        "/metrics".to_owned(),
+    ] {
+        assert_eq!(answers(&server, "GET", &path, None), 200, "GET {path}");
+    }
+    std::fs::write(&release, b"go").unwrap();
     server.stop();
 }
 
