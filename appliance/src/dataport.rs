@@ -847,7 +847,9 @@ fn accept_loop(shared: &Arc<PortShared>, listener: TcpListener) {
             Ok(handle) => shared.threads().push(handle),
             Err(error) => {
                 tracing::warn!(%error, "cannot start a data port connection thread");
-                if let Some(conn) = shared.sockets().remove(&id) {
+                // Bound first: in `if let` the `sockets` guard would be held across the write.
+                let removed = shared.sockets().remove(&id);
+                if let Some(conn) = removed {
                     refuse_without_blocking(
                         &conn.stream,
                         Status::TooManyConnections,

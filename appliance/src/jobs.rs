@@ -224,7 +224,7 @@ impl Job {
 struct Inner {
     dir: PathBuf,
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
-    /// The next id (changed under the `jobs` lock).
+    /// The next id (taken by `Jobs::create` with one atomic update: never given twice).
     next_id: AtomicU64,
     /// Job files that could not be loaded at open.
     damaged: Vec<DamagedJob>,
@@ -240,19 +240,27 @@ impl Inner {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Deletes the oldest finished jobs beyond [`MAX_KEPT_JOBS`].
+    /// Deletes the oldest finished jobs beyond [`MAX_KEPT_JOBS`]: out of the table under its
+    /// lock, then their files without it (an id is never reused, so no new file can be hit).
     fn trim(&self) {
-        let mut jobs = self.lock();
-        let finished: Vec<u64> = jobs
-            .iter()
-            .filter(|(_, job)| job.lock().state != JobState::Running)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in finished
-            .iter()
-            .take(finished.len().saturating_sub(MAX_KEPT_JOBS))
-        {
-            jobs.remove(id);
+        let dropped: Vec<u64> = {
+            let mut jobs = self.lock();
+            let finished: Vec<u64> = jobs
+                .iter()
+                .filter(|(_, job)| job.lock().state != JobState::Running)
+                .map(|(id, _)| *id)
+                .collect();
+            let dropped: Vec<u64> = finished
+                .iter()
+                .take(finished.len().saturating_sub(MAX_KEPT_JOBS))
+                .copied()
+                .collect();
+            for id in &dropped {
+                jobs.remove(id);
+            }
+            dropped
+        };
+        for id in dropped {
             let path = self.dir.join(format!("{id}.json"));
             if let Err(error) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), %error, "could not delete an old job");
@@ -328,11 +336,19 @@ impl Jobs {
         item: &str,
         message: impl Into<String>,
     ) -> anyhow::Result<Arc<Job>> {
-        let mut jobs = self.0.lock();
-        let id = self.0.next_id.load(Ordering::Acquire);
-        if id > MAX_JOB_ID {
-            anyhow::bail!("job ids are used up (the largest is {MAX_JOB_ID}); no job was created");
-        }
+        // The id is reserved first, the file written without the table's lock, the job
+        // inserted after: a failed write leaves a gap in the ids, never a reused one.
+        let id = self
+            .0
+            .next_id
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |id| {
+                (id <= MAX_JOB_ID).then_some(id + 1)
+            })
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "job ids are used up (the largest is {MAX_JOB_ID}); no job was created"
+                )
+            })?;
         let view = JobView {
             id,
             kind,
@@ -345,14 +361,13 @@ impl Jobs {
             finished_ns: None,
         };
         self.0.persist(&view)?;
-        self.0.next_id.store(id + 1, Ordering::Release);
         let job = Arc::new(Job {
             view: Mutex::new(view),
             finishing: AtomicBool::new(false),
             table: self.0.clone(),
             target_dir: OnceLock::new(),
         });
-        jobs.insert(id, job.clone());
+        self.0.lock().insert(id, job.clone());
         Ok(job)
     }
 

@@ -958,7 +958,9 @@ impl Manager {
                 _ => None,
             })
             .collect();
-        let mut items = lock(&self.items);
+        // Read into a local table; `items` is taken once, to publish it (no lock across the
+        // reads and clean-ups below).
+        let mut items = BTreeMap::new();
         for found in self.data.found_items()? {
             let hex = item_hex(&found.id);
             let path = found.root.join(RECORD_FILE);
@@ -1041,6 +1043,7 @@ impl Manager {
             item.quarantine_now(reason, QUARANTINE_ACTION);
             items.insert(found.id, Arc::new(item));
         }
+        lock(&self.items).extend(items);
         Ok(())
     }
 
@@ -1274,7 +1277,9 @@ impl Manager {
     /// Returns the items that could not be stopped cleanly.
     pub fn shutdown(&self) -> Vec<String> {
         self.stopping.store(true, Ordering::Release);
-        if let Some(handle) = lock(&self.supervisor).take() {
+        // Bound first: in `if let` the guard would be held across the join.
+        let supervisor = lock(&self.supervisor).take();
+        if let Some(handle) = supervisor {
             let _ = handle.join();
         }
         // Let jobs that write files finish (bounded): a restart would undo their work.
@@ -1742,7 +1747,19 @@ impl Manager {
             .iter()
             .map(|d| PathBuf::from(&d.path))
             .collect();
-        if let Err(error) = lock(&self.slots).commit(reservation, paths) {
+        // Bound first: the guard of an `if let` scrutinee lives through its block, and the
+        // clean-up below takes `slots` again (`remove_item_data`).
+        let committed = if crate::testhook::fail_point("enable:slots-commit") {
+            Err("APPLIANCE_TEST_FAIL_AT=enable:slots-commit".to_owned())
+        } else {
+            lock(&self.slots)
+                .commit(reservation, paths)
+                .map_err(|e| e.to_string())
+        };
+        if let Err(error) = committed {
+            // A commit that failed may leave the reservation (it is consumed): free it, or
+            // `release_item` below refuses the item as busy.
+            let _ = lock(&self.slots).release_op(op);
             // The record exists: disable it so that nothing is left half made.
             let message = format!("attaching the disks to slots failed: {error}");
             let _ = job.fail(message.clone());
@@ -2555,12 +2572,17 @@ impl Manager {
                 manager.discard_unappliable(item, job)?;
                 job.progress(2, "applying what is staged");
                 manager.wait_caught_up(item)?;
+                // The log's handle out of `repl`, whose guard is dropped before the marker's
+                // write + fsync (views take `repl`). The log's own mutex covers that I/O: it
+                // is the log's only writer, and the item's sessions have ended.
+                let log = item
+                    .repl()
+                    .as_ref()
+                    .map(|repl| repl.log.clone())
+                    .ok_or_else(|| anyhow!("the item is not replicating"))?;
                 let next_seq = {
-                    let repl = item.repl();
-                    let repl = repl
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("the item is not replicating"))?;
-                    let mut log = lock(&repl.log);
+                    let mut log = lock(&log);
+                    crate::testhook::pause_point("resync:marker");
                     log.require_resync("the operator asked for a delta resync")?;
                     log.next_seq()
                 };
@@ -3138,7 +3160,9 @@ fn stand_in_record(
 /// Undoes a failed job that was writing disks: removes what it wrote, returns the item to
 /// `state` and records the error.
 fn undo_pending(item: &Item, state: ItemState, error: &str) {
-    if let Some(pending) = item.record().pending.clone() {
+    // Bound first: in `if let` the record's guard would live through the removals.
+    let pending = item.record().pending.clone();
+    if let Some(pending) = pending {
         remove_materialized(&pending);
     }
     if let Err(e) = item.update(|r| {

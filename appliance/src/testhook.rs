@@ -7,6 +7,9 @@
 //! - `APPLIANCE_TEST_PAUSE_AT=<point>=<path>` holds the thread that reaches `<point>`: it
 //!   creates `<path>.reached`, then waits until `<path>` exists. A test uses it to hold a race
 //!   window open (e.g. a job between its end and its record write) for as long as it wants.
+//! - `APPLIANCE_TEST_FAIL_AT=<point>` makes the step at `<point>` fail as if its I/O had
+//!   failed (the caller decides what failing means there), to reach error paths no real
+//!   fault reaches reliably: `enable:slots-commit` (the slot table's commit of a new item).
 //!
 //! The points, in the order they are reached:
 //!
@@ -21,6 +24,7 @@
 //! | `enable:record` | enable: `item.json` written (the commit point) |
 //! | `enable:slots` | enable: the slots committed |
 //! | `enable:started` | enable: replication started, before the answer |
+//! | `resync:marker` | the resync job, holding the staging log's lock, before writing the resync marker |
 //! | `job:finish:<kind>` | a job's end decided, before its record is written (`<kind>` as in `JobKind::name`) |
 
 /// Every point of enable, in order.
@@ -45,6 +49,18 @@ pub fn crash_point(point: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
+}
+
+/// True if `APPLIANCE_TEST_FAIL_AT` names `point`: the caller then fails that step (debug
+/// builds only; a release build always answers false).
+pub fn fail_point(point: &str) -> bool {
+    #[cfg(debug_assertions)]
+    if std::env::var("APPLIANCE_TEST_FAIL_AT").is_ok_and(|wanted| wanted == point) {
+        eprintln!("APPLIANCE_TEST_FAIL_AT: failing {point}");
+        return true;
+    }
+    let _ = point;
+    false
 }
 
 /// Holds the calling thread here if `APPLIANCE_TEST_PAUSE_AT` names `point` (debug builds
