@@ -152,6 +152,16 @@ impl ItemState {
     pub fn holds_slots(self) -> bool {
         !matches!(self, Self::FailedBack | Self::Disabled)
     }
+
+    /// The replication job that ends this state (initial sync, re-protect, resync), if any.
+    pub fn sync_job_kind(self) -> Option<JobKind> {
+        match self {
+            Self::InitialReplication => Some(JobKind::InitialReplication),
+            Self::Reprotecting => Some(JobKind::Reprotect),
+            Self::Resyncing => Some(JobKind::Resync),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for ItemState {
@@ -1142,11 +1152,8 @@ impl Manager {
         // supervisor ends the sync through it.
         for item in self.all_items() {
             let record = item.record().clone();
-            let kind = match record.state {
-                ItemState::InitialReplication => JobKind::InitialReplication,
-                ItemState::Reprotecting => JobKind::Reprotect,
-                ItemState::Resyncing => JobKind::Resync,
-                _ => continue,
+            let Some(kind) = record.state.sync_job_kind() else {
+                continue;
             };
             if record.last_job.and_then(|id| self.jobs.get(id)).is_some() {
                 continue;
@@ -2734,11 +2741,8 @@ impl Manager {
     fn tick(&self) {
         for item in self.all_items() {
             let record = item.record().clone();
-            let kind = match record.state {
-                ItemState::InitialReplication => JobKind::InitialReplication,
-                ItemState::Reprotecting => JobKind::Reprotect,
-                ItemState::Resyncing => JobKind::Resync,
-                _ => continue,
+            let Some(kind) = record.state.sync_job_kind() else {
+                continue;
             };
             let Some(job) = record.last_job.and_then(|id| self.jobs.get(id)) else {
                 continue;
