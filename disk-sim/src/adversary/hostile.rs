@@ -343,7 +343,12 @@ fn frames_for(
             let mut garbage = vec![0u8; 16 + rng.below(4096) as usize];
             rng.fill(&mut garbage);
             garbage[0] = 0; // never the zstd magic
-            (n, vec![zstd(n, garbage)], Expect::InvalidPayload, "random bytes")
+            (
+                n,
+                vec![zstd(n, garbage)],
+                Expect::InvalidPayload,
+                "random bytes",
+            )
         }
         ZstdTruncated => {
             let whole = zstd_frame(&data(rng, l), Some(len));
@@ -369,7 +374,12 @@ fn frames_for(
             if rng.chance(1, 3) {
                 let total = (8 + rng.below(57) as usize) << 20;
                 let payload = zstd_rle_frame(rng.below(256) as u8, total);
-                (n, vec![zstd(n, payload)], Expect::InvalidPayload, "rle bomb")
+                (
+                    n,
+                    vec![zstd(n, payload)],
+                    Expect::InvalidPayload,
+                    "rle bomb",
+                )
             } else {
                 let long = l + 512 * (1 + rng.below(64) as usize);
                 let payload = zstd_frame(&data(rng, long), None);
@@ -416,7 +426,12 @@ fn frames_for(
             };
             let mut payload = zstd_frame(&data(rng, first), Some(first as u64));
             payload.extend(zstd_frame(&data(rng, second), Some(second as u64)));
-            (n, vec![zstd(n, payload)], Expect::InvalidPayload, "two frames")
+            (
+                n,
+                vec![zstd(n, payload)],
+                Expect::InvalidPayload,
+                "two frames",
+            )
         }
         ZstdConcatValid => {
             let first = 1 + rng.below(len - 1) as usize;
@@ -475,7 +490,12 @@ fn frames_for(
                 kind: KIND_RESYNC_BLOCK,
                 ..write(n, disk, offset, len, ENCODING_RAW, data(rng, l))
             };
-            (n, vec![frame], Expect::Ack, "raw resync block (valid in any session)")
+            (
+                n,
+                vec![frame],
+                Expect::Ack,
+                "raw resync block (valid in any session)",
+            )
         }
         _ => (n, vec![RawFrame::end(n)], Expect::EndOfStream, "end frame"),
     }
