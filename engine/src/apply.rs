@@ -1616,6 +1616,20 @@ mod tests {
     }
 
     #[test]
+    fn ingest_commits_early_when_apply_took_every_handed_off_payload() {
+        let (_storage, disks, mut log, _meta, _item, mut applier) = rig_with_pool(small_buffers());
+        let mut model = vec![0u8; DISK_BYTES as usize];
+        // 60 frames (1.2 MiB decompressed) arrive in one read, so the input is idle only at
+        // the end; once the pending frames hold 1 MiB (half the budget) handed off and nothing
+        // published waits, ingest commits so that apply gets them while they are handed off.
+        let report = ingest(&mut log, &zstd_writes(1, 60, &mut model));
+        assert_eq!(report.commits, 2, "{report:?}");
+        applier.apply_available().unwrap();
+        assert_eq!(applier.stats().payloads_handed_off, 60);
+        assert!(disks.live_image("replica-0").unwrap() == model, "replica");
+    }
+
+    #[test]
     fn apply_behind_or_a_handoff_for_another_frame_decompresses_from_staging_byte_exact() {
         let (_storage, disks, mut log, _meta, _item, mut applier) = rig_with_pool(small_buffers());
         let mut model = vec![0u8; DISK_BYTES as usize];

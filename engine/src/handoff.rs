@@ -173,6 +173,16 @@ impl PayloadHandoff {
         }
     }
 
+    /// Most bytes of buffers it holds.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Whether published payloads wait for apply (apply has not reached them yet).
+    pub fn has_published(&self) -> bool {
+        !self.lock().published.is_empty()
+    }
+
     /// Bytes of buffers held now (free, published and lent).
     pub fn held_bytes(&self) -> usize {
         self.lock().held_bytes

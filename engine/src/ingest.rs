@@ -6,8 +6,9 @@
 //!        ─► PayloadCheck: a zstd payload is decompressed into a buffer lent by the log's
 //!           payload handoff (crate::handoff) or, when it has none free, into one scratch
 //!           buffer per stream (≤ MAX_PAYLOAD_BYTES); it must give exactly the declared length
-//!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered
-//!           or `group_max_frames` are pending ─► publish the committed frames' decompressed
+//!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered,
+//!           `group_max_frames` are pending, or apply caught up with the handoff and the
+//!           pending frames hold half its budget ─► publish the committed frames' decompressed
 //!           payloads to apply ─► on_ack(durable seq)
 //! ```
 //!
@@ -333,7 +334,12 @@ pub fn ingest_stream(
         pending += 1;
         // Group commit: flush when the sender has nothing more in flight for us right now.
         let idle = decoder_buffer_empty(&mut decoder);
-        if pending >= config.group_max_frames || idle {
+        // Or when apply took every payload handed off before and the frames pending hold half
+        // the handoff's budget: apply waits for them, and their payloads reach it while still
+        // in the handoff (not after a group of up to `group_max_frames`).
+        let handed_bytes: usize = handed.iter().map(|(key, _)| key.length_bytes as usize).sum();
+        let handoff_due = handed_bytes * 2 >= handoff.max_bytes() && !handoff.has_published();
+        if pending >= config.group_max_frames || idle || handoff_due {
             commit(log, &mut report, on_ack, &mut handed, seq)?;
             pending = 0;
         }
