@@ -337,7 +337,10 @@ pub fn ingest_stream(
         // Or when apply took every payload handed off before and the frames pending hold half
         // the handoff's budget: apply waits for them, and their payloads reach it while still
         // in the handoff (not after a group of up to `group_max_frames`).
-        let handed_bytes: usize = handed.iter().map(|(key, _)| key.length_bytes as usize).sum();
+        let handed_bytes: usize = handed
+            .iter()
+            .map(|(key, _)| key.length_bytes as usize)
+            .sum();
         let handoff_due = handed_bytes * 2 >= handoff.max_bytes() && !handoff.has_published();
         if pending >= config.group_max_frames || idle || handoff_due {
             commit(log, &mut report, on_ack, &mut handed, seq)?;
