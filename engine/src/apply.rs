@@ -3,7 +3,10 @@
 //! ```text
 //!  StagingReader ──► batch (≤ stream_max_frames, ends at a bookmark)
 //!      │   decompress each payload straight into an aligned pool buffer (IoBuf); a payload
-//!      │   larger than one buffer goes through the spill buffer and is written in pieces
+//!      │   larger than one buffer goes through the spill buffer and is written in pieces;
+//!      │   a zstd payload ingest decompressed for exactly this frame (same seq, checksum,
+//!      │   disk, offset, length: crate::handoff) is copied, or swapped in as the spill
+//!      │   buffer, instead of being decompressed again
 //!      ▼
 //!  preserve: grains the batch overwrites that were not yet preserved in this interval
 //!      │   read old content (IoOp::Read) ─► append to preserve/pres-<tag>.dat ─► fdatasync
@@ -43,9 +46,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::delta::{
-    Consistency, DataExtent, DecodeErrorReason, DiskGeometry, FrameBody, PayloadDecoder,
+    Consistency, DataExtent, DecodeErrorReason, DiskGeometry, Encoding, FrameBody, PayloadDecoder,
 };
 use crate::durable::{DurableDir, DurableFile};
+use crate::handoff::{PayloadHandoff, PayloadKey};
 use crate::io::{BufPool, Completion, FileId, IoBuf, IoEngine, IoOp, RejectReason};
 use crate::meta::{ItemKey, MetaError, MetaStore, PointOrigin, PointRecord, PreservedEntry};
 use crate::staging::{StagingError, StagingReader};
@@ -280,6 +284,10 @@ pub struct ApplyStats {
     pub grains_preserved: u64,
     /// Replica flush rounds.
     pub flushes: u64,
+    /// zstd payloads apply decompressed from staging.
+    pub payloads_decompressed: u64,
+    /// zstd payloads apply took from ingest's handoff instead (decompressed once, by ingest).
+    pub payloads_handed_off: u64,
 }
 
 /// Points a materialize is reading: never pruned while pinned.
@@ -390,6 +398,8 @@ pub struct Applier<E: IoEngine> {
     /// Where the reader started: replay begins here until a watermark exists.
     first_seq: u64,
     payloads: PayloadDecoder,
+    /// Payloads ingest decompressed while validating them (shared with the staging log).
+    handoff: Arc<PayloadHandoff>,
     /// Payloads larger than one pool buffer are decoded here first (grows to the largest such
     /// payload, at most [`crate::delta::MAX_PAYLOAD_BYTES`], and is reused).
     spill: Vec<u8>,
@@ -483,6 +493,7 @@ impl<E: IoEngine> Applier<E> {
             preserve_dir,
             preserve_file: None,
             first_seq: reader.next_seq(),
+            handoff: reader.handoff(),
             reader,
             payloads,
             spill: Vec::new(),
@@ -745,21 +756,44 @@ impl<E: IoEngine> Applier<E> {
             let seq = frame.seq;
             last_seq = Some(seq);
             progress.frames += 1;
+            // A zstd payload ingest already decompressed for exactly this frame is taken from
+            // the handoff instead of being decompressed again.
+            let handed = match &frame.body {
+                FrameBody::Write(extent) | FrameBody::ResyncBlock(extent)
+                    if extent.encoding == Encoding::Zstd =>
+                {
+                    let handed = self
+                        .handoff
+                        .take(&PayloadKey::of(seq, frame.checksum, extent));
+                    match handed {
+                        Some(_) => self.stats.payloads_handed_off += 1,
+                        None => self.stats.payloads_decompressed += 1,
+                    }
+                    handed
+                }
+                _ => None,
+            };
             let op = match frame.body {
                 FrameBody::Write(extent) | FrameBody::ResyncBlock(extent)
                     if extent.length_bytes as usize > buf.capacity_bytes() =>
                 {
-                    // Larger than a buffer: decode once into the spill buffer, then write it
-                    // in buffer-sized pieces (below, once the frame's borrow has ended).
-                    self.spill.resize(extent.length_bytes as usize, 0);
-                    self.payloads
-                        .decode_into(&extent, &mut self.spill)
-                        .map_err(|reason| ApplyError::Payload {
-                            seq,
-                            disk_index: extent.disk_index,
-                            offset_bytes: extent.offset_bytes,
-                            reason,
-                        })?;
+                    // Larger than a buffer: decode once into the spill buffer (or take the
+                    // handed-off bytes as the spill buffer), then write it in buffer-sized
+                    // pieces (below, once the frame's borrow has ended).
+                    if let Some(bytes) = handed {
+                        let spare = std::mem::replace(&mut self.spill, bytes);
+                        self.handoff.recycle(spare);
+                    } else {
+                        self.spill.resize(extent.length_bytes as usize, 0);
+                        self.payloads
+                            .decode_into(&extent, &mut self.spill)
+                            .map_err(|reason| ApplyError::Payload {
+                                seq,
+                                disk_index: extent.disk_index,
+                                offset_bytes: extent.offset_bytes,
+                                reason,
+                            })?;
+                    }
                     Next::Spilled {
                         disk_index: extent.disk_index,
                         offset_bytes: extent.offset_bytes,
@@ -767,14 +801,19 @@ impl<E: IoEngine> Applier<E> {
                     }
                 }
                 FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
-                    decode_into(&mut self.payloads, &extent, &mut buf).map_err(|reason| {
-                        ApplyError::Payload {
-                            seq,
-                            disk_index: extent.disk_index,
-                            offset_bytes: extent.offset_bytes,
-                            reason,
-                        }
-                    })?;
+                    if let Some(bytes) = handed {
+                        buf.copy_from(&bytes);
+                        self.handoff.recycle(bytes);
+                    } else {
+                        decode_into(&mut self.payloads, &extent, &mut buf).map_err(|reason| {
+                            ApplyError::Payload {
+                                seq,
+                                disk_index: extent.disk_index,
+                                offset_bytes: extent.offset_bytes,
+                                reason,
+                            }
+                        })?;
+                    }
                     Next::Op(PendingOp::Write {
                         disk_index: extent.disk_index,
                         offset_bytes: extent.offset_bytes,
@@ -1341,6 +1380,20 @@ mod tests {
         ItemKey,
         Applier<SimEngine>,
     ) {
+        rig_with_pool(default_pool_config(8))
+    }
+
+    /// [`rig`] with the apply buffer pool `pool`.
+    fn rig_with_pool(
+        pool: crate::io::BufPoolConfig,
+    ) -> (
+        SimDir,
+        SimDiskSet,
+        StagingLog,
+        Arc<MetaStore>,
+        ItemKey,
+        Applier<SimEngine>,
+    ) {
         let storage = SimDir::new();
         let disks = SimDiskSet::new();
         disks
@@ -1376,7 +1429,7 @@ mod tests {
             ApplyConfig::default(),
             engine,
             vec![file],
-            BufPool::new(default_pool_config(8)).unwrap(),
+            BufPool::new(pool).unwrap(),
             meta.clone(),
             Arc::new(storage.clone()),
             log.reader(1),
@@ -1488,6 +1541,138 @@ mod tests {
             "point 4 after the discard"
         );
         assert_eq!(applier.mark_latest_point().unwrap(), Some(10));
+    }
+
+    /// A pool of 16 KiB buffers: 32 KiB payloads go through the spill buffer, 8 KiB ones
+    /// straight into a pool buffer.
+    fn small_buffers() -> crate::io::BufPoolConfig {
+        crate::io::BufPoolConfig {
+            buf_size_bytes: 16 << 10,
+            buf_count: 8,
+            ..crate::io::BufPoolConfig::default()
+        }
+    }
+
+    /// Compressible content that differs from frame to frame.
+    fn content(tag: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (((i / 96) as u64).wrapping_mul(31) ^ tag.wrapping_mul(0x9E37)) as u8)
+            .collect()
+    }
+
+    /// `count` zstd writes from seq `first_seq` alternating 32 KiB and 8 KiB, overlapping;
+    /// returns the stream bytes (with an end frame) and applies them to `model`.
+    fn zstd_writes(first_seq: u64, count: u64, model: &mut [u8]) -> Vec<u8> {
+        let mut encoder =
+            DeltaEncoder::new(Vec::new(), &header(first_seq), EncoderOptions::default()).unwrap();
+        for n in 0..count {
+            let seq = first_seq + n;
+            let len = if n % 2 == 0 { 32 << 10 } else { 8 << 10 };
+            let offset = (seq * 12288) % (DISK_BYTES - (32 << 10));
+            let data = content(seq, len);
+            encoder.write(0, offset, &data).unwrap();
+            write_model(model, offset, &data);
+        }
+        encoder.finish().unwrap()
+    }
+
+    fn ingest(log: &mut StagingLog, stream: &[u8]) -> crate::ingest::IngestReport {
+        crate::ingest::ingest_stream(
+            stream,
+            log,
+            crate::ingest::IngestConfig::default(),
+            &mut |_, _| {},
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn payloads_ingest_validated_are_applied_without_a_second_decompression_byte_exact() {
+        let (_storage, disks, mut log, _meta, _item, mut applier) = rig_with_pool(small_buffers());
+        let mut model = vec![0u8; DISK_BYTES as usize];
+        let report = ingest(&mut log, &zstd_writes(1, 12, &mut model));
+        assert_eq!(report.frames_staged, 12);
+        assert_eq!(log.handoff().stats().published, 12);
+        let progress = applier.apply_available().unwrap();
+        assert_eq!(progress.frames, 12);
+        let stats = applier.stats();
+        assert_eq!(
+            (stats.payloads_handed_off, stats.payloads_decompressed),
+            (12, 0),
+            "apply caught up takes every payload from the handoff (spilled and pooled)"
+        );
+        assert!(disks.live_image("replica-0").unwrap() == model, "replica");
+        // The buffers went back: the next stream hands off again without allocating more.
+        let held = log.handoff().held_bytes();
+        assert!(
+            held > 0 && held <= crate::handoff::HANDOFF_MAX_BYTES,
+            "{held}"
+        );
+        ingest(&mut log, &zstd_writes(13, 6, &mut model));
+        applier.apply_available().unwrap();
+        assert_eq!(applier.stats().payloads_handed_off, 18);
+        assert!(log.handoff().held_bytes() <= crate::handoff::HANDOFF_MAX_BYTES);
+        assert!(disks.live_image("replica-0").unwrap() == model, "replica");
+    }
+
+    #[test]
+    fn ingest_commits_early_when_apply_took_every_handed_off_payload() {
+        let (_storage, disks, mut log, _meta, _item, mut applier) = rig_with_pool(small_buffers());
+        let mut model = vec![0u8; DISK_BYTES as usize];
+        // 60 frames (1.2 MiB decompressed) arrive in one read, so the input is idle only at
+        // the end; once the pending frames hold 1 MiB (half the budget) handed off and nothing
+        // published waits, ingest commits so that apply gets them while they are handed off.
+        let report = ingest(&mut log, &zstd_writes(1, 60, &mut model));
+        assert_eq!(report.commits, 2, "{report:?}");
+        applier.apply_available().unwrap();
+        assert_eq!(applier.stats().payloads_handed_off, 60);
+        assert!(disks.live_image("replica-0").unwrap() == model, "replica");
+    }
+
+    #[test]
+    fn apply_behind_or_a_handoff_for_another_frame_decompresses_from_staging_byte_exact() {
+        let (_storage, disks, mut log, _meta, _item, mut applier) = rig_with_pool(small_buffers());
+        let mut model = vec![0u8; DISK_BYTES as usize];
+        // Apply far behind: 160 frames (3.1 MiB decompressed) do not fit the 2 MiB budget; the
+        // ones that did not are decompressed from staging.
+        ingest(&mut log, &zstd_writes(1, 160, &mut model));
+        let published = log.handoff().stats().published;
+        assert!(published > 0 && published < 160, "{published}");
+        applier.apply_available().unwrap();
+        let stats = applier.stats().clone();
+        assert_eq!(stats.payloads_handed_off, published);
+        assert_eq!(stats.payloads_decompressed, 160 - published);
+        assert!(disks.live_image("replica-0").unwrap() == model, "replica");
+
+        // The handoff holds bytes for seq 161 with the same disk, offset and length as the
+        // frame staging holds under 161, but not for that frame (another checksum: e.g. what
+        // was validated before a resync replaced the staged frames). They must not be used.
+        let mut other = model.clone();
+        let stream = zstd_writes(161, 1, &mut model);
+        let mut decoder = DeltaDecoder::new(stream.as_slice()).unwrap();
+        let frame = decoder.next_frame().unwrap().unwrap();
+        let FrameBody::Write(extent) = frame.body else {
+            panic!("a write")
+        };
+        assert_eq!(extent.encoding, Encoding::Zstd);
+        let staged_checksum = u64::from_le_bytes(frame.wire_bytes[40..48].try_into().unwrap());
+        let forged = PayloadKey::of(161, staged_checksum ^ 1, &extent);
+        log.append(161, frame.wire_bytes, std::time::Instant::now())
+            .unwrap();
+        log.commit().unwrap();
+        let handoff = log.handoff();
+        let mut lent = handoff.lend(extent.length_bytes as usize).unwrap();
+        lent.as_mut_slice().fill(0xEE);
+        lent.publish(forged);
+        write_model(&mut other, extent.offset_bytes, &vec![0xEE; 32 << 10]);
+        applier.apply_available().unwrap();
+        let replica = disks.live_image("replica-0").unwrap();
+        assert!(replica != other, "the forged bytes were written");
+        assert!(replica == model, "replica");
+        let after = applier.stats();
+        assert_eq!(after.payloads_handed_off, stats.payloads_handed_off);
+        assert_eq!(after.payloads_decompressed, stats.payloads_decompressed + 1);
+        assert_eq!(handoff.stats().mismatched, 1);
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! ```text
 //!  Read (TCP socket / file) ─► BufReader ─► DeltaDecoder (every frame checked)
 //!        ─► frames already staged (seq < next_seq): skipped (a resend after reconnect)
-//!        ─► PayloadCheck: a zstd payload is decompressed into one scratch buffer per stream
-//!           (≤ MAX_PAYLOAD_BYTES) and must give exactly the declared length
-//!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered
-//!           or `group_max_frames` are pending ─► on_ack(durable seq)
+//!        ─► PayloadCheck: a zstd payload is decompressed into a buffer lent by the log's
+//!           payload handoff (crate::handoff) or, when it has none free, into one scratch
+//!           buffer per stream (≤ MAX_PAYLOAD_BYTES); it must give exactly the declared length
+//!        ─► StagingLog::append(wire bytes) ... commit() when the input has nothing buffered,
+//!           `group_max_frames` are pending, or apply caught up with the handoff and the
+//!           pending frames hold half its budget ─► publish the committed frames' decompressed
+//!           payloads to apply ─► on_ack(durable seq)
 //! ```
 //!
 //! A stream may end with an end frame or simply stop between two frames (the agent
@@ -21,12 +24,14 @@
 //! expected sequence number (frames missing), is refused before anything is staged.
 
 use std::io::{BufReader, Read};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::delta::{
     DataExtent, DecodeError, DecodeErrorReason, DeltaDecoder, Encoding, FrameBody,
     MAX_PAYLOAD_BYTES, PayloadDecoder,
 };
+use crate::handoff::{LentBuffer, PayloadHandoff, PayloadKey};
 use crate::staging::{Pressure, StagingError, StagingLog};
 
 /// Checks that a data payload decodes as apply will decode it, without keeping the result:
@@ -56,15 +61,32 @@ impl PayloadCheck {
     /// Checks a decoded frame's body: a zstd data payload must decompress to exactly its
     /// declared length (raw payloads and the other kinds were fully checked by the decoder).
     pub fn check(&mut self, body: &FrameBody<'_>) -> Result<(), DecodeErrorReason> {
+        self.check_into(body, None).map(|_| ())
+    }
+
+    /// [`PayloadCheck::check`], decompressing a zstd payload into a buffer lent by `handoff`
+    /// when it has one (returned, to publish once the frame is durable), else into the scratch
+    /// buffer.
+    pub fn check_into(
+        &mut self,
+        body: &FrameBody<'_>,
+        handoff: Option<&Arc<PayloadHandoff>>,
+    ) -> Result<Option<LentBuffer>, DecodeErrorReason> {
         match body {
-            FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => self.check_extent(extent),
-            FrameBody::ZeroRange { .. } | FrameBody::Bookmark(_) | FrameBody::End => Ok(()),
+            FrameBody::Write(extent) | FrameBody::ResyncBlock(extent) => {
+                self.check_extent(extent, handoff)
+            }
+            FrameBody::ZeroRange { .. } | FrameBody::Bookmark(_) | FrameBody::End => Ok(None),
         }
     }
 
-    fn check_extent(&mut self, extent: &DataExtent<'_>) -> Result<(), DecodeErrorReason> {
+    fn check_extent(
+        &mut self,
+        extent: &DataExtent<'_>,
+        handoff: Option<&Arc<PayloadHandoff>>,
+    ) -> Result<Option<LentBuffer>, DecodeErrorReason> {
         if extent.encoding == Encoding::Raw {
-            return Ok(());
+            return Ok(None);
         }
         let payloads = match &mut self.payloads {
             Some(payloads) => payloads,
@@ -74,14 +96,19 @@ impl PayloadCheck {
                 }
             })?),
         };
+        let length = extent.length_bytes as usize;
+        if let Some(mut lent) = handoff.and_then(|handoff| handoff.lend(length)) {
+            payloads.decode_into(extent, lent.as_mut_slice())?;
+            return Ok(Some(lent));
+        }
         // Grown to the largest extent seen (≤ MAX_PAYLOAD_BYTES, checked by the decoder), so
         // a stream of 64 KiB writes holds 64 KiB, and no frame after the largest allocates.
-        let length = extent.length_bytes as usize;
         if self.scratch.len() < length {
             self.scratch
                 .resize(length.min(MAX_PAYLOAD_BYTES as usize), 0);
         }
-        payloads.decode_into(extent, &mut self.scratch)
+        payloads.decode_into(extent, &mut self.scratch)?;
+        Ok(None)
     }
 }
 
@@ -199,14 +226,22 @@ pub fn ingest_stream(
     };
     let mut pending = 0usize;
     let mut payload_check = PayloadCheck::new();
+    // Payloads decompressed into the handoff's buffers for frames appended since the last
+    // commit: published to apply once durable (dropped unpublished, they return to it).
+    let handoff = log.handoff();
+    let mut handed: Vec<(PayloadKey, LentBuffer)> = Vec::new();
     let commit = |log: &mut StagingLog,
                   report: &mut IngestReport,
                   on_ack: &mut dyn FnMut(u64, Pressure),
+                  handed: &mut Vec<(PayloadKey, LentBuffer)>,
                   seq: u64|
      -> Result<(), IngestError> {
         let acked = log
             .commit()
             .map_err(|source| IngestError::Staging { seq, source })?;
+        for (key, lent) in handed.drain(..) {
+            lent.publish(key);
+        }
         report.commits += 1;
         report.acked_seq = acked;
         on_ack(acked, log.pressure());
@@ -231,7 +266,7 @@ pub fn ingest_stream(
             Err(error) => {
                 // Keep (and acknowledge) the valid frames before the bad one.
                 if pending > 0 {
-                    commit(log, &mut report, on_ack, decoder.next_seq())?;
+                    commit(log, &mut report, on_ack, &mut handed, decoder.next_seq())?;
                 }
                 return Err(IngestError::Decode(Box::new(error)));
             }
@@ -244,7 +279,7 @@ pub fn ingest_stream(
             let next_index = frame.index + 1;
             if !decoder_buffer_empty(&mut decoder) {
                 if pending > 0 {
-                    commit(log, &mut report, on_ack, seq)?;
+                    commit(log, &mut report, on_ack, &mut handed, seq)?;
                 }
                 return Err(IngestError::Decode(Box::new(DecodeError {
                     frame_index: Some(next_index),
@@ -258,36 +293,62 @@ pub fn ingest_stream(
             report.frames_skipped += 1;
             continue;
         }
-        if let Err(reason) = payload_check.check(&frame.body) {
-            let error = DecodeError {
-                frame_index: Some(frame.index),
-                offset_bytes: frame.offset_bytes,
-                reason,
-            };
-            if pending > 0 {
-                commit(log, &mut report, on_ack, seq)?;
+        let lent = match payload_check.check_into(&frame.body, Some(&handoff)) {
+            Ok(lent) => lent,
+            Err(reason) => {
+                let error = DecodeError {
+                    frame_index: Some(frame.index),
+                    offset_bytes: frame.offset_bytes,
+                    reason,
+                };
+                if pending > 0 {
+                    commit(log, &mut report, on_ack, &mut handed, seq)?;
+                }
+                return Err(IngestError::Decode(Box::new(error)));
             }
-            return Err(IngestError::Decode(Box::new(error)));
-        }
+        };
         let wire_len = frame.wire_bytes.len() as u64;
         if let Err(source) = log.append(seq, frame.wire_bytes, Instant::now()) {
+            drop(lent); // not staged: never handed off
             if pending > 0 {
-                commit(log, &mut report, on_ack, seq)?;
+                commit(log, &mut report, on_ack, &mut handed, seq)?;
             }
             return Err(IngestError::Staging { seq, source });
+        }
+        if let (Some(lent), FrameBody::Write(extent) | FrameBody::ResyncBlock(extent)) =
+            (lent, &frame.body)
+        {
+            // The checksum is the frame's stored one (bytes 40..48 of its header), which the
+            // staging reader verifies and reports for the same frame.
+            let checksum = frame
+                .wire_bytes
+                .get(40..48)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes);
+            if let Some(checksum) = checksum {
+                handed.push((PayloadKey::of(seq, checksum, extent), lent));
+            }
         }
         report.frames_staged += 1;
         report.bytes_staged += wire_len;
         pending += 1;
         // Group commit: flush when the sender has nothing more in flight for us right now.
         let idle = decoder_buffer_empty(&mut decoder);
-        if pending >= config.group_max_frames || idle {
-            commit(log, &mut report, on_ack, seq)?;
+        // Or when apply took every payload handed off before and the frames pending hold half
+        // the handoff's budget: apply waits for them, and their payloads reach it while still
+        // in the handoff (not after a group of up to `group_max_frames`).
+        let handed_bytes: usize = handed
+            .iter()
+            .map(|(key, _)| key.length_bytes as usize)
+            .sum();
+        let handoff_due = handed_bytes * 2 >= handoff.max_bytes() && !handoff.has_published();
+        if pending >= config.group_max_frames || idle || handoff_due {
+            commit(log, &mut report, on_ack, &mut handed, seq)?;
             pending = 0;
         }
     }
     if pending > 0 {
-        commit(log, &mut report, on_ack, log.next_seq())?;
+        commit(log, &mut report, on_ack, &mut handed, log.next_seq())?;
     }
     Ok(report)
 }

@@ -31,6 +31,7 @@ pub mod apply;
 pub mod delta;
 pub mod dirfd;
 pub mod durable;
+pub mod handoff;
 pub mod ingest;
 pub mod io;
 pub mod materialize;

@@ -36,6 +36,7 @@ use crate::delta::{
     StreamHeader, check_frame_prefix, decode_frame_header, le_u64, validate_frame,
 };
 use crate::durable::{DurableDir, DurableFile};
+use crate::handoff::PayloadHandoff;
 
 /// Name of the marker file present while the item needs a delta resync.
 pub const RESYNC_MARKER: &str = "RESYNC_REQUIRED";
@@ -181,6 +182,8 @@ struct Shared {
     /// Highest sequence number applied and durable on the replicas, as published by apply
     /// ([`StagingReader::set_applied`]); every commit reclaims up to it.
     applied_seq: AtomicU64,
+    /// Payloads ingest decompressed, for apply (see [`crate::handoff`]).
+    handoff: Arc<PayloadHandoff>,
 }
 
 impl Shared {
@@ -353,6 +356,7 @@ impl StagingLog {
                 durable_seq: AtomicU64::new(appended_seq),
                 generation: AtomicU64::new(0),
                 applied_seq: AtomicU64::new(0),
+                handoff: Arc::default(),
             }),
             unsynced: if fresh {
                 vec![active.clone()]
@@ -609,6 +613,7 @@ impl StagingLog {
     /// `next_seq`, and clears the resync marker.
     pub fn resync_done(&mut self, next_seq: u64) -> Result<(), StagingError> {
         self.batch.clear();
+        self.shared.handoff.clear();
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         let old: Vec<Segment> = std::mem::take(&mut *self.shared.segments());
         for segment in &old {
@@ -630,6 +635,11 @@ impl StagingLog {
         self.resync_reason = None;
         self.full_since = None;
         Ok(())
+    }
+
+    /// The handoff of decompressed payloads from ingest to this log's readers.
+    pub fn handoff(&self) -> Arc<PayloadHandoff> {
+        self.shared.handoff.clone()
     }
 
     /// A reader of durable frames from `from_seq` on.
@@ -768,6 +778,8 @@ pub struct StagingReader {
 pub struct StagedFrame<'a> {
     /// Sequence number.
     pub seq: u64,
+    /// The frame's stored (and verified) XXH3 checksum.
+    pub checksum: u64,
     /// What the frame says.
     pub body: FrameBody<'a>,
 }
@@ -794,6 +806,11 @@ impl StagingReader {
     /// reclaims up to it at its next commit (the reader's side needs no access to the log).
     pub fn set_applied(&self, seq: u64) {
         self.shared.applied_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The handoff of decompressed payloads from ingest (shared with the log).
+    pub fn handoff(&self) -> Arc<PayloadHandoff> {
+        self.shared.handoff.clone()
     }
 
     /// Moves the reader so that the next frame it returns is `seq`.
@@ -958,7 +975,11 @@ impl StagingReader {
                 reason,
             }
         })?;
-        Ok(Some(StagedFrame { seq, body }))
+        Ok(Some(StagedFrame {
+            seq,
+            checksum: stored,
+            body,
+        }))
     }
 }
 
