@@ -137,8 +137,9 @@ impl Scenario {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.name.is_empty() || self.name.len() > 255 {
-            bail!("name: 1..=255 bytes");
+        // The appliance's rule for item names (control-api.md): 1..=63 characters.
+        if self.name.is_empty() || self.name.chars().count() > 63 {
+            bail!("name: 1..=63 characters");
         }
         if self.disks_mib.is_empty() || self.disks_mib.len() > 16 {
             bail!("disks_mib: 1..=16 disks");
