@@ -418,12 +418,7 @@ fn frames_for(
             }
         }
         ZstdConcatWrongTotal => {
-            let first = 4096 * (1 + rng.below(len / 4096)) as usize;
-            let second = if rng.chance(1, 2) {
-                (l.saturating_sub(first)) / 2
-            } else {
-                l - first + 4096
-            };
+            let (first, second) = concat_wrong_sizes(l, rng);
             let mut payload = zstd_frame(&data(rng, first), Some(first as u64));
             payload.extend(zstd_frame(&data(rng, second), Some(second as u64)));
             (
@@ -499,6 +494,20 @@ fn frames_for(
         }
         _ => (n, vec![RawFrame::end(n)], Expect::EndOfStream, "end frame"),
     }
+}
+
+/// Sizes of two zstd frames whose total is never `length_bytes` (a multiple of 4096): short
+/// (the second frame half of what is missing) or long (4096 bytes too many). When the first
+/// frame alone is the whole length, only "long" is wrong: a second empty frame would make a
+/// valid payload.
+fn concat_wrong_sizes(length_bytes: usize, rng: &mut Rng) -> (usize, usize) {
+    let first = 4096 * (1 + rng.below(length_bytes as u64 / 4096)) as usize;
+    let second = if first < length_bytes && rng.chance(1, 2) {
+        (length_bytes - first) / 2
+    } else {
+        length_bytes - first + 4096
+    };
+    (first, second)
 }
 
 fn frame_attack(kind: HostileKind, ctx: &Context, rng: &mut Rng) -> Outcome {
@@ -1022,4 +1031,23 @@ fn flood(ctx: &Context, rng: &mut Rng) -> Outcome {
     };
     drop(held);
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concatenated_frames_of_the_wrong_total_never_add_up() {
+        // A seed-7 run acknowledged 3 of 91 such payloads: the first frame was the whole
+        // length and the second empty, which is a valid payload, not a hostile one.
+        let mut rng = Rng::new(7);
+        for length_bytes in [4096, 8192, 65536, 1 << 20] {
+            for _ in 0..10_000 {
+                let (first, second) = concat_wrong_sizes(length_bytes, &mut rng);
+                assert!(first > 0 && first <= length_bytes);
+                assert_ne!(first + second, length_bytes, "{first} + {second}");
+            }
+        }
+    }
 }
