@@ -23,11 +23,14 @@
 //! - [`vhd`]: fixed VHD (Hyper-V / Azure) footer codec, writer, in-place conversion, the
 //!   temporary 1 GiB OS disk.
 //!
+//! - [`clock`]: the workspace's one wall clock (ns since the Unix epoch).
+//!
 //! The engine depends on no other crate of the workspace; `appliance`, `disk-sim` and `perf`
 //! are built on it. See `ARCHITECTURE.md` for the whole picture and
 //! `docs/design/recovery-points.md` for the apply and recovery-point design.
 
 pub mod apply;
+pub mod clock;
 pub mod delta;
 pub mod dirfd;
 pub mod durable;
