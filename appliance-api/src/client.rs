@@ -152,7 +152,7 @@ impl Client {
             })?;
         let (status, text) = self.send(method, path, body)?;
         if !(200..300).contains(&status) {
-            return Err(Error::Api(ApiRefusal::parse(status, &text)));
+            return Err(Error::Api(Box::new(ApiRefusal::parse(status, &text))));
         }
         serde_json::from_str(&text).map_err(|e| Error::Decode {
             method: method.name(),
@@ -276,7 +276,7 @@ impl Client {
     pub fn metrics(&self) -> Result<String, Error> {
         let (status, text) = self.send(Method::Get, "/metrics", None)?;
         if !(200..300).contains(&status) {
-            return Err(Error::Api(ApiRefusal::parse(status, &text)));
+            return Err(Error::Api(Box::new(ApiRefusal::parse(status, &text))));
         }
         Ok(text)
     }

@@ -28,7 +28,7 @@ pub enum Error {
     },
     /// The API answered with an error status.
     #[error("{0}")]
-    Api(ApiRefusal),
+    Api(Box<ApiRefusal>),
     /// A 2xx answer that is not the model's shape.
     #[error(
         "{method} {path}: the API answered HTTP {status} with a body that is not the \
