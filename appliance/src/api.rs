@@ -16,8 +16,6 @@
 //! Connections are capped and timed out ([`ApiLimits`], `api/conn.rs`).
 
 mod conn;
-pub(crate) mod number;
-pub(crate) mod schema;
 
 pub use conn::ApiLimits;
 
@@ -29,6 +27,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use appliance_api::model::{
+    ApplianceInfo, ErrorBody, ErrorDetail, Health, PointConsistency, PointOrigin, PointView,
+};
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
@@ -37,15 +38,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use engine::delta::Consistency;
-use engine::meta::{PointOrigin, PointRecord};
-use serde::Serialize;
+use engine::meta::{PointOrigin as EnginePointOrigin, PointRecord};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::items::{
-    ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemState, ItemView, Manager,
+    ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemView, Manager,
     MaterializeRequest, OpError, ReprotectRequest, SlotsView,
 };
 use crate::jobs::JobView;
@@ -373,40 +373,6 @@ fn add_links(document: &mut serde_json::Value) {
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 64 << 10;
 
-/// The one error shape.
-#[derive(Debug, Serialize, ToSchema)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-/// What went wrong.
-#[derive(Debug, Default, Serialize, ToSchema)]
-struct ErrorDetail {
-    /// Stable code (see docs/design/control-api.md): `unauthorized`, `bad_request`,
-    /// `bad_item_id`, `bad_job_id`, `path_refused`, `item_not_found`, `job_not_found`,
-    /// `point_not_found`, `not_found`, `method_not_allowed`, `wrong_state`,
-    /// `not_enough_slots`, `path_in_use`, `job_running`, `too_many_jobs`, `disk_mismatch`,
-    /// `io_error`.
-    code: &'static str,
-    /// For people.
-    message: String,
-    /// The request field at fault (`bad_request`, `path_refused`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
-    /// The item's state (`wrong_state`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<ItemState>,
-    /// What the item allows now (`wrong_state`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    allowed_operations: Option<Vec<&'static str>>,
-    /// Slots needed (`not_enough_slots`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    needed: Option<usize>,
-    /// Slots free (`not_enough_slots`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    free: Option<usize>,
-}
-
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
@@ -419,7 +385,7 @@ impl ApiError {
             status,
             body: Box::new(ErrorBody {
                 error: ErrorDetail {
-                    code,
+                    code: code.to_owned(),
                     message: message.into(),
                     ..ErrorDetail::default()
                 },
@@ -458,7 +424,8 @@ impl From<OpError> for ApiError {
             OpError::WrongState { state, allowed, .. } => {
                 let mut e = Self::new(StatusCode::CONFLICT, "wrong_state", message);
                 e.body.error.state = Some(state);
-                e.body.error.allowed_operations = Some(allowed);
+                e.body.error.allowed_operations =
+                    Some(allowed.into_iter().map(str::to_owned).collect());
                 e
             }
             OpError::NotEnoughSlots { needed, free } => {
@@ -541,40 +508,12 @@ fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad("bad_request", e.body_text()))
 }
 
-/// Liveness.
-#[derive(Debug, Serialize, ToSchema)]
-struct Health {
-    /// Always `ok`.
-    status: &'static str,
-}
-
 /// Liveness probe; no token needed.
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
 async fn health() -> Json<Health> {
-    Json(Health { status: "ok" })
-}
-
-/// The appliance.
-#[derive(Debug, Serialize, ToSchema)]
-struct ApplianceInfo {
-    /// Version of the appliance binary.
-    version: &'static str,
-    /// Its data directory.
-    data_dir: String,
-    /// Items (every state).
-    items: usize,
-    /// Address of the data port (source agents).
-    data_addr: String,
-    /// Address of this API.
-    api_addr: String,
-    /// Slots: total, usable, free.
-    slot_count: u32,
-    /// Usable slots (LUN 0 is the appliance's).
-    slots_usable: u32,
-    /// Free slots.
-    slots_free: u32,
-    /// Jobs running now.
-    jobs_running: usize,
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Appliance information.
@@ -585,7 +524,7 @@ async fn appliance_info(State(state): State<AppState>) -> Result<Json<ApplianceI
         let manager = &state.config.manager;
         let slots = manager.slots();
         Ok(Json(ApplianceInfo {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").into(),
             data_dir: manager.root().display().to_string(),
             items: manager.items().len(),
             data_addr: state.config.data_addr.to_string(),
@@ -665,41 +604,22 @@ async fn disable(
     blocking(move || Ok(Json(state.config.manager.disable(&id)?))).await
 }
 
-/// A recovery point.
-#[derive(Debug, Serialize, ToSchema)]
-struct PointView {
-    /// Point id: the sequence number of the frame that made it.
-    id: u64,
-    /// `crash` or `app`.
-    consistency: &'static str,
-    /// `bookmark` (from the source) or `latest` (made by the appliance).
-    origin: &'static str,
-    /// The source's bookmark id (0 for a latest point).
-    bookmark_id: u64,
-    /// The source's time of the instant, ns since the Unix epoch.
-    source_timestamp_ns: u64,
-    /// When the appliance made it processed, ns since the Unix epoch.
-    processed_at_ns: u64,
-    label: String,
-}
-
-impl From<PointRecord> for PointView {
-    fn from(point: PointRecord) -> Self {
-        Self {
-            id: point.point_id,
-            consistency: match point.consistency {
-                Consistency::Crash => "crash",
-                Consistency::App => "app",
-            },
-            origin: match point.origin {
-                PointOrigin::Bookmark => "bookmark",
-                PointOrigin::Latest => "latest",
-            },
-            bookmark_id: point.bookmark_id,
-            source_timestamp_ns: point.source_timestamp_ns,
-            processed_at_ns: point.processed_at_ns,
-            label: point.label,
-        }
+/// A recovery point as the API shows it.
+fn point_view(point: PointRecord) -> PointView {
+    PointView {
+        id: point.point_id,
+        consistency: match point.consistency {
+            Consistency::Crash => PointConsistency::Crash,
+            Consistency::App => PointConsistency::App,
+        },
+        origin: match point.origin {
+            EnginePointOrigin::Bookmark => PointOrigin::Bookmark,
+            EnginePointOrigin::Latest => PointOrigin::Latest,
+        },
+        bookmark_id: point.bookmark_id,
+        source_timestamp_ns: point.source_timestamp_ns,
+        processed_at_ns: point.processed_at_ns,
+        label: point.label,
     }
 }
 
@@ -716,7 +636,7 @@ async fn list_points(
     let id = path_id(id, "bad_item_id")?;
     blocking(move || {
         let points = state.config.manager.points(&id)?;
-        Ok(Json(points.into_iter().map(PointView::from).collect()))
+        Ok(Json(points.into_iter().map(point_view).collect()))
     })
     .await
 }

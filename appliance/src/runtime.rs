@@ -119,36 +119,14 @@ pub struct Drained {
     pub unappliable: Option<UnappliableFrame>,
 }
 
-/// An item's `apply_failed` health as the control API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct ApplyFailure {
-    /// Sequence number of the staged frame that cannot be applied.
-    pub seq: u64,
-    /// The disk it writes, when its header could be read.
-    pub disk_index: Option<u16>,
-    /// Where on that disk, in bytes.
-    pub offset_bytes: Option<u64>,
-    /// The staging segment holding it, for a frame damaged in the staging log.
-    pub segment: Option<String>,
-    /// Its byte offset in that segment.
-    pub segment_offset_bytes: Option<u64>,
-    /// What is wrong with it.
-    pub reason: String,
-    /// Apply stopped here: every frame up to it is in the replicas, and every recovery point
-    /// at or below it restores exactly.
-    pub applied_seq: u64,
-    /// What the operator can do.
-    pub what_to_do: String,
-}
+pub use appliance_api::model::ApplyFailure;
 
-impl ApplyFailure {
-    /// The item's health text: `apply_failed: …`.
-    pub fn health(&self, frame: &UnappliableFrame) -> String {
-        format!(
-            "apply_failed: {frame}; applied through seq {}. {}",
-            self.applied_seq, self.what_to_do
-        )
-    }
+/// The item's health text for an apply failure: `apply_failed: …`.
+pub fn apply_failed_health(failure: &ApplyFailure, frame: &UnappliableFrame) -> String {
+    format!(
+        "apply_failed: {frame}; applied through seq {}. {}",
+        failure.applied_seq, failure.what_to_do
+    )
 }
 
 /// Wakes an [`ApplyWorker`]; cheap to clone, usable from any thread.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::job::{JobKind, JobView};
+use super::job::JobView;
 
 /// Where an item is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -56,33 +56,6 @@ impl ItemState {
             Self::FailedBack => "failed_back",
             Self::Disabled => "disabled",
             Self::Quarantined => "quarantined",
-        }
-    }
-
-    /// Whether the item takes frames from its agent.
-    pub fn replicating(self) -> bool {
-        matches!(
-            self,
-            Self::InitialReplication
-                | Self::Reprotecting
-                | Self::Protected
-                | Self::TestFailover
-                | Self::Resyncing
-        )
-    }
-
-    /// Whether the item's disks occupy slots.
-    pub fn holds_slots(self) -> bool {
-        !matches!(self, Self::FailedBack | Self::Disabled)
-    }
-
-    /// The replication job that ends this state (initial sync, re-protect, resync), if any.
-    pub fn sync_job_kind(self) -> Option<JobKind> {
-        match self {
-            Self::InitialReplication => Some(JobKind::InitialReplication),
-            Self::Reprotecting => Some(JobKind::Reprotect),
-            Self::Resyncing => Some(JobKind::Resync),
-            _ => None,
         }
     }
 }

@@ -5,45 +5,8 @@ use crate::jobs::JobKind;
 use super::model::{DiskOrigin, ItemState};
 use super::record::ItemRecord;
 
-/// A lifecycle operation, as the API names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Disks at a point for a test.
-    TestFailover,
-    /// Remove the test disks.
-    TestFailoverCleanup,
-    /// Fail over.
-    Failover,
-    /// Another point for the failed-over disks.
-    ChangePoint,
-    /// Make the failover final.
-    Commit,
-    /// Protect the failed-over VM back to the original disks.
-    Reprotect,
-    /// Planned failover back to the original VM.
-    Failback,
-    /// Delta resync.
-    Resync,
-    /// Disable protection.
-    Disable,
-}
-
-impl Op {
-    /// The API's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::TestFailover => "test-failover",
-            Self::TestFailoverCleanup => "test-failover-cleanup",
-            Self::Failover => "failover",
-            Self::ChangePoint => "change-point",
-            Self::Commit => "commit",
-            Self::Reprotect => "reprotect",
-            Self::Failback => "failback",
-            Self::Resync => "resync",
-            Self::Disable => "disable",
-        }
-    }
-}
+/// A lifecycle operation, as the API names it (a wire type: `allowed_operations`).
+pub use appliance_api::model::Op;
 
 /// Whether the item takes frames from its agent.
 pub fn replicating(state: ItemState) -> bool {

@@ -16,9 +16,9 @@ use crate::store::now_ns;
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::manager::Manager;
-use super::model::{DiskView, ItemState, ItemView, SlotView, SlotsView};
+use super::model::{DiskView, ItemState, ItemView, SlotUse, SlotView, SlotsView};
 use super::record::ItemRecord;
-use super::state::{Op, allowed, replicating};
+use super::state::{allowed, replicating};
 
 impl Manager {
     /// Share of the initial copy or resync done (100 outside those states).
@@ -62,7 +62,7 @@ impl Manager {
         let health = if let Some(quarantine) = &quarantine {
             format!("quarantined: {}", quarantine.reason)
         } else if let Some((failure, frame)) = &apply_failure {
-            failure.health(frame)
+            crate::runtime::apply_failed_health(failure, frame)
         } else if let Some(error) = &record.last_error {
             format!("error: {error}")
         } else if let Some(error) = status.as_ref().and_then(WorkerStatus::error) {
@@ -80,7 +80,7 @@ impl Manager {
             id: item.hex.clone(),
             name: record.name.clone(),
             state: record.state,
-            allowed_operations: allowed(&record).into_iter().map(Op::name).collect(),
+            allowed_operations: allowed(&record),
             role: record.role,
             reverse_of: record.reverse_of.clone(),
             reversed_by: record.reversed_by.clone(),
@@ -159,17 +159,22 @@ impl Manager {
                 .into_iter()
                 .map(|row| {
                     let (state, item, disk_index, path) = match row.state {
-                        SlotState::Free => ("free", None, None, None),
-                        SlotState::Appliance => ("appliance", None, None, None),
+                        SlotState::Free => (SlotUse::Free, None, None, None),
+                        SlotState::Appliance => (SlotUse::Appliance, None, None, None),
                         SlotState::Reserved {
                             item, disk_index, ..
-                        } => ("reserved", Some(item.to_string()), Some(disk_index), None),
+                        } => (
+                            SlotUse::Reserved,
+                            Some(item.to_string()),
+                            Some(disk_index),
+                            None,
+                        ),
                         SlotState::Attached {
                             item,
                             disk_index,
                             path,
                         } => (
-                            "attached",
+                            SlotUse::Attached,
                             Some(item.to_string()),
                             Some(disk_index),
                             Some(path.display().to_string()),
