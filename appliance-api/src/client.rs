@@ -119,7 +119,7 @@ impl Client {
                 }
             }
         };
-        let transport = |error: ureq::Error| transport_error(method, &url, error);
+        let transport = |error: ureq::Error| transport_error(method, &self.base, &url, error);
         let mut response = result.map_err(transport)?;
         let status = response.status().as_u16();
         let text = response
@@ -371,7 +371,7 @@ pub fn poll_until<T>(
     }
 }
 
-fn transport_error(method: Method, url: &str, error: ureq::Error) -> Error {
+fn transport_error(method: Method, base: &str, url: &str, error: ureq::Error) -> Error {
     let kind = match &error {
         ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             TransportKind::Refused
@@ -383,6 +383,7 @@ fn transport_error(method: Method, url: &str, error: ureq::Error) -> Error {
     };
     Error::Transport {
         method: method.name(),
+        base: base.to_owned(),
         url: url.to_owned(),
         kind,
         detail: error.to_string(),

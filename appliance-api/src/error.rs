@@ -19,6 +19,8 @@ pub enum Error {
     Transport {
         /// `GET`, `POST`, `DELETE`.
         method: &'static str,
+        /// The API's base URL (`http://host:port`).
+        base: String,
         /// The whole URL.
         url: String,
         /// What kind of failure.

@@ -13,7 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use appliance::{daemon, inspect, offline};
 
-mod client;
+mod cli;
 mod config;
 
 /// The end of `appliance --help`: an example of every command.
@@ -135,7 +135,7 @@ enum Command {
         #[arg(value_name = "ITEM", required = true)]
         item: Option<String>,
         #[command(flatten)]
-        api: client::ApiArgs,
+        api: cli::ApiArgs,
     },
     /// Delta-stream files.
     #[command(after_long_help = "Example:\n  appliance stream inspect vm1.drs")]
@@ -187,7 +187,7 @@ enum Command {
         #[arg(long, requires = "data_dir", value_name = "ID")]
         item: Option<String>,
         #[command(flatten)]
-        api: client::ApiArgs,
+        api: cli::ApiArgs,
     },
     /// Write an item's disks at a recovery point as new images (offline).
     ///
@@ -216,7 +216,7 @@ enum Command {
         format: Format,
     },
     #[command(flatten)]
-    Client(client::ClientCommand),
+    Client(cli::ClientCommand),
 }
 
 /// Image formats of `materialize`.
@@ -280,7 +280,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", appliance::store::describe(&error));
-            if let Some(failure) = error.downcast_ref::<client::Failure>() {
+            if let Some(failure) = error.downcast_ref::<cli::Failure>() {
                 ExitCode::from(failure.exit)
             } else if error.downcast_ref::<offline::BadInput>().is_some() {
                 ExitCode::from(2)
@@ -365,7 +365,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         } => {
             // clap requires ITEM when there is no subcommand.
             let item = item.unwrap_or_default();
-            Ok(client::show_item(&api, &item)?)
+            Ok(cli::show_item(&api, &item)?)
         }
         Command::Item {
             command:
@@ -403,12 +403,12 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             None => {
                 // clap requires ITEM without --data-dir.
                 let target = target.unwrap_or_default();
-                Ok(client::show_points(&api, &target)?)
+                Ok(cli::show_points(&api, &target)?)
             }
         },
         Command::Client(command) => {
             let sub = matches.subcommand().map(|(_, sub)| sub);
-            Ok(client::run(command, sub)?)
+            Ok(cli::run(command, sub)?)
         }
         Command::Materialize {
             data_dir,
