@@ -64,6 +64,16 @@ impl Client {
         timeout: Duration,
     ) -> Result<Self, Error> {
         let base = normalize_base(base)?;
+        Ok(Self::at(base, token, timeout))
+    }
+
+    /// A client of nothing (`http://127.0.0.1:0`: every call is refused), to stand in until
+    /// a server's address is known.
+    pub fn placeholder() -> Self {
+        Self::at("http://127.0.0.1:0".into(), None, CALL_TIMEOUT)
+    }
+
+    fn at(base: String, token: Option<String>, timeout: Duration) -> Self {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // The API is local: never route it through a proxy from the environment.
@@ -73,11 +83,11 @@ impl Client {
             .timeout_global(Some(timeout))
             .user_agent(concat!("appliance-api/", env!("CARGO_PKG_VERSION")))
             .build();
-        Ok(Self {
+        Self {
             agent: config.into(),
             base,
             token: token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()),
-        })
+        }
     }
 
     /// The base URL, normalized (`http://host:port`).

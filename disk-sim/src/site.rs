@@ -1,6 +1,6 @@
 //! A site: a directory holding VM disk images and, when an appliance runs there, that
 //! appliance's data directory, and the `appliance serve` process itself, driven through its
-//! control API (HTTP/JSON) like an operator or an orchestrator would.
+//! control API (`appliance-api`'s typed client) like an operator or an orchestrator would.
 //!
 //! ```text
 //!  <site dir>/
@@ -17,9 +17,10 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use appliance_api::model::{EnableRequest, ItemState, JobState, JobView};
 use serde_json::Value;
 
 /// Where the `appliance` binary is: `$APPLIANCE_BIN`, else beside the running program (cargo
@@ -47,24 +48,8 @@ pub fn appliance_bin() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// An HTTP error answer of the control API.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: u16,
-    /// The API's error code (`wrong_state`, …).
-    pub code: String,
-    /// Its message.
-    pub message: String,
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HTTP {} {}: {}", self.status, self.code, self.message)
-    }
-}
-
-impl std::error::Error for ApiError {}
+/// An error answer of the control API: its status, code and message (the typed client's).
+pub type ApiError = appliance_api::ApiRefusal;
 
 /// A newly protected item.
 #[derive(Debug, Clone)]
@@ -77,108 +62,76 @@ pub struct EnabledItem {
     pub job: u64,
 }
 
-/// A client of an appliance's control API (HTTP/JSON, bearer token).
+/// How often the waits below ask the API.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A client of an appliance's control API: `appliance-api`'s typed client (it derefs to
+/// it: `api.item(id)`, `api.points(id)`, …), plus waits that name what they waited for.
 #[derive(Debug, Clone)]
 pub struct Api {
-    base: String,
-    token: String,
-    http: ureq::Agent,
+    client: appliance_api::Client,
+}
+
+impl std::ops::Deref for Api {
+    type Target = appliance_api::Client;
+
+    fn deref(&self) -> &appliance_api::Client {
+        &self.client
+    }
 }
 
 impl Api {
     /// A client of the API at `base` (`http://host:port`; a bare `host:port` means http).
+    /// A base that is not an http URL gives a client whose every call is refused (at
+    /// `http://127.0.0.1:0`), so the first call names the problem.
     pub fn new(base: &str, token: &str) -> Self {
-        let base = base.trim().trim_end_matches('/');
-        let base = if base.starts_with("http://") {
-            base.to_owned()
-        } else {
-            format!("http://{base}")
-        };
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
-        Self {
-            base,
-            token: token.trim().to_owned(),
-            http,
-        }
+        let client = appliance_api::Client::new(base, Some(token.to_owned()))
+            .unwrap_or_else(|_| appliance_api::Client::placeholder());
+        Self { client }
     }
 
-    /// One API call; a 2xx answer as JSON, anything else an [`ApiError`] (inside the
-    /// `anyhow::Error`, so callers can downcast).
+    /// The typed client.
+    pub fn client(&self) -> &appliance_api::Client {
+        &self.client
+    }
+
+    /// One API call with a JSON body, the answer as JSON (for callers not yet on the typed
+    /// methods); an error answer is an [`appliance_api::Error`] inside the `anyhow::Error`.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let result = match method {
-            "GET" => self.http.get(&url).header("Authorization", &auth).call(),
-            "DELETE" => self.http.delete(&url).header("Authorization", &auth).call(),
-            "POST" => {
-                let request = self.http.post(&url).header("Authorization", &auth);
-                match body {
-                    Some(body) => request
-                        .content_type("application/json")
-                        .send(body.to_string()),
-                    None => request.send_empty(),
-                }
-            }
+        let method = match method {
+            "GET" => appliance_api::Method::Get,
+            "POST" => appliance_api::Method::Post,
+            "DELETE" => appliance_api::Method::Delete,
             other => bail!("unsupported method {other}"),
         };
-        let mut response = result.with_context(|| format!("{method} {url}"))?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(16 << 20)
-            .read_to_string()
-            .with_context(|| format!("{method} {url}: reading the answer"))?;
-        let value: Value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        let value: Value = match body {
+            Some(body) => self.client.call(method, path, Some(body))?,
+            // An empty body: POSTs that take none answer with JSON all the same.
+            None => self.client.call(method, path, None::<&()>)?,
         };
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        Err(ApiError {
-            status,
-            code: value["error"]["code"].as_str().unwrap_or("").to_owned(),
-            message: value["error"]["message"]
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_owned),
-        }
-        .into())
+        Ok(value)
     }
 
-    /// GET.
+    /// GET, the answer as JSON.
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call("GET", path, None)
     }
 
-    /// POST.
+    /// POST, the answer as JSON.
     pub fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call("POST", path, Some(&body))
     }
 
-    /// Enables protection (`POST /v1/items` with `body`); the new item's id, stream token and
-    /// replication job.
+    /// Enables protection (`POST /v1/items` with `body`, an `EnableRequest`); the new item's
+    /// id, stream token and replication job.
     pub fn enable(&self, body: Value) -> anyhow::Result<EnabledItem> {
-        let enabled = self.post("/v1/items", body)?;
-        let field = |value: &Value, what: &str| -> anyhow::Result<String> {
-            value
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow!("the enable answer has no {what}: {enabled}"))
-        };
+        let request: EnableRequest =
+            serde_json::from_value(body).context("the enable request is not an EnableRequest")?;
+        let enabled = self.client.enable(&request)?;
         Ok(EnabledItem {
-            id: field(&enabled["item"]["id"], "item id")?,
-            token: field(&enabled["stream_token"], "stream token")?,
-            job: enabled["job"]["id"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("the enable answer has no job: {enabled}"))?,
+            id: enabled.item.id,
+            token: enabled.stream_token,
+            job: enabled.job.id,
         })
     }
 
@@ -189,64 +142,41 @@ impl Api {
         id: u64,
         timeout: Duration,
         progress: &mut dyn FnMut(u64, &str),
-    ) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
+    ) -> anyhow::Result<JobView> {
         let mut last = (u64::MAX, String::new());
-        loop {
-            let job = self.get(&format!("/v1/jobs/{id}"))?;
-            let percent = job["percent"].as_u64().unwrap_or(0);
-            let message = job["message"].as_str().unwrap_or("").to_owned();
-            if (percent, &message) != (last.0, &last.1) {
-                progress(percent, &message);
-                last = (percent, message);
-            }
-            match job["state"].as_str() {
-                Some("succeeded") => return Ok(job),
-                Some("failed") => bail!(
-                    "job {id} ({}) failed: {}",
-                    job["kind"].as_str().unwrap_or("?"),
-                    job["error"].as_str().unwrap_or("no reason given")
-                ),
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                bail!("job {id} still running after {timeout:?}: {job}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let job = self
+            .client
+            .wait_job(id, POLL_INTERVAL, timeout, &mut |job: &JobView| {
+                let percent = u64::from(job.percent);
+                if (percent, &job.message) != (last.0, &last.1) {
+                    progress(percent, &job.message);
+                    last = (percent, job.message.clone());
+                }
+            })
+            .with_context(|| format!("waiting for job {id}"))?;
+        if job.state == JobState::Failed {
+            bail!(
+                "job {id} ({}) failed: {}",
+                job.kind,
+                job.error.as_deref().unwrap_or("no reason given")
+            );
         }
+        Ok(job)
     }
 
-    /// Waits until item `id` is in `state`.
+    /// Waits until item `id` is in `state` (its snake-case name); the item as JSON.
     pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let item = self.get(&format!("/v1/items/{id}"))?;
-            if item["state"] == state {
-                return Ok(item);
-            }
-            if Instant::now() > deadline {
-                bail!("item {id} not {state} after {timeout:?}: {item}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let wanted: ItemState = serde_json::from_value(Value::String(state.to_owned()))
+            .with_context(|| format!("{state:?} is not an item state"))?;
+        let item = self.client.wait_state(id, wanted, POLL_INTERVAL, timeout)?;
+        Ok(serde_json::to_value(item)?)
     }
 
     /// Waits until point `seq` of item `id` is applied (listed).
     pub fn wait_point(&self, id: &str, seq: u64, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let points = self.get(&format!("/v1/items/{id}/points"))?;
-            if points
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p["id"].as_u64() == Some(seq)))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("point {seq} of item {id} not applied after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.client
+            .wait_point(id, seq, Duration::from_millis(20), timeout)?;
+        Ok(())
     }
 }
 
