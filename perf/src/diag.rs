@@ -31,7 +31,7 @@ use engine::staging::StagingReader;
 use crate::cpu;
 use crate::histogram::LatencyHistogram;
 use crate::report::{Row, Side};
-use crate::workload::SplitMix64;
+use crate::workload::Rng;
 
 fn diag_row(label: &str, bytes: u64, ops: u64, elapsed_s: f64) -> Row {
     let mut row = Row::engine(label, bytes, ops, elapsed_s);
@@ -113,7 +113,7 @@ pub fn io_engine(
     let (mut engine, _) = open_os_engine(&pool, queue_depth)?;
     let setup_ms = setup_started.elapsed().as_secs_f64() * 1000.0;
     let file = engine.add_file(ReplicaFile::open(replica, DirectIo::Require)?)?;
-    let mut rng = SplitMix64::new(0xd1a9);
+    let mut rng = Rng::new(0xd1a9);
     let mut free: Vec<IoBuf> = Vec::with_capacity(queue_depth);
     while let Some(mut buf) = pool.take() {
         buf.set_len_bytes(block_bytes);

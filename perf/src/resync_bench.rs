@@ -38,7 +38,7 @@ use crate::histogram::LatencyHistogram;
 use crate::machine::{Scratch, drop_page_cache};
 use crate::report::{Bench, Goal, Row, Side};
 use crate::series::IntervalBytes;
-use crate::workload::{Offsets, SplitMix64, offsets};
+use crate::workload::{Offsets, Rng, offsets};
 
 /// Largest resync-block payload the source agent sends (disk-sim's `MAX_RESYNC_PIECE_BYTES`).
 const MAX_PIECE_BYTES: u64 = 1 << 20;
@@ -207,7 +207,7 @@ pub fn bytes_sent(scratch: &Scratch, image_bytes: u64, lines: &mut Vec<String>) 
     progress!("[{title}] writing the two images");
     {
         let file = File::create(&a).with_context(|| format!("creating {}", a.display()))?;
-        let mut rng = SplitMix64::new(0xa11e);
+        let mut rng = Rng::new(0xa11e);
         let mut buf = vec![0u8; 4 << 20];
         let mut offset = 0u64;
         while offset < image_bytes {
@@ -230,7 +230,7 @@ pub fn bytes_sent(scratch: &Scratch, image_bytes: u64, lines: &mut Vec<String>) 
         .write(true)
         .open(&b)
         .with_context(|| format!("opening {}", b.display()))?;
-    let mut rng = SplitMix64::new(0xc4a9);
+    let mut rng = Rng::new(0xc4a9);
     let mut block = vec![0u8; CHANGE_BYTES as usize];
     let mut done = 0usize;
     for percent in [1u64, 10] {

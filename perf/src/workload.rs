@@ -2,7 +2,7 @@
 //! sides write.
 //!
 //! ```text
-//!  SplitMix64(seed) ──► offsets: sequential, or a random permutation of the disk's blocks
+//!  Rng(seed)        ──► offsets: sequential, or a random permutation of the disk's blocks
 //!                       (each block at most once, like fio's random map)
 //!                  └──► data:    incompressible, or ~60 % compressible (zstd rows)
 //!  FrameWriter: DeltaEncoder ─► one frame's wire bytes at a time ─► StagingLog::append
@@ -23,6 +23,8 @@ use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, Str
 use engine::durable::StdDir;
 use engine::io::{BufPool, BufPoolConfig, DirectIo, ReplicaFile};
 use engine::staging::{StagingConfig, StagingLog};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng as _, SeedableRng};
 
 /// The one item every benchmark stages: one disk of `disk_size_bytes`, 4 KiB blocks.
 pub fn item_header(name: &str, disk_size_bytes: u64) -> StreamHeader {
@@ -37,36 +39,25 @@ pub fn item_header(name: &str, disk_size_bytes: u64) -> StreamHeader {
     }
 }
 
-/// A small, fast, seeded generator (SplitMix64).
+/// The seeded generator of offsets and data: the workspace's one RNG, Xoshiro256++ (stable
+/// output for a seed, so a run can be repeated), with the two draws the workloads need.
 #[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
+pub struct Rng(Xoshiro256PlusPlus);
 
-impl SplitMix64 {
+impl Rng {
     /// Seeded.
     pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// Next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        Self(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        ((u128::from(self.0.next_u64()) * u128::from(n)) >> 64) as u64
     }
 
     /// Fills `buf` with random bytes.
     pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
+        self.0.fill_bytes(buf);
     }
 }
 
@@ -98,7 +89,7 @@ pub fn offsets(
         Offsets::Random { seed } => {
             // Partial Fisher–Yates: the first `count` entries are a uniform random selection
             // in random order.
-            let mut rng = SplitMix64::new(seed);
+            let mut rng = Rng::new(seed);
             let mut all: Vec<u64> = (0..blocks).collect();
             for i in 0..count as usize {
                 let j = i + rng.below(blocks - i as u64) as usize;
@@ -123,7 +114,7 @@ pub enum DataKind {
 /// number into the first 8 bytes, so no two frames carry the same data).
 pub fn data_variants(kind: DataKind, len: usize, seed: u64) -> Vec<Vec<u8>> {
     const PATTERN: &[u8] = b"replicated block of a protected virtual machine disk; ";
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = Rng::new(seed);
     (0..8)
         .map(|_| {
             let mut buf = vec![0u8; len];
@@ -285,7 +276,7 @@ pub fn prepare_replica(path: &Path, len_bytes: u64) -> Result<()> {
     let Some(mut buf) = pool.take() else {
         bail!("a one-buffer pool gave no buffer");
     };
-    SplitMix64::new(0x5eed).fill(buf.as_mut_slice());
+    Rng::new(0x5eed).fill(buf.as_mut_slice());
     let mut offset = 0u64;
     while offset < len_bytes {
         let len = (len_bytes - offset).min(CHUNK_BYTES as u64) as usize;
