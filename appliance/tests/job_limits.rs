@@ -338,7 +338,11 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     let (status, job_c) = test_failover(&server, &c.id, &target_c);
     assert_eq!(status, 202, "room for one job again: {job_c}");
     let job_c = server.wait_job(job_c["id"].as_u64().expect("a job id"));
-    assert_eq!(job_c["kind"], "test_failover", "{job_c}");
+    assert_eq!(
+        job_c.kind,
+        appliance_api::model::JobKind::TestFailover,
+        "{job_c:?}"
+    );
     let view = item(&server, &c.id);
     assert_eq!(view["state"], "test_failover", "{view}");
     let written = std::fs::read(target_c.join("disk-0.raw")).expect("the test failover's disk");

@@ -1,5 +1,5 @@
 //! The whole protection lifecycle against a real `appliance serve` process, driven through the
-//! control API (HTTP) and the data port (the disk-sim agent), with the disks checked byte for
+//! control API (`appliance-api`'s typed client) and the data port (the disk-sim agent), with the disks checked byte for
 //! byte at every step:
 //!
 //! enable → initial replication → protected → test failover (replication keeps running) →
@@ -13,13 +13,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use appliance_api::model::{
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, ItemView,
+    JobKind, MaterializeRequest, Materialized, Op, PointSpec, PolicyRequest, ReprotectRequest,
+    Role,
+};
 use common::{Rng, Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 /// A source VM: its disks in memory, changed by seeded writes.
 struct Vm {
@@ -101,31 +105,33 @@ fn assert_files(files: &[PathBuf], disks: &[Vec<u8>], what: &str) {
     }
 }
 
-fn files(view: &Value) -> Vec<PathBuf> {
-    view["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| PathBuf::from(f.as_str().unwrap()))
-        .collect()
+fn files(disks: Option<&Materialized>) -> Vec<PathBuf> {
+    disks.unwrap().files.iter().map(PathBuf::from).collect()
 }
 
-fn state(server: &Server, item: &str) -> Value {
-    server.expect("GET", &format!("/v1/items/{item}"), None, 200)
+fn state(server: &Server, item: &str) -> ItemView {
+    server.api().item(item).unwrap()
 }
 
-fn wait_state(server: &Server, item: &str, wanted: &str) -> Value {
-    for _ in 0..2400 {
-        let view = state(server, item);
-        if view["state"] == wanted {
-            return view;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+fn wait_state(server: &Server, item: &str, wanted: ItemState) -> ItemView {
+    server
+        .api()
+        .wait_state(
+            item,
+            wanted,
+            Duration::from_millis(50),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("item {item} never reached {wanted}: {e}"))
+}
+
+/// A test-failover request at `point` into `target_dir`.
+fn materialize(point: PointSpec, target_dir: &Path) -> MaterializeRequest {
+    MaterializeRequest {
+        point,
+        target_dir: target_dir.display().to_string(),
+        format: Format::Raw,
     }
-    panic!(
-        "item {item} never reached {wanted}: {}",
-        state(server, item)
-    );
 }
 
 #[test]
@@ -148,31 +154,32 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     ];
 
     // ── enable ──
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({
-            "name": "vm1",
-            "disks": [{"size_mib": 8}, {"size_mib": 4, "block_size_bytes": 512}],
-            "policy": {"keep_points": 1000, "app_consistent_minutes": 5}
-        })),
-        201,
-    );
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
-    assert_eq!(enabled["item"]["state"], "initial_replication");
-    assert_eq!(enabled["job"]["kind"], "initial_replication");
-    let slots = server.expect("GET", "/v1/slots", None, 200);
-    assert_eq!(
-        (slots["free"].as_u64(), slots["attached"].as_u64()),
-        (Some(29), Some(2))
-    );
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: "vm1".into(),
+            disks: vec![DiskSpec::create(8, None), DiskSpec::create(4, Some(512))],
+            policy: Some(PolicyRequest {
+                keep_points: Some(1000),
+                keep_minutes: None,
+                app_consistent_minutes: Some(5),
+            }),
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
+    assert_eq!(enabled.item.state, ItemState::InitialReplication);
+    assert_eq!(enabled.job.kind, JobKind::InitialReplication);
+    let slots = server.api().slots().unwrap();
+    assert_eq!((slots.free, slots.attached), (29, 2));
     // A request in the wrong state: 409 with the state and what is allowed.
-    let (status, body) = server.call("POST", &format!("/v1/items/{item}/commit"), None);
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "wrong_state");
-    assert_eq!(body["error"]["state"], "initial_replication");
-    assert_eq!(body["error"]["allowed_operations"], json!(["disable"]));
+    let error = server.api().commit(&item).unwrap_err();
+    let refusal = error.refusal().unwrap();
+    assert_eq!(refusal.status, 409, "{error}");
+    assert_eq!(refusal.code, "wrong_state");
+    assert_eq!(refusal.state.as_deref(), Some("initial_replication"));
+    assert_eq!(refusal.allowed_operations, Some(vec!["disable".to_owned()]));
 
     // ── initial replication ──
     let mut vm = Vm::new(&geometry, 7);
@@ -183,9 +190,9 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
         .bookmark(Consistency::Crash, 1, 1, "initial")
         .unwrap();
     oracle.insert(first, vm.disks.clone());
-    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
-    let view = wait_state(&server, &item, "protected");
-    assert_eq!(view["synchronized_percent"], 100);
+    server.wait_job(enabled.job.id);
+    let view = wait_state(&server, &item, ItemState::Protected);
+    assert_eq!(view.synchronized_percent, 100);
 
     // ── steady replication with crash- and app-consistent points ──
     let mut custom = 0;
@@ -210,78 +217,67 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     // data directory, an unknown point, "latest" (failover only).
     let file = data.join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    for (body, status, code) in [
+    for (request, status, code) in [
         (
-            json!({"point": custom, "target_dir": file}),
+            materialize(PointSpec::Id(custom), &file),
             400,
             "bad_request",
         ),
         (
-            json!({"point": custom, "target_dir": file.join("sub")}),
+            materialize(PointSpec::Id(custom), &file.join("sub")),
             400,
             "bad_request",
         ),
         (
-            json!({"point": custom, "target_dir": "/tmp/elsewhere"}),
+            materialize(PointSpec::Id(custom), Path::new("/tmp/elsewhere")),
             403,
             "path_refused",
         ),
         (
-            json!({"point": 999_999, "target_dir": data.join("t")}),
+            materialize(PointSpec::Id(999_999), &data.join("t")),
             404,
             "point_not_found",
         ),
         (
-            json!({"point": "latest", "target_dir": data.join("t")}),
+            materialize(PointSpec::latest(), &data.join("t")),
             400,
             "bad_request",
         ),
     ] {
-        let (got, answer) = server.call(
-            "POST",
-            &format!("/v1/items/{item}/test-failover"),
-            Some(body.clone()),
-        );
+        let error = server.api().test_failover(&item, &request).unwrap_err();
         assert_eq!(
-            (got, answer["error"]["code"].as_str()),
-            (status, Some(code)),
-            "{body}: {answer}"
+            (error.status(), error.code()),
+            (Some(status), Some(code)),
+            "{request:?}: {error}"
         );
     }
     assert_eq!(
-        state(&server, &item)["state"],
-        "protected",
+        state(&server, &item).state,
+        ItemState::Protected,
         "refusals change nothing"
     );
 
     // ── test failover at the custom point; replication keeps running ──
     let test_dir = data.join("test-failover");
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/test-failover"),
-        Some(json!({"point": custom, "target_dir": test_dir, "format": "raw"})),
-        202,
-    );
+    let job = server
+        .api()
+        .test_failover(&item, &materialize(PointSpec::Id(custom), &test_dir))
+        .unwrap();
     for _ in 0..30 {
         vm.write(&source);
     }
     let during = bookmark(&mut oracle, &vm, &source, 20, Consistency::Crash);
-    server.wait_job(job["id"].as_u64().unwrap());
+    server.wait_job(job.id);
     let view = state(&server, &item);
-    assert_eq!(view["state"], "test_failover");
-    let test_files = files(&view["test_failover"]);
+    assert_eq!(view.state, ItemState::TestFailover);
+    let test_files = files(view.test_failover.as_ref());
     assert_files(&test_files, &oracle[&custom], "test failover disks");
     source.flush(Duration::from_secs(60)).unwrap();
     wait_for_point(&server, &item, during);
 
     // ── cleanup ──
-    let view = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/test-failover/cleanup"),
-        None,
-        200,
-    );
-    assert_eq!(view["state"], "protected");
+    let view = server.api().test_failover_cleanup(&item).unwrap();
+    assert_eq!(view.state, ItemState::Protected);
     assert!(test_files.iter().all(|f| !f.exists()), "test disks removed");
 
     // More writes; one more app-consistent point; then the source shuts down.
@@ -303,17 +299,23 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
 
     // ── failover to the custom point ──
     let failover_dir = data.join("failover");
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/failover"),
-        Some(json!({"point": custom, "target_dir": failover_dir, "source_shut_down": true})),
-        202,
-    );
-    server.wait_job(job["id"].as_u64().unwrap());
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &FailoverRequest {
+                point: PointSpec::Id(custom),
+                target_dir: failover_dir.display().to_string(),
+                format: Format::Raw,
+                source_shut_down: true,
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
     let view = state(&server, &item);
-    assert_eq!(view["state"], "failed_over");
-    assert_eq!(view["failover"]["point_id"], custom);
-    let failed_over = files(&view["failover"]);
+    assert_eq!(view.state, ItemState::FailedOver);
+    assert_eq!(view.failover.as_ref().map(|f| f.point_id), Some(custom));
+    let failed_over = files(view.failover.as_ref());
     assert_files(
         &failed_over,
         &oracle[&custom],
@@ -338,31 +340,31 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     assert!(refused.is_err(), "a failed-over item takes no frames");
 
     // ── change point to the latest app-consistent point ──
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/change-point"),
-        Some(json!({"point": "latest-app"})),
-        202,
-    );
-    server.wait_job(job["id"].as_u64().unwrap());
+    let job = server
+        .api()
+        .change_point(
+            &item,
+            &ChangePointRequest {
+                point: PointSpec::latest_app(),
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
     let view = state(&server, &item);
     assert_eq!(
-        (
-            view["state"].as_str(),
-            view["failover"]["point_id"].as_u64()
-        ),
-        (Some("failed_over"), Some(app))
+        (view.state, view.failover.as_ref().map(|f| f.point_id)),
+        (ItemState::FailedOver, Some(app))
     );
     assert_files(
-        &files(&view["failover"]),
+        &files(view.failover.as_ref()),
         &oracle[&app],
         "failover disks after change point",
     );
 
     // ── commit ──
-    let view = server.expect("POST", &format!("/v1/items/{item}/commit"), None, 200);
-    assert_eq!(view["state"], "committed");
-    assert_eq!(view["allowed_operations"], json!(["reprotect", "disable"]));
+    let view = server.api().commit(&item).unwrap();
+    assert_eq!(view.state, ItemState::Committed);
+    assert_eq!(view.allowed_operations, [Op::Reprotect, Op::Disable]);
 
     // The failed-over VM runs on the failover disks and writes.
     let mut reverse_vm = Vm::new(&geometry, 99);
@@ -375,26 +377,31 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
         .sum();
 
     // ── re-protect: the original disks become replicas; a temporary OS disk is made ──
-    let reprotected = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/reprotect"),
-        Some(json!({"disks": original})),
-        201,
-    );
-    let reverse = reprotected["item"]["id"].as_str().unwrap().to_owned();
-    let reverse_token = reprotected["stream_token"].as_str().unwrap().to_owned();
-    assert_eq!(reprotected["item"]["state"], "reprotecting");
-    assert_eq!(reprotected["item"]["role"], "reverse");
-    let temporary = PathBuf::from(reprotected["item"]["temporary_os_disk"].as_str().unwrap());
+    let reprotected = server
+        .api()
+        .reprotect(
+            &item,
+            &ReprotectRequest {
+                disks: original.iter().map(|p| p.display().to_string()).collect(),
+                temporary_os_disk: None,
+                name: None,
+            },
+        )
+        .unwrap();
+    let reverse = reprotected.item.id.clone();
+    let reverse_token = reprotected.stream_token.clone();
+    assert_eq!(reprotected.item.state, ItemState::Reprotecting);
+    assert_eq!(reprotected.item.role, Role::Reverse);
+    let temporary = PathBuf::from(reprotected.item.temporary_os_disk.as_ref().unwrap());
     let info = engine::vhd::read_fixed_vhd_info(&temporary).unwrap();
     assert_eq!(
         info.virtual_size_bytes,
         1 << 30,
         "a 1 GiB temporary OS disk"
     );
-    assert_eq!(state(&server, &item)["state"], "reprotected");
-    let slots = server.expect("GET", "/v1/slots", None, 200);
-    assert_eq!(slots["attached"], 4, "{slots}");
+    assert_eq!(state(&server, &item).state, ItemState::Reprotected);
+    let slots = server.api().slots().unwrap();
+    assert_eq!(slots.attached, 4, "{slots:?}");
 
     // The delta resync from the failed-over VM: only the differing chunks travel.
     let report = disk_sim::resync::delta_resync(
@@ -418,8 +425,8 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
         report.total_bytes_sent < report.total_disk_bytes / 2,
         "{report:?}"
     );
-    server.wait_job(reprotected["job"]["id"].as_u64().unwrap());
-    wait_state(&server, &reverse, "protected");
+    server.wait_job(reprotected.job.id);
+    wait_state(&server, &reverse, ItemState::Protected);
     assert_files(
         &original,
         &reverse_vm.disks,
@@ -442,37 +449,28 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     wait_for_point(&server, &reverse, reverse_last);
 
     // ── failback: final sync, disks handed back, temporary OS disk deleted ──
-    let job = server.expect("POST", &format!("/v1/items/{reverse}/failback"), None, 202);
-    let job = server.wait_job(job["id"].as_u64().unwrap());
+    let job = server.api().failback(&reverse).unwrap();
+    let job = server.wait_job(job.id);
     let view = state(&server, &reverse);
-    assert_eq!(view["state"], "failed_back", "{job}");
+    assert_eq!(view.state, ItemState::FailedBack, "{job:?}");
     assert!(!temporary.exists(), "temporary OS disk deleted");
     assert_files(
         &original,
         &reverse_vm.disks,
         "original disks after failback",
     );
-    assert!(
-        view["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["lun"].is_null())
-    );
-    let slots = server.expect("GET", "/v1/slots", None, 200);
+    assert!(view.disks.iter().all(|d| d.lun.is_none()));
+    let slots = server.api().slots().unwrap();
     assert_eq!(
-        slots["attached"], 2,
-        "only the first item's replicas hold slots: {slots}"
+        slots.attached, 2,
+        "only the first item's replicas hold slots: {slots:?}"
     );
 
     // ── disable the first item: every slot free again ──
-    let view = server.expect("DELETE", &format!("/v1/items/{item}"), None, 200);
-    assert_eq!(view["state"], "disabled");
-    let slots = server.expect("GET", "/v1/slots", None, 200);
-    assert_eq!(
-        (slots["free"].as_u64(), slots["attached"].as_u64()),
-        (Some(31), Some(0))
-    );
+    let view = server.api().disable(&item).unwrap();
+    assert_eq!(view.state, ItemState::Disabled);
+    let slots = server.api().slots().unwrap();
+    assert_eq!((slots.free, slots.attached), (31, 0));
     // The failed-over disks belong to the VM now: disable leaves them alone.
     assert!(failed_over.iter().all(|f| f.exists()));
     server.stop();
@@ -492,19 +490,15 @@ fn bookmark(
 }
 
 fn wait_for_point(server: &Server, item: &str, point: u64) {
-    for _ in 0..2400 {
-        let points = server.expect("GET", &format!("/v1/items/{item}/points"), None, 200);
-        if points
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["id"].as_u64() == Some(point))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("point {point} of {item} never applied");
+    server
+        .api()
+        .wait_point(
+            item,
+            point,
+            Duration::from_millis(25),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("point {point} of {item} never applied: {e}"));
 }
 
 /// 64 KiB chunks that differ between two images of one disk.
@@ -528,14 +522,17 @@ fn resync_on_demand_sends_only_what_differs() {
         size_bytes: 8 << 20,
         block_size_bytes: 4096,
     }];
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "vm-resync", "disks": [{"size_mib": 8}]})),
-        201,
-    );
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: "vm-resync".into(),
+            disks: vec![DiskSpec::create(8, None)],
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
     let mut vm = Vm::new(&geometry, 3);
     let source = agent(&server, item_id(&item), &token, "vm-resync", &geometry);
     vm.full_copy(&source);
@@ -543,7 +540,7 @@ fn resync_on_demand_sends_only_what_differs() {
         .bookmark(Consistency::Crash, 1, 1, "initial")
         .unwrap();
     source.close(Duration::from_secs(60)).unwrap();
-    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+    server.wait_job(enabled.job.id);
 
     // The source changes while nothing is sent (as after a lost agent backlog).
     for _ in 0..5 {
@@ -558,8 +555,8 @@ fn resync_on_demand_sends_only_what_differs() {
     );
     assert!((1..=5).contains(&differing));
 
-    let job = server.expect("POST", &format!("/v1/items/{item}/resync"), None, 202);
-    assert_eq!(job["kind"], "resync");
+    let job = server.api().resync(&item).unwrap();
+    assert_eq!(job.kind, JobKind::Resync);
     // An ordinary stream is refused until the hash exchange ran.
     let refused = {
         let mut config = AgentConfig::new(
@@ -599,9 +596,9 @@ fn resync_on_demand_sends_only_what_differs() {
         differing as u64 * (64 << 10),
         "{report:?}"
     );
-    server.wait_job(job["id"].as_u64().unwrap());
-    let view = wait_state(&server, &item, "protected");
-    assert_eq!(view["latest_point_id"].as_u64(), Some(report.bookmark_seq));
+    server.wait_job(job.id);
+    let view = wait_state(&server, &item, ItemState::Protected);
+    assert_eq!(view.latest_point_id, Some(report.bookmark_seq));
     assert_files(
         &[data.join("items").join(&item).join("replicas/disk-0.img")],
         &vm.disks,

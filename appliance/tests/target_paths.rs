@@ -632,7 +632,7 @@ fn a_second_job_into_a_directory_a_running_job_owns_is_refused_and_the_first_is_
     let ended = server.wait_job(job_a);
     hold.restore();
     let view = item(server, &a.id);
-    assert_eq!(view["state"], "test_failover", "{ended} {view}");
+    assert_eq!(view["state"], "test_failover", "{ended:?} {view}");
     let files: Vec<PathBuf> = view["test_failover"]["files"]
         .as_array()
         .expect("a file list")

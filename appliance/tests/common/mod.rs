@@ -105,6 +105,8 @@ pub struct Server {
     pub data: std::net::SocketAddr,
     /// API token.
     pub token: String,
+    /// The typed client of its control API (`appliance-api`), with the token.
+    pub client: appliance_api::Client,
     stopped: bool,
 }
 
@@ -154,23 +156,42 @@ impl Server {
             .unwrap()
             .trim()
             .to_owned();
+        let client = appliance_api::Client::new(&api, Some(token.clone())).unwrap();
         Self {
             child,
             api,
             data,
             token,
+            client,
             stopped: false,
         }
     }
 
-    /// One request with the token; returns the status and the JSON body.
+    /// The typed client of its control API.
+    pub fn api(&self) -> &appliance_api::Client {
+        &self.client
+    }
+
+    /// One request with the token, for tests of the HTTP answers themselves (statuses and
+    /// body shapes); returns the status and the body as JSON (`Value::Null` for an empty
+    /// body, a string for a non-JSON body). Everything else uses [`Server::api`].
     pub fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        request(&self.api, method, path, Some(&self.token), body)
+        let method = match method {
+            "GET" => appliance_api::Method::Get,
+            "POST" => appliance_api::Method::Post,
+            "DELETE" => appliance_api::Method::Delete,
+            other => panic!("no {other} in the control API; use common::request"),
+        };
+        let (status, text) = self
+            .client
+            .send(method, path, body.map(|b| b.to_string()))
+            .unwrap();
+        (status, body_json(&text))
     }
 
     /// A request that must answer `status`; returns the body.
@@ -187,21 +208,22 @@ impl Server {
     }
 
     /// Polls a job until it ends; panics unless it succeeded. Returns its view.
-    pub fn wait_job(&self, id: u64) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            let job = self.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
-            match job["state"].as_str().unwrap() {
-                "running" => {}
-                "succeeded" => return job,
-                _ => panic!("job {id} failed: {job}"),
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "job {id} still running: {job}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+    pub fn wait_job(&self, id: u64) -> appliance_api::model::JobView {
+        let job = self
+            .client
+            .wait_job(
+                id,
+                std::time::Duration::from_millis(50),
+                std::time::Duration::from_secs(120),
+                &mut |_| {},
+            )
+            .unwrap_or_else(|e| panic!("job {id}: {e}"));
+        assert_eq!(
+            job.state,
+            appliance_api::model::JobState::Succeeded,
+            "job {id} failed: {job:?}"
+        );
+        job
     }
 
     /// SIGTERM, and the exit status must be 0.
@@ -236,7 +258,17 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns the status and the body as JSON
+/// A body as JSON: `Value::Null` when empty, a string when not JSON.
+fn body_json(body: &str) -> serde_json::Value {
+    if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()))
+    }
+}
+
+/// One raw HTTP/1.1 request on a fresh connection, for the tests of HTTP itself (odd tokens,
+/// no token, connection limits); returns the status and the body as JSON
 /// (`Value::Null` for an empty body, a string for a non-JSON body).
 pub fn request(
     addr: &str,
@@ -270,12 +302,7 @@ pub fn request(
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()))
-    };
-    (status, body)
+    (status, body_json(body))
 }
 
 /// Parses 32 hex digits.
