@@ -24,10 +24,13 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use appliance_api::model::{
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, ItemView,
+    JobState, JobView, MaterializeRequest, PointSpec,
+};
 use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 /// Longest any state is polled for.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -51,25 +54,18 @@ impl Protected {
 /// Enables an item, streams two writes with a bookmark after each, closes the session and
 /// waits until both points are processed and the item is `protected`.
 fn protect(server: &Server, name: &str, fill: u8) -> Protected {
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": name, "disks": [{"size_mib": DISK_BYTES >> 20}]})),
-        201,
-    );
-    let id = enabled["item"]["id"]
-        .as_str()
-        .expect("an item id")
-        .to_owned();
-    let token = enabled["stream_token"]
-        .as_str()
-        .expect("a token")
-        .to_owned();
-    let replica = PathBuf::from(
-        enabled["item"]["disks"][0]["path"]
-            .as_str()
-            .expect("a path"),
-    );
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: name.into(),
+            disks: vec![DiskSpec::create(DISK_BYTES >> 20, None)],
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .expect("enabled");
+    let id = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
+    let replica = PathBuf::from(&enabled.item.disks[0].path);
     let geometry = vec![DiskGeometry {
         size_bytes: DISK_BYTES,
         block_size_bytes: 4096,
@@ -96,17 +92,17 @@ fn protect(server: &Server, name: &str, fill: u8) -> Protected {
         points.push((seq, image.clone()));
     }
     agent.close(DEADLINE).expect("every frame acknowledged");
-    server.wait_job(enabled["job"]["id"].as_u64().expect("a job"));
+    server.wait_job(enabled.job.id);
     let last = points.last().expect("two points").0;
     let deadline = Instant::now() + DEADLINE;
     loop {
         let view = item(server, &id);
-        if view["state"] == "protected" && view["latest_point_id"].as_u64() == Some(last) {
+        if view.state == ItemState::Protected && view.latest_point_id == Some(last) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "never protected at {last}: {view}"
+            "never protected at {last}: {view:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -117,78 +113,94 @@ fn protect(server: &Server, name: &str, fill: u8) -> Protected {
     }
 }
 
-fn item(server: &Server, id: &str) -> Value {
-    server.expect("GET", &format!("/v1/items/{id}"), None, 200)
+fn item(server: &Server, id: &str) -> ItemView {
+    server.api().item(id).expect("the item")
 }
 
-fn wait_state(server: &Server, id: &str, state: &str) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let view = item(server, id);
-        if view["state"] == state {
-            return view;
-        }
-        assert!(Instant::now() < deadline, "never {state}: {view}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_state(server: &Server, id: &str, state: ItemState) -> ItemView {
+    server
+        .api()
+        .wait_state(id, state, Duration::from_millis(20), DEADLINE)
+        .unwrap_or_else(|e| panic!("never {state}: {e}"))
 }
 
 /// Polls a job until it is no longer running; returns its view.
-fn wait_job_end(server: &Server, id: u64) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let job = server.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
-        if job["state"] != "running" {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} still running: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_job_end(server: &Server, id: u64) -> JobView {
+    server
+        .api()
+        .wait_job(id, Duration::from_millis(20), DEADLINE, &mut |_| {})
+        .unwrap_or_else(|e| panic!("job {id}: {e}"))
 }
 
 /// A job that must fail with `words` in its error.
 fn assert_failed_with(server: &Server, job: u64, words: &str) {
     let ended = wait_job_end(server, job);
-    assert_eq!(ended["state"], "failed", "{ended}");
-    let error = ended["error"].as_str().expect("an error");
+    assert_eq!(ended.state, JobState::Failed, "{ended:?}");
+    let error = ended.error.as_deref().expect("an error");
     assert!(error.contains(words), "expected {words:?} in: {error}");
 }
 
-fn post(server: &Server, id: &str, op: &str, body: Value) -> (u16, Value) {
-    server.call("POST", &format!("/v1/items/{id}/{op}"), Some(body))
+/// A job's answer: the job, or the API's refusal.
+type Answer = Result<JobView, appliance_api::Error>;
+
+/// A test failover at `point` into `target` in `format`.
+fn materialize(
+    server: &Server,
+    id: &str,
+    point: PointSpec,
+    target: &Path,
+    format: Format,
+) -> Answer {
+    let request = MaterializeRequest {
+        point,
+        target_dir: target.display().to_string(),
+        format,
+    };
+    server.api().test_failover(id, &request)
 }
 
-fn test_failover(server: &Server, id: &str, target: &Path) -> (u16, Value) {
-    post(
+fn test_failover(server: &Server, id: &str, target: &Path) -> Answer {
+    materialize(
         server,
         id,
-        "test-failover",
-        json!({"point": "latest-processed", "target_dir": target}),
+        PointSpec::latest_processed(),
+        target,
+        Format::Raw,
     )
 }
 
-fn failover(server: &Server, id: &str, target: &Path) -> (u16, Value) {
-    post(
-        server,
-        id,
-        "failover",
-        json!({"point": "latest-processed", "target_dir": target, "source_shut_down": true}),
-    )
+fn failover_as(server: &Server, id: &str, target: &Path, format: Format) -> Answer {
+    let request = FailoverRequest {
+        point: PointSpec::latest_processed(),
+        target_dir: target.display().to_string(),
+        format,
+        source_shut_down: true,
+    };
+    server.api().failover(id, &request)
 }
 
-fn assert_refused(answer: (u16, Value), status: u16, code: &str) {
-    let (got, body) = answer;
+fn failover(server: &Server, id: &str, target: &Path) -> Answer {
+    failover_as(server, id, target, Format::Raw)
+}
+
+fn change_point(server: &Server, id: &str, point: u64) -> Answer {
+    let request = ChangePointRequest {
+        point: PointSpec::Id(point),
+    };
+    server.api().change_point(id, &request)
+}
+
+fn assert_refused(answer: Answer, status: u16, code: &str) {
+    let error = answer.expect_err("a refusal");
     assert_eq!(
-        (got, body["error"]["code"].as_str()),
-        (status, Some(code)),
-        "{body}"
+        (error.status(), error.code()),
+        (Some(status), Some(code)),
+        "{error}"
     );
 }
 
-fn accepted(answer: (u16, Value)) -> u64 {
-    let (status, body) = answer;
-    assert_eq!(status, 202, "{body}");
-    body["id"].as_u64().expect("a job id")
+fn accepted(answer: Answer) -> u64 {
+    answer.expect("202 and a job").id
 }
 
 /// Names in a directory, sorted.
@@ -349,7 +361,7 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     let a = protect(server, "vm-a", 0x11);
     let made_outside = outside.dir.join("made-through-a-link");
     // The recorded identities are part of the documented answers.
-    let doc = server.expect("GET", "/openapi.json", None, 200);
+    let doc = server.api().openapi().expect("the document");
     for schema in ["Materialized", "WrittenFile", "FileIdentity"] {
         assert!(
             doc["components"]["schemas"].get(schema).is_some(),
@@ -399,17 +411,12 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
         (format!("{}/a\u{0}b", data.display()), 400, "bad_request"),
         (long.display().to_string(), 403, "path_refused"),
     ] {
-        let answer = post(
-            server,
-            &a.id,
-            "test-failover",
-            json!({"point": "latest-processed", "target_dir": target}),
-        );
+        let answer = test_failover(server, &a.id, Path::new(&target));
         assert_refused(answer, status, code);
     }
     assert_eq!(
-        item(server, &a.id)["state"],
-        "protected",
+        item(server, &a.id).state,
+        ItemState::Protected,
         "refusals change nothing"
     );
     outside.assert_untouched();
@@ -421,12 +428,15 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     let fo = data.join("fo");
     let job = accepted(failover(server, &a.id, &fo));
     server.wait_job(job);
-    let view = wait_state(server, &a.id, "failed_over");
-    assert_eq!(view["failover"]["point_id"], a.latest().0);
+    let view = wait_state(server, &a.id, ItemState::FailedOver);
+    assert_eq!(
+        view.failover.as_ref().map(|f| f.point_id),
+        Some(a.latest().0)
+    );
     let disk = fo.join("disk-0.raw");
     assert!(std::fs::read(&disk).expect("the failed-over disk") == a.latest().1);
     let first = a.points[0].0;
-    let change = |point: u64| post(server, &a.id, "change-point", json!({"point": point}));
+    let change = |point: u64| change_point(server, &a.id, point);
 
     // A link at the temporary name: refused, nothing changed.
     symlink(&outside.victim, fo.join("disk-0.raw.partial")).expect("planting a link");
@@ -435,15 +445,15 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     std::fs::remove_file(fo.join("disk-0.raw.partial")).expect("removing the link");
 
     // A link where the old code made its staging directory (`.change-<job id>`): unused now.
-    let jobs = server.expect("GET", "/v1/jobs", None, 200);
-    let next_job = jobs[0]["id"].as_u64().expect("a job id") + 1;
+    let jobs = server.api().jobs().expect("the jobs");
+    let next_job = jobs[0].id + 1;
     let staging_link = fo.join(format!(".change-{next_job}"));
     symlink(&outside.dir, &staging_link).expect("planting a link");
     let job = accepted(change(first));
     assert_eq!(job, next_job);
     server.wait_job(job);
-    let view = wait_state(server, &a.id, "failed_over");
-    assert_eq!(view["failover"]["point_id"], first);
+    let view = wait_state(server, &a.id, ItemState::FailedOver);
+    assert_eq!(view.failover.as_ref().map(|f| f.point_id), Some(first));
     assert!(
         std::fs::read(&disk).expect("the disk") == a.points[0].1,
         "disk at the new point"
@@ -460,7 +470,7 @@ fn links_planted_at_every_name_before_a_request_are_refused_and_left_alone() {
     replace_with_copy(&disk);
     assert_refused(change(a.latest().0), 409, "target_changed");
     assert!(std::fs::read(&disk).expect("the foreign file") == foreign);
-    assert_eq!(item(server, &a.id)["state"], "failed_over");
+    assert_eq!(item(server, &a.id).state, ItemState::FailedOver);
     outside.assert_untouched();
     for (link, to) in &planted {
         assert_link(link, to);
@@ -484,7 +494,7 @@ fn links_and_files_planted_while_a_job_runs_are_not_followed_or_replaced() {
         hold.release();
         assert_failed_with(server, job, words);
         hold.restore();
-        wait_state(server, &a.id, "protected");
+        wait_state(server, &a.id, ItemState::Protected);
     };
 
     // A dangling link at the final name, pointing outside.
@@ -563,23 +573,22 @@ fn links_and_files_planted_while_a_job_runs_are_not_followed_or_replaced() {
     // ── change point: the failed-over disk replaced while the job writes ──
     let fo = data.join("fo");
     server.wait_job(accepted(failover(server, &a.id, &fo)));
-    wait_state(server, &a.id, "failed_over");
+    wait_state(server, &a.id, ItemState::FailedOver);
     let disk = fo.join("disk-0.raw");
     let mut hold = LeaseHold::new(&a.replica, &rig.scratch, "a");
-    let job = accepted(post(
-        server,
-        &a.id,
-        "change-point",
-        json!({"point": a.points[0].0}),
-    ));
+    let job = accepted(change_point(server, &a.id, a.points[0].0));
     hold.wait_blocked();
     let foreign = std::fs::read(&disk).expect("the disk");
     replace_with_copy(&disk);
     hold.release();
     assert_failed_with(server, job, "is not the file that was recorded");
     hold.restore();
-    let view = wait_state(server, &a.id, "failed_over");
-    assert_eq!(view["failover"]["point_id"], a.latest().0, "{view}");
+    let view = wait_state(server, &a.id, ItemState::FailedOver);
+    assert_eq!(
+        view.failover.as_ref().map(|f| f.point_id),
+        Some(a.latest().0),
+        "{view:?}"
+    );
     assert!(
         std::fs::read(&disk).expect("the foreign file") == foreign,
         "not replaced"
@@ -608,36 +617,34 @@ fn a_second_job_into_a_directory_a_running_job_owns_is_refused_and_the_first_is_
     // B's failover in VHD format (other file names) and B's test failover through another
     // path to the same directory: both refused, naming A's job.
     let answers = [
-        post(
-            server,
-            &b.id,
-            "failover",
-            json!({"point": "latest-processed", "target_dir": shared, "format": "vhd",
-                   "source_shut_down": true}),
-        ),
+        failover_as(server, &b.id, &shared, Format::Vhd),
         test_failover(server, &b.id, &data.join("alias")),
     ];
     for answer in answers {
-        let message = answer.1["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
+        let message = answer
+            .as_ref()
+            .err()
+            .and_then(|e| e.refusal())
+            .map(|r| r.message.clone())
+            .unwrap_or_default();
         assert_refused(answer, 409, "target_dir_busy");
         assert!(message.contains(&format!("job {job_a}")), "{message}");
     }
     assert_eq!(listing(&shared), before, "the refusals made nothing");
-    assert_eq!(item(server, &b.id)["state"], "protected");
+    assert_eq!(item(server, &b.id).state, ItemState::Protected);
 
     hold.release();
     let ended = server.wait_job(job_a);
     hold.restore();
     let view = item(server, &a.id);
-    assert_eq!(view["state"], "test_failover", "{ended:?} {view}");
-    let files: Vec<PathBuf> = view["test_failover"]["files"]
-        .as_array()
+    assert_eq!(view.state, ItemState::TestFailover, "{ended:?} {view:?}");
+    let files: Vec<PathBuf> = view
+        .test_failover
+        .as_ref()
         .expect("a file list")
+        .files
         .iter()
-        .map(|f| PathBuf::from(f.as_str().expect("a path")))
+        .map(PathBuf::from)
         .collect();
     assert_eq!(files, vec![shared.join("disk-0.raw")]);
     assert!(
@@ -647,32 +654,29 @@ fn a_second_job_into_a_directory_a_running_job_owns_is_refused_and_the_first_is_
 
     // Once A's job ended, B may write into the directory (other names). Each clean-up removes
     // only its own files; the directory A's job made goes with A's clean-up once it is empty.
-    let job_b = accepted(post(
+    let job_b = accepted(materialize(
         server,
         &b.id,
-        "test-failover",
-        json!({"point": "latest-processed", "target_dir": shared, "format": "vhd"}),
+        PointSpec::latest_processed(),
+        &shared,
+        Format::Vhd,
     ));
     server.wait_job(job_b);
     assert_eq!(listing(&shared), vec!["disk-0.raw", "disk-0.vhd"]);
-    server.expect(
-        "POST",
-        &format!("/v1/items/{}/test-failover/cleanup", b.id),
-        None,
-        200,
-    );
+    server
+        .api()
+        .test_failover_cleanup(&b.id)
+        .expect("cleaned up");
     assert_eq!(
         listing(&shared),
         vec!["disk-0.raw"],
         "B's clean-up left A's disk"
     );
     assert!(std::fs::read(&files[0]).expect("A's disk") == a.latest().1);
-    server.expect(
-        "POST",
-        &format!("/v1/items/{}/test-failover/cleanup", a.id),
-        None,
-        200,
-    );
+    server
+        .api()
+        .test_failover_cleanup(&a.id)
+        .expect("cleaned up");
     assert!(
         !shared.exists(),
         "the directory A's job made, empty now, is removed"
@@ -693,9 +697,9 @@ fn a_restart_removes_only_what_the_interrupted_job_recorded() {
     // Someone else's file at the final name the job would have written.
     std::fs::write(target.join("disk-0.raw"), b"theirs").expect("planting a file");
     let server = Server::start(data, &[]);
-    let ended = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
-    assert_eq!(ended["state"], "failed", "{ended}");
-    assert_eq!(item(&server, &a.id)["state"], "protected");
+    let ended = server.api().job(job).expect("the job");
+    assert_eq!(ended.state, JobState::Failed, "{ended:?}");
+    assert_eq!(item(&server, &a.id).state, ItemState::Protected);
     assert_eq!(
         listing(&target),
         vec!["disk-0.raw"],
