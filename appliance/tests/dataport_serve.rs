@@ -123,13 +123,18 @@ impl Site {
     fn api_answers(&self, after: &str) {
         for path in ["/v1/items", "/v1/appliance"] {
             let (tx, rx) = mpsc::channel();
-            let (api, token) = (self.server.api.clone(), self.server.token.clone());
+            let client = self.server.api().clone();
             std::thread::spawn(move || {
-                let _ = tx.send(common::request(&api, "GET", path, Some(&token), None).0);
+                let _ = tx.send(
+                    client
+                        .send(appliance_api::Method::Get, path, None)
+                        .map(|a| a.0),
+                );
             });
             let status = rx
                 .recv_timeout(API_DEADLINE)
-                .unwrap_or_else(|_| panic!("after {after}: GET {path} gave no answer within 1 s"));
+                .unwrap_or_else(|_| panic!("after {after}: GET {path} gave no answer within 1 s"))
+                .unwrap_or_else(|e| panic!("after {after}: GET {path}: {e}"));
             assert_eq!(status, 200, "after {after}: GET {path}");
         }
     }

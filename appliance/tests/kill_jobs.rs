@@ -11,10 +11,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use appliance_api::model::{
+    DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, JobState, PointSpec, PolicyRequest,
+};
 use common::{Rng, Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 fn free_port() -> String {
@@ -41,18 +43,21 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
             block_size_bytes: 4096,
         },
     ];
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(
-            json!({"name": "vm-kill", "disks": [{"size_mib": 4}, {"size_mib": 1024}],
-                    "policy": {"keep_points": 1000}}),
-        ),
-        201,
-    );
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
-    let slots = server.expect("GET", "/v1/slots", None, 200);
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: "vm-kill".into(),
+            disks: vec![DiskSpec::create(4, None), DiskSpec::create(1024, None)],
+            policy: Some(PolicyRequest {
+                keep_points: Some(1000),
+                ..PolicyRequest::default()
+            }),
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
+    let slots = server.api().slots().unwrap();
     let mut config = AgentConfig::new(
         addr.parse().unwrap(),
         item_id(&item),
@@ -85,33 +90,23 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
             server.kill();
             kills += 1;
             server = Server::start_on(&data, &addr, &[]);
-            assert_eq!(
-                server.expect("GET", "/v1/slots", None, 200),
-                slots,
-                "slots after a kill"
-            );
+            assert_eq!(server.api().slots().unwrap(), slots, "slots after a kill");
         }
     }
     let acked = agent.flush(Duration::from_secs(60)).unwrap();
     assert_eq!(acked, agent.next_seq() - 1, "every frame acknowledged");
     // The initial-replication job, started before the kills, ends by itself.
-    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+    server.wait_job(enabled.job.id);
     let last = *oracle.keys().last().unwrap();
     for _ in 0..2000 {
-        let view = server.expect("GET", &format!("/v1/items/{item}"), None, 200);
-        if view["latest_point_id"].as_u64() == Some(last) {
+        if server.api().item(&item).unwrap().latest_point_id == Some(last) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     // Every point is there and exact (OS disk digest; the data disk stayed empty).
-    let points = server.expect("GET", &format!("/v1/items/{item}/points"), None, 200);
-    let ids: Vec<u64> = points
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_u64().unwrap())
-        .collect();
+    let points = server.api().points(&item).unwrap();
+    let ids: Vec<u64> = points.iter().map(|p| p.id).collect();
     assert!(
         oracle.keys().all(|seq| ids.contains(seq)),
         "every acknowledged bookmark is a point"
@@ -120,33 +115,30 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
 
     // Kill during the failover job.
     let target = data.join("failover");
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/failover"),
-        Some(json!({"point": first_custom, "target_dir": target, "source_shut_down": true})),
-        202,
-    );
+    let failover = FailoverRequest {
+        point: PointSpec::Id(first_custom),
+        target_dir: target.display().to_string(),
+        format: Format::Raw,
+        source_shut_down: true,
+    };
+    let job = server.api().failover(&item, &failover).unwrap();
     std::thread::sleep(Duration::from_millis(150));
     server.kill();
     kills += 1;
     server = Server::start_on(&data, &addr, &[]);
-    assert_eq!(
-        server.expect("GET", "/v1/slots", None, 200),
-        slots,
-        "slots after a kill"
-    );
-    let job = server.expect("GET", &format!("/v1/jobs/{}", job["id"]), None, 200);
-    let view = server.expect("GET", &format!("/v1/items/{item}"), None, 200);
-    match job["state"].as_str().unwrap() {
-        "failed" => {
+    assert_eq!(server.api().slots().unwrap(), slots, "slots after a kill");
+    let job = server.api().job(job.id).unwrap();
+    let view = server.api().item(&item).unwrap();
+    match job.state {
+        JobState::Failed => {
             assert!(
-                job["error"]
-                    .as_str()
+                job.error
+                    .as_deref()
                     .unwrap()
                     .contains("interrupted by an appliance restart"),
-                "{job}"
+                "{job:?}"
             );
-            assert_eq!(view["state"], "protected", "{view}");
+            assert_eq!(view.state, ItemState::Protected, "{view:?}");
             let left: Vec<_> = std::fs::read_dir(&target)
                 .map(|d| d.map(|e| e.unwrap().file_name()).collect())
                 .unwrap_or_default();
@@ -161,30 +153,20 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
             agent.flush(Duration::from_secs(60)).unwrap();
             eprintln!("the failover job was interrupted and undone");
         }
-        "succeeded" => {
-            assert_eq!(view["state"], "failed_over", "{view}");
+        JobState::Succeeded => {
+            assert_eq!(view.state, ItemState::FailedOver, "{view:?}");
             eprintln!("the failover job finished before the kill");
         }
-        other => panic!("job {other}: {job}"),
+        other => panic!("job {other}: {job:?}"),
     }
     drop(agent);
     // A failover after the restart writes exact disks.
-    if view["state"] == "protected" {
-        let job = server.expect(
-            "POST",
-            &format!("/v1/items/{item}/failover"),
-            Some(json!({"point": first_custom, "target_dir": target, "source_shut_down": true})),
-            202,
-        );
-        server.wait_job(job["id"].as_u64().unwrap());
+    if view.state == ItemState::Protected {
+        let job = server.api().failover(&item, &failover).unwrap();
+        server.wait_job(job.id);
     }
-    let view = server.expect("GET", &format!("/v1/items/{item}"), None, 200);
-    let files: Vec<String> = view["failover"]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap().to_owned())
-        .collect();
+    let view = server.api().item(&item).unwrap();
+    let files: Vec<String> = view.failover.unwrap().files;
     assert_eq!(
         xxh3_64(&std::fs::read(&files[0]).unwrap()),
         oracle[&first_custom]

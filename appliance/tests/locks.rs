@@ -6,10 +6,11 @@
 
 mod common;
 
-use common::{Server, item_id, request};
+use appliance_api::Method;
+use appliance_api::model::{DiskSpec, EnableRequest};
+use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::json;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -17,22 +18,28 @@ use std::time::{Duration, Instant};
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
 /// `method path` on `server`, or a panic naming the call if it does not answer in time.
-fn answers(server: &Server, method: &str, path: &str, body: Option<serde_json::Value>) -> u16 {
-    let (api, token) = (server.api.clone(), server.token.clone());
-    let (method_owned, path_owned) = (method.to_owned(), path.to_owned());
+fn answers(server: &Server, method: Method, path: &str, body: Option<&EnableRequest>) -> u16 {
+    let client = server.api().clone();
+    let path_owned = path.to_owned();
+    let body = body.map(|b| serde_json::to_string(b).unwrap());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(request(
-            &api,
-            &method_owned,
-            &path_owned,
-            Some(&token),
-            body,
-        ));
+        let _ = tx.send(client.send(method, &path_owned, body));
     });
     match rx.recv_timeout(ANSWER_WAIT) {
-        Ok((status, _)) => status,
-        Err(_) => panic!("{method} {path} got no answer (timed out): a lock is held"),
+        Ok(Ok((status, _))) => status,
+        Ok(Err(error)) => panic!("{method:?} {path}: {error}"),
+        Err(_) => panic!("{method:?} {path} got no answer (timed out): a lock is held"),
+    }
+}
+
+/// Enable of one 1 MiB disk.
+fn one_disk(name: &str) -> EnableRequest {
+    EnableRequest {
+        name: name.into(),
+        disks: vec![DiskSpec::create(1, None)],
+        policy: None,
+        temporary_os_disk: None,
     }
 }
 
@@ -48,8 +55,8 @@ fn a_failed_slot_commit_in_enable_answers_and_leaves_the_api_working() {
         &[],
         &[("APPLIANCE_TEST_FAIL_AT", "enable:slots-commit")],
     );
-    let enable = json!({"name": "vm", "disks": [{"size_mib": 1}]});
-    let status = answers(&server, "POST", "/v1/items", Some(enable.clone()));
+    let enable = one_disk("vm");
+    let status = answers(&server, Method::Post, "/v1/items", Some(&enable));
     assert_eq!(status, 500, "the failed commit is an I/O error");
     for path in [
         "/v1/appliance",
@@ -58,14 +65,17 @@ fn a_failed_slot_commit_in_enable_answers_and_leaves_the_api_working() {
         "/metrics",
         "/v1/jobs",
     ] {
-        assert_eq!(answers(&server, "GET", path, None), 200, "GET {path}");
+        assert_eq!(answers(&server, Method::Get, path, None), 200, "GET {path}");
     }
     // The reservation was freed: no slot stays reserved or attached.
-    let slots = server.expect("GET", "/v1/slots", None, 200);
-    assert_eq!(slots["reserved"], 0, "{slots}");
-    assert_eq!(slots["attached"], 0, "{slots}");
+    let slots = server.api().slots().unwrap();
+    assert_eq!(slots.reserved, 0, "{slots:?}");
+    assert_eq!(slots.attached, 0, "{slots:?}");
     // `ops` is free: another operation runs (and fails the same way, with an answer).
-    assert_eq!(answers(&server, "POST", "/v1/items", Some(enable)), 500);
+    assert_eq!(
+        answers(&server, Method::Post, "/v1/items", Some(&enable)),
+        500
+    );
     server.stop();
 }
 
@@ -84,14 +94,9 @@ fn item_views_answer_while_the_resync_job_writes_its_marker() {
         &[("APPLIANCE_TEST_PAUSE_AT", pause.as_str())],
     );
     // An item in `protected`: the agent's first copy (one write) and a point.
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "vm", "disks": [{"size_mib": 1}]})),
-        201,
-    );
-    let id = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let enabled = server.api().enable(&one_disk("vm")).unwrap();
+    let id = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
     let geometry = vec![DiskGeometry {
         size_bytes: 1 << 20,
         block_size_bytes: 4096,
@@ -102,15 +107,15 @@ fn item_views_answer_while_the_resync_job_writes_its_marker() {
     agent.write(0, 0, &[7u8; 4096]).unwrap();
     agent.bookmark(Consistency::Crash, 1, 1, "first").unwrap();
     agent.close(ANSWER_WAIT).unwrap();
-    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+    server.wait_job(enabled.job.id);
 
-    let job = server.expect("POST", &format!("/v1/items/{id}/resync"), None, 202);
+    let job = server.api().resync(&id).unwrap();
     let reached = data.path().join("release-resync.reached");
     let deadline = Instant::now() + ANSWER_WAIT;
     while !reached.exists() {
         assert!(
             Instant::now() < deadline,
-            "the resync job never reached its marker: {job}"
+            "the resync job never reached its marker: {job:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -119,7 +124,11 @@ fn item_views_answer_while_the_resync_job_writes_its_marker() {
         "/v1/items".to_owned(),
         "/metrics".to_owned(),
     ] {
-        assert_eq!(answers(&server, "GET", &path, None), 200, "GET {path}");
+        assert_eq!(
+            answers(&server, Method::Get, &path, None),
+            200,
+            "GET {path}"
+        );
     }
     std::fs::write(&release, b"go").unwrap();
     server.stop();
