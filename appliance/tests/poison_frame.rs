@@ -21,11 +21,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use appliance_api::model::{
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, ItemView,
+    JobState, MaterializeRequest, Materialized, PointSpec, PolicyRequest, SlotsView,
+};
 use common::{Rng, Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry, Encoding, FrameHeader, FrameKind};
 use engine::port::RefusalStatus;
-use serde_json::{Value, json};
 
 fn geometry() -> Vec<DiskGeometry> {
     vec![
@@ -101,30 +104,55 @@ fn agent(server: &Server, item: &str, token: &str) -> Agent {
     Agent::connect(agent_config(server, item, token, 50)).unwrap()
 }
 
-fn view(server: &Server, item: &str) -> Value {
-    server.expect("GET", &format!("/v1/items/{item}"), None, 200)
+fn view(server: &Server, item: &str) -> ItemView {
+    server.api().item(item).unwrap()
 }
 
 /// Polls the item until `done` holds (generous deadline: the machine may be loaded).
-fn wait_item(server: &Server, item: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+fn wait_item(
+    server: &Server,
+    item: &str,
+    what: &str,
+    done: impl Fn(&ItemView) -> bool,
+) -> ItemView {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let view = view(server, item);
         if done(&view) {
             return view;
         }
-        assert!(Instant::now() < deadline, "item never {what}: {view}");
+        assert!(Instant::now() < deadline, "item never {what}: {view:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn files(materialized: &Value) -> Vec<PathBuf> {
-    materialized["files"]
-        .as_array()
+fn files(materialized: Option<&Materialized>) -> Vec<PathBuf> {
+    materialized
         .unwrap()
+        .files
         .iter()
-        .map(|f| PathBuf::from(f.as_str().unwrap()))
+        .map(PathBuf::from)
         .collect()
+}
+
+/// Test failover of `item` at `point` into `dir`; waits for the job.
+fn test_failover(server: &Server, item: &str, point: u64, dir: &Path) {
+    let request = MaterializeRequest {
+        point: PointSpec::Id(point),
+        target_dir: dir.display().to_string(),
+        format: Format::Raw,
+    };
+    let job = server.api().test_failover(item, &request).unwrap();
+    server.wait_job(job.id);
+}
+
+fn failover(point: PointSpec, dir: &Path) -> FailoverRequest {
+    FailoverRequest {
+        point,
+        target_dir: dir.display().to_string(),
+        format: Format::Raw,
+        source_shut_down: false,
+    }
 }
 
 fn assert_files(files: &[PathBuf], disks: &[Vec<u8>], what: &str) {
@@ -144,26 +172,28 @@ struct Protected {
     /// Each point's disks.
     points: BTreeMap<u64, Vec<Vec<u8>>>,
     /// `GET /v1/slots` before the item was enabled.
-    slots_before: Value,
+    slots_before: SlotsView,
 }
 
 /// Enables an item, streams three rounds of writes with a bookmark each (the second
 /// app-consistent), waits until every point is processed, and stops the process.
 fn protected_item(data: &Path) -> Protected {
     let server = Server::start(data, &[]);
-    let slots_before = server.expect("GET", "/v1/slots", None, 200);
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({
-            "name": "vm-poison",
-            "disks": [{"size_mib": 4}, {"size_mib": 2, "block_size_bytes": 512}],
-            "policy": {"keep_points": 100}
-        })),
-        201,
-    );
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let slots_before = server.api().slots().unwrap();
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: "vm-poison".into(),
+            disks: vec![DiskSpec::create(4, None), DiskSpec::create(2, Some(512))],
+            policy: Some(PolicyRequest {
+                keep_points: Some(100),
+                ..PolicyRequest::default()
+            }),
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
     let source = agent(&server, &item, &token);
     let mut vm = Vm::new(11);
     let mut points = BTreeMap::new();
@@ -184,7 +214,7 @@ fn protected_item(data: &Path) -> Protected {
     source.close(Duration::from_secs(60)).unwrap();
     let last = *points.keys().last().unwrap();
     wait_item(&server, &item, "protected at the last point", |v| {
-        v["state"] == "protected" && v["latest_point_id"] == last
+        v.state == ItemState::Protected && v.latest_point_id == Some(last)
     });
     server.stop();
     Protected {
@@ -247,20 +277,15 @@ fn stage_poison_frame(data: &Path, item: &str) -> u64 {
 /// Waits for `apply_failed` and checks what the API, `/metrics` and the data port say.
 fn assert_apply_failed(server: &Server, item: &str, token: &str, poison: u64, last_point: u64) {
     let view = wait_item(server, item, "apply_failed", |v| {
-        v["health"]
-            .as_str()
-            .is_some_and(|h| h.starts_with("apply_failed"))
+        v.health.starts_with("apply_failed")
     });
-    let failure = &view["apply_failure"];
-    assert_eq!(failure["seq"], poison, "{view}");
-    assert_eq!(failure["disk_index"], 0, "{view}");
-    assert_eq!(failure["offset_bytes"], 8192, "{view}");
-    assert_eq!(failure["applied_seq"], last_point, "{view}");
-    assert!(
-        failure["reason"].as_str().unwrap().contains("zstd"),
-        "{view}"
-    );
-    let health = view["health"].as_str().unwrap();
+    let failure = view.apply_failure.as_ref().unwrap();
+    assert_eq!(failure.seq, poison, "{view:?}");
+    assert_eq!(failure.disk_index, Some(0), "{view:?}");
+    assert_eq!(failure.offset_bytes, Some(8192), "{view:?}");
+    assert_eq!(failure.applied_seq, last_point, "{view:?}");
+    assert!(failure.reason.contains("zstd"), "{view:?}");
+    let health = view.health.as_str();
     for needle in [
         &format!("seq {poison}") as &str,
         "disk 0, byte 8192",
@@ -269,8 +294,8 @@ fn assert_apply_failed(server: &Server, item: &str, token: &str, poison: u64, la
     ] {
         assert!(health.contains(needle), "{needle:?} in {health:?}");
     }
-    assert_eq!(view["applied_seq"], last_point);
-    assert_eq!(view["staged_seq"], poison + 1);
+    assert_eq!(view.applied_seq, last_point);
+    assert_eq!(view.staged_seq, poison + 1);
 
     let (status, metrics) = server.call("GET", "/metrics", None);
     assert_eq!(status, 200);
@@ -325,55 +350,47 @@ fn a_poison_frame_in_staging_fails_apply_by_name_and_every_earlier_point_still_f
     // Test failover of every point, each exact.
     for (&point, disks) in &points {
         let dir = data.join(format!("test-{point}"));
-        let job = server.expect(
-            "POST",
-            &format!("/v1/items/{item}/test-failover"),
-            Some(json!({"point": point, "target_dir": dir})),
-            202,
-        );
-        server.wait_job(job["id"].as_u64().unwrap());
+        test_failover(&server, &item, point, &dir);
         let view = view(&server, &item);
         assert_files(
-            &files(&view["test_failover"]),
+            &files(view.test_failover.as_ref()),
             disks,
             &format!("test failover at {point}"),
         );
-        server.expect(
-            "POST",
-            &format!("/v1/items/{item}/test-failover/cleanup"),
-            None,
-            200,
-        );
+        server.api().test_failover_cleanup(&item).unwrap();
     }
 
     // "latest" needs the frame that never applies: refused by name, nothing changes.
     let failover_dir = data.join("failover");
-    let (status, body) = server.call(
-        "POST",
-        &format!("/v1/items/{item}/failover"),
-        Some(json!({"point": "latest", "target_dir": failover_dir})),
-    );
+    let error = server
+        .api()
+        .failover(&item, &failover(PointSpec::latest(), &failover_dir))
+        .unwrap_err();
     assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("apply_failed")),
-        "{body}"
+        (error.status(), error.code()),
+        (Some(409), Some("apply_failed")),
+        "{error}"
     );
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = &error.refusal().unwrap().message;
     assert!(message.contains("latest-processed"), "{message}");
-    assert_eq!(view(&server, &item)["state"], "protected");
+    assert_eq!(view(&server, &item).state, ItemState::Protected);
 
     // Failover to the latest processed point, then change point to every other one.
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/failover"),
-        Some(json!({"point": "latest-processed", "target_dir": failover_dir})),
-        202,
-    );
-    server.wait_job(job["id"].as_u64().unwrap());
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &failover(PointSpec::latest_processed(), &failover_dir),
+        )
+        .unwrap();
+    server.wait_job(job.id);
     let view_now = view(&server, &item);
-    assert_eq!(view_now["state"], "failed_over");
-    assert_eq!(view_now["failover"]["point_id"], last_point);
-    let failed_over = files(&view_now["failover"]);
+    assert_eq!(view_now.state, ItemState::FailedOver);
+    assert_eq!(
+        view_now.failover.as_ref().map(|f| f.point_id),
+        Some(last_point)
+    );
+    let failed_over = files(view_now.failover.as_ref());
     assert_files(
         &failed_over,
         &points[&last_point],
@@ -381,36 +398,35 @@ fn a_poison_frame_in_staging_fails_apply_by_name_and_every_earlier_point_still_f
     );
     for (choice, point) in points
         .keys()
-        .map(|&p| (json!(p), p))
-        .chain([(json!("latest-app"), app_point)])
+        .map(|&p| (PointSpec::Id(p), p))
+        .chain([(PointSpec::latest_app(), app_point)])
     {
-        let job = server.expect(
-            "POST",
-            &format!("/v1/items/{item}/change-point"),
-            Some(json!({ "point": choice })),
-            202,
-        );
-        server.wait_job(job["id"].as_u64().unwrap());
+        let request = ChangePointRequest {
+            point: choice.clone(),
+        };
+        let job = server.api().change_point(&item, &request).unwrap();
+        server.wait_job(job.id);
         let view = view(&server, &item);
-        assert_eq!(view["failover"]["point_id"], point, "{choice}");
+        assert_eq!(
+            view.failover.as_ref().map(|f| f.point_id),
+            Some(point),
+            "{choice:?}"
+        );
         assert_files(
             &failed_over,
             &points[&point],
-            &format!("change point to {choice}"),
+            &format!("change point to {choice:?}"),
         );
     }
 
     // Disable: 200, and every slot the item held is free again.
-    let view = server.expect("DELETE", &format!("/v1/items/{item}"), None, 200);
-    assert_eq!(view["state"], "disabled");
-    let slots = server.expect("GET", "/v1/slots", None, 200);
+    let view = server.api().disable(&item).unwrap();
+    assert_eq!(view.state, ItemState::Disabled);
+    let slots = server.api().slots().unwrap();
     assert_eq!(
-        (slots["free"].as_u64(), slots["attached"].as_u64()),
-        (
-            slots_before["free"].as_u64(),
-            slots_before["attached"].as_u64()
-        ),
-        "{slots}"
+        (slots.free, slots.attached),
+        (slots_before.free, slots_before.attached),
+        "{slots:?}"
     );
     server.stop();
 }
@@ -434,25 +450,23 @@ fn resync_discards_the_poison_frame_and_a_delta_resync_makes_the_replicas_whole(
 
     // The operator's way back: resync. The job discards the staged frames and waits for the
     // agent's delta resync.
-    let job = server.expect("POST", &format!("/v1/items/{item}/resync"), None, 202);
-    let job_id = job["id"].as_u64().unwrap();
+    let job_id = server.api().resync(&item).unwrap().id;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let job = server.expect("GET", &format!("/v1/jobs/{job_id}"), None, 200);
-        assert_eq!(job["state"], "running", "{job}");
+        let job = server.api().job(job_id).unwrap();
+        assert_eq!(job.state, JobState::Running, "{job:?}");
         // Past the discard: the job waits for the agent (the supervisor then reports
         // "receiving and applying").
-        if job["message"].as_str().is_some_and(|m| {
-            m.contains("waiting for the agent") || m.contains("receiving and applying")
-        }) {
+        let m = &job.message;
+        if m.contains("waiting for the agent") || m.contains("receiving and applying") {
             break;
         }
-        assert!(Instant::now() < deadline, "{job}");
+        assert!(Instant::now() < deadline, "{job:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let view_now = view(&server, &item);
-    assert_eq!(view_now["health"], "healthy", "{view_now}");
-    assert!(view_now["apply_failure"].is_null(), "{view_now}");
+    assert_eq!(view_now.health, "healthy", "{view_now:?}");
+    assert!(view_now.apply_failure.is_none(), "{view_now:?}");
 
     // The source has moved on meanwhile (its writes after the poison never arrived).
     let sources_dir = tmp.path().join("source");
@@ -487,33 +501,22 @@ fn resync_discards_the_poison_frame_and_a_delta_resync_makes_the_replicas_whole(
     };
     server.wait_job(job_id);
     let view_now = wait_item(&server, &item, "protected after the resync", |v| {
-        v["state"] == "protected" && v["latest_point_id"] == report.bookmark_seq
+        v.state == ItemState::Protected && v.latest_point_id == Some(report.bookmark_seq)
     });
-    assert_eq!(view_now["health"], "healthy");
+    assert_eq!(view_now.health, "healthy");
 
     // The resync's point equals the source; the points before the poison are still exact.
     let mut expected = points.clone();
     expected.insert(report.bookmark_seq, vm.disks.clone());
     for (&point, disks) in &expected {
         let dir = data.join(format!("test-{point}"));
-        let job = server.expect(
-            "POST",
-            &format!("/v1/items/{item}/test-failover"),
-            Some(json!({"point": point, "target_dir": dir})),
-            202,
-        );
-        server.wait_job(job["id"].as_u64().unwrap());
+        test_failover(&server, &item, point, &dir);
         assert_files(
-            &files(&view(&server, &item)["test_failover"]),
+            &files(view(&server, &item).test_failover.as_ref()),
             disks,
             &format!("test failover at {point} after the resync"),
         );
-        server.expect(
-            "POST",
-            &format!("/v1/items/{item}/test-failover/cleanup"),
-            None,
-            200,
-        );
+        server.api().test_failover_cleanup(&item).unwrap();
     }
 
     // Replication goes on.
@@ -524,17 +527,18 @@ fn resync_discards_the_poison_frame_and_a_delta_resync_makes_the_replicas_whole(
     let seq = source.bookmark(Consistency::Crash, 9, 9, "after").unwrap();
     source.close(Duration::from_secs(60)).unwrap();
     wait_item(&server, &item, "a point after the resync", |v| {
-        v["latest_point_id"] == seq
+        v.latest_point_id == Some(seq)
     });
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{item}/failover"),
-        Some(json!({"point": "latest", "target_dir": data.join("failover")})),
-        202,
-    );
-    server.wait_job(job["id"].as_u64().unwrap());
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &failover(PointSpec::latest(), &data.join("failover")),
+        )
+        .unwrap();
+    server.wait_job(job.id);
     assert_files(
-        &files(&view(&server, &item)["failover"]),
+        &files(view(&server, &item).failover.as_ref()),
         &vm.disks,
         "failover to latest after the resync",
     );
