@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use appliance_api::model::{DiskSpec, EnableRequest, ItemView, PolicyRequest};
 use disk_sim::agent::{Agent, AgentStats};
 use disk_sim::chaos::{
     SourceModel, chaos_agent_config, enable_item, verify_failover_latest, verify_points,
@@ -28,7 +29,6 @@ use disk_sim::chaos::{
 };
 use disk_sim::site::{Api, parse_item_id};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 // ─────────────── environment and guards ───────────────
 
@@ -244,8 +244,8 @@ impl Serve {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn item(&self, item: &str) -> Value {
-        self.api.get(&format!("/v1/items/{item}")).unwrap()
+    fn item(&self, item: &str) -> ItemView {
+        self.api.item(item).unwrap()
     }
 }
 
@@ -258,14 +258,12 @@ impl Drop for Serve {
 // ─────────────── the source side ───────────────
 
 /// The item's disks as the appliance knows them (attached disks bring their own geometry).
-fn item_geometry(view: &Value) -> Vec<DiskGeometry> {
-    view["disks"]
-        .as_array()
-        .unwrap()
+fn item_geometry(view: &ItemView) -> Vec<DiskGeometry> {
+    view.disks
         .iter()
         .map(|d| DiskGeometry {
-            size_bytes: d["size_bytes"].as_u64().unwrap(),
-            block_size_bytes: d["block_size_bytes"].as_u64().unwrap() as u32,
+            size_bytes: d.size_bytes,
+            block_size_bytes: d.block_size_bytes,
         })
         .collect()
 }
@@ -466,8 +464,8 @@ fn no_space_on_the_data_disk_stops_acks_names_the_problem_and_loses_nothing() {
          item health {:?}, last_error {:?}; agent closes {closes:?}",
         filled >> 20,
         source.last_seq,
-        view["health"],
-        view["last_error"]
+        view.health,
+        view.last_error
     );
     let log = serve.log();
     let logged: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
@@ -480,8 +478,8 @@ fn no_space_on_the_data_disk_stops_acks_names_the_problem_and_loses_nothing() {
     let says_no_space = |text: &str| text.contains("No space left") || text.contains("os error 28");
     assert!(
         closes.iter().any(|c| says_no_space(c))
-            || says_no_space(&view["health"].to_string())
-            || says_no_space(&view["last_error"].to_string()),
+            || says_no_space(&view.health)
+            || says_no_space(view.last_error.as_deref().unwrap_or("")),
         "the agent or the API names the problem"
     );
 
@@ -490,8 +488,8 @@ fn no_space_on_the_data_disk_stops_acks_names_the_problem_and_loses_nothing() {
     serve.kill_and_restart();
     let view = serve.item(&item);
     assert!(
-        view["staged_seq"].as_u64().unwrap() >= acked,
-        "every acknowledged frame survived: {view}"
+        view.staged_seq >= acked,
+        "every acknowledged frame survived: {view:?}"
     );
     source.finish(&serve, &item, &restore);
     drop(serve);
@@ -547,16 +545,24 @@ impl LoopItem {
         );
         let enabled = serve
             .api
-            .post(
-                "/v1/items",
-                json!({"name": "vm", "disks": [{"path": node}, {"size_mib": 4}],
-                       "policy": {"keep_points": 1000}}),
-            )
+            .client()
+            .enable(&EnableRequest {
+                name: "vm".into(),
+                disks: vec![
+                    DiskSpec::attach(node.display().to_string()),
+                    DiskSpec::create(4, None),
+                ],
+                policy: Some(PolicyRequest {
+                    keep_points: Some(1000),
+                    ..PolicyRequest::default()
+                }),
+                temporary_os_disk: None,
+            })
             .unwrap();
         Some(Self {
-            item: enabled["item"]["id"].as_str().unwrap().to_owned(),
-            token: enabled["stream_token"].as_str().unwrap().to_owned(),
-            disks: item_geometry(&enabled["item"]),
+            item: enabled.item.id.clone(),
+            token: enabled.stream_token.clone(),
+            disks: item_geometry(&enabled.item),
             serve,
             device,
             store,
@@ -589,7 +595,7 @@ fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     let mut source = Source::connect(serve, &item, &token, &disks, 12);
     source.ops(30);
     source.checkpoint(serve, &item);
-    assert_eq!(serve.item(&item)["health"], "healthy");
+    assert_eq!(serve.item(&item).health, "healthy");
 
     // Every write to replica 0 now fails (EPERM from the read-only block device).
     device.set_read_only(true);
@@ -599,7 +605,7 @@ fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let view = loop {
         let view = serve.item(&item);
-        if view["health"] != "healthy" || Instant::now() > deadline {
+        if view.health != "healthy" || Instant::now() > deadline {
             break view;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -612,15 +618,15 @@ fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     eprintln!(
         "{test}: acks went on through seq {acked}; applied_seq {}, staged_seq {}; health {:?}; \
          log: {stopped:?}",
-        view["applied_seq"], view["staged_seq"], view["health"]
+        view.applied_seq, view.staged_seq, view.health
     );
-    let health = view["health"].as_str().unwrap_or("");
+    let health = view.health.as_str();
     assert!(
         health.contains("replica disk 0"),
         "the item's health names the failing disk: {health:?}"
     );
-    assert!(view["applied_seq"].as_u64().unwrap() < acked, "{view}");
-    assert!(view["staged_seq"].as_u64().unwrap() >= acked, "{view}");
+    assert!(view.applied_seq < acked, "{view:?}");
+    assert!(view.staged_seq >= acked, "{view:?}");
     assert!(
         stopped
             .iter()
@@ -633,7 +639,7 @@ fn replica_write_errors_stop_apply_not_acks_and_lose_nothing() {
     serve.kill_and_restart();
     source.ops(10);
     source.finish(serve, &item, &store.join("restore"));
-    assert_eq!(serve.item(&item)["health"], "healthy");
+    assert_eq!(serve.item(&item).health, "healthy");
     drop(on_loop);
 }
 
@@ -679,18 +685,20 @@ fn replica_latency_spike_lets_apply_fall_behind_not_acks_and_loses_nothing() {
     let ack_time = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let view = serve.item(&item);
-    let applied = view["applied_seq"].as_u64().unwrap();
+    let applied = view.applied_seq;
     eprintln!(
         "{test}: during the spike: acked through {acked} in {ack_time:?}; applied_seq {applied}, \
          staged_seq {}, rpo_lag_ms {}",
-        view["staged_seq"], view["rpo_lag_ms"]
+        view.staged_seq,
+        view.rpo_lag_ms
+            .map_or_else(|| "-".to_owned(), |ms| ms.to_string())
     );
-    assert!(view["staged_seq"].as_u64().unwrap() >= acked, "{view}");
+    assert!(view.staged_seq >= acked, "{view:?}");
     assert!(
         applied < acked,
-        "apply falls behind while the replica is slow: {view}"
+        "apply falls behind while the replica is slow: {view:?}"
     );
-    assert_eq!(view["health"], "healthy", "slow is not failed");
+    assert_eq!(view.health, "healthy", "slow is not failed");
 
     // The spike ends: apply catches up.
     throttle(0).unwrap();
