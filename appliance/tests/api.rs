@@ -1,7 +1,7 @@
-//! The control API of a real `appliance serve` process, over raw HTTP/1.1 on loopback: the
-//! health probe needs no token, everything else a bearer token read from `DATA_DIR/api-token`;
-//! errors are JSON with a code; `/openapi.json` documents the paths; SIGTERM stops it all
-//! with exit status 0.
+//! The control API of a real `appliance serve` process, over raw HTTP/1.1 on loopback (the
+//! answers' contents through the typed client): the health probe needs no token, everything
+//! else a bearer token read from `DATA_DIR/api-token`; errors are JSON with a code;
+//! `/openapi.json` documents the paths; SIGTERM stops it all with exit status 0.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use appliance_api::model::ItemState;
 use serde_json::Value;
 
 fn appliance(args: &[&str], data: &Path) -> Command {
@@ -123,11 +124,11 @@ fn api_needs_the_token_lists_items_and_names_errors() {
     assert_eq!((status, error_code(&body)), (401, "unauthorized"));
     assert!(body["error"]["message"].as_str().unwrap().contains("wrong"));
 
-    let (status, body) = get(&addr, "/v1/items", Some(token));
-    assert_eq!(status, 200, "{body}");
-    let items = body.as_array().unwrap();
-    assert_eq!(items.len(), 1, "{body}");
-    assert_eq!(items[0]["id"], item);
+    // The answers themselves are read through the typed client (appliance-api).
+    let client = appliance_api::Client::new(&addr, Some(token.to_owned())).unwrap();
+    let items = client.items().unwrap();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0].id, item);
 
     // While a source agent streams (its session holds the item's staging log), the API still
     // answers, and reports what is durable.
@@ -162,36 +163,30 @@ fn api_needs_the_token_lists_items_and_names_errors() {
         agent.write(0, i * 4096, &[i as u8 + 1; 4096]).unwrap();
     }
     let acked = agent.flush(Duration::from_secs(30)).unwrap();
-    let (status, body) = get(&addr, "/v1/items", Some(token));
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body[0]["staged_seq"], acked, "{body}");
+    let now = client.items().unwrap();
+    assert_eq!(now[0].staged_seq, acked, "{now:?}");
     drop(agent);
-    assert_eq!(items[0]["name"], "vm-api");
-    assert_eq!(items[0]["health"], "healthy");
-    assert_eq!(items[0]["points"], 0);
-    let disks = items[0]["disks"].as_array().unwrap();
+    assert_eq!(items[0].name, "vm-api");
+    assert_eq!(items[0].health, "healthy");
+    assert_eq!(items[0].points, 0);
+    let disks = &items[0].disks;
     assert_eq!(disks.len(), 2, "{items:?}");
     assert_eq!(
-        (&disks[0]["size_bytes"], &disks[0]["block_size_bytes"]),
-        (&serde_json::json!(4 << 20), &serde_json::json!(4096))
+        (disks[0].size_bytes, disks[0].block_size_bytes),
+        (4 << 20, 4096)
     );
     assert_eq!(
-        (&disks[1]["size_bytes"], &disks[1]["block_size_bytes"]),
-        (&serde_json::json!(2 << 20), &serde_json::json!(512))
+        (disks[1].size_bytes, disks[1].block_size_bytes),
+        (2 << 20, 512)
     );
-    assert_eq!(
-        (&disks[0]["lun"], &disks[1]["lun"]),
-        (&serde_json::json!(1), &serde_json::json!(2))
-    );
-    assert_eq!(items[0]["state"], "initial_replication");
+    assert_eq!((disks[0].lun, disks[1].lun), (Some(1), Some(2)));
+    assert_eq!(items[0].state, ItemState::InitialReplication);
 
-    let (status, body) = get(&addr, "/v1/appliance", Some(token));
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["items"], 1);
-    assert_eq!(body["api_addr"], addr.as_str());
+    let info = client.appliance().unwrap();
+    assert_eq!(info.items, 1);
+    assert_eq!(info.api_addr, addr.as_str());
 
-    let (status, body) = get(&addr, &format!("/v1/items/{item}/points"), Some(token));
-    assert_eq!((status, body), (200, serde_json::json!([])));
+    assert_eq!(client.points(item).unwrap(), []);
     let unknown = "0".repeat(32);
     let (status, body) = get(&addr, &format!("/v1/items/{unknown}/points"), Some(token));
     assert_eq!((status, error_code(&body)), (404, "item_not_found"));
