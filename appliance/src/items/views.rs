@@ -11,7 +11,7 @@ use crate::dataport::PortHandle;
 use crate::jobs::JobView;
 use crate::runtime::WorkerStatus;
 use crate::slots::{ItemId, SlotState};
-use crate::store::now_ns;
+use engine::clock::now_unix_ns;
 
 use super::error::OpError;
 use super::item::{Item, lock};
@@ -75,7 +75,7 @@ impl Manager {
             "healthy".into()
         };
         let slots = lock(&self.slots);
-        let now = now_ns();
+        let now = now_unix_ns();
         ItemView {
             id: item.hex.clone(),
             name: record.name.clone(),
