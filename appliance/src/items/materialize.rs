@@ -308,3 +308,62 @@ pub(super) fn point_choice(spec: &PointSpec, latest_allowed: bool) -> Result<Poi
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> PointSpec {
+        PointSpec::Named(name.into())
+    }
+
+    fn refusal(result: Result<PointChoice, OpError>) -> String {
+        match result {
+            Err(OpError::BadRequest { field, message, .. }) => {
+                assert_eq!(field.as_deref(), Some("point"));
+                message
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn point_choices_by_id_and_name() {
+        assert_eq!(
+            point_choice(&PointSpec::Id(7), false).ok(),
+            Some(PointChoice::Custom(7))
+        );
+        assert_eq!(
+            point_choice(&named("12"), false).ok(),
+            Some(PointChoice::Custom(12))
+        );
+        assert_eq!(
+            point_choice(&named("latest-processed"), false).ok(),
+            Some(PointChoice::LatestProcessed)
+        );
+        for app in ["latest-app", "latest-app-consistent"] {
+            assert_eq!(
+                point_choice(&named(app), false).ok(),
+                Some(PointChoice::LatestAppConsistent)
+            );
+        }
+        assert_eq!(
+            point_choice(&named("latest"), true).ok(),
+            Some(PointChoice::Latest)
+        );
+    }
+
+    #[test]
+    fn latest_is_for_failover_only_and_other_names_are_refused() {
+        let message = refusal(point_choice(&named("latest"), false));
+        assert!(message.contains("for failover only"), "{message}");
+        let message = refusal(point_choice(&named("newest"), true));
+        assert!(message.contains("\"newest\" is not"), "{message}");
+    }
+
+    #[test]
+    fn formats_map_to_the_engine_s() {
+        assert_eq!(output_format(Format::Raw), OutputFormat::Raw);
+        assert_eq!(output_format(Format::Vhd), OutputFormat::FixedVhd);
+    }
+}

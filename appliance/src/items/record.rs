@@ -107,6 +107,7 @@ pub struct ItemRecord {
 }
 
 impl ItemRecord {
+    /// The disks' geometries, in disk order (as the stream header lists them).
     pub(crate) fn geometries(&self) -> Vec<DiskGeometry> {
         self.disks
             .iter()
@@ -220,3 +221,6 @@ pub(super) fn stand_in_record(
         updated_ns: now,
     }
 }
+
+#[cfg(test)]
+mod tests;

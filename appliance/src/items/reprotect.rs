@@ -103,3 +103,14 @@ fn sanitize(name: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn a_name_becomes_a_file_name() {
+        assert_eq!(sanitize("web-01_a"), "web-01_a");
+        assert_eq!(sanitize("my vm/é.x"), "my_vm___x");
+    }
+}
