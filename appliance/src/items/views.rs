@@ -16,17 +16,14 @@ use engine::clock::now_unix_ns;
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::manager::Manager;
-use super::model::{DiskView, ItemState, ItemView, SlotView, SlotsView};
+use super::model::{DiskView, ItemView, SlotView, SlotsView};
 use super::record::ItemRecord;
-use super::state::{Op, allowed, replicating};
+use super::state::{Op, allowed, replicating, sync_job_kind};
 
 impl Manager {
     /// Share of the initial copy or resync done (100 outside those states).
     pub(super) fn sync_percent(&self, item: &Item, record: &ItemRecord) -> u8 {
-        if !matches!(
-            record.state,
-            ItemState::InitialReplication | ItemState::Reprotecting | ItemState::Resyncing
-        ) {
+        if sync_job_kind(record.state).is_none() {
             return 100;
         }
         let total: u64 = record
