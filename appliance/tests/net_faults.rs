@@ -65,7 +65,7 @@ impl Rig {
             item,
             proxy,
             agent: Some(agent),
-            model: SourceModel::new(&disks, 42, 10),
+            model: SourceModel::new(&disks, 42, 10).unwrap(),
             restore,
             last_seq: 0,
             _tmp: tmp,
@@ -132,7 +132,7 @@ impl Rig {
         let (point, mismatches) = verify_failover_latest(
             &self.appliance,
             &self.item,
-            &self.model.digests(),
+            &self.model.digests().unwrap(),
             &self.restore.join("latest"),
         )
         .unwrap();

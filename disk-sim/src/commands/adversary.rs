@@ -387,7 +387,7 @@ fn run_in(
             &geometry,
             options.seed ^ (u64::from(i) << 32),
             options.bookmark_every,
-        );
+        )?;
         let thread = {
             let (agent, stop, bookmarks) = (agent.clone(), stop.clone(), bookmarks.clone());
             let pace = options.op_interval;
@@ -749,7 +749,10 @@ fn verify_item(
     report.frames_lost += lost;
     report.points_verified += check.verified;
     report.points_expected += model.points.len();
-    let final_check = verify_failover_latest(api, hex, &model.digests(), &dir.join("failover"));
+    let final_check = model
+        .digests()
+        .map_err(anyhow::Error::from)
+        .and_then(|digests| verify_failover_latest(api, hex, &digests, &dir.join("failover")));
     let final_text = match &final_check {
         Ok((point, m)) if m.is_empty() => format!("failover to latest (point {point}) equal"),
         Ok((point, _)) => format!("failover to latest (point {point}) DIFFERS"),
