@@ -1,11 +1,12 @@
 //! The chaos run (`disk-sim chaos --seed N --kills N --minutes N`): a real `appliance serve`
 //! process, a seeded workload streamed through a [`Proxy`] that injects network faults, the
 //! appliance killed with SIGKILL and restarted at seeded moments, and at the end every
-//! retained recovery point and the final state checked through the control API against an
-//! in-memory model of the source disks.
+//! retained recovery point and the final state checked through the control API against the
+//! source model ([`SourceModel`]: the VM's disks as files in the work directory, the oracle's
+//! whole digests per bookmark).
 //!
 //! ```text
-//!  model (source disks in memory, digest per bookmark)
+//!  SourceModel (disk files, oracle: digest per bookmark)
 //!    │ seeded ops: writes, trims, bookmarks
 //!    ▼
 //!  Agent ──► netfault::Proxy ──► appliance serve (data port)      ◄── SIGKILL + restart
@@ -471,7 +472,7 @@ fn run_in(
     }
     let agent = Agent::connect(config)?;
     let mut model = SourceModel::create(
-        work,
+        &work.join("chaos-vm"),
         "chaos-vm",
         &geometry,
         options.seed,

@@ -14,8 +14,8 @@
 //!
 //! Every step prints one line (what it did, how long it took, bytes moved, the check), every
 //! disk the appliances hand back is compared byte for byte with the source VM's own disks at
-//! that instant (the oracle: the demo keeps every disk's exact content at every bookmark it
-//! verifies), and the run ends with a summary table. It fails (non-zero exit) if any check
+//! that instant (the source model, [`SourceModel`]: its oracle rebuilds every disk at every
+//! bookmark), and the run ends with a summary table. It fails (non-zero exit) if any check
 //! fails.
 
 use std::io::Write;
@@ -246,7 +246,7 @@ fn run_in(
         },
     ];
     let mut vm = SourceModel::create(
-        &site_a.join("vms"),
+        &site_a.join("vms/vm1"),
         "vm1",
         &geometry,
         options.seed,

@@ -230,7 +230,7 @@ fn run_with(
     }
     .with_timed_bookmarks(scenario.crash_bookmark_ms, scenario.app_bookmark_ms);
     let mut model = SourceModel::create(
-        source_dir,
+        &source_dir.join(&scenario.name),
         &scenario.name,
         &geometry,
         scenario.seed,

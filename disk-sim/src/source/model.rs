@@ -89,6 +89,19 @@ impl SourceModel {
         seed: u64,
         bookmark_every: u64,
     ) -> Result<Self, SourceError> {
+        Ok(
+            Self::temporary(geometry, seed, WorkloadSpec::chaos(bookmark_every))?
+                .with_label("chaos"),
+        )
+    }
+
+    /// Zeroed disks of `geometry` in a new temporary directory (removed on drop), ops from
+    /// `seed` and `spec`.
+    pub fn temporary(
+        geometry: &[DiskGeometry],
+        seed: u64,
+        spec: WorkloadSpec,
+    ) -> Result<Self, SourceError> {
         static MADE: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "disk-sim-source-{}-{}-{:x}",
@@ -100,18 +113,9 @@ impl SourceModel {
             path: dir.clone(),
             source,
         })?;
-        let model = Self::create(
-            &dir,
-            "vm",
-            geometry,
-            seed,
-            WorkloadSpec::chaos(bookmark_every),
-            Content::Empty,
-        );
-        match model {
+        match Self::create(&dir, "vm", geometry, seed, spec, Content::Empty) {
             Ok(mut model) => {
                 model.owned_dir = Some(dir);
-                model.label = "chaos".to_owned();
                 Ok(model)
             }
             Err(error) => {
@@ -121,17 +125,18 @@ impl SourceModel {
         }
     }
 
-    /// A new VM `name` on `site_dir` (`<site>/<name>/disk-<i>.img`, refused if present) with
-    /// `content`, its oracle's log in `<site>/<name>/.oracle`, ops from `seed` and `spec`.
+    /// A new VM `name` with its disks in `vm_dir` (`<vm_dir>/disk-<i>.img`, refused if
+    /// present) holding `content`, its oracle's log in `<vm_dir>/.oracle`, ops from `seed` and
+    /// `spec`.
     pub fn create(
-        site_dir: &Path,
+        vm_dir: &Path,
         name: &str,
         geometry: &[DiskGeometry],
         seed: u64,
         spec: WorkloadSpec,
         content: Content,
     ) -> Result<Self, SourceError> {
-        let mut vm = SourceVm::create(site_dir, name, geometry)?;
+        let mut vm = SourceVm::create_at(vm_dir, name, geometry)?;
         if let Content::Installed { percent } = content {
             install(&mut vm, seed, percent.min(100))?;
         }
@@ -281,9 +286,20 @@ impl SourceModel {
         let id = self.last_bookmark_id + 1;
         let seq = agent.bookmark(consistency, id, now_unix_ns(), label)?;
         self.last_bookmark_id = id;
+        self.record_bookmark(seq, consistency)?;
+        Ok(seq)
+    }
+
+    /// Records a bookmark that went out as frame `seq` by another way than an agent (a
+    /// stream file, say).
+    pub fn record_bookmark(
+        &mut self,
+        seq: u64,
+        consistency: Consistency,
+    ) -> Result<(), SourceError> {
         let record = self.oracle.record_bookmark(&self.vm, seq, consistency)?;
         self.points.insert(seq, record.whole_digests.clone());
-        Ok(seq)
+        Ok(())
     }
 
     /// The whole digest of every disk now (reads every disk).

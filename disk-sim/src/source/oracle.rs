@@ -1,11 +1,12 @@
 //! The oracle: the exact content of every disk of a source VM at every bookmark, to check
 //! what the appliance hands back.
 //!
-//! This module owns [`Oracle`]: per bookmark, keyed by the bookmark's stream sequence number (what
-//!   `Agent::bookmark` returns), every disk's chunk digests and whole digest, read from the
-//!   [`SourceVm`]'s files at the bookmark; and a chunk log from which any disk at any bookmark
-//!   is rebuilt byte for byte ([`Oracle::write_disk_at`]) and any materialized disk is checked
-//!   ([`Oracle::verify_file`], raw or fixed VHD), naming the first differing chunk and byte.
+//! This module owns [`Oracle`]: per bookmark, keyed by the bookmark's stream sequence number
+//! (what `Agent::bookmark` returns), every disk's chunk digests and whole digest
+//! ([`super::digest`]), read from the [`SourceVm`]'s files at the bookmark; and a chunk log
+//! from which any disk at any bookmark is rebuilt byte for byte ([`Oracle::write_disk_at`])
+//! and any materialized disk is checked ([`Oracle::verify_file`] in [`super::verify`], raw or
+//! fixed VHD), naming the first differing chunk and byte.
 //!
 //! # How it records
 //!
@@ -48,9 +49,7 @@
 //! [`OracleOptions::full_scan`]) and hashes `8 B × C` per disk for the whole digest; a check
 //! or a rebuild reads the file (or the log) once.
 //!
-//! A fixed VHD's footer is recognised by its cookie and decoded by the engine's one VHD
-//! decoder ([`engine::vhd::read_fixed_vhd_info`]: checksum, disk type, current size); the
-//! content is compared by this module alone.
+//! Checking a file against a bookmark (raw or fixed VHD) lives in [`super::verify`].
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -59,12 +59,18 @@ impl SourceVm {
     /// first. Refuses to overwrite an existing disk file.
     pub fn create(site_dir: &Path, vm_name: &str, disks: &[DiskGeometry]) -> Result<Self, VmError> {
         check_name(vm_name)?;
+        Self::create_at(&site_dir.join(vm_name), vm_name, disks)
+    }
+
+    /// Creates VM `vm_name` with its disk files directly in `dir` (`<dir>/disk-<i>.img`,
+    /// created with its parents). Refuses to overwrite an existing disk file.
+    pub fn create_at(dir: &Path, vm_name: &str, disks: &[DiskGeometry]) -> Result<Self, VmError> {
+        check_name(vm_name)?;
         check_geometries(disks)?;
-        let dir = site_dir.join(vm_name);
-        std::fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
-        let mut vm = Self::empty(vm_name, dir);
+        std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+        let mut vm = Self::empty(vm_name, dir.to_path_buf());
         for (index, geometry) in disks.iter().enumerate() {
-            let path = Self::disk_path(site_dir, vm_name, index);
+            let path = dir.join(format!("disk-{index}.img"));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -1,14 +1,16 @@
-//! Seeded workloads: the writes, trims and bookmarks a simulated VM produces, the workload
-//! clock they run on, and the [`Pacer`] that turns that clock into real time.
+//! Seeded workloads: the generator of the writes, trims and bookmarks a simulated VM
+//! produces, on the workload clock.
 //!
-//! This module owns:
-//! - [`Workload`]: a generator of [`Op`]s over the disks of one item, from one seed;
-//! - the *workload clock*: a deterministic time line, independent of the machine, on which
-//!   every op has a time ([`Workload::op_at`]) and time-based bookmarks fall;
-//! - [`Pacer`]: a token bucket that tells a caller how long to wait before each op so that
-//!   the churn holds a target rate, following the workload clock's bursts and idle gaps;
-//! - [`Clock`], with [`SystemClock`] (real time, real sleep) and [`ManualClock`] (simulated,
-//!   for tests: sleeping only advances a counter).
+//! This module owns [`Workload`], a generator of [`Op`]s over the disks of one item, from one
+//! seed, and the *workload clock*: a deterministic time line, independent of the machine, on
+//! which every op has a time ([`Workload::op_at`]) and time-based bookmarks fall. Its rooms:
+//! - `spec`: [`WorkloadSpec`] and its parts (pattern, Zipf, bursts, database, limits);
+//! - `patterns`: where the patterns put writes (Zipf layout, database log area) and the
+//!   bytes of compressible data;
+//! - `pacer`: [`Pacer`], a token bucket that tells a caller how long to wait before each op so
+//!   that the churn holds a target rate, following the workload clock's bursts and idle gaps;
+//! - `clock`: [`Clock`], with [`SystemClock`] (real time, real sleep) and [`ManualClock`]
+//!   (simulated, for tests: sleeping only advances a counter).
 //!
 //! Invariants:
 //! - the same seed, spec and disks give the same ops, the same data bytes and the same op
