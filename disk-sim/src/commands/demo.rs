@@ -159,6 +159,22 @@ fn progress(what: &str) -> impl FnMut(u64, &str) + 'static {
     }
 }
 
+/// What to add to a step's check when a byte-for-byte check failed: nothing when it passed.
+fn why<E: std::fmt::Display>(result: &Result<(), E>) -> String {
+    match result {
+        Ok(()) => String::new(),
+        Err(error) => format!(" — FAILED: {error}"),
+    }
+}
+
+/// [`why`] for a comparison with the disks now: each differing disk.
+fn why_differ(differ: &[(usize, String)]) -> String {
+    differ
+        .iter()
+        .map(|(disk, what)| format!(" — disk {disk} differs: {what}"))
+        .collect()
+}
+
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs the demo; writes its lines to `out`. Returns the steps (all ok) or the first error.
@@ -367,7 +383,7 @@ fn run_in(
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
     let test_files = paths(&view["test_failover"]["files"]);
-    let exact = vm.verify_files(last_app, &test_files).is_ok();
+    let exact = vm.verify_files(last_app, &test_files);
     b.post(
         &format!("/v1/items/{item}/test-failover/cleanup"),
         json!({}),
@@ -377,10 +393,11 @@ fn run_in(
     run.step(
         "test failover at the latest app-consistent point (fixed VHD)",
         during,
-        exact && test_files.iter().all(|f| !f.exists()),
+        exact.is_ok() && test_files.iter().all(|f| !f.exists()),
         format!(
             "3 VHDs equal the source at point {last_app}; cleaned up; replication moved on to \
-             point {moving}"
+             point {moving}{}",
+            why(&exact)
         ),
     )?;
 
@@ -407,11 +424,12 @@ fn run_in(
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
     let failed_over = paths(&view["failover"]["files"]);
+    let exact = vm.verify_files(custom, &failed_over);
     run.step(
         &format!("failover to Custom point {custom} (raw)"),
         tail,
-        vm.verify_files(custom, &failed_over).is_ok(),
-        format!("3 disks equal the source at point {custom}"),
+        exact.is_ok(),
+        format!("3 disks equal the source at point {custom}{}", why(&exact)),
     )?;
 
     // ── change point ──
@@ -426,12 +444,15 @@ fn run_in(
         &mut shown,
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
+    let exact = vm.verify_files(last_app, &failed_over);
     run.step(
         "change recovery point to the latest app-consistent",
         0,
-        view["failover"]["point_id"].as_u64() == Some(last_app)
-            && vm.verify_files(last_app, &failed_over).is_ok(),
-        format!("disks now equal the source at point {last_app}"),
+        view["failover"]["point_id"].as_u64() == Some(last_app) && exact.is_ok(),
+        format!(
+            "disks now equal the source at point {last_app}{}",
+            why(&exact)
+        ),
     )?;
 
     // ── commit ──
@@ -490,16 +511,16 @@ fn run_in(
     let temp_ok = engine::vhd::read_fixed_vhd_info(&temporary)
         .is_ok_and(|info| info.virtual_size_bytes == 1 << 30);
     let differing: u64 = report.disks.iter().map(|d| d.chunks_differing).sum();
+    let differ = vm_b.verify_current(&original)?;
     run.step(
         "re-protect to site A: original disks are replicas, delta resync",
         report.total_bytes_sent,
-        temp_ok
-            && vm_b.verify_current(&original)?.is_empty()
-            && original_digests != vm_b.digests()?,
+        temp_ok && differ.is_empty() && original_digests != vm_b.digests()?,
         format!(
-            "sent {} of {} ({differing} differing 64 KiB chunks); temporary 1 GiB OS disk made",
+            "sent {} of {} ({differing} differing 64 KiB chunks); temporary 1 GiB OS disk made{}",
             human_bytes(report.total_bytes_sent),
-            human_bytes(report.total_disk_bytes)
+            human_bytes(report.total_disk_bytes),
+            why_differ(&differ)
         ),
     )?;
 
@@ -530,18 +551,20 @@ fn run_in(
     )?;
     let view = a.get(&format!("/v1/items/{reverse_item}"))?;
     let slots = a.get("/v1/slots")?;
+    let differ = vm_b.verify_current(&original)?;
     run.step(
         "failback (planned failover): VM back on site A",
         0,
         view["state"] == "failed_back"
             && !temporary.exists()
-            && vm_b.verify_current(&original)?.is_empty()
+            && differ.is_empty()
             && slots["attached"] == 0,
         format!(
             "original disks equal the site-B VM; temporary disk deleted; A's slots free; since \
-             re-protect {} of {} travelled back",
+             re-protect {} of {} travelled back{}",
             human_bytes(report.total_bytes_sent + reverse_bytes),
-            human_bytes(vm_b.size_bytes())
+            human_bytes(vm_b.size_bytes()),
+            why_differ(&differ)
         ),
     )?;
 
@@ -587,11 +610,12 @@ fn run_in(
                 .join(format!("replicas/disk-{i}.img"))
         })
         .collect();
+    let differ = vm.verify_current(&replicas)?;
     run.step(
         "protect A → B again (initial sync sends only non-empty chunks)",
         report.total_bytes_sent,
-        vm.verify_current(&replicas)?.is_empty(),
-        "B's replicas equal the VM on site A",
+        differ.is_empty(),
+        format!("B's replicas equal the VM on site A{}", why_differ(&differ)),
     )?;
     a.stop()?;
     b.stop()?;
