@@ -37,9 +37,10 @@ use anyhow::{Context as _, anyhow, bail};
 use engine::delta::Consistency;
 
 use crate::agent::Agent;
-use crate::chaos::{SourceModel, chaos_agent_config, enable_item, geometry};
+use crate::chaos::{chaos_agent_config, enable_item, geometry};
 use crate::rng::Rng;
 use crate::site::{Appliance, appliance_bin, parse_item_id};
+use crate::source::SourceModel;
 pub use hostile::HostileKind;
 use hostile::{Context, Outcome, Target};
 use verify::*;

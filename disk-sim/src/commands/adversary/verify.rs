@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 
 use super::*;
 use crate::agent::Agent;
-use crate::chaos::{SourceModel, verify_failover_latest, verify_points};
 use crate::site::Appliance;
+use crate::source::{SourceModel, verify_failover_latest, verify_points};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn verify_replicating(
