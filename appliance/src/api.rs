@@ -5,7 +5,7 @@
 //!
 //! Auth is `Authorization: Bearer <token>` on everything but `/health` and `/openapi.json`,
 //! the token being the 64 hex digits of `DATA_DIR/api-token` (created with mode 0600 at first
-//! start; never printed); it is compared in constant time. Every error has one
+//! start by `crate::secrets`; never printed); it is compared in constant time. Every error has one
 //! shape, `{"error": {"code": "...", "message": "...", ...}}`; a 500 only names a real I/O
 //! failure.
 //!
@@ -22,8 +22,6 @@ pub(crate) mod schema;
 pub use conn::ApiLimits;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,41 +48,8 @@ use crate::manager::{
     MaterializeRequest, OpError, ReprotectRequest, SlotsView,
 };
 
-/// Name of the API token file in the data directory.
-pub const TOKEN_FILE: &str = "api-token";
-
 /// How long a graceful shutdown waits for requests in flight.
 pub const GRACE: Duration = Duration::from_secs(5);
-
-/// Reads the API token of `data_dir`, creating it (32 random bytes, hex, mode 0600) on first
-/// start. Returns the token and whether it was just created. The caller holds the data
-/// directory's lock, so no other process races the creation.
-pub fn load_or_create_token(data_dir: &FsPath) -> anyhow::Result<(String, bool)> {
-    let path = data_dir.join(TOKEN_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let token = text.trim();
-            if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-                bail!(
-                    "{}: not an API token (64 hex digits); delete it to make a new one",
-                    path.display()
-                );
-            }
-            let mode = std::fs::metadata(&path)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
-                    "API token file is readable by others; chmod 600 it");
-            }
-            return Ok((token.to_owned(), false));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
-    // Written to a temporary name, synced, then renamed: never an empty or half token file.
-    crate::store::write_secret(data_dir, TOKEN_FILE, token.as_bytes())?;
-    Ok((token, true))
-}
 
 /// What the API serves.
 #[derive(Debug)]
@@ -486,23 +451,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Equal in time independent of where the first difference is.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && std::hint::black_box(
-            given
-                .iter()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b)),
-        ) == 0
-}
-
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let refused = match request.headers().get(header::AUTHORIZATION) {
         None => Some("missing Authorization header (expected `Bearer <token>`)"),
         Some(value) => match value.to_str().ok().and_then(|v| v.trim().split_once(' ')) {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                if same_token(token.trim().as_bytes(), state.config.token.as_bytes()) {
+                if crate::secrets::tokens_equal(
+                    state.config.token.as_bytes(),
+                    token.trim().as_bytes(),
+                ) {
                     None
                 } else {
                     Some("wrong API token")
@@ -914,36 +871,4 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let text =
         blocking(move || Ok(crate::metrics::render(&state.config.manager.metrics()))).await?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_token_needs_equal_bytes_and_length() {
-        assert!(same_token(b"abcd", b"abcd"));
-        assert!(!same_token(b"abce", b"abcd"));
-        assert!(!same_token(b"abc", b"abcd"));
-        assert!(!same_token(b"", b"abcd"));
-    }
-
-    #[test]
-    fn token_is_created_once_with_mode_0600_and_then_reused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (token, created) = load_or_create_token(dir.path()).expect("create");
-        assert!(created);
-        assert_eq!(token.len(), 64);
-        let mode = std::fs::metadata(dir.path().join(TOKEN_FILE))
-            .expect("metadata")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(
-            load_or_create_token(dir.path()).expect("reuse"),
-            (token, false)
-        );
-        std::fs::write(dir.path().join(TOKEN_FILE), "short").expect("write");
-        assert!(load_or_create_token(dir.path()).is_err());
-    }
 }

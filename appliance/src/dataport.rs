@@ -81,17 +81,7 @@ use engine::staging::{Pressure, StagingError, StagingLog};
 /// Most bytes read and discarded after a close or refusal, waiting for the peer's EOF.
 const MAX_DRAIN_BYTES: u64 = 64 << 20;
 
-/// Compares a presented token with the expected one in time that does not depend on where
-/// they differ (only on the presented length).
-pub fn tokens_equal(expected: &[u8], presented: &[u8]) -> bool {
-    let mut diff = u8::from(expected.len() != presented.len());
-    for (index, byte) in presented.iter().enumerate() {
-        let other = expected.get(index).copied().unwrap_or(!*byte);
-        diff |= std::hint::black_box(byte ^ other);
-    }
-    std::hint::black_box(diff) == 0
-}
-
+use crate::secrets::tokens_equal;
 use engine::port::hex;
 
 // ───────────────────────────── registry ─────────────────────────────
@@ -1439,19 +1429,5 @@ fn serve_hashes(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
     drop(memory);
     if sent.is_ok() {
         drain_and_close(stream, shared.config.close_drain_timeout);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(tokens_equal(b"abc", b"abc"));
-        assert!(!tokens_equal(b"abc", b"abd"));
-        assert!(!tokens_equal(b"abc", b"ab"));
-        assert!(!tokens_equal(b"abc", b"abcd"));
-        assert!(!tokens_equal(b"", b"\xff"));
     }
 }

@@ -52,12 +52,11 @@ use engine::staging::{StagingConfig, StagingLog, StagingReader};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::daemon::ServeOptions;
-use crate::dataport::{
-    ItemRegistry, PortHandle, ReplicaAccess, SessionLease, StreamSession, tokens_equal,
-};
+use crate::dataport::{ItemRegistry, PortHandle, ReplicaAccess, SessionLease, StreamSession};
 use crate::jobs::{Job, JobKind, JobView, Jobs};
+use crate::options::ServeOptions;
 use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup, WorkerStatus};
+use crate::secrets::tokens_equal;
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState, SlotTable};
 use crate::store::{DataDir, ItemDirs, item_hex, now_ns, parse_item_hex, write_atomic};
 use crate::target::{
@@ -1590,7 +1589,7 @@ impl Manager {
             }
             None => None,
         };
-        let item_id: [u8; 16] = crate::daemon::random_bytes()?;
+        let item_id: [u8; 16] = crate::secrets::random_bytes()?;
         let hex = item_hex(&item_id);
         let header = StreamHeader {
             item_id,
@@ -1668,7 +1667,7 @@ impl Manager {
             }
             crate::store::sync_dir(&dirs.root.join("replicas"))?;
             crate::testhook::crash_point("enable:replicas");
-            let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
+            let token = crate::secrets::new_token()?;
             crate::store::write_secret(&dirs.root, TOKEN_FILE, token.as_bytes())?;
             crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();
