@@ -11,7 +11,7 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
-# Outside tools that tests check our output against (qemu-img) are installed when missing.
+# Outside tools that tests check our output against (qemu-img, promtool) are installed when missing.
 # Tests that need them say so and skip only when installation is impossible.
 scripts/install-tools.sh || echo "warning: could not install outside tools; tests that need them will say so"
 
