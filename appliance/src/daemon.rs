@@ -27,7 +27,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::api::{ApiConfig, ApiLimits, ApiServer};
 use crate::dataport::{DataPort, DataPortConfig};
-use crate::manager::{DiskSpec, EnableRequest, Manager, OpError};
+use crate::items::{DiskSpec, EnableRequest, Manager, OpError};
 use crate::offline::BadInput;
 
 /// Where the settings live (a library module of their own, so the item manager and the
