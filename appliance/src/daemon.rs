@@ -4,7 +4,7 @@
 //! ```text
 //!  serve ─► DataDir (locked) ─► for each item: StagingLog (recovered) + ApplyWorker thread
 //!        ─► DataPort (TCP, loopback by default): agents stream frames, get durable acks
-//!        ─► control API (HTTP/JSON, crate::api) on its own thread and tokio runtime
+//!        ─► control API (HTTP/JSON, crate::http) on its own thread and tokio runtime
 //!        ─► SIGTERM / SIGINT: stop the API and the data port (sessions end after their
 //!           commit), wait up to 120 s for jobs that write disks, apply what is staged,
 //!           flush, exit 0 (a job still running then is undone at the next start).
@@ -25,8 +25,8 @@ use anyhow::{Context, bail};
 use engine::delta::DiskGeometry;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::api::{ApiConfig, ApiLimits, ApiServer};
 use crate::dataport::{DataPort, DataPortConfig};
+use crate::http::{ApiConfig, ApiLimits, ApiServer};
 use crate::items::{DiskSpec, EnableRequest, Manager, OpError};
 use crate::offline::BadInput;
 

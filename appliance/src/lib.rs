@@ -6,6 +6,7 @@ pub mod api;
 pub mod daemon;
 pub mod dataport;
 pub mod fdbudget;
+pub mod http;
 pub mod inspect;
 pub mod items;
 pub mod jobs;

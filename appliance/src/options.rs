@@ -39,7 +39,7 @@ impl ServeOptions {
             slot_count: 32,
             disk_stores: Vec::new(),
             max_jobs: 8,
-            api_max_connections: crate::api::ApiLimits::DEFAULT_MAX_CONNECTIONS,
+            api_max_connections: crate::http::ApiLimits::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

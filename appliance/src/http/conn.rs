@@ -12,7 +12,7 @@
 //!   keep-alive timeout. Half-sent requests are closed then.
 //! - **Body timeout.** The body (at most 64 KiB) must arrive within
 //!   [`ApiLimits::body_timeout`] of the head, else 408 `request_timeout` and the connection
-//!   closes (`read_body_in_time` in the parent module).
+//!   closes (`read_body_in_time` in `http/routes.rs`).
 //! - **Write timeout.** A response write that makes no progress for
 //!   [`ApiLimits::write_timeout`] (the client does not read) closes the connection.
 //!
