@@ -21,6 +21,10 @@ cargo fmt --all --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+say "import cycles between sibling modules (scripts/check-import-cycles.py)"
+python3 scripts/check-import-cycles.py --self-test
+python3 scripts/check-import-cycles.py
+
 say "cargo test"
 cargo test --workspace --locked
 

@@ -3,6 +3,9 @@
 
 use std::net::SocketAddr;
 
+/// Control API connections open at once unless configured (the API's own default too).
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
+
 /// Settings of `serve` (command-line flags, or the TOML config file).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -39,7 +42,7 @@ impl ServeOptions {
             slot_count: 32,
             disk_stores: Vec::new(),
             max_jobs: 8,
-            api_max_connections: crate::http::ApiLimits::DEFAULT_MAX_CONNECTIONS,
+            api_max_connections: DEFAULT_API_MAX_CONNECTIONS,
         }
     }
 }

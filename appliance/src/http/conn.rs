@@ -50,7 +50,7 @@ pub struct ApiLimits {
 
 impl ApiLimits {
     /// Default connection cap.
-    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = crate::options::DEFAULT_API_MAX_CONNECTIONS;
 }
 
 impl Default for ApiLimits {
