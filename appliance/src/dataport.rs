@@ -53,18 +53,18 @@
 //! phase and item) and `threads` mutex are held only for map updates and for `shutdown(2)`
 //! calls, which do not block; never across a read, a write or a registry call.
 //!
-//! Rooms (each a sibling module below; none imports its parent, none closes a circle):
+//! Rooms, in `dataport/` (siblings; none imports its parent, none closes a circle):
 //!
 //! | file | its one job |
 //! |---|---|
-//! | `dataport/config.rs` | limits and timeouts, start errors, counters |
-//! | `dataport/registry.rs` | how the port finds items and checks tokens (`ItemRegistry`), the session lease, the in-memory registry of the tests |
-//! | `dataport/conn.rs` | the table of served connections: phases, the handshake and session limits, per-item ends, counters |
-//! | `dataport/listener.rs` | `DataPort`: bind, the accept thread, shutdown |
-//! | `dataport/close.rs` | refusals and closes that are not lost to a TCP reset |
-//! | `dataport/handshake.rs` | the hello within its deadline, then the dispatch by mode |
-//! | `dataport/session.rs` | mode 1: a streaming session (ingest, acks, the close record and its reason) |
-//! | `dataport/hashes.rs` | mode 2: the chunk hashes of one replica, within the port's memory budget |
+//! | `config.rs` | limits and timeouts, start errors, counters |
+//! | `registry.rs` | finding items, checking tokens (`ItemRegistry`), the lease, tests' registry |
+//! | `conn.rs` | the served connections: phases, handshake and session limits, per-item ends |
+//! | `listener.rs` | `DataPort`: bind, the accept thread, shutdown |
+//! | `close.rs` | refusals and closes that are not lost to a TCP reset |
+//! | `handshake.rs` | the hello within its deadline, then the dispatch by mode |
+//! | `session.rs` | mode 1: a streaming session (ingest, acks, the close record) |
+//! | `hashes.rs` | mode 2: one replica's chunk hashes, within the port's memory budget |
 
 mod close;
 mod config;
