@@ -180,7 +180,7 @@ impl Manager {
             }
             None => None,
         };
-        let item_id: [u8; 16] = crate::daemon::random_bytes()?;
+        let item_id: [u8; 16] = crate::secrets::random_bytes()?;
         let hex = item_hex(&item_id);
         let header = StreamHeader {
             item_id,
@@ -258,7 +258,7 @@ impl Manager {
             }
             crate::store::sync_dir(&dirs.root.join("replicas"))?;
             crate::testhook::crash_point("enable:replicas");
-            let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
+            let token = crate::secrets::new_token()?;
             write_token(&dirs.root, &token)?;
             crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();

@@ -9,9 +9,9 @@ use anyhow::Context;
 use engine::durable::StdDir;
 use engine::meta::MetaStore;
 
-use crate::daemon::ServeOptions;
 use crate::dataport::PortHandle;
 use crate::jobs::{Job, JobView, Jobs};
+use crate::options::ServeOptions;
 use crate::slots::{SlotError, SlotTable};
 use crate::store::{DataDir, parse_item_hex};
 use engine::clock::now_unix_ns;

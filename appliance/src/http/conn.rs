@@ -12,7 +12,7 @@
 //!   keep-alive timeout. Half-sent requests are closed then.
 //! - **Body timeout.** The body (at most 64 KiB) must arrive within
 //!   [`ApiLimits::body_timeout`] of the head, else 408 `request_timeout` and the connection
-//!   closes (`read_body_in_time` in the parent module).
+//!   closes (`read_body_in_time` in `http/routes.rs`).
 //! - **Write timeout.** A response write that makes no progress for
 //!   [`ApiLimits::write_timeout`] (the client does not read) closes the connection.
 //!
@@ -50,7 +50,7 @@ pub struct ApiLimits {
 
 impl ApiLimits {
     /// Default connection cap.
-    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = crate::options::DEFAULT_API_MAX_CONNECTIONS;
 }
 
 impl Default for ApiLimits {

@@ -1,0 +1,123 @@
+//! The control API's one error shape (`{"error": {"code", "message", ...}}`) and how each
+//! `OpError` of the item manager maps to an HTTP status and code.
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::items::{ItemState, OpError};
+
+/// The one error shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ErrorBody {
+    pub(super) error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub(super) struct ErrorDetail {
+    /// Stable code (see docs/design/control-api.md): `unauthorized`, `bad_request`,
+    /// `bad_item_id`, `bad_job_id`, `path_refused`, `item_not_found`, `job_not_found`,
+    /// `point_not_found`, `not_found`, `method_not_allowed`, `wrong_state`,
+    /// `not_enough_slots`, `path_in_use`, `job_running`, `too_many_jobs`, `disk_mismatch`,
+    /// `io_error`.
+    pub(super) code: &'static str,
+    /// For people.
+    pub(super) message: String,
+    /// The request field at fault (`bad_request`, `path_refused`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) field: Option<String>,
+    /// The item's state (`wrong_state`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) state: Option<ItemState>,
+    /// What the item allows now (`wrong_state`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) allowed_operations: Option<Vec<&'static str>>,
+    /// Slots needed (`not_enough_slots`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) needed: Option<usize>,
+    /// Slots free (`not_enough_slots`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) free: Option<usize>,
+}
+
+#[derive(Debug)]
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) body: Box<ErrorBody>,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: Box::new(ErrorBody {
+                error: ErrorDetail {
+                    code,
+                    message: message.into(),
+                    ..ErrorDetail::default()
+                },
+            }),
+        }
+    }
+
+    pub(super) fn io(message: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "io_error",
+            message.to_string(),
+        )
+    }
+
+    pub(super) fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(error: OpError) -> Self {
+        let message = error.to_string();
+        match error {
+            OpError::BadRequest { code, field, .. } => {
+                let mut e = Self::bad(code, message);
+                e.body.error.field = field;
+                e
+            }
+            OpError::PathRefused { field, .. } => {
+                let mut e = Self::new(StatusCode::FORBIDDEN, "path_refused", message);
+                e.body.error.field = Some(field);
+                e
+            }
+            OpError::NotFound { code, .. } => Self::new(StatusCode::NOT_FOUND, code, message),
+            OpError::WrongState { state, allowed, .. } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "wrong_state", message);
+                e.body.error.state = Some(state);
+                e.body.error.allowed_operations = Some(allowed);
+                e
+            }
+            OpError::NotEnoughSlots { needed, free } => {
+                let mut e = Self::new(StatusCode::CONFLICT, "not_enough_slots", message);
+                e.body.error.needed = Some(needed);
+                e.body.error.free = Some(free);
+                e
+            }
+            OpError::Conflict { code, .. } => Self::new(StatusCode::CONFLICT, code, message),
+            OpError::Io(_) => Self::io(message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
