@@ -117,18 +117,12 @@ impl Drop for SessionLease {
     }
 }
 
-/// Called with each newly durable sequence number of a session (before its ack is sent), so
-/// the apply side can pick the frames up.
-pub type DurableNotify = Box<dyn FnMut(u64) + Send>;
-
 /// A streaming session on one item, as the registry grants it.
 pub struct StreamSession {
     /// The item's staging log; the connection locks it for the session's lifetime.
     pub log: Arc<Mutex<StagingLog>>,
     /// Held for the session's lifetime: a second session on the item is refused as busy.
     pub lease: SessionLease,
-    /// Told about every commit.
-    pub on_durable: DurableNotify,
 }
 
 impl std::fmt::Debug for StreamSession {
@@ -186,7 +180,6 @@ struct MemoryItem {
     log: Arc<Mutex<StagingLog>>,
     busy: Arc<AtomicBool>,
     replicas: Vec<PathBuf>,
-    on_durable: Arc<dyn Fn(u64) + Send + Sync>,
 }
 
 /// A registry over a map in memory, for tests; the daemon's registry is
@@ -229,16 +222,8 @@ impl MemoryRegistry {
                 log,
                 busy: Arc::new(AtomicBool::new(false)),
                 replicas,
-                on_durable: Arc::new(|_| {}),
             },
         );
-    }
-
-    /// Sets the callback told about each commit of the item's sessions.
-    pub fn set_on_durable(&self, item_id: &[u8; 16], notify: Arc<dyn Fn(u64) + Send + Sync>) {
-        if let Some(item) = self.lock().get_mut(item_id) {
-            item.on_durable = notify;
-        }
     }
 
     fn check<'a>(
@@ -284,11 +269,9 @@ impl ItemRegistry for MemoryRegistry {
                 ),
             )
         })?;
-        let notify = item.on_durable.clone();
         Ok(StreamSession {
             log: item.log.clone(),
             lease,
-            on_durable: Box::new(move |seq| notify(seq)),
         })
     }
 
@@ -1088,11 +1071,7 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
         drop(session);
         return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
     }
-    let StreamSession {
-        log,
-        lease,
-        mut on_durable,
-    } = session;
+    let StreamSession { log, lease } = session;
     let mut guard = match log.lock() {
         Ok(guard) => guard,
         Err(_) => {
@@ -1165,7 +1144,6 @@ fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hello: &Hello)
         &mut guard,
         config.ingest,
         &mut |acked, pressure| {
-            on_durable(acked);
             if acks_broken {
                 return;
             }

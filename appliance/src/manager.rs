@@ -57,7 +57,7 @@ use crate::dataport::{
     ItemRegistry, PortHandle, ReplicaAccess, SessionLease, StreamSession, tokens_equal,
 };
 use crate::jobs::{Job, JobKind, JobView, Jobs};
-use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup, WorkerStatus};
+use crate::runtime::{ApplyOptions, ApplyWorker, WorkerStatus};
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState, SlotTable};
 use crate::store::{DataDir, ItemDirs, item_hex, now_ns, parse_item_hex, write_atomic};
 use crate::target::{
@@ -1827,8 +1827,12 @@ impl Manager {
             tracing::error!(item = %item.hex, %corruption, "staging damaged: item needs a resync");
         }
         let first_seq = item.dirs.header.first_seq;
-        let mut setup =
-            WorkerSetup::for_item(&item.dirs, files, log.reader(first_seq), self.meta.clone())?;
+        let mut setup = crate::runtime::worker_setup(
+            &item.dirs,
+            files,
+            log.reader(first_seq),
+            self.meta.clone(),
+        )?;
         // A frame that never applies: the item takes no more frames (`session_item` refuses
         // new sessions); the running one is ended here.
         let (port, id) = (self.port.get().cloned(), item.id);
@@ -1849,7 +1853,6 @@ impl Manager {
                 queue_depth: self.options.queue_depth,
             },
         )?;
-        worker.notify(log.durable_seq());
         *lock(&item.status) = Some(worker.status());
         let reader = log.reader(first_seq);
         *item.repl() = Some(Replication {
@@ -3377,11 +3380,9 @@ impl ItemRegistry for Manager {
                 ),
             )
         })?;
-        let notifier = repl.worker.notifier();
         Ok(StreamSession {
             log: repl.log.clone(),
             lease,
-            on_durable: Box::new(move |seq| notifier.notify(seq)),
         })
     }
 

@@ -28,7 +28,7 @@
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::delta::{
@@ -184,11 +184,57 @@ struct Shared {
     applied_seq: AtomicU64,
     /// Payloads ingest decompressed, for apply (see [`crate::handoff`]).
     handoff: Arc<PayloadHandoff>,
+    /// How many times the reader's waiter was woken (by a commit that made frames durable, or
+    /// by [`StagingWaker::wake`]); a waiter returns once it differs from its ticket.
+    wakes: Mutex<u64>,
+    /// Signalled with `wakes`: the reader's thread waits here for new durable frames.
+    wake: Condvar,
 }
 
 impl Shared {
     fn segments(&self) -> MutexGuard<'_, Vec<Segment>> {
         self.segments.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wakes(&self) -> MutexGuard<'_, u64> {
+        self.wakes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes whoever waits in [`StagingWaker::wait`].
+    fn wake_reader(&self) {
+        let mut wakes = self.wakes();
+        *wakes = wakes.wrapping_add(1);
+        drop(wakes);
+        self.wake.notify_all();
+    }
+}
+
+/// Lets the thread that reads a staging log sleep until frames become durable, and lets
+/// another thread wake it without new frames (a stop request). Cheap to clone.
+///
+/// Take a [`ticket`](Self::ticket) before checking for work, then [`wait`](Self::wait) with
+/// it: a commit or a wake-up between the two ends the wait at once, so none is lost.
+#[derive(Debug, Clone)]
+pub struct StagingWaker(Arc<Shared>);
+
+impl StagingWaker {
+    /// The current wake count, to pass to [`wait`](Self::wait).
+    pub fn ticket(&self) -> u64 {
+        *self.0.wakes()
+    }
+
+    /// Wakes the waiter (whoever called [`wait`](Self::wait)) without new frames.
+    pub fn wake(&self) {
+        self.0.wake_reader();
+    }
+
+    /// Sleeps until a frame after `seq` is durable, a commit or [`wake`](Self::wake) happened
+    /// since `ticket`, or `timeout` passed.
+    pub fn wait(&self, ticket: u64, seq: u64, timeout: Duration) {
+        let guard = self.0.wakes();
+        let _ = self.0.wake.wait_timeout_while(guard, timeout, |wakes| {
+            *wakes == ticket && self.0.durable_seq.load(Ordering::Acquire) <= seq
+        });
     }
 }
 
@@ -357,6 +403,8 @@ impl StagingLog {
                 generation: AtomicU64::new(0),
                 applied_seq: AtomicU64::new(0),
                 handoff: Arc::default(),
+                wakes: Mutex::new(0),
+                wake: Condvar::new(),
             }),
             unsynced: if fresh {
                 vec![active.clone()]
@@ -533,9 +581,16 @@ impl StagingLog {
             }
             self.dir_dirty = false;
         }
-        self.shared
+        let newly_durable = self
+            .shared
             .durable_seq
-            .store(self.appended_seq, Ordering::Release);
+            .swap(self.appended_seq, Ordering::AcqRel)
+            != self.appended_seq;
+        if newly_durable {
+            // The reader's thread (apply) waits for exactly this: wake it here, so nobody
+            // has to relay the durable seq to it.
+            self.shared.wake_reader();
+        }
         // Free what apply has made durable elsewhere, so a long session never fills the
         // cache with applied frames.
         let applied = self.shared.applied_seq.load(Ordering::Acquire);
@@ -811,6 +866,11 @@ impl StagingReader {
     /// The handoff of decompressed payloads from ingest (shared with the log).
     pub fn handoff(&self) -> Arc<PayloadHandoff> {
         self.shared.handoff.clone()
+    }
+
+    /// The handle that waits for this log's next commit, or wakes the waiter.
+    pub fn waker(&self) -> StagingWaker {
+        StagingWaker(self.shared.clone())
     }
 
     /// Moves the reader so that the next frame it returns is `seq`.
