@@ -20,6 +20,8 @@ use engine::io::{
     IoEngine, IoOp, OpenError, RejectReason, ReplicaFile, SimDiskSet, SimEngine, SimEngineConfig,
     SimFaultPlan, SimFileConfig, SyncFileEngine, UringConfig, UringEngine, open_os_engine, probe,
 };
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 const QD: usize = 16;
 const BUF_BYTES: usize = 1 << 20;
@@ -181,15 +183,9 @@ fn sim_fixture(reorder: bool) -> Option<Fixture<SimEngine>> {
 // Helpers, generic over the engine.
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0; len];
+    Xoshiro256PlusPlus::seed_from_u64(seed).fill_bytes(&mut out);
+    out
 }
 
 fn filled(pool: &BufPool, data: &[u8]) -> IoBuf {
