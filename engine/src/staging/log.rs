@@ -280,7 +280,7 @@ impl StagingLog {
             next_seq: from_seq,
             current: None,
             generation: self.shared.generation.load(Ordering::Acquire),
-            buf: Vec::new(),
+            frames: FrameReader::default(),
         }
     }
 }

@@ -32,8 +32,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::delta::{
-    DecodeErrorReason, DeltaDecoder, FRAME_HEADER_BYTES, FrameBody, FrameHeader, FrameKind,
-    StreamHeader, check_frame_prefix, decode_frame_header, le_u64, validate_frame,
+    DecodeErrorReason, DeltaDecoder, FRAME_HEADER_BYTES, FrameBody, FrameKind, FrameReader,
+    FrameSource, StreamHeader, check_frame_prefix, decode_frame_header, validate_frame,
 };
 use crate::durable::{DurableDir, DurableFile};
 use crate::handoff::PayloadHandoff;

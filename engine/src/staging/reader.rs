@@ -15,7 +15,24 @@ pub struct StagingReader {
     pub(super) current: Option<(Segment, Arc<dyn DurableFile>, u64)>,
     /// The log's generation when `current` was opened.
     pub(super) generation: u64,
-    pub(super) buf: Vec<u8>,
+    /// The one frame reader (shared with the stream decoder), its buffer reused.
+    pub(super) frames: FrameReader,
+}
+
+/// A segment file read in order from an offset, as a frame source.
+struct SegmentAt<'a> {
+    file: &'a dyn DurableFile,
+    offset_bytes: u64,
+}
+
+impl FrameSource for SegmentAt<'_> {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), DecodeErrorReason> {
+        self.file
+            .read_exact_at(self.offset_bytes, buf)
+            .map_err(DecodeErrorReason::Io)?;
+        self.offset_bytes += buf.len() as u64;
+        Ok(())
+    }
 }
 
 /// A frame read back from the staging log; borrows the reader's buffer.
@@ -188,22 +205,17 @@ impl StagingReader {
             offset_bytes,
             reason,
         };
-        let mut raw = [0u8; FRAME_HEADER_BYTES];
-        file.read_exact_at(*offset, &mut raw)
-            .map_err(io_err(format!("reading {}", segment.name)))?;
-        let payload_len = check_frame_prefix(&raw).map_err(|r| corrupt(*offset, r))? as usize;
-        self.buf.resize(payload_len, 0);
-        file.read_exact_at(*offset + FRAME_HEADER_BYTES as u64, &mut self.buf)
-            .map_err(io_err(format!("reading {}", segment.name)))?;
-        let stored = le_u64(&raw, 40);
-        let computed = FrameHeader::compute_checksum(&raw[..40], &self.buf);
-        if stored != computed {
-            return Err(corrupt(
-                *offset,
-                DecodeErrorReason::ChecksumMismatch { stored, computed },
-            ));
-        }
-        let header = decode_frame_header(&raw).map_err(|r| corrupt(*offset, r))?;
+        let mut source = SegmentAt {
+            file: file.as_ref(),
+            offset_bytes: *offset,
+        };
+        let header = self
+            .frames
+            .read(&mut source)
+            .map_err(|reason| match reason {
+                DecodeErrorReason::Io(e) => io_err(format!("reading {}", segment.name))(e),
+                reason => corrupt(*offset, reason),
+            })?;
         if header.seq != self.next_seq {
             return Err(corrupt(
                 *offset,
@@ -214,20 +226,21 @@ impl StagingReader {
             ));
         }
         let at = *offset;
-        *offset += (FRAME_HEADER_BYTES + payload_len) as u64;
+        *offset = source.offset_bytes;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let body = validate_frame(&header, &self.buf, &self.disks).map_err(|reason| {
-            StagingError::Corrupt {
-                segment: segment.name.clone(),
-                seq,
-                offset_bytes: at,
-                reason,
-            }
-        })?;
+        let body =
+            validate_frame(&header, self.frames.payload(), &self.disks).map_err(|reason| {
+                StagingError::Corrupt {
+                    segment: segment.name.clone(),
+                    seq,
+                    offset_bytes: at,
+                    reason,
+                }
+            })?;
         Ok(Some(StagedFrame {
             seq,
-            checksum: stored,
+            checksum: header.checksum,
             body,
         }))
     }
