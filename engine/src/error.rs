@@ -35,6 +35,12 @@ pub enum ErrorKind {
     Stopped,
     /// Waiting for another thread took longer than allowed.
     TimedOut,
+    /// A bounded store (the staging log) has no room; retry after it drains.
+    Full,
+    /// The item needs a delta resync before it takes more frames.
+    ResyncRequired,
+    /// An operation was cancelled on request.
+    Cancelled,
 }
 
 impl fmt::Display for ErrorKind {
@@ -47,6 +53,9 @@ impl fmt::Display for ErrorKind {
             Self::Invalid => "invalid request",
             Self::Stopped => "stopped",
             Self::TimedOut => "timed out",
+            Self::Full => "full",
+            Self::ResyncRequired => "resync required",
+            Self::Cancelled => "cancelled",
         })
     }
 }
@@ -121,6 +130,99 @@ impl std::error::Error for Error {
             return source.source();
         }
         Some(source as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// The module errors below convert into [`Error`] transparently (same text, same causes), with
+/// the kind a caller branches on.
+macro_rules! into_error {
+    ($($error:ty => |$e:ident| $kind:expr;)*) => {$(
+        impl From<$error> for Error {
+            fn from($e: $error) -> Self {
+                let kind = $kind;
+                Error::transparent(kind, $e)
+            }
+        }
+    )*};
+}
+
+into_error! {
+    crate::staging::StagingError => |e| Error::kind_of_staging(&e);
+    crate::apply::ApplyError => |e| {
+        use crate::apply::ApplyError as A;
+        if e.unappliable().is_some() {
+            ErrorKind::Unappliable
+        } else {
+            match &e {
+                A::Meta(_) => ErrorKind::Meta,
+                A::Invalid(_) => ErrorKind::Invalid,
+                A::Failed { .. } => ErrorKind::Stopped,
+                A::Staging(staging) => Error::kind_of_staging(staging),
+                _ => ErrorKind::Io,
+            }
+        }
+    };
+    crate::meta::MetaError => |e| ErrorKind::Meta;
+    crate::delta::DecodeError => |e| match &e.reason {
+        crate::delta::DecodeErrorReason::Io(_) => ErrorKind::Io,
+        _ => ErrorKind::Corrupt,
+    };
+    crate::ingest::IngestError => |e| {
+        use crate::ingest::IngestError as I;
+        match &e {
+            I::Decode(decode) if matches!(decode.reason, crate::delta::DecodeErrorReason::Io(_)) => {
+                ErrorKind::Io
+            }
+            I::Staging { source, .. } => Error::kind_of_staging(source),
+            I::Decode(_) | I::Gap { .. } => ErrorKind::Corrupt,
+            _ => ErrorKind::Invalid,
+        }
+    };
+    crate::materialize::MaterializeError => |e| {
+        use crate::materialize::MaterializeError as M;
+        match &e {
+            M::ReadReplica { .. } | M::ReadPreserved { .. } | M::Write { .. } => ErrorKind::Io,
+            M::Meta(_) => ErrorKind::Meta,
+            _ => ErrorKind::Invalid,
+        }
+    };
+    crate::resync::ResyncError => |e| {
+        use crate::resync::ResyncError as R;
+        match &e {
+            R::Io { .. } => ErrorKind::Io,
+            R::Cancelled => ErrorKind::Cancelled,
+            _ => ErrorKind::Invalid,
+        }
+    };
+    crate::replica::ReplicaError => |e| {
+        use crate::replica::ReplicaError as R;
+        match &e {
+            R::Open { .. } => ErrorKind::Io,
+            _ => ErrorKind::Invalid,
+        }
+    };
+    crate::vhd::VhdError => |e| {
+        use crate::vhd::VhdError as V;
+        match &e {
+            V::Io { .. } => ErrorKind::Io,
+            _ => ErrorKind::Invalid,
+        }
+    };
+    crate::io::BufPoolError => |e| ErrorKind::Io;
+}
+
+impl Error {
+    /// The kind of a staging error (also inside an ingest error).
+    fn kind_of_staging(error: &crate::staging::StagingError) -> ErrorKind {
+        use crate::staging::StagingError as S;
+        match error {
+            S::Io { .. } => ErrorKind::Io,
+            S::Corrupt { .. } | S::WrongItem { .. } => ErrorKind::Corrupt,
+            S::Full { .. } => ErrorKind::Full,
+            S::ResyncRequired { .. } => ErrorKind::ResyncRequired,
+            S::Failed => ErrorKind::Stopped,
+            _ => ErrorKind::Invalid,
+        }
     }
 }
 
@@ -203,5 +305,22 @@ mod tests {
         let failed: Result<()> =
             Err(std::io::Error::other("x")).context(ErrorKind::Io, "opening y");
         assert_eq!(report(&failed.unwrap_err()), "opening y: x");
+    }
+
+    #[test]
+    fn module_errors_convert_with_their_kind_and_keep_their_text() {
+        let staging = crate::staging::StagingError::Failed;
+        let text = staging.to_string();
+        let error = Error::from(staging);
+        assert_eq!(
+            (error.kind(), error.to_string()),
+            (ErrorKind::Stopped, text)
+        );
+        let apply = crate::apply::ApplyError::Invalid("x".into());
+        let text = apply.to_string();
+        let error = Error::from(apply);
+        assert_eq!((error.kind(), report(&error)), (ErrorKind::Invalid, text));
+        let resync = Error::from(crate::resync::ResyncError::Cancelled);
+        assert_eq!(resync.kind(), ErrorKind::Cancelled);
     }
 }

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Applier, ApplyConfig, ApplyError, Pins, Retention, UnappliableFrame};
+use super::{Applier, ApplyConfig, Pins, Retention, UnappliableFrame};
 use crate::clock::now_unix_ns;
 use crate::delta::DiskGeometry;
 use crate::durable::DurableDir;
@@ -348,23 +348,6 @@ impl ApplyWorker {
                 "the apply thread was already joined",
             )),
         }
-    }
-}
-
-/// The kind of an apply error, for [`Error`].
-impl From<ApplyError> for Error {
-    fn from(error: ApplyError) -> Self {
-        let kind = if error.unappliable().is_some() {
-            ErrorKind::Unappliable
-        } else {
-            match &error {
-                ApplyError::Meta(_) => ErrorKind::Meta,
-                ApplyError::Invalid(_) => ErrorKind::Invalid,
-                ApplyError::Failed { .. } => ErrorKind::Stopped,
-                _ => ErrorKind::Io,
-            }
-        };
-        Error::transparent(kind, error)
     }
 }
 
