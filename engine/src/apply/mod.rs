@@ -131,12 +131,13 @@ pub struct Retention {
     pub max_age_ns: u64,
 }
 
-/// Why apply stopped.
+/// Why apply stopped. Its text does not repeat its cause: print it with
+/// [`crate::error::report`] (or anyhow's `{:#}`) to see the whole chain.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApplyError {
     /// A replica I/O failed; the item is failed until `clear_fault`.
-    #[error("replica disk {disk_index}: {op} at byte {offset_bytes} failed: {source}")]
+    #[error("replica disk {disk_index}: {op} at byte {offset_bytes} failed")]
     Replica {
         /// Disk index.
         disk_index: u16,
@@ -149,7 +150,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// The preserve store failed.
-    #[error("preserve store: {what}: {source}")]
+    #[error("preserve store: {what}")]
     Preserve {
         /// What was being done.
         what: String,
@@ -557,7 +558,7 @@ impl<E: IoEngine> Applier<E> {
         self.health = match error.unappliable() {
             Some(frame) => Health::Unappliable { frame },
             None => Health::Failed {
-                error: error.to_string(),
+                error: crate::error::report(&error),
             },
         };
         error

@@ -544,7 +544,7 @@ impl Loop<'_> {
                         Ok(AfterUnappliable::Resumed)
                     }
                     Err(error) => {
-                        let _ = reply.send(Err(error.to_string()));
+                        let _ = reply.send(Err(report(&error)));
                         Err(error.into())
                     }
                 };
