@@ -9,6 +9,7 @@
 //!
 //!  append(frame) ──► batch in memory ──► commit(): pwrite ─► fdatasync ─► durable_seq ─► ACK
 //!                                                   (one flush for the whole batch: group commit)
+//!                                                   and wakes the reader (StagingWaker)
 //!  StagingReader (apply) reads frames ≤ durable_seq;  reclaim(applied_seq) deletes sealed
 //!  segments whose every frame is applied.
 //! ```

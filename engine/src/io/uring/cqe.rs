@@ -4,23 +4,6 @@
 use super::*;
 
 impl UringEngine {
-    /// Frees a slot and queues its completion for `reap`.
-    pub(super) fn finish(&mut self, slot_index: u32, result: io::Result<u32>) {
-        let Some(slot) = self.slots.get_mut(slot_index as usize) else {
-            return;
-        };
-        let buf = match std::mem::replace(&mut slot.op, SlotOp::Idle) {
-            SlotOp::Read { buf, .. } | SlotOp::Write { buf, .. } => Some(buf),
-            _ => None,
-        };
-        let tag = slot.tag;
-        slot.done_bytes = 0;
-        slot.retries = 0;
-        self.free_slots.push(slot_index);
-        // `ready` holds at most `in_flight <= queue_depth` entries: no reallocation.
-        self.ready.push_back(Completion { tag, buf, result });
-    }
-
     /// Handles one CQE: finishes the op or queues its next SQE.
     pub(super) fn on_cqe(&mut self, user_data: u64, res: i32) {
         let Ok(slot_index) = u32::try_from(user_data) else {

@@ -417,6 +417,23 @@ impl UringEngine {
             None => Target::Raw(f.file.as_file().as_raw_fd()),
         })
     }
+
+    /// Frees a slot and queues its completion for `reap`.
+    fn finish(&mut self, slot_index: u32, result: io::Result<u32>) {
+        let Some(slot) = self.slots.get_mut(slot_index as usize) else {
+            return;
+        };
+        let buf = match std::mem::replace(&mut slot.op, SlotOp::Idle) {
+            SlotOp::Read { buf, .. } | SlotOp::Write { buf, .. } => Some(buf),
+            _ => None,
+        };
+        let tag = slot.tag;
+        slot.done_bytes = 0;
+        slot.retries = 0;
+        self.free_slots.push(slot_index);
+        // `ready` holds at most `in_flight <= queue_depth` entries: no reallocation.
+        self.ready.push_back(Completion { tag, buf, result });
+    }
 }
 
 fn is_transient(e: &io::Error) -> bool {
