@@ -85,5 +85,5 @@ pub use config::{DataPortConfig, DataPortError, DataPortStats};
 pub use conn::PortHandle;
 pub use listener::DataPort;
 pub use registry::{
-    DurableNotify, ItemRegistry, MemoryRegistry, ReplicaAccess, SessionLease, StreamSession,
+    ItemRegistry, MemoryRegistry, ReplicaAccess, SessionLease, StreamSession,
 };

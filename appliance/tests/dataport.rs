@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use engine::delta::{
 };
 use engine::durable::StdDir;
 use engine::resync::{ResyncOptions, hash_path};
-use engine::staging::{StagingConfig, StagingLog};
+use engine::staging::{StagingConfig, StagingLog, StagingReader};
 
 const ITEM: [u8; 16] = *b"dataport-item-01";
 const TOKEN: &[u8] = b"stream-token-0123456789abcdef";
@@ -164,8 +164,9 @@ struct Rig {
     replicas: Vec<std::path::PathBuf>,
     log: Option<Arc<Mutex<StagingLog>>>,
     port: DataPort,
-    /// The highest seq the port reported durable (before acknowledging it).
-    durable_notified: Arc<AtomicU64>,
+    /// A reader of the item's staging log: what the apply side sees as durable (a commit
+    /// publishes it, and wakes apply, before the ack goes out).
+    durable_notified: Arc<StagingReader>,
 }
 
 impl Rig {
@@ -188,16 +189,7 @@ impl Rig {
             .collect();
         let registry = Arc::new(MemoryRegistry::new());
         registry.insert(ITEM, TOKEN, log.clone(), replicas.clone());
-        let durable_notified = Arc::new(AtomicU64::new(0));
-        {
-            let durable_notified = durable_notified.clone();
-            registry.set_on_durable(
-                &ITEM,
-                Arc::new(move |seq| {
-                    durable_notified.fetch_max(seq, Ordering::AcqRel);
-                }),
-            );
-        }
+        let durable_notified = Arc::new(log.lock().unwrap().reader(1));
         let port =
             DataPort::bind("127.0.0.1:0".parse().unwrap(), registry.clone(), config).unwrap();
         Self {
@@ -249,7 +241,7 @@ struct AckLog {
 }
 
 impl AckLog {
-    fn attach(&self, config: &mut AgentConfig, durable_notified: &Arc<AtomicU64>) {
+    fn attach(&self, config: &mut AgentConfig, durable_notified: &Arc<StagingReader>) {
         let (acks, violation, durable) = (
             self.acks.clone(),
             self.violation.clone(),
@@ -260,9 +252,9 @@ impl AckLog {
             if acks.last().is_some_and(|&last| seq <= last) {
                 violation.store(true, Ordering::Release);
             }
-            // The appliance told the apply side about `seq` before sending its ack, which it
-            // sends only after the commit returned; the reply's next_seq is durable too.
-            if seq > durable.load(Ordering::Acquire) && seq != 0 {
+            // The apply side's reader saw `seq` durable before the ack was sent, which happens
+            // only after the commit returned; the reply's next_seq is durable too.
+            if seq > durable.durable_seq() && seq != 0 {
                 violation.store(true, Ordering::Release);
             }
             acks.push(seq);

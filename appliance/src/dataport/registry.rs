@@ -32,18 +32,12 @@ impl Drop for SessionLease {
     }
 }
 
-/// Called with each newly durable sequence number of a session (before its ack is sent), so
-/// the apply side can pick the frames up.
-pub type DurableNotify = Box<dyn FnMut(u64) + Send>;
-
 /// A streaming session on one item, as the registry grants it.
 pub struct StreamSession {
     /// The item's staging log; the connection locks it for the session's lifetime.
     pub log: Arc<Mutex<StagingLog>>,
     /// Held for the session's lifetime: a second session on the item is refused as busy.
     pub lease: SessionLease,
-    /// Told about every commit.
-    pub on_durable: DurableNotify,
 }
 
 impl std::fmt::Debug for StreamSession {
@@ -101,7 +95,6 @@ struct MemoryItem {
     log: Arc<Mutex<StagingLog>>,
     busy: Arc<AtomicBool>,
     replicas: Vec<PathBuf>,
-    on_durable: Arc<dyn Fn(u64) + Send + Sync>,
 }
 
 /// A registry over a map in memory, for tests; the daemon's registry is
@@ -144,16 +137,8 @@ impl MemoryRegistry {
                 log,
                 busy: Arc::new(AtomicBool::new(false)),
                 replicas,
-                on_durable: Arc::new(|_| {}),
             },
         );
-    }
-
-    /// Sets the callback told about each commit of the item's sessions.
-    pub fn set_on_durable(&self, item_id: &[u8; 16], notify: Arc<dyn Fn(u64) + Send + Sync>) {
-        if let Some(item) = self.lock().get_mut(item_id) {
-            item.on_durable = notify;
-        }
     }
 
     fn check<'a>(
@@ -199,11 +184,9 @@ impl ItemRegistry for MemoryRegistry {
                 ),
             )
         })?;
-        let notify = item.on_durable.clone();
         Ok(StreamSession {
             log: item.log.clone(),
             lease,
-            on_durable: Box::new(move |seq| notify(seq)),
         })
     }
 

@@ -64,11 +64,7 @@ pub(super) fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hel
         drop(session);
         return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
     }
-    let StreamSession {
-        log,
-        lease,
-        mut on_durable,
-    } = session;
+    let StreamSession { log, lease } = session;
     let mut guard = match log.lock() {
         Ok(guard) => guard,
         Err(_) => {
@@ -141,7 +137,6 @@ pub(super) fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hel
         &mut guard,
         config.ingest,
         &mut |acked, pressure| {
-            on_durable(acked);
             if acks_broken {
                 return;
             }

@@ -111,11 +111,9 @@ impl ItemRegistry for Manager {
                 ),
             )
         })?;
-        let notifier = repl.worker.notifier();
         Ok(StreamSession {
             log: repl.log.clone(),
             lease,
-            on_durable: Box::new(move |seq| notifier.notify(seq)),
         })
     }
 
