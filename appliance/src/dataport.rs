@@ -84,6 +84,4 @@ pub use engine::port::{CloseReason, Hello, Mode, Refusal, Status};
 pub use config::{DataPortConfig, DataPortError, DataPortStats};
 pub use conn::PortHandle;
 pub use listener::DataPort;
-pub use registry::{
-    ItemRegistry, MemoryRegistry, ReplicaAccess, SessionLease, StreamSession,
-};
+pub use registry::{ItemRegistry, MemoryRegistry, ReplicaAccess, SessionLease, StreamSession};
