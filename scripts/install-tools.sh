@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the outside tools the tests, demo and benchmarks compare against, if missing:
-# fio (physical limit), qemu-img (VHD checks). Debian packages; needs root or sudo.
+# fio (physical limit), qemu-img (VHD checks), promtool (`/metrics` checks: Debian ships it in
+# the `prometheus` package, whose server service the package also installs). Debian packages;
+# needs root or sudo.
 set -euo pipefail
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"

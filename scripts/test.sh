@@ -11,7 +11,7 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
-# Outside tools that tests check our output against (qemu-img) are installed when missing.
+# Outside tools that tests check our output against (qemu-img, promtool) are installed when missing.
 # Tests that need them say so and skip only when installation is impossible.
 scripts/install-tools.sh || echo "warning: could not install outside tools; tests that need them will say so"
 
@@ -20,6 +20,10 @@ cargo fmt --all --check
 
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "import cycles between sibling modules (scripts/check-import-cycles.py)"
+python3 scripts/check-import-cycles.py --self-test
+python3 scripts/check-import-cycles.py
 
 say "cargo test"
 cargo test --workspace --locked

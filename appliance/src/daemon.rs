@@ -4,7 +4,7 @@
 //! ```text
 //!  serve ─► DataDir (locked) ─► for each item: StagingLog (recovered) + ApplyWorker thread
 //!        ─► DataPort (TCP, loopback by default): agents stream frames, get durable acks
-//!        ─► control API (HTTP/JSON, crate::api) on its own thread and tokio runtime
+//!        ─► control API (HTTP/JSON, crate::http) on its own thread and tokio runtime
 //!        ─► SIGTERM / SIGINT: stop the API and the data port (sessions end after their
 //!           commit), wait up to 120 s for jobs that write disks, apply what is staged,
 //!           flush, exit 0 (a job still running then is undone at the next start).
@@ -19,27 +19,20 @@
 //! 0600 in the item's directory, and prints the item id and the token once.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, bail};
 use engine::delta::DiskGeometry;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::api::{ApiConfig, ApiLimits, ApiServer};
 use crate::dataport::{DataPort, DataPortConfig};
+use crate::http::{ApiConfig, ApiLimits, ApiServer};
 use crate::items::{DiskSpec, EnableRequest, Manager, OpError};
 use crate::offline::BadInput;
 
-pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
-    let mut out = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
-        .context("reading /dev/urandom")?;
-    Ok(out)
-}
-
-pub(crate) use engine::port::hex;
+/// Where the settings live (a library module of their own, so the item manager and the
+/// control API do not import the process entry file); re-exported for the command line.
+pub use crate::options::ServeOptions;
 
 /// Parses `SIZE_MIB[:LOGICAL_BLOCK_BYTES]`, e.g. `1024` or `64:512`.
 pub fn parse_disk(text: &str) -> Result<DiskGeometry, BadInput> {
@@ -102,47 +95,6 @@ pub fn create_item(
     Ok((enabled.item.id, enabled.stream_token))
 }
 
-/// Settings of `serve` (command-line flags, or the TOML config file).
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Address of the data port.
-    pub data_addr: SocketAddr,
-    /// Address of the control API.
-    pub api_addr: SocketAddr,
-    /// Recovery points kept per item unless its policy says otherwise.
-    pub keep_points: usize,
-    /// Staging capacity per item.
-    pub cache_bytes: u64,
-    /// Replica queue depth.
-    pub queue_depth: usize,
-    /// Data-disk slots (LUNs) of the appliance VM, LUN 0 included (1..=256; default 32).
-    pub slot_count: u32,
-    /// Directories besides the data directory where the API may attach disks, write
-    /// materialized disks and create temporary OS disks.
-    pub disk_stores: Vec<std::path::PathBuf>,
-    /// Jobs running at once (1..=64; default 8).
-    pub max_jobs: usize,
-    /// Control API connections open at once (16..=16384; default 256).
-    pub api_max_connections: usize,
-}
-
-impl ServeOptions {
-    /// The defaults of `serve`, for offline commands that open the item manager.
-    pub fn offline_default() -> Self {
-        Self {
-            data_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
-            api_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
-            keep_points: 64,
-            cache_bytes: 2048 << 20,
-            queue_depth: 32,
-            slot_count: 32,
-            disk_stores: Vec::new(),
-            max_jobs: 8,
-            api_max_connections: crate::api::ApiLimits::DEFAULT_MAX_CONNECTIONS,
-        }
-    }
-}
-
 /// Runs the appliance until SIGTERM or SIGINT.
 pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     // Before any thread starts: every thread inherits the mask, only sigwait sees the signals.
@@ -173,11 +125,11 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         "file descriptors"
     );
     let manager = Manager::open(data_dir, options)?;
-    let (api_token, created) = crate::api::load_or_create_token(manager.root())?;
+    let (api_token, created) = crate::secrets::load_or_create_api_token(manager.root())?;
     if created {
         // The token itself never goes to a log: only where it is.
         tracing::info!(
-            path = %manager.root().join(crate::api::TOKEN_FILE).display(),
+            path = %manager.root().join(crate::secrets::API_TOKEN_FILE).display(),
             "created the control API's bearer token (mode 0600); clients read it from this file"
         );
     }

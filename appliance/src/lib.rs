@@ -2,16 +2,18 @@
 //! table and jobs, and the offline commands. `main.rs` is the command line over this library;
 //! the integration tests use the library directly.
 
-pub mod api;
 pub mod daemon;
 pub mod dataport;
 pub mod fdbudget;
+pub mod http;
 pub mod inspect;
 pub mod items;
 pub mod jobs;
 pub mod metrics;
 pub mod offline;
+pub mod options;
 pub mod runtime;
+pub mod secrets;
 pub mod slots;
 pub mod store;
 pub mod target;

@@ -26,7 +26,7 @@ use engine::meta::item_key;
 use engine::replica::open_replica;
 use engine::staging::{StagingConfig, StagingLog};
 
-use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup};
+use crate::runtime::{ApplyOptions, ApplyWorker};
 use crate::store::{DataDir, ItemDirs, item_hex};
 
 /// Settings of `ingest`.
@@ -121,7 +121,7 @@ pub fn ingest(
     let reader = staging.reader(header.first_seq);
     let worker = ApplyWorker::start(
         &item_hex(&item.header.item_id),
-        WorkerSetup::for_item(&item, files, reader, meta.clone())?,
+        crate::runtime::worker_setup(&item, files, reader, meta.clone())?,
         ApplyOptions {
             keep_points: options.keep_points,
             max_age_ns: u64::MAX,
@@ -134,7 +134,6 @@ pub fn ingest(
         &mut staging,
         IngestConfig::default(),
         &mut |seq, _pressure| {
-            worker.notify(seq);
             let _ = writeln!(stdout, "ack {seq}");
             let _ = stdout.flush();
         },

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use engine::delta::{
 };
 use engine::durable::StdDir;
 use engine::resync::{ResyncOptions, hash_path};
-use engine::staging::{StagingConfig, StagingLog};
+use engine::staging::{StagingConfig, StagingLog, StagingReader};
 
 const ITEM: [u8; 16] = *b"dataport-item-01";
 const TOKEN: &[u8] = b"stream-token-0123456789abcdef";
@@ -64,7 +64,7 @@ enum Op {
 }
 
 fn workload(seed: u64, count: usize) -> Vec<Op> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let disks = disks();
     (0..count)
         .map(|i| {
@@ -79,11 +79,11 @@ fn workload(seed: u64, count: usize) -> Vec<Op> {
                 1 => Op::Bookmark(i as u64),
                 2..=5 => {
                     // Compressible.
-                    let byte = rng.next() as u8;
+                    let byte = rng.next_u64() as u8;
                     Op::Write(disk, offset, vec![byte; length as usize])
                 }
                 _ => {
-                    let data = (0..length).map(|_| rng.next() as u8).collect();
+                    let data = (0..length).map(|_| rng.next_u64() as u8).collect();
                     Op::Write(disk, offset, data)
                 }
             }
@@ -164,8 +164,9 @@ struct Rig {
     replicas: Vec<std::path::PathBuf>,
     log: Option<Arc<Mutex<StagingLog>>>,
     port: DataPort,
-    /// The highest seq the port reported durable (before acknowledging it).
-    durable_notified: Arc<AtomicU64>,
+    /// A reader of the item's staging log: what the apply side sees as durable (a commit
+    /// publishes it, and wakes apply, before the ack goes out).
+    durable_notified: Arc<StagingReader>,
 }
 
 impl Rig {
@@ -188,16 +189,7 @@ impl Rig {
             .collect();
         let registry = Arc::new(MemoryRegistry::new());
         registry.insert(ITEM, TOKEN, log.clone(), replicas.clone());
-        let durable_notified = Arc::new(AtomicU64::new(0));
-        {
-            let durable_notified = durable_notified.clone();
-            registry.set_on_durable(
-                &ITEM,
-                Arc::new(move |seq| {
-                    durable_notified.fetch_max(seq, Ordering::AcqRel);
-                }),
-            );
-        }
+        let durable_notified = Arc::new(log.lock().unwrap().reader(1));
         let port =
             DataPort::bind("127.0.0.1:0".parse().unwrap(), registry.clone(), config).unwrap();
         Self {
@@ -249,7 +241,7 @@ struct AckLog {
 }
 
 impl AckLog {
-    fn attach(&self, config: &mut AgentConfig, durable_notified: &Arc<AtomicU64>) {
+    fn attach(&self, config: &mut AgentConfig, durable_notified: &Arc<StagingReader>) {
         let (acks, violation, durable) = (
             self.acks.clone(),
             self.violation.clone(),
@@ -260,9 +252,9 @@ impl AckLog {
             if acks.last().is_some_and(|&last| seq <= last) {
                 violation.store(true, Ordering::Release);
             }
-            // The appliance told the apply side about `seq` before sending its ack, which it
-            // sends only after the commit returned; the reply's next_seq is durable too.
-            if seq > durable.load(Ordering::Acquire) && seq != 0 {
+            // The apply side's reader saw `seq` durable before the ack was sent, which happens
+            // only after the commit returned; the reply's next_seq is durable too.
+            if seq > durable.durable_seq() && seq != 0 {
                 violation.store(true, Ordering::Release);
             }
             acks.push(seq);
@@ -533,11 +525,11 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
     drop(slow);
 
     // Random bytes after a valid prefix, and a hello cut short: named, no panic.
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for _ in 0..30 {
         let mut bytes = hello(TOKEN);
         let at = 4 + rng.below(bytes.len() as u64 - 4) as usize;
-        bytes[at] = rng.next() as u8;
+        bytes[at] = rng.next_u64() as u8;
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(SAFETY)).unwrap();
         stream.write_all(&bytes).unwrap();
@@ -622,9 +614,9 @@ fn sessions_beyond_the_limit_are_refused_by_name_and_idle_sockets_count_apart() 
 #[test]
 fn chunk_hashes_of_a_replica_equal_hash_path() {
     let rig = Rig::new(DataPortConfig::default());
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
-        .map(|i| if i % 3 == 0 { 0 } else { rng.next() as u8 })
+        .map(|i| if i % 3 == 0 { 0 } else { rng.next_u64() as u8 })
         .collect();
     std::fs::write(&rig.replicas[1], &data).unwrap();
     let options = ResyncOptions {
@@ -751,9 +743,15 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
     let mut config = rig.agent_config(TOKEN);
     acks.attach(&mut config, &rig.durable_notified);
     let agent = Agent::connect(config).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let ops: Vec<Op> = (0..40)
-        .map(|i| Op::Write(0, i * 4096, (0..4096).map(|_| rng.next() as u8).collect()))
+        .map(|i| {
+            Op::Write(
+                0,
+                i * 4096,
+                (0..4096).map(|_| rng.next_u64() as u8).collect(),
+            )
+        })
         .collect();
     for op in &ops {
         if try_send(&agent, op).is_err() {
@@ -790,9 +788,9 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
 
 #[test]
 fn hashings_share_a_bounded_memory_budget_and_give_it_back() {
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
-        .map(|_| rng.next() as u8)
+        .map(|_| rng.next_u64() as u8)
         .collect();
     // 17 chunks of 64 KiB: a 176-byte list, plus the 4 MiB read buffer.
     let need = 40 + 17 * 8 + (4u64 << 20);

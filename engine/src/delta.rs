@@ -25,12 +25,17 @@
 
 pub mod decode;
 pub mod encode;
+pub mod frame_reader;
 
 pub use decode::{
     DataExtent, DecodeError, DecodeErrorReason, DeltaDecoder, Frame, FrameBody, PayloadDecoder,
-    check_frame_prefix, decode_frame_header, validate_frame,
+    validate_frame,
 };
 pub use encode::{DeltaEncoder, EncodeError, EncoderOptions};
+pub use frame_reader::{
+    FrameReader, FrameSource, FromRead, check_frame_prefix, decode_frame_header, frame_wire_len,
+    stream_header_wire_len,
+};
 
 use xxhash_rust::xxh3::Xxh3;
 

@@ -189,8 +189,6 @@ impl Default for IngestConfig {
     }
 }
 
-use crate::port::hex;
-
 /// Reads one stream into `log`, calling `on_ack` with each newly durable sequence number and
 /// the back-pressure advice (the data port sleeps on `Pressure::Slow` before acknowledging).
 pub fn ingest_stream(
@@ -204,8 +202,8 @@ pub fn ingest_stream(
     let header = decoder.header().clone();
     if header.item_id != log.header().item_id {
         return Err(IngestError::WrongItem {
-            expected: hex(&log.header().item_id),
-            found: hex(&header.item_id),
+            expected: hex::encode(log.header().item_id),
+            found: hex::encode(header.item_id),
         });
     }
     if header.disks != log.header().disks {

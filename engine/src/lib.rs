@@ -12,7 +12,8 @@
 //! - [`staging`]: the durable, bounded, per-item log of received frames (group commit,
 //!   recovery by scan, back-pressure, resync required).
 //! - [`io`]: the replica-disk I/O seam: buffer pool, engine trait, uring/sync/sim backends.
-//! - [`apply`]: staged frames to replicas, with copy-on-first-write recovery points.
+//! - [`apply`]: staged frames to replicas, with copy-on-first-write recovery points, and the
+//!   per-item apply worker thread that staging's commits wake.
 //! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
 //! - [`replica`]: replica disks opened only after size and identity checks.
 //! - [`materialize`]: the disks at a recovery point as new raw images.
@@ -24,6 +25,7 @@
 //!   temporary 1 GiB OS disk.
 //!
 //! - [`clock`]: the workspace's one wall clock (ns since the Unix epoch).
+//! - [`error`]: the engine's one error type (a kind, a context, a source).
 //!
 //! The engine depends on no other crate of the workspace; `appliance`, `disk-sim` and `perf`
 //! are built on it. See `ARCHITECTURE.md` for the whole picture and
@@ -34,6 +36,7 @@ pub mod clock;
 pub mod delta;
 pub mod dirfd;
 pub mod durable;
+pub mod error;
 pub mod handoff;
 pub mod ingest;
 pub mod io;

@@ -21,6 +21,8 @@ use engine::delta::{
     PayloadDecoder, StreamHeader,
 };
 use proptest::prelude::*;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 /// Largest write the property tests generate; the 4 MiB limit has its own plain test.
 const MAX_TEST_WRITE_BYTES: u64 = 256 * 1024;
@@ -58,13 +60,13 @@ struct DataSpec {
 
 impl DataSpec {
     fn bytes(&self) -> Vec<u8> {
-        let mut rng = SplitMix64(self.seed);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(self.seed);
         let mut out = vec![0u8; self.length_bytes];
         match self.kind {
             DataKind::Zeros => {}
             DataKind::Pattern { period } => {
                 let mut pattern = vec![0u8; period];
-                rng.fill(&mut pattern);
+                rng.fill_bytes(&mut pattern);
                 for (byte, value) in out.iter_mut().zip(pattern.iter().cycle()) {
                     *byte = *value;
                 }
@@ -82,7 +84,7 @@ impl DataSpec {
                 ];
                 let mut at = 0;
                 while at < out.len() {
-                    let word = WORDS[(rng.next() % WORDS.len() as u64) as usize];
+                    let word = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize];
                     let n = word.len().min(out.len() - at);
                     out[at..at + n].copy_from_slice(&word[..n]);
                     at += n;
@@ -90,9 +92,9 @@ impl DataSpec {
             }
             DataKind::HalfZeros => {
                 let half = out.len() / 2;
-                rng.fill(&mut out[half..]);
+                rng.fill_bytes(&mut out[half..]);
             }
-            DataKind::Random => rng.fill(&mut out),
+            DataKind::Random => rng.fill_bytes(&mut out),
         }
         out
     }
@@ -103,26 +105,6 @@ impl DataSpec {
             DataKind::Zeros | DataKind::Pattern { .. } => Some(Encoding::Zstd),
             DataKind::Random => Some(Encoding::Raw),
             DataKind::Text | DataKind::HalfZeros => None,
-        }
-    }
-}
-
-/// A small deterministic generator for test data (not the code under test).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
         }
     }
 }

@@ -10,19 +10,20 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use engine::delta::{DiskGeometry, StreamHeader};
 
-use crate::jobs::{Job, JobKind};
+use crate::jobs::Job;
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState};
-use crate::store::{item_hex, now_ns};
+use crate::store::item_hex;
+use engine::clock::now_unix_ns;
 
 use super::error::{OpError, bad};
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::model::{
-    DiskOrigin, DiskRecord, EnableRequest, Enabled, ItemState, MAX_NAME_CHARS, Policy,
-    PolicyRequest, Role,
+    DiskOrigin, DiskRecord, EnableRequest, Enabled, MAX_NAME_CHARS, Policy, PolicyRequest, Role,
 };
 use super::paths::disk_size;
 use super::record::{ItemRecord, write_token};
+use super::state::{Event, initial};
 
 impl Manager {
     /// Enable protection: slots, replica disks, token, record, replication, job.
@@ -179,7 +180,7 @@ impl Manager {
             }
             None => None,
         };
-        let item_id: [u8; 16] = crate::daemon::random_bytes()?;
+        let item_id: [u8; 16] = crate::secrets::random_bytes()?;
         let hex = item_hex(&item_id);
         let header = StreamHeader {
             item_id,
@@ -257,22 +258,18 @@ impl Manager {
             }
             crate::store::sync_dir(&dirs.root.join("replicas"))?;
             crate::testhook::crash_point("enable:replicas");
-            let token = crate::daemon::hex(&crate::daemon::random_bytes::<32>()?);
+            let token = crate::secrets::new_token()?;
             write_token(&dirs.root, &token)?;
             crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();
-            let (state, kind) = if reverse {
-                (ItemState::Reprotecting, JobKind::Reprotect)
-            } else {
-                (ItemState::InitialReplication, JobKind::InitialReplication)
-            };
+            let (state, kind) = initial(reverse);
             let job = self.jobs.create(
                 kind,
                 &hex,
                 "waiting for the agent's first full copy and first recovery point",
             )?;
             crate::testhook::crash_point("enable:job");
-            let now = now_ns();
+            let now = now_unix_ns();
             let record = ItemRecord {
                 version: 1,
                 id: hex.clone(),
@@ -359,8 +356,7 @@ impl Manager {
             // The record exists: disable it so that nothing is left half made.
             let message = format!("attaching the disks to slots failed: {error}");
             let _ = job.fail(message.clone());
-            let _ = item.update(|r| {
-                r.state = ItemState::Disabled;
+            let _ = item.transition(Event::SlotsFailed, |r| {
                 r.last_error = Some(message.clone());
             });
             let _ = self.remove_item_data(&item);

@@ -11,8 +11,7 @@ use crate::slots::ItemId;
 use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
-use super::model::ItemState;
-use super::state::Op;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Failback: final sync, disks handed back (slots released), temporary OS disk deleted.
@@ -26,8 +25,7 @@ impl Manager {
         )?;
         self.check_job_room()?;
         let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
-        item.update(|r| {
-            r.state = ItemState::FailingBack;
+        item.transition(Event::Start(Op::Failback), |r| {
             r.last_job = Some(job.id());
             r.last_error = None;
         })?;
@@ -53,8 +51,7 @@ impl Manager {
                     .points(item_key(&item.id))?
                     .last()
                     .map(|p| p.point_id);
-                item.update(|r| {
-                    r.state = ItemState::FailedBack;
+                item.transition(Event::Done(Op::Failback), |r| {
                     r.temporary_os_disk = None;
                 })?;
                 manager.remove_item_data(item)?;
@@ -68,10 +65,15 @@ impl Manager {
                 )))
             },
             |manager, item, error| {
-                let _ = item.update(|r| {
-                    r.state = ItemState::Protected;
+                let undone = item.transition(Event::Failed(Op::Failback), |r| {
                     r.last_error = Some(error.to_owned());
                 });
+                if undone.is_err() {
+                    // Already failed back (only the clean-up after it failed; the next start
+                    // retries it): the disks are the original VM's now, replication stays off.
+                    let _ = item.update(|r| r.last_error = Some(error.to_owned()));
+                    return;
+                }
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {

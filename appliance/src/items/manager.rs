@@ -9,16 +9,17 @@ use anyhow::Context;
 use engine::durable::StdDir;
 use engine::meta::MetaStore;
 
-use crate::daemon::ServeOptions;
 use crate::dataport::PortHandle;
 use crate::jobs::{Job, JobView, Jobs};
+use crate::options::ServeOptions;
 use crate::slots::{SlotError, SlotTable};
-use crate::store::{DataDir, now_ns, parse_item_hex};
+use crate::store::{DataDir, parse_item_hex};
+use engine::clock::now_unix_ns;
 
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::record::ItemRecord;
-use super::state::{Op, allowed};
+use super::state::{Op, check_allowed};
 
 /// The item manager. Shared as `Arc<Manager>` by the API, the data port and the daemon.
 pub struct Manager {
@@ -70,7 +71,7 @@ impl Manager {
                 // Neither page can be trusted: keep them for the operator and rebuild the table
                 // from the item records (reconcile_slots gives every disk a slot), rather than
                 // refusing to start.
-                let suffix = format!("damaged-{}", now_ns());
+                let suffix = format!("damaged-{}", now_unix_ns());
                 for name in crate::slots::PAGE_FILE_NAMES {
                     let from = slot_dir.join(name);
                     let to = slot_dir.join(format!("{name}.{suffix}"));
@@ -128,19 +129,11 @@ impl Manager {
         })
     }
 
+    /// The item's record, if it allows `op` now (else 409 `wrong_state`).
     pub(super) fn check_allowed(&self, item: &Item, op: Op) -> Result<ItemRecord, OpError> {
         let record = item.record().clone();
-        let allowed = allowed(&record);
-        if allowed.contains(&op) {
-            Ok(record)
-        } else {
-            Err(OpError::WrongState {
-                item: item.hex.clone(),
-                state: record.state,
-                op: op.name(),
-                allowed: allowed.into_iter().map(Op::name).collect(),
-            })
-        }
+        check_allowed(&item.hex, &record, op)?;
+        Ok(record)
     }
 
     pub(super) fn check_job_room(&self) -> Result<(), OpError> {

@@ -2,7 +2,7 @@
 //!
 //! Every protected item's record and state machine, its replication (staging
 //! log + apply worker), the slot table, and the jobs that move items between states. The
-//! control API (`crate::api`) and the data port (`crate::dataport`, through
+//! control API (`crate::http`) and the data port (`crate::dataport`, through
 //! [`crate::dataport::ItemRegistry`]) both go through it; `docs/design/control-api.md` is the
 //! user-facing description.
 //!

@@ -7,7 +7,8 @@ use engine::delta::{DiskGeometry, StreamHeader};
 use serde::{Deserialize, Serialize};
 
 use crate::slots::ItemId;
-use crate::store::{now_ns, parse_item_hex, write_atomic};
+use crate::store::{parse_item_hex, write_atomic};
+use engine::clock::now_unix_ns;
 
 use super::model::{DiskOrigin, DiskRecord, ItemState, Materialized, Policy, Role};
 
@@ -106,6 +107,7 @@ pub struct ItemRecord {
 }
 
 impl ItemRecord {
+    /// The disks' geometries, in disk order (as the stream header lists them).
     pub(crate) fn geometries(&self) -> Vec<DiskGeometry> {
         self.disks
             .iter()
@@ -168,7 +170,7 @@ pub(super) fn stand_in_record(
     header: Option<&StreamHeader>,
     attached: &[(ItemId, u32, PathBuf)],
 ) -> ItemRecord {
-    let now = now_ns();
+    let now = now_unix_ns();
     let id = parse_item_hex(hex).unwrap_or_default();
     let disks = header.map_or_else(Vec::new, |header| {
         header
@@ -219,3 +221,6 @@ pub(super) fn stand_in_record(
         updated_ns: now,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -18,7 +18,7 @@ use engine::meta::item_key;
 use engine::replica::open_replica;
 use engine::staging::{StagingConfig, StagingLog};
 
-use crate::runtime::{ApplyOptions, ApplyWorker, WorkerSetup};
+use crate::runtime::{ApplyOptions, ApplyWorker};
 
 use super::item::{Item, Replication, lock};
 use super::manager::Manager;
@@ -54,8 +54,12 @@ impl Manager {
             tracing::error!(item = %item.hex, %corruption, "staging damaged: item needs a resync");
         }
         let first_seq = item.dirs.header.first_seq;
-        let mut setup =
-            WorkerSetup::for_item(&item.dirs, files, log.reader(first_seq), self.meta.clone())?;
+        let mut setup = crate::runtime::worker_setup(
+            &item.dirs,
+            files,
+            log.reader(first_seq),
+            self.meta.clone(),
+        )?;
         // A frame that never applies: the item takes no more frames (`session_item` refuses
         // new sessions); the running one is ended here.
         let (port, id) = (self.port.get().cloned(), item.id);
@@ -76,7 +80,6 @@ impl Manager {
                 queue_depth: self.options.queue_depth,
             },
         )?;
-        worker.notify(log.durable_seq());
         *lock(&item.status) = Some(worker.status());
         let reader = log.reader(first_seq);
         *item.repl() = Some(Replication {

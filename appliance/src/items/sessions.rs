@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use engine::port::{Refusal, Status};
 
-use crate::dataport::{ItemRegistry, ReplicaAccess, SessionLease, StreamSession, tokens_equal};
+use crate::dataport::{ItemRegistry, ReplicaAccess, SessionLease, StreamSession};
+use crate::secrets::tokens_equal;
 use crate::store::item_hex;
 
 use super::item::Item;
@@ -110,11 +111,9 @@ impl ItemRegistry for Manager {
                 ),
             )
         })?;
-        let notifier = repl.worker.notifier();
         Ok(StreamSession {
             log: repl.log.clone(),
             lease,
-            on_durable: Box::new(move |seq| notifier.notify(seq)),
         })
     }
 

@@ -12,14 +12,15 @@
 //! `FRAME_HEADER_BYTES + MAX_PAYLOAD_BYTES`, and only after the declared payload size has been
 //! checked against the limit. Decompression writes into the caller's buffer and never allocates.
 
-use std::io::{ErrorKind, Read};
+use std::io::Read;
+
+use super::frame_reader::{FrameReader, FromRead, read_full, read_some};
 
 use super::{
     ALL_DISKS, BLOCK_SIZES, BOOKMARK_FIXED_BYTES, Bookmark, CHECKSUM_SEED, Consistency,
-    DISK_ENTRY_BYTES, DiskGeometry, Encoding, ExtentError, FORMAT_VERSION, FRAME_HEADER_BYTES,
-    FRAME_MAGIC, FrameHeader, FrameKind, MAX_DISKS, MAX_ITEM_NAME_BYTES, MAX_LABEL_BYTES,
-    MAX_PAYLOAD_BYTES, STREAM_HEADER_FIXED_BYTES, STREAM_MAGIC, StreamHeader, le_u16, le_u32,
-    le_u64,
+    DISK_ENTRY_BYTES, DiskGeometry, Encoding, ExtentError, FORMAT_VERSION, FrameHeader, FrameKind,
+    MAX_DISKS, MAX_ITEM_NAME_BYTES, MAX_LABEL_BYTES, MAX_PAYLOAD_BYTES, STREAM_HEADER_FIXED_BYTES,
+    STREAM_MAGIC, StreamHeader, le_u16, le_u32, le_u64,
 };
 
 /// A defect in a stream: where it is and what is wrong.
@@ -174,7 +175,7 @@ pub enum DecodeErrorReason {
 }
 
 impl DecodeErrorReason {
-    fn invalid(field: &'static str, value: impl std::fmt::Display) -> Self {
+    pub(super) fn invalid(field: &'static str, value: impl std::fmt::Display) -> Self {
         Self::InvalidField {
             field,
             value: value.to_string(),
@@ -348,54 +349,6 @@ fn need(bytes: &[u8], needed: usize) -> Result<&[u8], DecodeErrorReason> {
     })
 }
 
-/// Checks what must hold before a frame's payload is read: the magic and the payload size
-/// limit. Returns the payload length.
-pub fn check_frame_prefix(bytes: &[u8; FRAME_HEADER_BYTES]) -> Result<u32, DecodeErrorReason> {
-    if bytes[0..4] != FRAME_MAGIC {
-        return Err(DecodeErrorReason::BadMagic {
-            found: bytes[0..4].to_vec(),
-        });
-    }
-    let payload_len_bytes = le_u32(bytes, 32);
-    if payload_len_bytes > MAX_PAYLOAD_BYTES {
-        return Err(DecodeErrorReason::LengthOverLimit {
-            field: "frame payload",
-            length_bytes: u64::from(payload_len_bytes),
-            limit_bytes: u64::from(MAX_PAYLOAD_BYTES),
-        });
-    }
-    Ok(payload_len_bytes)
-}
-
-/// Decodes the fixed frame header: [`check_frame_prefix`], then kind, encoding and reserved
-/// bytes. The decoder calls it after the checksum holds, so a flipped bit is reported as a
-/// checksum mismatch rather than as a strange field.
-pub fn decode_frame_header(
-    bytes: &[u8; FRAME_HEADER_BYTES],
-) -> Result<FrameHeader, DecodeErrorReason> {
-    let payload_len_bytes = check_frame_prefix(bytes)?;
-    let kind = FrameKind::from_u8(bytes[4])
-        .ok_or_else(|| DecodeErrorReason::invalid("frame kind", bytes[4]))?;
-    let encoding = Encoding::from_u8(bytes[5])
-        .ok_or_else(|| DecodeErrorReason::invalid("payload encoding", bytes[5]))?;
-    if le_u32(bytes, 36) != 0 {
-        return Err(DecodeErrorReason::invalid(
-            "frame reserved bytes",
-            "non-zero",
-        ));
-    }
-    Ok(FrameHeader {
-        kind,
-        encoding,
-        disk_index: le_u16(bytes, 6),
-        seq: le_u64(bytes, 8),
-        offset_bytes: le_u64(bytes, 16),
-        length_bytes: le_u64(bytes, 24),
-        payload_len_bytes,
-        checksum: le_u64(bytes, 40),
-    })
-}
-
 /// Checks a frame whose checksum holds against the rules of its kind and the stream's disks,
 /// and builds its body. `payload` is the stored payload.
 pub fn validate_frame<'a>(
@@ -549,8 +502,8 @@ pub fn decode_bookmark(payload: &[u8]) -> Result<Bookmark, DecodeErrorReason> {
 pub struct DeltaDecoder<R> {
     reader: R,
     header: StreamHeader,
-    /// Reused for every frame: header bytes then payload.
-    buf: Vec<u8>,
+    /// Reads each frame into its one reused buffer (header bytes then payload).
+    frames: FrameReader,
     next_index: u64,
     next_seq: u64,
     offset_bytes: u64,
@@ -587,12 +540,11 @@ impl<R: Read> DeltaDecoder<R> {
             })
         })?;
         let (header, len) = decode_stream_header(&buf).map_err(at_header)?;
-        buf.clear();
         Ok(Self {
             reader,
             next_seq: header.first_seq,
             header,
-            buf,
+            frames: FrameReader::with_buffer(buf),
             next_index: 0,
             offset_bytes: len as u64,
             ended: false,
@@ -641,30 +593,10 @@ impl<R: Read> DeltaDecoder<R> {
                 _ => Err(at(DecodeErrorReason::TrailingData)),
             };
         }
-        let mut raw = [0u8; FRAME_HEADER_BYTES];
-        read_full(&mut self.reader, &mut raw).map_err(at)?;
-        let payload_len = check_frame_prefix(&raw).map_err(at)? as usize; // ≤ the limit.
-        self.buf.clear();
-        self.buf.extend_from_slice(&raw);
-        self.buf.resize(FRAME_HEADER_BYTES + payload_len, 0);
-        read_full(&mut self.reader, &mut self.buf[FRAME_HEADER_BYTES..]).map_err(|reason| {
-            at(match reason {
-                DecodeErrorReason::Truncated {
-                    needed_bytes,
-                    available_bytes,
-                } => DecodeErrorReason::Truncated {
-                    needed_bytes: needed_bytes + FRAME_HEADER_BYTES as u64,
-                    available_bytes: available_bytes + FRAME_HEADER_BYTES as u64,
-                },
-                other => other,
-            })
-        })?;
-        let stored = le_u64(&raw, 40);
-        let computed = FrameHeader::compute_checksum(&raw[..40], &self.buf[FRAME_HEADER_BYTES..]);
-        if computed != stored {
-            return Err(at(DecodeErrorReason::ChecksumMismatch { stored, computed }));
-        }
-        let header = decode_frame_header(&raw).map_err(at)?;
+        let header = self
+            .frames
+            .read(&mut FromRead(&mut self.reader))
+            .map_err(at)?;
         if header.seq > self.next_seq {
             return Err(at(DecodeErrorReason::SequenceGap {
                 expected: self.next_seq,
@@ -677,46 +609,20 @@ impl<R: Read> DeltaDecoder<R> {
                 found: header.seq,
             }));
         }
-        let body = validate_frame(&header, &self.buf[FRAME_HEADER_BYTES..], &self.header.disks)
-            .map_err(at)?;
+        let body =
+            validate_frame(&header, self.frames.payload(), &self.header.disks).map_err(at)?;
         self.ended = matches!(body, FrameBody::End);
         self.next_index += 1;
         self.next_seq = self.next_seq.wrapping_add(1);
-        self.offset_bytes += self.buf.len() as u64;
+        let wire_bytes = self.frames.wire_bytes();
+        self.offset_bytes += wire_bytes.len() as u64;
         Ok(Some(Frame {
             index,
             offset_bytes,
             seq: header.seq,
             body,
-            wire_bytes: &self.buf,
+            wire_bytes,
         }))
-    }
-}
-
-/// Fills `buf` completely or reports how much was there.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<(), DecodeErrorReason> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match read_some(reader, &mut buf[filled..])? {
-            0 => {
-                return Err(DecodeErrorReason::Truncated {
-                    needed_bytes: buf.len() as u64,
-                    available_bytes: filled as u64,
-                });
-            }
-            n => filled += n,
-        }
-    }
-    Ok(())
-}
-
-fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, DecodeErrorReason> {
-    loop {
-        match reader.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DecodeErrorReason::Io(e)),
-        }
     }
 }
 

@@ -13,7 +13,7 @@
 //!
 //! Invariants:
 //! - deterministic: given the same seeds and the same calls, the same completions, errors and
-//!   crash images come out (ordered maps, a self-contained SplitMix64 generator, no clocks);
+//!   crash images come out (ordered maps, the workspace's seeded Xoshiro256++ generator, no clocks);
 //! - a write (or write-zeroes) changes `live` when it *completes* (in `reap`), never earlier;
 //!   ops submitted but not yet completed are lost by a crash;
 //! - a `Flush` makes durable exactly the writes that completed before it was submitted
@@ -31,6 +31,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 use super::{
     Completion, DEFAULT_QUEUE_DEPTH, FileId, IoEngine, IoOp, RejectReason, Rejected, check_op,
@@ -232,7 +235,7 @@ impl SimDiskSet {
             CrashMode::Tear {
                 seed,
                 apply_probability,
-            } => Some((SplitMix64::new(seed), apply_probability)),
+            } => Some((SimRng::new(seed), apply_probability)),
         };
         let mut images = BTreeMap::new();
         for (name, file) in &mut state.files {
@@ -300,7 +303,7 @@ pub struct SimEngine {
     kicked: VecDeque<SimOp>,
     queue_depth: usize,
     reorder: bool,
-    rng: SplitMix64,
+    rng: SimRng,
 }
 
 impl std::fmt::Debug for SimEngine {
@@ -326,7 +329,7 @@ impl SimEngine {
             kicked: VecDeque::with_capacity(config.queue_depth),
             queue_depth: config.queue_depth,
             reorder: config.reorder,
-            rng: SplitMix64::new(config.seed),
+            rng: SimRng::new(config.seed),
         })
     }
 
@@ -592,21 +595,18 @@ impl IoEngine for SimEngine {
     }
 }
 
-/// SplitMix64: tiny, seedable, good enough for fault and order choices.
+/// The simulator's fault and order choices, from the workspace's one seeded RNG
+/// (Xoshiro256++ via `seed_from_u64`: the same seed gives the same run).
 #[derive(Debug, Clone)]
-struct SplitMix64(u64);
+struct SimRng(Xoshiro256PlusPlus);
 
-impl SplitMix64 {
+impl SimRng {
     fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform-ish in `[0, n)`; `n` must be non-zero.
@@ -625,9 +625,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splitmix_is_deterministic() {
-        let mut a = SplitMix64::new(7);
-        let mut b = SplitMix64::new(7);
+    fn sim_rng_is_deterministic() {
+        let mut a = SimRng::new(7);
+        let mut b = SimRng::new(7);
         for _ in 0..100 {
             assert_eq!(a.next_u64(), b.next_u64());
             let f = a.next_f64();
