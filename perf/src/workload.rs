@@ -23,8 +23,6 @@ use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, Str
 use engine::durable::StdDir;
 use engine::io::{BufPool, BufPoolConfig, DirectIo, ReplicaFile};
 use engine::staging::{StagingConfig, StagingLog};
-use rand_xoshiro::Xoshiro256PlusPlus;
-use rand_xoshiro::rand_core::{Rng as _, SeedableRng};
 
 /// The one item every benchmark stages: one disk of `disk_size_bytes`, 4 KiB blocks.
 pub fn item_header(name: &str, disk_size_bytes: u64) -> StreamHeader {
@@ -39,27 +37,9 @@ pub fn item_header(name: &str, disk_size_bytes: u64) -> StreamHeader {
     }
 }
 
-/// The seeded generator of offsets and data: the workspace's one RNG, Xoshiro256++ (stable
-/// output for a seed, so a run can be repeated), with the two draws the workloads need.
-#[derive(Debug, Clone)]
-pub struct Rng(Xoshiro256PlusPlus);
-
-impl Rng {
-    /// Seeded.
-    pub fn new(seed: u64) -> Self {
-        Self(Xoshiro256PlusPlus::seed_from_u64(seed))
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.0.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Fills `buf` with random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        self.0.fill_bytes(buf);
-    }
-}
+/// The seeded generator of offsets and data: the workspace's one RNG (disk-sim's
+/// Xoshiro256++, stable output for a seed, so a run can be repeated).
+pub use disk_sim::rng::Rng;
 
 /// Where the writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
