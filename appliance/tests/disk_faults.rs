@@ -358,7 +358,7 @@ impl Source {
         let stats = agent.stats();
         agent.close(Duration::from_secs(30)).unwrap();
         let view = wait_applied(&serve.api, item, acked, Duration::from_secs(120)).unwrap();
-        assert!(view["staged_seq"].as_u64().unwrap() >= acked, "{view}");
+        assert!(view.staged_seq >= acked, "{view:?}");
         let mut out = Vec::new();
         let check = verify_points(
             &serve.api,

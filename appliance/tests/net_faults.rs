@@ -115,7 +115,7 @@ impl Rig {
         agent.close(Duration::from_secs(30)).unwrap();
         let view =
             wait_applied(&self.appliance, &self.item, acked, Duration::from_secs(60)).unwrap();
-        assert!(view["staged_seq"].as_u64().unwrap() >= acked, "{view}");
+        assert!(view.staged_seq >= acked, "{view:?}");
         let mut out = Vec::new();
         let check = verify_points(
             &self.appliance,

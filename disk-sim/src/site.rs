@@ -20,8 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use appliance_api::model::{EnableRequest, ItemState, JobState, JobView};
-use serde_json::Value;
+use appliance_api::model::{ItemState, ItemView, JobState, JobView};
 
 /// Where the `appliance` binary is: `$APPLIANCE_BIN`, else beside the running program (cargo
 /// puts both binaries of the workspace in one target directory).
@@ -50,17 +49,6 @@ pub fn appliance_bin() -> anyhow::Result<PathBuf> {
 
 /// An error answer of the control API: its status, code and message (the typed client's).
 pub type ApiError = appliance_api::ApiRefusal;
-
-/// A newly protected item.
-#[derive(Debug, Clone)]
-pub struct EnabledItem {
-    /// Item id, 32 hex digits.
-    pub id: String,
-    /// Its stream token.
-    pub token: String,
-    /// Its replication job.
-    pub job: u64,
-}
 
 /// How often the waits below ask the API.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -95,46 +83,6 @@ impl Api {
         &self.client
     }
 
-    /// One API call with a JSON body, the answer as JSON (for callers not yet on the typed
-    /// methods); an error answer is an [`appliance_api::Error`] inside the `anyhow::Error`.
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let method = match method {
-            "GET" => appliance_api::Method::Get,
-            "POST" => appliance_api::Method::Post,
-            "DELETE" => appliance_api::Method::Delete,
-            other => bail!("unsupported method {other}"),
-        };
-        let value: Value = match body {
-            Some(body) => self.client.call(method, path, Some(body))?,
-            // An empty body: POSTs that take none answer with JSON all the same.
-            None => self.client.call(method, path, None::<&()>)?,
-        };
-        Ok(value)
-    }
-
-    /// GET, the answer as JSON.
-    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call("GET", path, None)
-    }
-
-    /// POST, the answer as JSON.
-    pub fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        self.call("POST", path, Some(&body))
-    }
-
-    /// Enables protection (`POST /v1/items` with `body`, an `EnableRequest`); the new item's
-    /// id, stream token and replication job.
-    pub fn enable(&self, body: Value) -> anyhow::Result<EnabledItem> {
-        let request: EnableRequest =
-            serde_json::from_value(body).context("the enable request is not an EnableRequest")?;
-        let enabled = self.client.enable(&request)?;
-        Ok(EnabledItem {
-            id: enabled.item.id,
-            token: enabled.stream_token,
-            job: enabled.job.id,
-        })
-    }
-
     /// Waits for job `id` to end, calling `progress(percent, message)` on every change;
     /// an error if it failed or takes longer than `timeout`.
     pub fn wait_job(
@@ -164,12 +112,14 @@ impl Api {
         Ok(job)
     }
 
-    /// Waits until item `id` is in `state` (its snake-case name); the item as JSON.
-    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> anyhow::Result<Value> {
-        let wanted: ItemState = serde_json::from_value(Value::String(state.to_owned()))
-            .with_context(|| format!("{state:?} is not an item state"))?;
-        let item = self.client.wait_state(id, wanted, POLL_INTERVAL, timeout)?;
-        Ok(serde_json::to_value(item)?)
+    /// Waits until item `id` is in `state`; the item.
+    pub fn wait_state(
+        &self,
+        id: &str,
+        state: ItemState,
+        timeout: Duration,
+    ) -> anyhow::Result<ItemView> {
+        Ok(self.client.wait_state(id, state, POLL_INTERVAL, timeout)?)
     }
 
     /// Waits until point `seq` of item `id` is applied (listed).

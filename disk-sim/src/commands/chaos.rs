@@ -49,9 +49,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use appliance_api::model::{DiskSpec, EnableRequest, ItemView, PolicyRequest};
 use engine::clock::now_unix_ns;
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 use crate::agent::{Agent, AgentConfig, AgentError, CloseReason};
 use crate::netfault::{Delay, FaultKind, FaultPlan, NetFault, Proxy, ProxyStats};
@@ -235,38 +235,37 @@ pub fn enable_item(
     geometry: &[DiskGeometry],
     keep_points: u64,
 ) -> anyhow::Result<(String, String)> {
-    let disks: Vec<Value> = geometry
-        .iter()
-        .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
-        .collect();
-    let enabled = api.post(
-        "/v1/items",
-        json!({"name": name, "disks": disks, "policy": {"keep_points": keep_points}}),
-    )?;
-    let item = enabled["item"]["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("enable answered without an item id: {enabled}"))?
-        .to_owned();
-    let token = enabled["stream_token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("enable answered without a stream token: {enabled}"))?
-        .to_owned();
-    Ok((item, token))
+    let request = EnableRequest {
+        name: name.to_owned(),
+        disks: geometry
+            .iter()
+            .map(|d| DiskSpec::create(d.size_bytes >> 20, Some(d.block_size_bytes)))
+            .collect(),
+        policy: Some(PolicyRequest {
+            keep_points: Some(keep_points),
+            ..PolicyRequest::default()
+        }),
+        temporary_os_disk: None,
+    };
+    let enabled = api.client().enable(&request)?;
+    Ok((enabled.item.id, enabled.stream_token))
 }
 
 /// Waits until the item has applied every frame through `seq`; returns its view.
-pub fn wait_applied(api: &Api, item: &str, seq: u64, timeout: Duration) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let view = api.get(&format!("/v1/items/{item}"))?;
-        if view["applied_seq"].as_u64().unwrap_or(0) >= seq {
-            return Ok(view);
-        }
-        if Instant::now() > deadline {
-            bail!("item {item} has not applied through seq {seq} after {timeout:?}: {view}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_applied(
+    api: &Api,
+    item: &str,
+    seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<ItemView> {
+    let mut last = None;
+    appliance_api::poll_until(Duration::from_millis(20), timeout, || {
+        let view = api.item(item)?;
+        let applied = view.applied_seq;
+        last = Some(applied);
+        Ok((applied >= seq).then_some(view))
+    })
+    .with_context(|| format!("item {item} has not applied through seq {seq} (applied {last:?})"))
 }
 
 // ─────────────── the schedule ───────────────
@@ -505,8 +504,7 @@ fn run_in(
                             format!("restarting the appliance after kill {}", report.kills + 1)
                         })?;
                         report.kills += 1;
-                        let view = appliance.get(&format!("/v1/items/{item}"))?;
-                        let staged = view["staged_seq"].as_u64().unwrap_or(0);
+                        let staged = appliance.item(&item)?.staged_seq;
                         let missing = acked_before.saturating_sub(staged);
                         lost += missing;
                         writeln!(
@@ -574,8 +572,7 @@ fn run_in(
     drop(proxy);
 
     let view = wait_applied(&appliance, &item, acked, Duration::from_secs(300))?;
-    let staged = view["staged_seq"].as_u64().unwrap_or(0);
-    let applied = view["applied_seq"].as_u64().unwrap_or(0);
+    let (staged, applied) = (view.staged_seq, view.applied_seq);
     lost += acked.saturating_sub(staged.min(applied));
     let final_digests = model.digests()?;
     report.workload_digest = chunk_digest(

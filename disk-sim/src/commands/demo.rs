@@ -22,9 +22,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use appliance_api::model::{
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState,
+    MaterializeRequest, PointSpec, PolicyRequest,
+};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 use super::{human_bytes, human_duration, paths};
 use crate::agent::{Agent, AgentConfig};
@@ -277,22 +280,26 @@ fn run_in(
     )?;
 
     // ── enable protection A → B ──
-    let disks_json: Vec<Value> = geometry
-        .iter()
-        .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
-        .collect();
-    let enabled = b.enable(json!({"name": "vm1", "disks": disks_json,
-        "policy": {"keep_points": 500, "app_consistent_minutes": 5}}))?;
-    let (item, token) = (enabled.id.clone(), enabled.token.clone());
-    let slots = b.get("/v1/slots")?;
+    let enabled = b.enable(&EnableRequest {
+        name: "vm1".into(),
+        disks: new_disks(&geometry),
+        policy: Some(PolicyRequest {
+            keep_points: Some(500),
+            keep_minutes: None,
+            app_consistent_minutes: Some(5),
+        }),
+        temporary_os_disk: None,
+    })?;
+    let (item, token) = (enabled.item.id.clone(), enabled.stream_token.clone());
+    let slots = b.slots()?;
     run.step(
         "enable protection on B (3 replica disks, 3 slots)",
         0,
-        slots["attached"] == 3,
+        slots.attached == 3,
         format!(
             "item {}…, slots free {}",
             item.get(..8).unwrap_or(&item),
-            slots["free"]
+            slots.free
         ),
     )?;
 
@@ -310,12 +317,12 @@ fn run_in(
     }
     vm.bookmark_labeled(&source, Consistency::Crash, "initial")?;
     let mut shown = progress("initial replication");
-    b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
-    let view = b.wait_state(&item, "protected", JOB_TIMEOUT)?;
+    b.wait_job(enabled.job.id, JOB_TIMEOUT, &mut shown)?;
+    let view = b.wait_state(&item, ItemState::Protected, JOB_TIMEOUT)?;
     run.step(
         "initial replication (full copy, zstd over the data port)",
         vm.size_bytes(),
-        view["synchronized_percent"] == 100,
+        view.synchronized_percent == 100,
         "protected, 100 % synchronized",
     )?;
 
@@ -352,23 +359,27 @@ fn run_in(
     }
     source.flush(Duration::from_secs(120))?;
     b.wait_point(&item, newest, JOB_TIMEOUT)?;
-    let view = b.get(&format!("/v1/items/{item}"))?;
+    let view = b.item(&item)?;
     run.step(
         "steady replication: 480 writes, 12 bookmarks (3 app-consistent)",
         bytes,
-        view["points"].as_u64() == Some(13),
+        view.points == 13,
         format!(
             "{} points, RPO lag {} ms",
-            view["points"],
-            view["rpo_lag_ms"].as_u64().unwrap_or(0)
+            view.points,
+            view.rpo_lag_ms.unwrap_or(0)
         ),
     )?;
 
     // ── test failover, cleanup, replication still moving ──
     let test_dir = site_b.join("restore/vm1-test");
-    let job = b.post(
-        &format!("/v1/items/{item}/test-failover"),
-        json!({"point": "latest-app", "target_dir": test_dir, "format": "vhd"}),
+    let job = b.test_failover(
+        &item,
+        &MaterializeRequest {
+            point: PointSpec::latest_app(),
+            target_dir: test_dir.display().to_string(),
+            format: Format::Vhd,
+        },
     )?;
     let mut during = 0;
     for _ in 0..40 {
@@ -376,18 +387,10 @@ fn run_in(
     }
     let moving = vm.bookmark_labeled(&source, Consistency::Crash, "during test")?;
     let mut shown = progress("test failover");
-    b.wait_job(
-        job["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
-    let view = b.get(&format!("/v1/items/{item}"))?;
-    let test_files = paths(&view["test_failover"]["files"]);
+    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let test_files = paths(b.item(&item)?.test_failover.as_ref());
     let exact = vm.verify_files(last_app, &test_files);
-    b.post(
-        &format!("/v1/items/{item}/test-failover/cleanup"),
-        json!({}),
-    )?;
+    b.test_failover_cleanup(&item)?;
     source.flush(Duration::from_secs(120))?;
     b.wait_point(&item, moving, JOB_TIMEOUT)?;
     run.step(
@@ -412,18 +415,18 @@ fn run_in(
 
     // ── failover to a Custom point ──
     let restore = site_b.join("restore/vm1");
-    let job = b.post(
-        &format!("/v1/items/{item}/failover"),
-        json!({"point": custom, "target_dir": restore, "format": "raw", "source_shut_down": true}),
+    let job = b.failover(
+        &item,
+        &FailoverRequest {
+            point: PointSpec::Id(custom),
+            target_dir: restore.display().to_string(),
+            format: Format::Raw,
+            source_shut_down: true,
+        },
     )?;
     let mut shown = progress("failover");
-    b.wait_job(
-        job["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
-    let view = b.get(&format!("/v1/items/{item}"))?;
-    let failed_over = paths(&view["failover"]["files"]);
+    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let failed_over = paths(b.item(&item)?.failover.as_ref());
     let exact = vm.verify_files(custom, &failed_over);
     run.step(
         &format!("failover to Custom point {custom} (raw)"),
@@ -433,22 +436,20 @@ fn run_in(
     )?;
 
     // ── change point ──
-    let job = b.post(
-        &format!("/v1/items/{item}/change-point"),
-        json!({"point": "latest-app"}),
+    let job = b.change_point(
+        &item,
+        &ChangePointRequest {
+            point: PointSpec::latest_app(),
+        },
     )?;
     let mut shown = progress("change point");
-    b.wait_job(
-        job["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
-    let view = b.get(&format!("/v1/items/{item}"))?;
+    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let view = b.item(&item)?;
     let exact = vm.verify_files(last_app, &failed_over);
     run.step(
         "change recovery point to the latest app-consistent",
         0,
-        view["failover"]["point_id"].as_u64() == Some(last_app) && exact.is_ok(),
+        view.failover.as_ref().map(|f| f.point_id) == Some(last_app) && exact.is_ok(),
         format!(
             "disks now equal the source at point {last_app}{}",
             why(&exact)
@@ -456,11 +457,11 @@ fn run_in(
     )?;
 
     // ── commit ──
-    let view = b.post(&format!("/v1/items/{item}/commit"), json!({}))?;
+    let view = b.commit(&item)?;
     run.step(
         "commit",
         0,
-        view["state"] == "committed",
+        view.state == ItemState::Committed,
         "state committed; allowed: reprotect, disable",
     )?;
 
@@ -489,12 +490,21 @@ fn run_in(
 
     // ── re-protect to site A ──
     let temporary = site_a.join("vms/vm1/vm1-temporary-os.vhd");
-    let reverse = a.enable(json!({"name": "vm1-reverse",
-        "disks": original.iter().zip(&geometry)
-            .map(|(p, g)| json!({"path": p, "block_size_bytes": g.block_size_bytes}))
-            .collect::<Vec<_>>(),
-        "temporary_os_disk": temporary}))?;
-    let (reverse_item, reverse_token) = (reverse.id.clone(), reverse.token.clone());
+    let reverse = a.enable(&EnableRequest {
+        name: "vm1-reverse".into(),
+        disks: original
+            .iter()
+            .zip(&geometry)
+            .map(|(p, g)| DiskSpec {
+                size_mib: None,
+                path: Some(p.display().to_string()),
+                block_size_bytes: Some(g.block_size_bytes),
+            })
+            .collect(),
+        policy: None,
+        temporary_os_disk: Some(temporary.display().to_string()),
+    })?;
+    let (reverse_item, reverse_token) = (reverse.item.id.clone(), reverse.stream_token.clone());
     let report = crate::resync::delta_resync(
         a.data_addr,
         parse_item_id(&reverse_item)?,
@@ -506,8 +516,8 @@ fn run_in(
         Duration::from_secs(120),
     )?;
     let mut shown = progress("re-protect");
-    a.wait_job(reverse.job, JOB_TIMEOUT, &mut shown)?;
-    a.wait_state(&reverse_item, "protected", JOB_TIMEOUT)?;
+    a.wait_job(reverse.job.id, JOB_TIMEOUT, &mut shown)?;
+    a.wait_state(&reverse_item, ItemState::Protected, JOB_TIMEOUT)?;
     let temp_ok = engine::vhd::read_fixed_vhd_info(&temporary)
         .is_ok_and(|info| info.virtual_size_bytes == 1 << 30);
     let differing: u64 = report.disks.iter().map(|d| d.chunks_differing).sum();
@@ -542,23 +552,19 @@ fn run_in(
     )?;
 
     // ── failback ──
-    let job = a.post(&format!("/v1/items/{reverse_item}/failback"), json!({}))?;
+    let job = a.failback(&reverse_item)?;
     let mut shown = progress("failback");
-    a.wait_job(
-        job["id"].as_u64().context("job id")?,
-        JOB_TIMEOUT,
-        &mut shown,
-    )?;
-    let view = a.get(&format!("/v1/items/{reverse_item}"))?;
-    let slots = a.get("/v1/slots")?;
+    a.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let view = a.item(&reverse_item)?;
+    let slots = a.slots()?;
     let differ = vm_b.verify_current(&original)?;
     run.step(
         "failback (planned failover): VM back on site A",
         0,
-        view["state"] == "failed_back"
+        view.state == ItemState::FailedBack
             && !temporary.exists()
             && differ.is_empty()
-            && slots["attached"] == 0,
+            && slots.attached == 0,
         format!(
             "original disks equal the site-B VM; temporary disk deleted; A's slots free; since \
              re-protect {} of {} travelled back{}",
@@ -578,11 +584,14 @@ fn run_in(
         options.seed + 2,
         demo_workload(),
     )?;
-    b.call("DELETE", &format!("/v1/items/{item}"), None)?;
-    let enabled = b.enable(json!({"name": "vm1", "disks": geometry.iter()
-        .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
-        .collect::<Vec<_>>()}))?;
-    let (again, again_token) = (enabled.id.clone(), enabled.token.clone());
+    b.disable(&item)?;
+    let enabled = b.enable(&EnableRequest {
+        name: "vm1".into(),
+        disks: new_disks(&geometry),
+        policy: None,
+        temporary_os_disk: None,
+    })?;
+    let (again, again_token) = (enabled.item.id.clone(), enabled.stream_token.clone());
     let report = crate::resync::delta_resync(
         b.data_addr,
         parse_item_id(&again)?,
@@ -594,7 +603,7 @@ fn run_in(
         Duration::from_secs(120),
     )?;
     let mut shown = progress("protect again");
-    b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
+    b.wait_job(enabled.job.id, JOB_TIMEOUT, &mut shown)?;
     let source = agent(&b, &again, &again_token, "vm1", &geometry)?;
     for _ in 0..20 {
         vm.write(Some(&source))?;
@@ -646,4 +655,12 @@ fn run_in(
         human_bytes(moved)
     )?;
     Ok(steps)
+}
+
+/// New replica disks of `geometry`'s sizes and block sizes.
+fn new_disks(geometry: &[DiskGeometry]) -> Vec<DiskSpec> {
+    geometry
+        .iter()
+        .map(|d| DiskSpec::create(d.size_bytes >> 20, Some(d.block_size_bytes)))
+        .collect()
 }

@@ -17,7 +17,7 @@ pub mod stream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
+use appliance_api::model::Materialized;
 
 /// A size for people, in IEC units (`1.5 MiB`).
 pub(crate) fn human_bytes(bytes: u64) -> String {
@@ -30,15 +30,9 @@ pub(crate) fn human_duration(duration: Duration) -> String {
     humantime::format_duration(Duration::from_millis(ms / 10 * 10)).to_string()
 }
 
-/// The file paths in an API answer's list of strings (empty when it is not one).
-pub(crate) fn paths(value: &Value) -> Vec<PathBuf> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(PathBuf::from)
-                .collect()
-        })
+/// The files of disks written at a point (empty when there are none).
+pub(crate) fn paths(disks: Option<&Materialized>) -> Vec<PathBuf> {
+    disks
+        .map(|d| d.files.iter().map(PathBuf::from).collect())
         .unwrap_or_default()
 }

@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use appliance_api::model::{
+    DiskSpec, EnableRequest, FailoverRequest, Format, MaterializeRequest, PointSpec,
+};
 use engine::delta::{Consistency, DiskGeometry};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::{human_bytes, paths};
 use crate::agent::{Agent, AgentConfig};
@@ -175,15 +177,12 @@ pub struct RunOptions {
 pub fn run(scenario: &Scenario, options: &RunOptions, out: &mut dyn Write) -> anyhow::Result<()> {
     scenario.validate()?;
     let api = Api::new(&options.api, &options.token);
-    let info = api
-        .get("/v1/appliance")
-        .context("asking the appliance who it is")?;
-    let data_addr = info["data_addr"]
-        .as_str()
-        .context("the appliance did not say where its data port is")?
+    let info = api.appliance().context("asking the appliance who it is")?;
+    let data_addr = info
+        .data_addr
         .parse()
         .context("the appliance's data port address")?;
-    let data_dir = PathBuf::from(info["data_dir"].as_str().unwrap_or("/"));
+    let data_dir = PathBuf::from(&info.data_dir);
     let (source_dir, temporary) = match &options.source_dir {
         Some(dir) => (dir.clone(), false),
         None => (
@@ -238,9 +237,17 @@ fn run_with(
         Content::Empty,
     )?
     .with_label("scenario");
-    let enabled = api.enable(json!({"name": scenario.name,
-        "disks": scenario.disks_mib.iter().map(|m| json!({"size_mib": m})).collect::<Vec<_>>()}))?;
-    let (item, token) = (enabled.id.clone(), enabled.token.clone());
+    let enabled = api.client().enable(&EnableRequest {
+        name: scenario.name.clone(),
+        disks: scenario
+            .disks_mib
+            .iter()
+            .map(|&m| DiskSpec::create(m, None))
+            .collect(),
+        policy: None,
+        temporary_os_disk: None,
+    })?;
+    let (item, token) = (enabled.item.id.clone(), enabled.stream_token.clone());
     line(out, format!("enabled protection: item {item}"))?;
     let mut config = AgentConfig::new(
         data_addr,
@@ -267,7 +274,7 @@ fn run_with(
             }
             if !first_point_waited {
                 // The first point ends the initial replication.
-                api.wait_job(enabled.job, timeout, &mut |_, _| {})?;
+                api.wait_job(enabled.job.id, timeout, &mut |_, _| {})?;
                 first_point_waited = true;
             }
         }
@@ -286,22 +293,19 @@ fn run_with(
             bookmarks + 1
         ),
     )?;
-    let (point, label) = match last_app {
-        Some(seq) => (seq, "latest-app"),
-        None => (newest, "latest-processed"),
+    let (point, label, choice) = match last_app {
+        Some(seq) => (seq, "latest-app", PointSpec::latest_app()),
+        None => (newest, "latest-processed", PointSpec::latest_processed()),
     };
     let target = data_dir.join("restore").join(format!("{item}-test"));
-    let job = api.post(
-        &format!("/v1/items/{item}/test-failover"),
-        json!({"point": label, "target_dir": target}),
-    )?;
-    api.wait_job(
-        job["id"].as_u64().context("job id")?,
-        timeout,
-        &mut |_, _| {},
-    )?;
-    let view = api.get(&format!("/v1/items/{item}"))?;
-    let files = paths(&view["test_failover"]["files"]);
+    let request = MaterializeRequest {
+        point: choice,
+        target_dir: target.display().to_string(),
+        format: Format::Raw,
+    };
+    let job = api.test_failover(&item, &request)?;
+    api.wait_job(job.id, timeout, &mut |_, _| {})?;
+    let files = paths(api.item(&item)?.test_failover.as_ref());
     model
         .verify_files(point, &files)
         .with_context(|| format!("test failover at point {point}"))?;
@@ -312,24 +316,19 @@ fn run_with(
             list(&files)
         ),
     )?;
-    api.post(
-        &format!("/v1/items/{item}/test-failover/cleanup"),
-        json!({}),
-    )?;
+    api.test_failover_cleanup(&item)?;
     if scenario.failover {
         agent.close(timeout)?;
         let target = data_dir.join("restore").join(&item);
-        let job = api.post(
-            &format!("/v1/items/{item}/failover"),
-            json!({"point": "latest", "target_dir": target, "source_shut_down": true}),
-        )?;
-        api.wait_job(
-            job["id"].as_u64().context("job id")?,
-            timeout,
-            &mut |_, _| {},
-        )?;
-        let view = api.get(&format!("/v1/items/{item}"))?;
-        let files = paths(&view["failover"]["files"]);
+        let request = FailoverRequest {
+            point: PointSpec::latest(),
+            target_dir: target.display().to_string(),
+            format: Format::Raw,
+            source_shut_down: true,
+        };
+        let job = api.failover(&item, &request)?;
+        api.wait_job(job.id, timeout, &mut |_, _| {})?;
+        let files = paths(api.item(&item)?.failover.as_ref());
         model
             .verify_files(newest, &files)
             .context("failover to latest")?;
@@ -344,7 +343,7 @@ fn run_with(
         drop(agent);
     }
     if scenario.disable {
-        api.call("DELETE", &format!("/v1/items/{item}"), None)?;
+        api.disable(&item)?;
         line(out, format!("protection of {item} disabled"))?;
     }
     writeln!(out, "scenario {} passed", scenario.name)?;

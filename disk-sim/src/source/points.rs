@@ -6,8 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use serde_json::{Value, json};
+use anyhow::Context;
+use appliance_api::model::{
+    FailoverRequest, Format, ItemState, MaterializeRequest, Materialized, PointSpec,
+};
 
 use super::verify;
 use crate::site::Api;
@@ -58,15 +60,10 @@ pub fn verify_points(
 ) -> anyhow::Result<PointCheck> {
     // Test failover needs `protected`, which the item reaches once its first point is
     // applied (the manager notices shortly after).
-    let view = api.get(&format!("/v1/items/{item}"))?;
-    if view["state"] == "initial_replication" {
-        api.wait_state(item, "protected", Duration::from_secs(120))?;
+    if api.item(item)?.state == ItemState::InitialReplication {
+        api.wait_state(item, ItemState::Protected, Duration::from_secs(120))?;
     }
-    let listed = api.get(&format!("/v1/items/{item}/points"))?;
-    let retained: Vec<u64> = listed
-        .as_array()
-        .map(|points| points.iter().filter_map(|p| p["id"].as_u64()).collect())
-        .unwrap_or_default();
+    let retained: Vec<u64> = api.points(item)?.iter().map(|p| p.id).collect();
     let expected: Vec<u64> = points.keys().rev().take(keep_points).copied().collect();
     let missing: Vec<u64> = expected
         .iter()
@@ -90,15 +87,13 @@ pub fn verify_points(
         };
         let target = restore.join(format!("point-{point}"));
         let materialized = (|| -> anyhow::Result<()> {
-            let job = api.post(
-                &format!("/v1/items/{item}/test-failover"),
-                json!({"point": point, "target_dir": target.display().to_string(),
-                       "format": "raw"}),
-            )?;
-            let job_id = job["id"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("test-failover answered without a job: {job}"))?;
-            api.wait_job(job_id, Duration::from_secs(300), &mut |_, _| {})?;
+            let request = MaterializeRequest {
+                point: PointSpec::Id(point),
+                target_dir: target.display().to_string(),
+                format: Format::Raw,
+            };
+            let job = api.test_failover(item, &request)?;
+            api.wait_job(job.id, Duration::from_secs(300), &mut |_, _| {})?;
             Ok(())
         })();
         if let Err(error) = materialized {
@@ -111,8 +106,7 @@ pub fn verify_points(
             }
             return Err(error.context(format!("test failover at point {point}")));
         }
-        let view = api.get(&format!("/v1/items/{item}"))?;
-        let files = materialized_files(&view["test_failover"]);
+        let files = materialized_files(api.item(item)?.test_failover.as_ref());
         let before = check.mismatches.len();
         compare_files(&files, digests, point, &mut check.mismatches);
         if check.mismatches.len() == before {
@@ -120,24 +114,15 @@ pub fn verify_points(
         } else {
             let _ = writeln!(out, "  point {point}: MISMATCH");
         }
-        api.post(
-            &format!("/v1/items/{item}/test-failover/cleanup"),
-            json!({}),
-        )
-        .with_context(|| format!("test-failover cleanup after point {point}"))?;
+        api.test_failover_cleanup(item)
+            .with_context(|| format!("test-failover cleanup after point {point}"))?;
     }
     Ok(check)
 }
 
-fn materialized_files(view: &Value) -> Vec<PathBuf> {
-    view["files"]
-        .as_array()
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|f| f.as_str().map(PathBuf::from))
-                .collect()
-        })
+fn materialized_files(disks: Option<&Materialized>) -> Vec<PathBuf> {
+    disks
+        .map(|d| d.files.iter().map(PathBuf::from).collect())
         .unwrap_or_default()
 }
 
@@ -162,18 +147,18 @@ pub fn verify_failover_latest(
     digests: &[u64],
     target: &Path,
 ) -> anyhow::Result<(u64, Vec<PointMismatch>)> {
-    let job = api.post(
-        &format!("/v1/items/{item}/failover"),
-        json!({"point": "latest", "target_dir": target.display().to_string(), "format": "raw"}),
-    )?;
-    let job_id = job["id"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("failover answered without a job: {job}"))?;
-    api.wait_job(job_id, Duration::from_secs(300), &mut |_, _| {})
+    let request = FailoverRequest {
+        point: PointSpec::latest(),
+        target_dir: target.display().to_string(),
+        format: Format::Raw,
+        source_shut_down: false,
+    };
+    let job = api.failover(item, &request)?;
+    api.wait_job(job.id, Duration::from_secs(300), &mut |_, _| {})
         .context("failover to latest")?;
-    let view = api.get(&format!("/v1/items/{item}"))?;
-    let point = view["failover"]["point_id"].as_u64().unwrap_or(0);
-    let files = materialized_files(&view["failover"]);
+    let failover = api.item(item)?.failover;
+    let point = failover.as_ref().map_or(0, |f| f.point_id);
+    let files = materialized_files(failover.as_ref());
     let mut mismatches = Vec::new();
     compare_files(&files, digests, point, &mut mismatches);
     Ok((point, mismatches))

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use appliance_api::model::ItemView;
 
 use super::*;
 use crate::agent::Agent;
@@ -84,8 +85,7 @@ pub(super) fn verify_item(
             return;
         }
     };
-    let staged = view["staged_seq"].as_u64().unwrap_or(0);
-    let applied = view["applied_seq"].as_u64().unwrap_or(0);
+    let (staged, applied) = (view.staged_seq, view.applied_seq);
     let lost = acked.saturating_sub(staged.min(applied));
     let dir = restore.join(format!("item-{i}"));
     let mut sink = Vec::new();
@@ -163,8 +163,8 @@ pub(super) fn check_hostile_item(
     report: &mut AdversaryReport,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let view = api.get(&format!("/v1/items/{hex}"))?;
-    let staged = view["staged_seq"].as_u64().unwrap_or(0);
+    let view = api.item(hex)?;
+    let staged = view.staged_seq;
     let mut problems = Vec::new();
     if staged > valid_seq {
         problems.push(format!(
@@ -173,14 +173,12 @@ pub(super) fn check_hostile_item(
         ));
     }
     let applied = match wait_applied_or_stalled(api, hex, staged) {
-        Ok(view) => view["applied_seq"].as_u64().unwrap_or(0),
+        Ok(view) => view.applied_seq,
         Err(_) => {
-            let applied = api.get(&format!("/v1/items/{hex}"))?["applied_seq"]
-                .as_u64()
-                .unwrap_or(0);
+            let applied = api.item(hex)?.applied_seq;
             problems.push(format!(
                 "apply stuck at seq {applied} of {staged} staged (state {})",
-                view["state"]
+                view.state
             ));
             applied
         }
@@ -189,7 +187,7 @@ pub(super) fn check_hostile_item(
         out,
         "hostile item {hex}: staged {staged}, applied {applied}, valid control frames through \
          {valid_seq}, state {}{}",
-        view["state"],
+        view.state,
         if problems.is_empty() { "" } else { " — FAIL" }
     )?;
     for problem in problems {
@@ -206,12 +204,12 @@ pub(super) fn wait_applied_or_stalled(
     api: &Appliance,
     item: &str,
     seq: u64,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<ItemView> {
     let started = Instant::now();
     let (mut last, mut moved) = (u64::MAX, Instant::now());
     loop {
-        let view = api.get(&format!("/v1/items/{item}"))?;
-        let applied = view["applied_seq"].as_u64().unwrap_or(0);
+        let view = api.item(item)?;
+        let applied = view.applied_seq;
         if applied >= seq {
             return Ok(view);
         }
@@ -221,7 +219,10 @@ pub(super) fn wait_applied_or_stalled(
         if moved.elapsed() > Duration::from_secs(20) || started.elapsed() > Duration::from_secs(600)
         {
             bail!(
-                "item {item} has applied through seq {applied}, not {seq}, and stopped moving: {view}"
+                "item {item} has applied through seq {applied}, not {seq}, and stopped moving \
+                 (state {}, health {})",
+                view.state,
+                view.health
             );
         }
         std::thread::sleep(Duration::from_millis(50));
