@@ -5,19 +5,25 @@
 //! Rooms:
 //! ```text
 //!  mod.rs       Failure (what to print, which exit status) from the client's errors
-//!  args.rs      clap arguments and subcommands, points and disks as the command line names them
+//!  app.rs       the whole command line: clap's Cli, the daemon's and offline tools' commands
+//!  dispatch.rs  runs the command named: serve, an offline tool, or a client command
+//!  args.rs      the client commands' arguments, points and disks as the command line names them
 //!  commands.rs  each subcommand: resolve the item, call the API, follow jobs
 //!  render.rs    the API's answers for people: tables (comfy-table), sizes, times
 //! ```
 
+mod app;
 mod args;
 mod commands;
+mod dispatch;
 mod render;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use app::Cli;
 pub use args::{ApiArgs, ClientCommand};
 pub use commands::{run, show_item, show_points};
+pub(crate) use dispatch::run as dispatch;
 
 use appliance_api::Error;
 use appliance_api::error::TransportKind;
