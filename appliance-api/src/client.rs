@@ -156,7 +156,7 @@ impl Client {
                 method: method.name(),
                 path: path.to_owned(),
                 status: 0,
-                expected: "request body",
+                expected: "a request body that serializes".into(),
                 reason: e.to_string(),
                 excerpt: String::new(),
             })?;
@@ -168,10 +168,7 @@ impl Client {
             method: method.name(),
             path: path.to_owned(),
             status,
-            expected: std::any::type_name::<T>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("answer"),
+            expected: short_type_name(std::any::type_name::<T>()),
             reason: e.to_string(),
             excerpt: excerpt(&text),
         })
@@ -348,6 +345,26 @@ impl Client {
     }
 }
 
+/// A type's name without module paths: `Vec<ItemView>`.
+fn short_type_name(full: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(word.rsplit("::").next().unwrap_or(word));
+        word.clear();
+    };
+    for c in full.chars() {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// Names what was awaited in a [`Error::TimedOut`]; other errors pass through.
 fn timed_out(error: Error, what: impl FnOnce() -> String) -> Error {
     match error {
@@ -420,5 +437,51 @@ pub fn normalize_base(base: &str) -> Result<String, Error> {
         )))
     } else {
         Ok(format!("http://{base}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_lose_their_paths() {
+        assert_eq!(
+            short_type_name("alloc::vec::Vec<appliance_api::model::ItemView>"),
+            "Vec<ItemView>"
+        );
+        assert_eq!(short_type_name("u64"), "u64");
+    }
+
+    #[test]
+    fn poll_until_returns_the_value_or_times_out() {
+        let mut calls = 0;
+        let got = poll_until(Duration::ZERO, Duration::from_secs(5), || {
+            calls += 1;
+            Ok((calls == 3).then_some(calls))
+        });
+        assert_eq!(got.ok(), Some(3));
+        let timed_out = poll_until::<()>(Duration::from_millis(1), Duration::ZERO, || Ok(None));
+        assert!(
+            matches!(timed_out, Err(Error::TimedOut { .. })),
+            "{timed_out:?}"
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_is_a_transport_error_naming_the_base() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let client = Client::new(&format!("127.0.0.1:{port}/"), None).expect("client");
+        assert_eq!(client.base(), format!("http://127.0.0.1:{port}"));
+        match client.health() {
+            Err(Error::Transport { kind, base, .. }) => {
+                assert_eq!(kind, TransportKind::Refused);
+                assert_eq!(base, client.base());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -44,7 +44,7 @@ pub enum Error {
         /// The status it answered with.
         status: u16,
         /// The type expected.
-        expected: &'static str,
+        expected: String,
         /// What serde said.
         reason: String,
         /// The start of the body.
