@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod db;
 pub mod dataport;
 pub mod fdbudget;
 pub mod inspect;
