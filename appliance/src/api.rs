@@ -1,5 +1,5 @@
 //! The control API of `appliance serve` (HTTP/JSON, axum): every lifecycle operation of
-//! `crate::manager`, the slot table, jobs, and Prometheus metrics. `docs/design/control-api.md`
+//! `crate::items`, the slot table, jobs, and Prometheus metrics. `docs/design/control-api.md`
 //! lists the resources, bodies, states and error codes; `GET /openapi.json` is generated from
 //! the handlers below (utoipa), so it cannot drift from them.
 //!
@@ -44,11 +44,11 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::jobs::JobView;
-use crate::manager::{
+use crate::items::{
     ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemState, ItemView, Manager,
     MaterializeRequest, OpError, ReprotectRequest, SlotsView,
 };
+use crate::jobs::JobView;
 
 /// Name of the API token file in the data directory.
 pub const TOKEN_FILE: &str = "api-token";

@@ -28,7 +28,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::api::{ApiConfig, ApiLimits, ApiServer};
 use crate::dataport::{DataPort, DataPortConfig};
-use crate::manager::{DiskSpec, EnableRequest, Manager, OpError};
+use crate::items::{DiskSpec, EnableRequest, Manager, OpError};
 use crate::offline::BadInput;
 
 pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {

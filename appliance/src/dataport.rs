@@ -190,7 +190,7 @@ struct MemoryItem {
 }
 
 /// A registry over a map in memory, for tests; the daemon's registry is
-/// `crate::manager::Manager`.
+/// `crate::items::Manager`.
 #[derive(Default)]
 pub struct MemoryRegistry {
     items: Mutex<HashMap<[u8; 16], MemoryItem>>,

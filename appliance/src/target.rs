@@ -22,65 +22,33 @@ use std::path::Path;
 use std::sync::Arc;
 
 use engine::dirfd::{Dir, DirError, FileId};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::manager::{DiskRecord, OpError};
+use crate::items::model::{DiskRecord, FileIdentity, WrittenFile};
 
-/// A file's identity: device, inode number and birth time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct FileIdentity {
-    /// Device number.
-    pub dev: u64,
-    /// Inode number.
-    pub ino: u64,
-    /// Birth time, ns since the Unix epoch (0 where the filesystem reports none).
-    #[serde(default)]
-    pub birth_ns: u64,
-}
-
-impl From<FileId> for FileIdentity {
-    fn from(id: FileId) -> Self {
-        Self {
-            dev: id.dev,
-            ino: id.ino,
-            birth_ns: id.birth_ns,
-        }
+/// The identity of `id`, as records keep it.
+pub fn file_identity(id: FileId) -> FileIdentity {
+    FileIdentity {
+        dev: id.dev,
+        ino: id.ino,
+        birth_ns: id.birth_ns,
     }
 }
 
-impl From<FileIdentity> for FileId {
-    fn from(id: FileIdentity) -> Self {
-        Self {
-            dev: id.dev,
-            ino: id.ino,
-            birth_ns: id.birth_ns,
-        }
+/// The engine's file id of a recorded identity.
+pub fn file_id(id: FileIdentity) -> FileId {
+    FileId {
+        dev: id.dev,
+        ino: id.ino,
+        birth_ns: id.birth_ns,
     }
 }
 
-/// A file a job created: its name in the target directory and its identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct WrittenFile {
-    /// The file's name in the target directory.
-    pub name: String,
-    /// Device number.
-    pub dev: u64,
-    /// Inode number.
-    pub ino: u64,
-    /// Birth time, ns since the Unix epoch (0 where the filesystem reports none).
-    #[serde(default)]
-    pub birth_ns: u64,
-}
-
-impl WrittenFile {
-    /// Its identity.
-    pub fn id(&self) -> FileId {
-        FileId {
-            dev: self.dev,
-            ino: self.ino,
-            birth_ns: self.birth_ns,
-        }
+/// The identity of a file a job recorded it wrote.
+pub fn written_id(written: &WrittenFile) -> FileId {
+    FileId {
+        dev: written.dev,
+        ino: written.ino,
+        birth_ns: written.birth_ns,
     }
 }
 
@@ -112,40 +80,6 @@ pub fn disk_names(disks: &[DiskRecord], extension: &str) -> Vec<String> {
         .iter()
         .map(|d| disk_file_name(d.index, extension))
         .collect()
-}
-
-/// The API's answer to a refused target-directory operation of a request.
-pub fn dir_refusal(field: &str, error: DirError) -> OpError {
-    let message = format!("{field}: {error}");
-    match &error {
-        DirError::Symlink { .. } => OpError::PathRefused {
-            field: field.to_owned(),
-            message,
-        },
-        DirError::NotADirectory { .. } | DirError::BadName { .. } => OpError::BadRequest {
-            code: "bad_request",
-            field: Some(field.to_owned()),
-            message,
-        },
-        DirError::Io { source, .. }
-            if source.raw_os_error() == Some(nix::errno::Errno::ENAMETOOLONG as i32) =>
-        {
-            OpError::BadRequest {
-                code: "bad_request",
-                field: Some(field.to_owned()),
-                message,
-            }
-        }
-        DirError::Exists { .. } => OpError::Conflict {
-            code: "path_in_use",
-            message: format!("{message} (files are never overwritten)"),
-        },
-        DirError::NotOurs { .. } => OpError::Conflict {
-            code: "target_changed",
-            message,
-        },
-        _ => OpError::Io(message),
-    }
 }
 
 /// A temporary file a job created and fills.
@@ -224,7 +158,7 @@ impl Target {
         if self.created_dir {
             for left in remove_recorded(
                 &self.dir.path().display().to_string(),
-                Some(self.dir.id().into()),
+                Some(file_identity(self.dir.id())),
                 &[],
                 &[],
                 true,
@@ -309,7 +243,7 @@ pub fn remove_recorded(
     created_dir: bool,
 ) -> Vec<String> {
     let mut left = Vec::new();
-    let Some(dir_id) = dir_id.map(FileId::from) else {
+    let Some(dir_id) = dir_id.map(file_id) else {
         if !written.is_empty() || !other_names.is_empty() {
             left.push(format!(
                 "{target_dir}: recorded without file identities (an older version); its files \
@@ -333,7 +267,7 @@ pub fn remove_recorded(
             return left;
         }
     };
-    let ids: Vec<FileId> = written.iter().map(WrittenFile::id).collect();
+    let ids: Vec<FileId> = written.iter().map(written_id).collect();
     let mut names: Vec<OsString> = written
         .iter()
         .map(|w| OsString::from(&w.name))

@@ -1,5 +1,5 @@
 //! OpenAPI schemas the derive cannot state: the two forms of a disk, point choices (with and
-//! without `"latest"`), and request paths. Each states exactly what `crate::manager` checks,
+//! without `"latest"`), and request paths. Each states exactly what `crate::items` checks,
 //! so that a request valid by the document is never refused as malformed (400), and a request
 //! the document calls invalid is refused.
 
@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::Schema;
 
-use crate::manager::{DiskSpec, MAX_NAME_CHARS};
+use crate::items::{DiskSpec, MAX_NAME_CHARS};
 
 /// A request path: absolute, no NUL byte. A path outside the data directory and the disk
 /// stores, with `..`, or too long for the filesystem (a component over 255 bytes, the whole

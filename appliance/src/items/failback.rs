@@ -1,0 +1,84 @@
+//! Failback: final sync, the disks handed back to the original VM, slots released.
+
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use engine::meta::item_key;
+
+use crate::jobs::{JobKind, JobView};
+use crate::slots::ItemId;
+
+use super::error::OpError;
+use super::item::{lock, refuse_if_apply_failed};
+use super::manager::Manager;
+use super::model::ItemState;
+use super::state::Op;
+
+impl Manager {
+    /// Failback: final sync, disks handed back (slots released), temporary OS disk deleted.
+    pub fn failback(self: &Arc<Self>, hex: &str) -> Result<JobView, OpError> {
+        let _ops = lock(&self.ops);
+        let item = self.find(hex)?;
+        self.check_allowed(&item, Op::Failback)?;
+        refuse_if_apply_failed(
+            &item,
+            "failback (its final sync applies every staged frame)",
+        )?;
+        self.check_job_room()?;
+        let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
+        item.update(|r| {
+            r.state = ItemState::FailingBack;
+            r.last_job = Some(job.id());
+            r.last_error = None;
+        })?;
+        self.spawn_job(
+            item,
+            job,
+            move |manager, item, job| {
+                let applied = manager.stop_replication(item, true)?;
+                job.progress(60, "handing the disks back");
+                let _ops = lock(&manager.ops);
+                let record = item.record().clone();
+                let luns = lock(&manager.slots).release_item(ItemId(item.id))?;
+                let mut deleted = String::new();
+                if let Some(path) = &record.temporary_os_disk {
+                    match std::fs::remove_file(path) {
+                        Ok(()) => deleted = format!("; temporary OS disk {path} deleted"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(anyhow!("deleting {path}: {e}")),
+                    }
+                }
+                let point = manager
+                    .meta
+                    .points(item_key(&item.id))?
+                    .last()
+                    .map(|p| p.point_id);
+                item.update(|r| {
+                    r.state = ItemState::FailedBack;
+                    r.temporary_os_disk = None;
+                })?;
+                manager.remove_item_data(item)?;
+                Ok(Some(format!(
+                    "final sync through seq {}, last point {}; {} disks handed back (LUNs {:?} \
+                     released){deleted}",
+                    applied.unwrap_or(0),
+                    point.map_or("none".into(), |p| p.to_string()),
+                    record.disks.len(),
+                    luns.iter().map(|l| l.0).collect::<Vec<_>>()
+                )))
+            },
+            |manager, item, error| {
+                let _ = item.update(|r| {
+                    r.state = ItemState::Protected;
+                    r.last_error = Some(error.to_owned());
+                });
+                if item.repl().is_none()
+                    && let Err(e) = manager.start_replication(item)
+                {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                        "replication did not restart after a failed failback");
+                }
+            },
+        )
+    }
+}

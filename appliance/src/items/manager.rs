@@ -1,0 +1,197 @@
+//! The item manager: its struct, opening the data directory, item look-up and checks, job threads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::Context;
+use engine::durable::StdDir;
+use engine::meta::MetaStore;
+
+use crate::daemon::ServeOptions;
+use crate::dataport::PortHandle;
+use crate::jobs::{Job, JobView, Jobs};
+use crate::slots::{SlotError, SlotTable};
+use crate::store::{DataDir, now_ns, parse_item_hex};
+
+use super::error::OpError;
+use super::item::{Item, lock};
+use super::record::ItemRecord;
+use super::state::{Op, allowed};
+
+/// The item manager. Shared as `Arc<Manager>` by the API, the data port and the daemon.
+pub struct Manager {
+    pub(crate) data: DataDir,
+    /// The data directory, canonical.
+    pub(crate) root: PathBuf,
+    /// The data directory and the disk stores, canonical.
+    pub(crate) roots: Vec<PathBuf>,
+    pub(crate) meta: Arc<MetaStore>,
+    pub(crate) options: ServeOptions,
+    pub(crate) slots: Mutex<SlotTable>,
+    pub(crate) items: Mutex<BTreeMap<[u8; 16], Arc<Item>>>,
+    pub(crate) jobs: Jobs,
+    pub(crate) ops: Mutex<()>,
+    pub(crate) port: OnceLock<PortHandle>,
+    pub(crate) next_op: AtomicU64,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Opens the data directory: the slot table, the jobs, every item's record; finishes or
+    /// undoes what a crash interrupted, and reconciles slots with records. Starts nothing
+    /// (see [`Manager::start`]).
+    pub fn open(data_dir: &Path, options: ServeOptions) -> anyhow::Result<Arc<Self>> {
+        let data = DataDir::open(data_dir)?;
+        let root = std::fs::canonicalize(data_dir)
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let mut roots = vec![root.clone()];
+        for store in &options.disk_stores {
+            let canonical = std::fs::canonicalize(store)
+                .with_context(|| format!("disk store {}", store.display()))?;
+            roots.push(canonical);
+        }
+        let meta = data.meta()?;
+        let slot_dir = root.join("slots");
+        crate::store::create_private_dir(&slot_dir)?;
+        let slot_store = Arc::new(StdDir::open(&slot_dir)?);
+        let slots = match SlotTable::open(slot_store.clone(), options.slot_count) {
+            Err(SlotError::Corrupt { reason }) => {
+                // Neither page can be trusted: keep them for the operator and rebuild the table
+                // from the item records (reconcile_slots gives every disk a slot), rather than
+                // refusing to start.
+                let suffix = format!("damaged-{}", now_ns());
+                for name in crate::slots::PAGE_FILE_NAMES {
+                    let from = slot_dir.join(name);
+                    let to = slot_dir.join(format!("{name}.{suffix}"));
+                    if let Err(error) = std::fs::rename(&from, &to) {
+                        tracing::warn!(path = %from.display(), %error, "could not move aside");
+                    }
+                }
+                crate::store::sync_dir(&slot_dir)?;
+                tracing::error!(%reason, kept = %format!("{}/*.{suffix}", slot_dir.display()),
+                    "slot table damaged: rebuilt from the item records (LUNs may change)");
+                SlotTable::open(slot_store, options.slot_count)
+            }
+            other => other,
+        }
+        .context("opening the slot table")?;
+        let jobs = Jobs::open(&root.join("jobs"))?;
+        let manager = Arc::new(Self {
+            data,
+            root,
+            roots,
+            meta,
+            options,
+            slots: Mutex::new(slots),
+            items: Mutex::new(BTreeMap::new()),
+            jobs,
+            ops: Mutex::new(()),
+            port: OnceLock::new(),
+            next_op: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        manager.load_items()?;
+        manager.recover()?;
+        manager.reconcile_slots()?;
+        Ok(manager)
+    }
+
+    pub(super) fn all_items(&self) -> Vec<Arc<Item>> {
+        lock(&self.items).values().cloned().collect()
+    }
+
+    pub(super) fn item(&self, id: &[u8; 16]) -> Option<Arc<Item>> {
+        lock(&self.items).get(id).cloned()
+    }
+
+    pub(super) fn find(&self, hex: &str) -> Result<Arc<Item>, OpError> {
+        let id = parse_item_hex(hex).map_err(|e| OpError::BadRequest {
+            code: "bad_item_id",
+            field: None,
+            message: crate::store::describe(&e),
+        })?;
+        self.item(&id).ok_or_else(|| OpError::NotFound {
+            code: "item_not_found",
+            message: format!("no item {hex} on this appliance"),
+        })
+    }
+
+    pub(super) fn check_allowed(&self, item: &Item, op: Op) -> Result<ItemRecord, OpError> {
+        let record = item.record().clone();
+        let allowed = allowed(&record);
+        if allowed.contains(&op) {
+            Ok(record)
+        } else {
+            Err(OpError::WrongState {
+                item: item.hex.clone(),
+                state: record.state,
+                op: op.name(),
+                allowed: allowed.into_iter().map(Op::name).collect(),
+            })
+        }
+    }
+
+    pub(super) fn check_job_room(&self) -> Result<(), OpError> {
+        let running = self.jobs.running_work();
+        if running >= self.options.max_jobs {
+            return Err(OpError::Conflict {
+                code: "too_many_jobs",
+                message: format!(
+                    "{running} jobs are running, the limit is {}; retry when one ends",
+                    self.options.max_jobs
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on a job thread; on its error takes `ops`, runs `undo` and fails the job.
+    pub(super) fn spawn_job(
+        self: &Arc<Self>,
+        item: Arc<Item>,
+        job: Arc<Job>,
+        work: impl FnOnce(&Arc<Self>, &Arc<Item>, &Job) -> anyhow::Result<Option<String>>
+        + Send
+        + 'static,
+        undo: impl FnOnce(&Arc<Self>, &Arc<Item>, &str) + Send + 'static,
+    ) -> Result<JobView, OpError> {
+        let view = job.view();
+        let manager = self.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{}", view.id))
+            .spawn(move || match work(&manager, &item, &job) {
+                // The supervisor ends the job (a replication job).
+                Ok(None) => {}
+                Ok(Some(message)) => {
+                    if let Err(error) = job.succeed(message) {
+                        tracing::error!(error = %crate::store::describe(&error), "recording a job's end");
+                    }
+                }
+                Err(error) => {
+                    let message = crate::store::describe(&error);
+                    tracing::error!(item = %item.hex, job = job.id(), error = %message, "job failed");
+                    {
+                        let _ops = lock(&manager.ops);
+                        undo(&manager, &item, &message);
+                    }
+                    if let Err(error) = job.fail(message) {
+                        tracing::error!(error = %crate::store::describe(&error), "recording a job's end");
+                    }
+                }
+            })
+            .map_err(|e| OpError::Io(format!("starting a job thread: {e}")))?;
+        Ok(view)
+    }
+}

@@ -1,0 +1,83 @@
+//! The item manager, in rooms: every protected item's record, lifecycle and replication.
+//!
+//! Every protected item's record and state machine, its replication (staging
+//! log + apply worker), the slot table, and the jobs that move items between states. The
+//! control API (`crate::api`) and the data port (`crate::dataport`, through
+//! [`crate::dataport::ItemRegistry`]) both go through it; `docs/design/control-api.md` is the
+//! user-facing description.
+//!
+//! ```text
+//!  DATA_DIR/items/<id>/item.json   the item's record (state, disks, policy, failover result)
+//!  DATA_DIR/slots/                 the slot table (crate::slots)
+//!  DATA_DIR/jobs/<n>.json          jobs (crate::jobs)
+//! ```
+//!
+//! Invariants:
+//! - **The record is the truth about ownership.** A state change is written (write-temp,
+//!   fsync, rename, fsync-dir) before anything that depends on it happens, and at start the
+//!   slot table is reconciled with the records: slots attached to an item whose record does
+//!   not hold slots are released, and a disk of a slot-holding record without a slot gets one.
+//!   So no crash between a slot commit and a record write can leak or double-book a slot.
+//! - **One lifecycle operation at a time.** The synchronous part of every operation (checks,
+//!   state change, job start) runs under one lock (`ops`); jobs do their long work outside it
+//!   and take it again for their final state change.
+//! - **Only replicating states accept streams.** The state is changed before sessions are
+//!   ended, so an agent's reconnect is refused (`not-replicating`) instead of racing the
+//!   drain.
+//! - **Transient states never survive a restart.** An item found in `failing_over`,
+//!   `failing_back` or a `test_failover` without a result is returned to the state before,
+//!   its partial files removed, and its job failed with the reason.
+//! - **Start-up never stops on one item.** An item directory a crash during enable left (the
+//!   `enabling` marker, or no header, and no record) is rolled back; an item whose record or
+//!   header is damaged, or whose recovery fails, is quarantined (state `quarantined` in
+//!   memory only, never written; its slots kept; only disable allowed); see
+//!   `docs/design/control-api.md`, "Restart and quarantine".
+//!
+//! Rooms (each file says its one job in its first line):
+//!
+//! ```text
+//!  manager.rs     the Manager struct, opening the data directory, look-up and checks, job threads
+//!  model.rs       the API's wire types (requests, answers, ItemState)
+//!  error.rs       OpError (what the API maps to a status)
+//!  state.rs       the lifecycle table: allowed operations, transitions, undo of interrupted jobs
+//!  record.rs      the durable record (item.json) and its persistence
+//!  item.rs        one item in memory (record lock, replication, status, quarantine)
+//!  recover.rs     start-up: load, undo interrupted jobs, quarantine, reconcile slots
+//!  supervisor.rs  start, the supervisor's tick (ends syncs), shutdown
+//!  replication.rs an item's replication: start, stop, end sessions, catch up
+//!  materialize.rs what the disk-writing jobs share (target dirs, writing disks, undo)
+//!  enable.rs, test_failover.rs, failover.rs, change_point.rs, commit.rs, reprotect.rs,
+//!  failback.rs, resync.rs, disable.rs   one lifecycle operation each
+//!  paths.rs       request paths and disk sizes
+//!  sessions.rs    the data port's registry (ItemRegistry)
+//!  views.rs       what the API shows (items, slots, jobs, points, metrics)
+//! ```
+
+mod change_point;
+mod commit;
+mod disable;
+mod enable;
+mod error;
+mod failback;
+mod failover;
+mod item;
+mod manager;
+mod materialize;
+pub mod model;
+mod paths;
+mod record;
+mod recover;
+mod replication;
+mod reprotect;
+mod resync;
+mod sessions;
+pub mod state;
+mod supervisor;
+mod test_failover;
+mod views;
+
+pub use error::OpError;
+pub use manager::Manager;
+pub use model::*;
+pub use record::ItemRecord;
+pub use state::Op;

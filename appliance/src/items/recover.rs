@@ -1,0 +1,310 @@
+//! Start-up: load item directories, undo interrupted jobs, quarantine the damaged, reconcile slots.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use engine::delta::StreamHeader;
+
+use crate::jobs::JobKind;
+use crate::slots::{DiskRequest, ItemId, SlotState};
+use crate::store::{ItemDirs, item_hex, parse_item_hex};
+
+use super::item::{Item, lock};
+use super::manager::Manager;
+use super::materialize::remove_materialized;
+use super::model::{DiskRecord, ItemState};
+use super::record::{check_record, read_record, read_token, stand_in_record};
+use super::state::{holds_slots, sync_job_kind};
+
+impl Manager {
+    /// Loads every item directory. A directory that a crash during enable left (the
+    /// `enabling` marker or no header, and no record) is rolled back; one whose record or
+    /// header cannot be read or disagree is quarantined; only an error listing `items/` itself
+    /// stops the start.
+    pub(super) fn load_items(&self) -> anyhow::Result<()> {
+        let attached: Vec<(ItemId, u32, PathBuf)> = lock(&self.slots)
+            .table()
+            .into_iter()
+            .filter_map(|row| match row.state {
+                SlotState::Attached {
+                    item,
+                    disk_index,
+                    path,
+                } => Some((item, disk_index, path)),
+                _ => None,
+            })
+            .collect();
+        // Read into a local table; `items` is taken once, to publish it (no lock across the
+        // reads and clean-ups below).
+        let mut items = BTreeMap::new();
+        for found in self.data.found_items()? {
+            let hex = item_hex(&found.id);
+            let record = read_record(&found.root);
+            if record.is_none() && (found.enabling || matches!(found.header, Ok(None))) {
+                // Enable never wrote the record: nothing refers to what it made.
+                if let Some(created) = &found.enabling_creates {
+                    match std::fs::remove_file(created) {
+                        Ok(()) => tracing::warn!(item = %hex, path = %created.display(),
+                            "removed the temporary OS disk of an interrupted enable"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => tracing::error!(item = %hex, path = %created.display(),
+                            %error, "could not remove an interrupted enable's file"),
+                    }
+                }
+                match self.data.purge_item(&found.root) {
+                    Ok(()) => tracing::warn!(item = %hex,
+                        "rolled back an enable that a crash interrupted (no record)"),
+                    Err(error) => tracing::error!(item = %hex,
+                        error = %crate::store::describe(&error),
+                        "could not roll back an interrupted enable (retried at the next start)"),
+                }
+                continue;
+            }
+            let header = found.header.clone();
+            let Some(record) = record else {
+                match header {
+                    Ok(_) => {
+                        tracing::info!(item = %hex, "no item.json (an `ingest` item): not served")
+                    }
+                    Err(reason) => tracing::error!(item = %hex, %reason,
+                        "a damaged item directory without a record: not served"),
+                }
+                continue;
+            };
+            if found.enabling
+                && let Err(error) = self.data.end_enabling(&found.root)
+            {
+                tracing::warn!(item = %hex, error = %crate::store::describe(&error),
+                    "removing the enable marker");
+            }
+            let token = read_token(&found.root, &hex);
+            let problem = match (&record, &header, &token) {
+                (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => Some(why.clone()),
+                (Ok(record), Ok(header), _) => check_record(&hex, record, header.as_ref()).err(),
+            };
+            let placeholder = StreamHeader {
+                item_id: found.id,
+                item_name: String::new(),
+                first_seq: 1,
+                disks: Vec::new(),
+            };
+            let dirs = ItemDirs {
+                root: found.root.clone(),
+                header: header.clone().ok().flatten().unwrap_or(placeholder),
+            };
+            let Some(reason) = problem else {
+                let (Ok(record), Ok(token)) = (record, token) else {
+                    continue;
+                };
+                items.insert(found.id, Arc::new(Item::new(found.id, dirs, token, record)));
+                continue;
+            };
+            let record = record.unwrap_or_else(|_| {
+                stand_in_record(&hex, &found.root, header.ok().flatten().as_ref(), &attached)
+            });
+            let item = Item::new(found.id, dirs, Vec::new(), record);
+            item.quarantine_now(reason, QUARANTINE_ACTION);
+            items.insert(found.id, Arc::new(item));
+        }
+        lock(&self.items).extend(items);
+        Ok(())
+    }
+
+    /// Undoes what a crash interrupted (see the module's invariants). A failure on one item
+    /// quarantines that item; the others are recovered.
+    pub(super) fn recover(&self) -> anyhow::Result<()> {
+        const INTERRUPTED: &str = "interrupted by an appliance restart";
+        for item in self.all_items() {
+            let record = item.record().clone();
+            if record.state == ItemState::Quarantined {
+                continue;
+            }
+            let back_to = match record.state {
+                ItemState::TestFailover if record.test_failover.is_none() => {
+                    Some(ItemState::Protected)
+                }
+                ItemState::FailingOver if record.failover.is_some() => Some(ItemState::FailedOver),
+                ItemState::FailingOver | ItemState::FailingBack => Some(ItemState::Protected),
+                _ => None,
+            };
+            if let Some(state) = back_to {
+                if let Some(pending) = &record.pending {
+                    remove_materialized(pending);
+                }
+                tracing::warn!(item = %item.hex, from = record.state.name(), to = state.name(),
+                    "an interrupted job's state undone");
+                if let Err(error) = item.update(|r| {
+                    r.state = state;
+                    r.pending = None;
+                    r.last_error = Some(format!("{} job {INTERRUPTED}", record.state.name()));
+                }) {
+                    item.quarantine_now(
+                        format!(
+                            "undoing its interrupted {} job failed: {}",
+                            record.state.name(),
+                            crate::store::describe(&error)
+                        ),
+                        QUARANTINE_ACTION,
+                    );
+                    continue;
+                }
+            }
+            if matches!(record.state, ItemState::Disabled | ItemState::FailedBack) {
+                let cleaned = self.remove_item_data(&item).and_then(|()| {
+                    if record.state == ItemState::Disabled {
+                        self.data.purge_item(&item.dirs.root)?;
+                        lock(&self.items).remove(&item.id);
+                    }
+                    Ok(())
+                });
+                if let Err(error) = cleaned {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
+                        "clean-up of a {} item failed (retried at the next start)",
+                        record.state.name());
+                }
+            }
+        }
+        for job in self.jobs.running() {
+            let view = job.view();
+            let owner = parse_item_hex(&view.item)
+                .ok()
+                .and_then(|id| self.item(&id));
+            let state = owner.as_ref().map(|item| item.record().state);
+            // The supervisor records `protected` and then ends the sync's job: a crash between
+            // the two writes leaves the job running with its item protected. The sync is done.
+            let synced = view.kind.is_replication()
+                && state == Some(ItemState::Protected)
+                && owner.is_some_and(|item| item.record().last_job == Some(view.id));
+            if synced {
+                if let Err(error) = job.succeed("synchronized; protected (recorded at restart)") {
+                    tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                        "recording a finished sync");
+                }
+                continue;
+            }
+            let continues = view.kind.is_replication()
+                && matches!(
+                    (view.kind, state),
+                    (
+                        JobKind::InitialReplication,
+                        Some(ItemState::InitialReplication)
+                    ) | (JobKind::Reprotect, Some(ItemState::Reprotecting))
+                        | (JobKind::Resync, Some(ItemState::Resyncing))
+                );
+            if !continues
+                && let Err(error) = job.fail(format!(
+                    "{INTERRUPTED} (item then {})",
+                    state.map_or("gone", ItemState::name)
+                ))
+            {
+                tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                    "recording an interrupted job");
+            }
+        }
+        // A replicating item whose job file was damaged (or lost) gets a new job: the
+        // supervisor ends the sync through it.
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let Some(kind) = sync_job_kind(record.state) else {
+                continue;
+            };
+            if record.last_job.and_then(|id| self.jobs.get(id)).is_some() {
+                continue;
+            }
+            let replaced = self
+                .jobs
+                .create(
+                    kind,
+                    &item.hex,
+                    "its job's record was unreadable at start: this job replaces it",
+                )
+                .and_then(|job| item.update(|r| r.last_job = Some(job.id())));
+            if let Err(error) = replaced {
+                tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
+                    "could not replace the item's lost job");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the slot table agree with the records. A quarantined item keeps the slots the
+    /// table gives it (never handed to another item) and gets none; a failure to attach one
+    /// item's disks is recorded on that item.
+    pub(super) fn reconcile_slots(&self) -> anyhow::Result<()> {
+        let items = self.all_items();
+        let mut slots = lock(&self.slots);
+        let owners: Vec<ItemId> = slots
+            .table()
+            .into_iter()
+            .filter_map(|row| match row.state {
+                SlotState::Attached { item, .. } => Some(item),
+                _ => None,
+            })
+            .collect::<std::collections::BTreeSet<ItemId>>()
+            .into_iter()
+            .collect();
+        for owner in owners {
+            let keep = items
+                .iter()
+                .any(|item| item.id == owner.0 && holds_slots(item.record().state));
+            if !keep {
+                match slots.release_item(owner) {
+                    Ok(luns) => tracing::warn!(item = %owner, ?luns,
+                        "released slots of an item that holds none"),
+                    Err(error) => tracing::error!(item = %owner, %error,
+                        "could not release the slots of an item that holds none"),
+                }
+            }
+        }
+        for item in &items {
+            let record = item.record().clone();
+            if !holds_slots(record.state) || record.state == ItemState::Quarantined {
+                continue;
+            }
+            let missing: Vec<&DiskRecord> = record
+                .disks
+                .iter()
+                .filter(|d| slots.lun_of(ItemId(item.id), d.index).is_none())
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let requests: Vec<DiskRequest> = missing
+                .iter()
+                .map(|d| DiskRequest {
+                    item: ItemId(item.id),
+                    disk_index: d.index,
+                })
+                .collect();
+            let op = self.next_op.fetch_add(1, Ordering::Relaxed);
+            let result = slots.reserve(op, &requests).and_then(|reservation| {
+                slots.commit(
+                    reservation,
+                    missing.iter().map(|d| PathBuf::from(&d.path)).collect(),
+                )
+            });
+            match result {
+                Ok(()) => tracing::warn!(item = %item.hex, disks = missing.len(),
+                    "slots re-attached for disks whose attach a crash interrupted"),
+                Err(error) => {
+                    tracing::error!(item = %item.hex, %error, "cannot give the item's disks slots");
+                    if let Err(e) = item.update(|r| r.last_error = Some(format!("slots: {error}")))
+                    {
+                        tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                            "recording the slot failure");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an operator can do about a quarantined item (shown with the reason).
+const QUARANTINE_ACTION: &str = "the item is not served and its slots stay held. Repair or \
+     restore the named file (e.g. from a backup) and restart the appliance to serve the item \
+     again, or disable it (DELETE /v1/items/{id}, `appliance disable`) to remove it: that \
+     releases its slots and deletes its staging, recovery points and created replica disks \
+     (attached and failed-over disks are left alone)";
