@@ -4,8 +4,8 @@
 
 pub mod api;
 pub mod daemon;
-pub mod db;
 pub mod dataport;
+pub mod db;
 pub mod fdbudget;
 pub mod inspect;
 pub mod items;

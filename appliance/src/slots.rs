@@ -445,16 +445,24 @@ impl SlotTable {
         Ok((table, left_out))
     }
 
-    /// The committed table stored in `dir`'s control store, without changing anything
-    /// (reservations are never stored, so reserved LUNs show as free); `None` when no table
-    /// was ever created. Safe beside a running appliance (a read-only view).
+    /// Opens the control store in `dir` and the table in it (see [`SlotTable::open`]).
+    pub fn open_in(dir: &dyn DurableDir, slot_count: u32) -> Result<Self, SlotError> {
+        check_slot_count(slot_count)?;
+        let store = ControlStore::open_in(dir).map_err(store_err("opening the control store"))?;
+        Self::open(Arc::new(store), slot_count)
+    }
+
+    /// The committed table stored in `dir`'s control store (reservations are never stored, so
+    /// reserved LUNs show as free); `None` when no table was ever created. Read-only for a
+    /// closed store; a store that a crash left open is first repaired, as a restart would, so
+    /// never call it on a store a live table holds (use a copy of it).
     pub fn load_committed(dir: &dyn DurableDir) -> Result<Option<Vec<SlotRow>>, SlotError> {
-        let Some(view) =
-            ControlStore::open_read_only(dir).map_err(store_err("reading the slot table"))?
-        else {
-            return Ok(None);
+        let stored = match ControlStore::open_read_only(dir) {
+            Ok(None) => return Ok(None),
+            Ok(Some(view)) => view.slots(),
+            Err(_) => ControlStore::open_in(dir).and_then(|store| store.slots()),
         };
-        match view.slots().map_err(store_err("reading the slot table"))? {
+        match stored.map_err(store_err("reading the slot table"))? {
             None => Ok(None),
             Some(stored) => Ok(Some(rows(&decode_stored(stored)?))),
         }
@@ -600,7 +608,7 @@ impl SlotTable {
     /// Frees every attached LUN of `item`, durably; returns them (none: nothing is written).
     /// Refused while the item has a reservation in flight.
     pub fn release_item(&mut self, item: ItemId) -> Result<Vec<Lun>, SlotError> {
-        self.release_item_with(item, |_| Ok(()))
+        self.release(item, None::<fn(&mut Commit<'_>) -> Result<(), DbError>>)
     }
 
     /// [`SlotTable::release_item`] with the caller's `more` changes in the same transaction
@@ -609,6 +617,14 @@ impl SlotTable {
         &mut self,
         item: ItemId,
         more: impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>,
+    ) -> Result<Vec<Lun>, SlotError> {
+        self.release(item, Some(more))
+    }
+
+    fn release(
+        &mut self,
+        item: ItemId,
+        more: Option<impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>>,
     ) -> Result<Vec<Lun>, SlotError> {
         self.check_usable()?;
         let mut freed = Vec::new();
@@ -628,7 +644,13 @@ impl SlotTable {
                 _ => {}
             }
         }
-        self.persist(released, "releasing an item's disks", more)?;
+        match more {
+            Some(more) => self.persist(released, "releasing an item's disks", more)?,
+            None if !freed.is_empty() => {
+                self.persist(released, "releasing an item's disks", no_more)?;
+            }
+            None => {}
+        }
         Ok(freed)
     }
 
@@ -865,7 +887,10 @@ fn decode_stored(stored: StoredSlots) -> Result<Vec<SlotState>, SlotError> {
             )));
         }
         if let Some(reason) = path_problem(&entry.path) {
-            return Err(corrupt(format!("LUN {lun}: path {:?}: {reason}", entry.path)));
+            return Err(corrupt(format!(
+                "LUN {lun}: path {:?}: {reason}",
+                entry.path
+            )));
         }
         if !disks.insert((item, entry.disk_index)) {
             return Err(corrupt(format!(

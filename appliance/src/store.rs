@@ -231,6 +231,18 @@ impl DataDir {
         Ok(Arc::new(MetaStore::open(file)?))
     }
 
+    /// Opens the control store (item records, jobs, slot table), creating it on first use.
+    pub fn control(&self) -> anyhow::Result<crate::db::ControlStore> {
+        let dir = open_dir(&self.root)?;
+        crate::db::ControlStore::open_in(&dir).with_context(|| {
+            format!(
+                "opening {}/{}",
+                self.root.display(),
+                crate::db::CONTROL_FILE
+            )
+        })
+    }
+
     /// The item of `header`, created on first use; refuses a different disk layout.
     pub fn item_for(&self, header: &StreamHeader) -> anyhow::Result<ItemDirs> {
         let hex = item_hex(&header.item_id);
@@ -373,6 +385,11 @@ impl DataDir {
         }
         out.sort_by(|a, b| a.root.cmp(&b.root));
         Ok(out)
+    }
+
+    /// Where item `id`'s directory is (whether or not it exists).
+    pub fn item_root(&self, id: &[u8; 16]) -> PathBuf {
+        self.root.join("items").join(item_hex(id))
     }
 
     /// An existing item.

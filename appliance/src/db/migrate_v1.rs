@@ -189,8 +189,8 @@ pub fn migrate(root: &Path, store: &ControlStore) -> anyhow::Result<Option<Migra
     }
     let slots_dir = root.join("slots");
     let slots = if slots_dir.is_dir() {
-        let dir = StdDir::open(&slots_dir)
-            .with_context(|| format!("opening {}", slots_dir.display()))?;
+        let dir =
+            StdDir::open(&slots_dir).with_context(|| format!("opening {}", slots_dir.display()))?;
         match read_slot_pages(&dir) {
             Ok(None) if !PAGE_FILE_NAMES.iter().any(|n| slots_dir.join(n).exists()) => None,
             Ok(found) => Some(Ok(found)),

@@ -15,8 +15,8 @@
 //! Invariants:
 //! - every change is one [`ControlStore::commit`]: one redb write transaction with two-phase
 //!   commit and quick repair (the allocator state saved with each commit), so a crash leaves
-//!   the state before or after it, and a read-only view ([`ControlStore::open_read_only`])
-//!   can be opened beside the writer;
+//!   the state before or after it; a stopped appliance's store can be read without changing
+//!   it ([`ControlStore::open_read_only`]);
 //! - the store holds no reservation: slot reservations are memory only ([`crate::slots`]);
 //! - values are decoded by their owners (records by the item manager, jobs by
 //!   [`crate::jobs`], slot rows by [`crate::slots`]); a value that does not decode damages
@@ -47,6 +47,8 @@ use serde::Serialize;
 
 /// The store's file, in the data directory.
 pub const CONTROL_FILE: &str = "control.redb";
+/// Present in the data directory only while [`CONTROL_FILE`] is being created.
+pub const CREATING_MARKER: &str = "control.redb.creating";
 /// The format of the store's tables this build writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
 
@@ -173,6 +175,12 @@ pub struct Commit<'t> {
     txn: &'t WriteTransaction,
 }
 
+impl std::fmt::Debug for Commit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit").finish_non_exhaustive()
+    }
+}
+
 impl Commit<'_> {
     /// Writes an item's record (JSON).
     pub fn put_record<T: Serialize>(&mut self, item: &[u8; 16], record: &T) -> Result<(), DbError> {
@@ -184,9 +192,7 @@ impl Commit<'_> {
     pub fn put_record_bytes(&mut self, item: &[u8; 16], bytes: &[u8]) -> Result<(), DbError> {
         let what = "writing an item record";
         let mut table = self.txn.open_table(ITEMS).map_err(db_err(what))?;
-        table
-            .insert(item_key(item), bytes)
-            .map_err(db_err(what))?;
+        table.insert(item_key(item), bytes).map_err(db_err(what))?;
         Ok(())
     }
 
@@ -273,7 +279,7 @@ impl std::fmt::Debug for ControlStore {
     }
 }
 
-/// A read-only view of a store that another handle (a running appliance) may be writing.
+/// A read-only view of a store no process has open (a stopped appliance's).
 pub struct ControlView {
     db: ReadOnlyDatabase,
 }
@@ -318,19 +324,32 @@ impl ControlStore {
         Ok(store)
     }
 
-    /// Opens or creates [`CONTROL_FILE`] in `dir` (the new file made durable in `dir`).
+    /// Opens or creates [`CONTROL_FILE`] in `dir`. A creation is bracketed by the marker
+    /// [`CREATING_MARKER`] (made durable first, removed after the store's first commit), so a
+    /// crash in the middle of it leaves the marker and a creation that starts over, never a
+    /// half-made store taken for a damaged one.
     pub fn open_in(dir: &dyn DurableDir) -> Result<Self, DbError> {
         let what = "opening control.redb";
-        let existed = dir
-            .list()
-            .map_err(db_err(what))?
-            .iter()
-            .any(|name| name == CONTROL_FILE);
-        let file = dir.open(CONTROL_FILE, true).map_err(db_err(what))?;
-        if !existed {
+        let names = dir.list().map_err(db_err(what))?;
+        let present = |name: &str| names.iter().any(|n| n == name);
+        let creating = present(CREATING_MARKER);
+        if present(CONTROL_FILE) && !creating {
+            return Self::open(dir.open(CONTROL_FILE, false).map_err(db_err(what))?);
+        }
+        let what = "creating control.redb";
+        if !creating {
+            dir.open(CREATING_MARKER, true).map_err(db_err(what))?;
             dir.sync().map_err(db_err(what))?;
         }
-        Self::open(file)
+        if present(CONTROL_FILE) {
+            dir.remove(CONTROL_FILE).map_err(db_err(what))?;
+        }
+        let file = dir.open(CONTROL_FILE, true).map_err(db_err(what))?;
+        dir.sync().map_err(db_err(what))?;
+        let store = Self::open(file)?;
+        dir.remove(CREATING_MARKER).map_err(db_err(what))?;
+        dir.sync().map_err(db_err(what))?;
+        Ok(store)
     }
 
     /// Opens or creates the store of the data directory `data_dir`.
@@ -342,15 +361,14 @@ impl ControlStore {
         Self::open_in(&dir)
     }
 
-    /// A read-only view of the store in `dir`, beside a writer; `None` when there is none.
+    /// A read-only view of the store in `dir`, which no handle may have open (redb refuses a
+    /// store whose last writer did not close it: open it for writing to repair it); `None` when
+    /// there is none or its creation never completed.
     pub fn open_read_only(dir: &dyn DurableDir) -> Result<Option<ControlView>, DbError> {
         let what = "opening control.redb read-only";
-        let present = dir
-            .list()
-            .map_err(db_err(what))?
-            .iter()
-            .any(|name| name == CONTROL_FILE);
-        if !present {
+        let names = dir.list().map_err(db_err(what))?;
+        let present = |name: &str| names.iter().any(|n| n == name);
+        if !present(CONTROL_FILE) || present(CREATING_MARKER) {
             return Ok(None);
         }
         let file = dir.open(CONTROL_FILE, false).map_err(db_err(what))?;

@@ -12,6 +12,7 @@ use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
 use super::model::ItemState;
+use super::record::put_record;
 use super::state::Op;
 
 impl Manager {
@@ -39,7 +40,6 @@ impl Manager {
                 job.progress(60, "handing the disks back");
                 let _ops = lock(&manager.ops);
                 let record = item.record().clone();
-                let luns = lock(&manager.slots).release_item(ItemId(item.id))?;
                 let mut deleted = String::new();
                 if let Some(path) = &record.temporary_os_disk {
                     match std::fs::remove_file(path) {
@@ -53,10 +53,16 @@ impl Manager {
                     .points(item_key(&item.id))?
                     .last()
                     .map(|p| p.point_id);
-                item.update(|r| {
+                // The disks leave their slots and the record says failed back: one
+                // transaction (a crash never leaves a protected item without its slots).
+                let failed_back = item.changed(|r| {
                     r.state = ItemState::FailedBack;
                     r.temporary_os_disk = None;
+                });
+                let luns = lock(&manager.slots).release_item_with(ItemId(item.id), |commit| {
+                    put_record(commit, &item.id, &failed_back)
                 })?;
+                item.set_record(failed_back);
                 manager.remove_item_data(item)?;
                 Ok(Some(format!(
                     "final sync through seq {}, last point {}; {} disks handed back (LUNs {:?} \

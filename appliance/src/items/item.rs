@@ -12,6 +12,7 @@ use super::error::OpError;
 use super::model::{ItemState, Quarantine};
 use super::record::ItemRecord;
 use super::record::write_record;
+use crate::db::ControlStore;
 
 pub(crate) struct Replication {
     pub(crate) log: Arc<Mutex<StagingLog>>,
@@ -37,10 +38,18 @@ pub(crate) struct Item {
     /// Set when the item was found damaged at start (its record's state is then
     /// `Quarantined` in memory).
     pub(crate) quarantine: Mutex<Option<Quarantine>>,
+    /// Where its record is kept.
+    pub(crate) store: Arc<ControlStore>,
 }
 
 impl Item {
-    pub(super) fn new(id: [u8; 16], dirs: ItemDirs, token: Vec<u8>, record: ItemRecord) -> Self {
+    pub(super) fn new(
+        id: [u8; 16],
+        dirs: ItemDirs,
+        token: Vec<u8>,
+        record: ItemRecord,
+        store: Arc<ControlStore>,
+    ) -> Self {
         Self {
             id,
             hex: item_hex(&id),
@@ -53,6 +62,7 @@ impl Item {
             pausing: AtomicBool::new(false),
             tick_error: Mutex::new(None),
             quarantine: Mutex::new(None),
+            store,
         }
     }
 
@@ -94,9 +104,24 @@ impl Item {
     /// Persists `record` and makes it current.
     pub(super) fn save(&self, mut record: ItemRecord) -> anyhow::Result<()> {
         record.updated_ns = now_ns();
-        write_record(&self.dirs.root, &record)?;
+        write_record(&self.store, &self.id, &record)?;
         *self.record() = record;
         Ok(())
+    }
+
+    /// The record `change` makes of the current one, stamped, for a transaction that changes
+    /// more than the record (slots, a job): put it with `record::put_record`, then make it
+    /// current with [`Item::set_record`] once that transaction committed.
+    pub(super) fn changed(&self, change: impl FnOnce(&mut ItemRecord)) -> ItemRecord {
+        let mut record = self.record().clone();
+        change(&mut record);
+        record.updated_ns = now_ns();
+        record
+    }
+
+    /// Makes a committed record current.
+    pub(super) fn set_record(&self, record: ItemRecord) {
+        *self.record() = record;
     }
 
     /// Changes the record with `change` and persists it.
