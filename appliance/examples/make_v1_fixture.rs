@@ -233,7 +233,7 @@ fn run(binary: &Path, out: &Path) -> Result<()> {
         &format!("/v1/items/{gamma}/failover"),
         Some(json!({
             "point": points[0],
-            "target_dir": root.join("failover-gamma"),
+            "target_dir": data.join("failover-gamma"),
             "source_shut_down": true,
         })),
         202,

@@ -220,7 +220,6 @@ fn assert_held_job_failed_on_its_own(job: &Value) {
     assert!(!error.contains("interrupted"), "{job}");
 }
 
-
 /// What is durable in the control store of `data` now, as a crash would leave it: a copy of
 /// `control.redb` opened (and repaired, as a restart would) in a directory of its own, so the
 /// store of a running appliance is never opened twice.
@@ -410,7 +409,9 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     );
     let read_job = |job: u64| -> Value {
         let jobs = stored(&data).jobs().expect("the stored jobs");
-        let bytes = jobs.get(&job).unwrap_or_else(|| panic!("job {job} is not stored"));
+        let bytes = jobs
+            .get(&job)
+            .unwrap_or_else(|| panic!("job {job} is not stored"));
         serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("job {job}: {e}"))
     };
 

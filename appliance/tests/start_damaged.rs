@@ -544,10 +544,10 @@ fn a_sync_job_left_running_beside_a_protected_item_succeeds_at_restart() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("creating the data directory");
     let (mut healthy, _) = setup(&data);
-    let job = serde_json::from_slice::<Value>(&record(&data, &healthy.id)).expect("a record")
-        ["last_job"]
-        .as_u64()
-        .expect("its job");
+    let job =
+        serde_json::from_slice::<Value>(&record(&data, &healthy.id)).expect("a record")["last_job"]
+            .as_u64()
+            .expect("its job");
     let stored = control(&data).jobs().expect("the jobs");
     let mut view: Value =
         serde_json::from_slice(stored.get(&job).expect("the job")).expect("a job");
