@@ -64,7 +64,7 @@ enum Op {
 }
 
 fn workload(seed: u64, count: usize) -> Vec<Op> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let disks = disks();
     (0..count)
         .map(|i| {
@@ -79,11 +79,11 @@ fn workload(seed: u64, count: usize) -> Vec<Op> {
                 1 => Op::Bookmark(i as u64),
                 2..=5 => {
                     // Compressible.
-                    let byte = rng.next() as u8;
+                    let byte = rng.next_u64() as u8;
                     Op::Write(disk, offset, vec![byte; length as usize])
                 }
                 _ => {
-                    let data = (0..length).map(|_| rng.next() as u8).collect();
+                    let data = (0..length).map(|_| rng.next_u64() as u8).collect();
                     Op::Write(disk, offset, data)
                 }
             }
@@ -533,11 +533,11 @@ fn hostile_hellos_are_refused_by_name_and_the_port_keeps_serving() {
     drop(slow);
 
     // Random bytes after a valid prefix, and a hello cut short: named, no panic.
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for _ in 0..30 {
         let mut bytes = hello(TOKEN);
         let at = 4 + rng.below(bytes.len() as u64 - 4) as usize;
-        bytes[at] = rng.next() as u8;
+        bytes[at] = rng.next_u64() as u8;
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(SAFETY)).unwrap();
         stream.write_all(&bytes).unwrap();
@@ -622,9 +622,9 @@ fn sessions_beyond_the_limit_are_refused_by_name_and_idle_sockets_count_apart() 
 #[test]
 fn chunk_hashes_of_a_replica_equal_hash_path() {
     let rig = Rig::new(DataPortConfig::default());
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
-        .map(|i| if i % 3 == 0 { 0 } else { rng.next() as u8 })
+        .map(|i| if i % 3 == 0 { 0 } else { rng.next_u64() as u8 })
         .collect();
     std::fs::write(&rig.replicas[1], &data).unwrap();
     let options = ResyncOptions {
@@ -751,9 +751,15 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
     let mut config = rig.agent_config(TOKEN);
     acks.attach(&mut config, &rig.durable_notified);
     let agent = Agent::connect(config).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let ops: Vec<Op> = (0..40)
-        .map(|i| Op::Write(0, i * 4096, (0..4096).map(|_| rng.next() as u8).collect()))
+        .map(|i| {
+            Op::Write(
+                0,
+                i * 4096,
+                (0..4096).map(|_| rng.next_u64() as u8).collect(),
+            )
+        })
         .collect();
     for op in &ops {
         if try_send(&agent, op).is_err() {
@@ -790,9 +796,9 @@ fn a_full_cache_slows_acks_then_ends_in_a_named_resync_required() {
 
 #[test]
 fn hashings_share_a_bounded_memory_budget_and_give_it_back() {
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let data: Vec<u8> = (0..(1 << 20) + 12 * 1024)
-        .map(|_| rng.next() as u8)
+        .map(|_| rng.next_u64() as u8)
         .collect();
     // 17 chunks of 64 KiB: a 176-byte list, plus the 4 MiB read buffer.
     let need = 40 + 17 * 8 + (4u64 << 20);

@@ -288,7 +288,7 @@ impl Source {
         config.send_timeout = Duration::from_secs(30);
         Self {
             agent: Some(Agent::connect(config).unwrap()),
-            model: SourceModel::new(disks, seed, 10),
+            model: SourceModel::new(disks, seed, 10).unwrap(),
             last_seq: 0,
         }
     }
@@ -378,7 +378,7 @@ impl Source {
         let (_, mismatches) = verify_failover_latest(
             &serve.api,
             item,
-            &self.model.digests(),
+            &self.model.digests().unwrap(),
             &restore.join("latest"),
         )
         .unwrap();

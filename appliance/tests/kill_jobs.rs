@@ -66,8 +66,8 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
     let agent = Agent::connect(config).unwrap();
     let mut model = vec![0u8; 4 << 20]; // the OS disk (the data disk stays empty)
     let mut oracle = BTreeMap::new();
-    let mut rng = Rng(0x2545_f491_4f6c_dd1du64);
-    let mut next = move || rng.next();
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1du64);
+    let mut next = move || rng.next_u64();
     let mut kills = 0;
     for i in 0..900u64 {
         if i % 30 == 29 {

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Rng;
+use disk_sim::source::image_digest;
 use engine::delta::{Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};
 use engine::durable::{DurableDir, StdDir};
 use engine::meta::{MetaStore, item_key};
 use engine::staging::{StagingConfig, StagingLog};
-use xxhash_rust::xxh3::xxh3_64;
 
 fn header() -> StreamHeader {
     StreamHeader {
@@ -48,9 +48,9 @@ fn write_stream(path: &Path, seed: u64) -> (BTreeMap<u64, Vec<u64>>, Vec<u64>) {
         .iter()
         .map(|d| vec![0; d.size_bytes as usize])
         .collect();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut oracle = BTreeMap::new();
-    let digests = |model: &Vec<Vec<u8>>| model.iter().map(|d| xxh3_64(d)).collect::<Vec<_>>();
+    let digests = |model: &Vec<Vec<u8>>| model.iter().map(|d| image_digest(d)).collect::<Vec<_>>();
     for i in 0..2400u64 {
         if i % 60 == 59 {
             let consistency = if i % 240 == 239 {
@@ -62,15 +62,15 @@ fn write_stream(path: &Path, seed: u64) -> (BTreeMap<u64, Vec<u64>>, Vec<u64>) {
             oracle.insert(seq, digests(&model));
             continue;
         }
-        let disk = (rng.next() % 2) as usize;
+        let disk = (rng.next_u64() % 2) as usize;
         let block = u64::from(header.disks[disk].block_size_bytes);
         let blocks_total = header.disks[disk].size_bytes / block;
-        let len_blocks = (1u64 << (rng.next() % 7)).max(1) * (4096 / block).max(1);
+        let len_blocks = (1u64 << (rng.next_u64() % 7)).max(1) * (4096 / block).max(1);
         let len_blocks = len_blocks.min(blocks_total);
-        let offset = (rng.next() % (blocks_total - len_blocks + 1)) * block;
+        let offset = (rng.next_u64() % (blocks_total - len_blocks + 1)) * block;
         let len = (len_blocks * block) as usize;
         let mut data = vec![0u8; len];
-        let fill = rng.next();
+        let fill = rng.next_u64();
         for (n, chunk) in data.chunks_mut(8).enumerate() {
             let value = if n % 3 == 0 {
                 fill.wrapping_add(n as u64)
@@ -101,7 +101,7 @@ fn ingest_killed_with_sigkill_twenty_times_loses_no_ack_and_every_point_is_exact
     let stream = tmp.path().join("vm.drs");
     let data = tmp.path().join("data");
     let (oracle, final_digests) = write_stream(&stream, 0x5eed);
-    let mut rng = Rng(0xdead_beef);
+    let mut rng = Rng::new(0xdead_beef);
     let mut kills = 0;
     let mut max_acked = 0u64;
     let mut runs = 0;
@@ -136,7 +136,7 @@ fn ingest_killed_with_sigkill_twenty_times_loses_no_ack_and_every_point_is_exact
             }
             acked
         });
-        std::thread::sleep(Duration::from_millis(20 + rng.next() % 300));
+        std::thread::sleep(Duration::from_millis(20 + rng.next_u64() % 300));
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
             child.kill().unwrap(); // SIGKILL

@@ -39,12 +39,12 @@ impl Vm {
                 .iter()
                 .map(|d| u64::from(d.block_size_bytes))
                 .collect(),
-            rng: Rng(seed | 1),
+            rng: Rng::new(seed | 1),
         }
     }
 
     fn next(&mut self) -> u64 {
-        self.rng.next()
+        self.rng.next_u64()
     }
 
     /// A random write; applied to the model and sent by `agent`.
@@ -64,9 +64,10 @@ impl Vm {
 
     /// The initial full copy: every disk written whole (with content), in 1 MiB writes.
     fn full_copy(&mut self, agent: &Agent) {
+        let base = self.next();
         for disk in 0..self.disks.len() {
             for (index, chunk) in self.disks[disk].chunks_mut(1 << 20).enumerate() {
-                let fill = self.rng.0.wrapping_mul(index as u64 + 1);
+                let fill = base.wrapping_mul(index as u64 + 1);
                 for (i, byte) in chunk.iter_mut().enumerate() {
                     *byte = (fill >> (i % 8)) as u8 ^ (i / 4096) as u8;
                 }

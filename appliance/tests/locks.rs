@@ -174,8 +174,11 @@ fn locks_in(source: &str) -> Vec<String> {
             owner = None;
             continue;
         }
-        let line = line.strip_prefix("pub(crate) ").unwrap_or(line);
-        let line = line.strip_prefix("pub ").unwrap_or(line);
+        // Any visibility: `pub`, `pub(crate)`, `pub(super)`, `pub(in path)`.
+        let line = match line.strip_prefix("pub(") {
+            Some(rest) => rest.split_once(") ").map_or(line, |(_, field)| field),
+            None => line.strip_prefix("pub ").unwrap_or(line),
+        };
         if let Some(rest) = line.strip_prefix("struct ") {
             let name: String = rest
                 .chars()

@@ -65,7 +65,7 @@ impl Rig {
             item,
             proxy,
             agent: Some(agent),
-            model: SourceModel::new(&disks, 42, 10),
+            model: SourceModel::new(&disks, 42, 10).unwrap(),
             restore,
             last_seq: 0,
             _tmp: tmp,
@@ -95,6 +95,10 @@ impl Rig {
     /// Flush, close, and check that nothing is lost: staged and applied cover every frame,
     /// every bookmark is a point equal to the model, the final state equals the model.
     fn finish(mut self) -> (AgentStats, ProxyStats) {
+        // Every frame made so far through the proxy first: a one-shot fault armed before the
+        // last ops meets its frame before the proxy is disarmed (the agent sends on its own
+        // thread, so the ops returning does not mean their frames have passed).
+        self.flush();
         let seq = self
             .model
             .bookmark(
@@ -132,7 +136,7 @@ impl Rig {
         let (point, mismatches) = verify_failover_latest(
             &self.appliance,
             &self.item,
-            &self.model.digests(),
+            &self.model.digests().unwrap(),
             &self.restore.join("latest"),
         )
         .unwrap();

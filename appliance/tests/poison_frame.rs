@@ -53,7 +53,7 @@ impl Vm {
                 .iter()
                 .map(|d| vec![0; d.size_bytes as usize])
                 .collect(),
-            rng: Rng(seed | 1),
+            rng: Rng::new(seed | 1),
         }
     }
 
@@ -64,7 +64,7 @@ impl Vm {
         let blocks_total = self.disks[disk].len() as u64 / block;
         let blocks = 1 + self.rng.below(32);
         let offset = self.rng.below(blocks_total - blocks + 1) * block;
-        let fill = self.rng.next();
+        let fill = self.rng.next_u64();
         let data: Vec<u8> = (0..blocks * block)
             .map(|b| (fill >> (b % 8)) as u8 ^ (b / 512) as u8)
             .collect();
@@ -457,11 +457,11 @@ fn resync_discards_the_poison_frame_and_a_delta_resync_makes_the_replicas_whole(
     // The source has moved on meanwhile (its writes after the poison never arrived).
     let sources_dir = tmp.path().join("source");
     std::fs::create_dir_all(&sources_dir).unwrap();
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for disk in &mut vm.disks {
         for _ in 0..8 {
             let at = (rng.below(disk.len() as u64 / 4096) * 4096) as usize;
-            disk[at..at + 4096].fill(rng.next() as u8 | 1);
+            disk[at..at + 4096].fill(rng.next_u64() as u8 | 1);
         }
     }
     let sources = vm.save(&sources_dir);

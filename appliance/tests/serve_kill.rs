@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::Rng;
 use disk_sim::agent::{Agent, AgentConfig};
+use disk_sim::source::image_digest;
 use engine::delta::{Consistency, DiskGeometry};
-use xxhash_rust::xxh3::xxh3_64;
 
 fn appliance(args: &[&str], data: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_appliance"));
@@ -115,8 +115,8 @@ fn serve_killed_mid_stream_loses_nothing_and_every_point_is_exact() {
         .map(|d| vec![0; d.size_bytes as usize])
         .collect();
     let mut oracle = BTreeMap::new();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64);
-    let mut next = move || rng.next();
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15u64);
+    let mut next = move || rng.next_u64();
     let mut kills = 0;
     for i in 0..1200u64 {
         if i % 40 == 39 {
@@ -126,7 +126,10 @@ fn serve_killed_mid_stream_loses_nothing_and_every_point_is_exact() {
                 Consistency::Crash
             };
             let seq = agent.bookmark(consistency, i, i, "serve").unwrap();
-            oracle.insert(seq, model.iter().map(|d| xxh3_64(d)).collect::<Vec<_>>());
+            oracle.insert(
+                seq,
+                model.iter().map(|d| image_digest(d)).collect::<Vec<_>>(),
+            );
         } else {
             let disk = (next() % 2) as usize;
             let block = u64::from(disks[disk].block_size_bytes);
@@ -159,7 +162,7 @@ fn serve_killed_mid_stream_loses_nothing_and_every_point_is_exact() {
     assert!(server.wait().unwrap().success(), "serve exits 0 on SIGTERM");
     drop(agent);
 
-    let final_digests: Vec<u64> = model.iter().map(|d| xxh3_64(d)).collect();
+    let final_digests: Vec<u64> = model.iter().map(|d| image_digest(d)).collect();
     let verified =
         common::verify_item(&data, &item_id, &disks, &oracle, &final_digests, tmp.path());
     assert_eq!(

@@ -20,13 +20,12 @@
 //! Restarting after a failure is safe: the appliance applies the resync blocks it has already
 //! acknowledged before it hashes again, so a second run sends only what is still missing.
 
-use std::fmt;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use engine::delta::{Consistency, DiskGeometry, MAX_PAYLOAD_BYTES};
 use engine::resync::{
@@ -96,12 +95,14 @@ impl ResyncReport {
 }
 
 /// What went wrong in a [`delta_resync`], named with the disk it concerns.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeltaResyncError {
     /// Arguments that cannot work (disk and source counts, chunk size, token, …).
+    #[error("delta resync: {0}")]
     Config(String),
     /// A source image could not be opened or read, or does not have the disk's size.
+    #[error("delta resync: disk {disk_index}: source {}: {what}", path.display())]
     Source {
         /// The disk.
         disk_index: u16,
@@ -111,81 +112,43 @@ pub enum DeltaResyncError {
         what: String,
     },
     /// Hashing a source image failed.
+    #[error("delta resync: disk {disk_index}: hashing source {}: {error}", path.display())]
     HashSource {
         /// The disk.
         disk_index: u16,
         /// The image.
         path: PathBuf,
         /// The error.
+        #[source]
         error: ResyncError,
     },
     /// Fetching the replica's chunk hashes failed (a refusal, the network, a bad list).
+    #[error("delta resync: disk {disk_index}: fetching the replica's chunk hashes: {error}")]
     FetchHashes {
         /// The disk.
         disk_index: u16,
         /// The error; [`AgentError::Refused`] carries the appliance's status.
+        #[source]
         error: AgentError,
     },
     /// The replica's hash list does not fit the source's (disk or chunk size).
+    #[error("delta resync: disk {disk_index}: replica and source do not compare: {error}")]
     Diff {
         /// The disk.
         disk_index: u16,
         /// The error.
+        #[source]
         error: ResyncError,
     },
     /// The RESYNC streaming session failed (refused, closed, unreachable, timed out).
-    Stream(AgentError),
+    #[error("delta resync: sending the resync: {0}")]
+    Stream(#[source] AgentError),
 }
 
 impl DeltaResyncError {
     /// The agent's error, when the appliance or the network was the cause.
     pub fn agent_error(&self) -> Option<&AgentError> {
         match self {
-            Self::FetchHashes { error, .. } | Self::Stream(error) => Some(error),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for DeltaResyncError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Config(what) => write!(f, "delta resync: {what}"),
-            Self::Source {
-                disk_index,
-                path,
-                what,
-            } => write!(
-                f,
-                "delta resync: disk {disk_index}: source {}: {what}",
-                path.display()
-            ),
-            Self::HashSource {
-                disk_index,
-                path,
-                error,
-            } => write!(
-                f,
-                "delta resync: disk {disk_index}: hashing source {}: {error}",
-                path.display()
-            ),
-            Self::FetchHashes { disk_index, error } => write!(
-                f,
-                "delta resync: disk {disk_index}: fetching the replica's chunk hashes: {error}"
-            ),
-            Self::Diff { disk_index, error } => write!(
-                f,
-                "delta resync: disk {disk_index}: replica and source do not compare: {error}"
-            ),
-            Self::Stream(error) => write!(f, "delta resync: sending the resync: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for DeltaResyncError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::HashSource { error, .. } | Self::Diff { error, .. } => Some(error),
             Self::FetchHashes { error, .. } | Self::Stream(error) => Some(error),
             _ => None,
         }
@@ -291,9 +254,7 @@ pub fn delta_resync_with(
                 .map_err(DeltaResyncError::Stream)?;
         }
     }
-    let source_timestamp_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let source_timestamp_ns = engine::clock::now_unix_ns();
     report.bookmark_id = source_timestamp_ns;
     report.bookmark_seq = agent
         .bookmark(

@@ -1,30 +1,32 @@
-//! Seeded, reproducible randomness for workloads and faults (SplitMix64).
+//! Seeded, reproducible randomness for workloads, faults and installed content.
 //!
-//! Every run of disk-sim prints its seed; the same seed and the same commit give the same
-//! bytes, so any failure replays.
+//! The generator is the workspace's one seeded RNG, [`Xoshiro256PlusPlus`] seeded with
+//! `seed_from_u64`. Every run of disk-sim prints its seed; the same seed and the same commit
+//! give the same bytes, so any failure replays.
 
-/// SplitMix64: small, fast, good enough for workload generation; not for cryptography.
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng as _, SeedableRng};
+
+/// A seeded generator with the few draws disk-sim needs; not for cryptography.
 #[derive(Debug, Clone)]
 pub struct Rng {
-    state: u64,
+    inner: Xoshiro256PlusPlus,
 }
 
 impl Rng {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self {
+            inner: Xoshiro256PlusPlus::seed_from_u64(seed),
+        }
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.inner.next_u64()
     }
 
-    /// A value in `0..bound` (`bound` > 0).
+    /// A value in `0..bound` (`bound` > 0; 0 is taken as 1).
     pub fn below(&mut self, bound: u64) -> u64 {
         // Lemire's multiply-shift; the tiny bias is irrelevant for workloads.
         ((u128::from(self.next_u64()) * u128::from(bound.max(1))) >> 64) as u64
@@ -37,10 +39,7 @@ impl Rng {
 
     /// Fills `out` with random bytes.
     pub fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
+        self.inner.fill_bytes(out);
     }
 }
 

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use disk_sim::oracle::{
+use disk_sim::source::{
     DEFAULT_CHUNK_BYTES, DiskDigest, DiskFormat, Oracle, OracleError, OracleOptions, chunk_digest,
 };
-use disk_sim::vm::{SourceVm, VmError};
+use disk_sim::source::{SourceVm, VmError};
 use disk_sim::workload::{Op, Pattern, Workload, WorkloadSpec};
 use engine::delta::{Consistency, DiskGeometry};
 use proptest::prelude::*;

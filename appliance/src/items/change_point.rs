@@ -11,8 +11,8 @@ use super::error::OpError;
 use super::item::lock;
 use super::manager::Manager;
 use super::materialize::{planned, point_choice, undo_pending};
-use super::model::{ChangePointRequest, ItemState, WrittenFile};
-use super::state::Op;
+use super::model::{ChangePointRequest, WrittenFile};
+use super::state::{Event, Op};
 
 impl Manager {
     /// Change the failed-over disks to another point.
@@ -39,8 +39,8 @@ impl Manager {
             &target,
             JobKind::ChangePoint,
             format!("writing the disks at point {point_id}"),
+            Event::Start(Op::ChangePoint),
             |r, job| {
-                r.state = ItemState::FailingOver;
                 r.pending = Some(pending);
                 r.last_job = Some(job);
                 r.last_error = None;
@@ -103,8 +103,7 @@ impl Manager {
                     ));
                 }
                 synced?;
-                item.update(|r| {
-                    r.state = ItemState::FailedOver;
+                item.transition(Event::Done(Op::ChangePoint), |r| {
                     if let Some(failover) = &mut r.failover {
                         failover.point_id = point_id;
                         failover.written = replaced;
@@ -113,7 +112,7 @@ impl Manager {
                 })?;
                 Ok(Some(format!("failed-over disks now at point {point_id}")))
             },
-            |_, item, error| undo_pending(item, ItemState::FailedOver, error),
+            |_, item, error| undo_pending(item, Op::ChangePoint, error),
         )
     }
 }

@@ -3,8 +3,8 @@
 use super::error::OpError;
 use super::item::lock;
 use super::manager::Manager;
-use super::model::{ItemState, ItemView};
-use super::state::Op;
+use super::model::ItemView;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Makes the failover final.
@@ -12,7 +12,7 @@ impl Manager {
         let _ops = lock(&self.ops);
         let item = self.find(hex)?;
         self.check_allowed(&item, Op::Commit)?;
-        item.update(|r| r.state = ItemState::Committed)?;
+        item.transition(Event::Start(Op::Commit), |_| {})?;
         Ok(self.view(&item))
     }
 }

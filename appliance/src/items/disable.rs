@@ -9,9 +9,9 @@ use super::error::OpError;
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::remove_materialized;
-use super::model::{ItemState, ItemView};
+use super::model::ItemView;
 use super::record::remove_token;
-use super::state::Op;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Disable protection: replication stopped, slots released, staging, points and created
@@ -21,7 +21,7 @@ impl Manager {
             let _ops = lock(&self.ops);
             let item = self.find(hex)?;
             let record = self.check_allowed(&item, Op::Disable)?;
-            item.update(|r| r.state = ItemState::Disabled)?;
+            item.transition(Event::Start(Op::Disable), |_| {})?;
             (item, record)
         };
         // Durably disabled: no operation is allowed on the item any more, and a restart

@@ -10,19 +10,20 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use engine::delta::{DiskGeometry, StreamHeader};
 
-use crate::jobs::{JobKind, PendingJob};
+use crate::jobs::PendingJob;
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState};
-use crate::store::{ItemDirs, item_hex, now_ns};
+use crate::store::{ItemDirs, item_hex};
+use engine::clock::now_unix_ns;
 
 use super::error::{OpError, bad};
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::model::{
-    DiskOrigin, DiskRecord, EnableRequest, Enabled, ItemState, MAX_NAME_CHARS, Policy,
-    PolicyRequest, Role,
+    DiskOrigin, DiskRecord, EnableRequest, Enabled, MAX_NAME_CHARS, Policy, PolicyRequest, Role,
 };
 use super::paths::disk_size;
 use super::record::{ItemRecord, put_record, write_token};
+use super::state::initial;
 
 impl Manager {
     /// Enable protection: slots, replica disks, token, record, replication, job.
@@ -261,18 +262,14 @@ impl Manager {
             write_token(&dirs.root, &token)?;
             crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();
-            let (state, kind) = if reverse {
-                (ItemState::Reprotecting, JobKind::Reprotect)
-            } else {
-                (ItemState::InitialReplication, JobKind::InitialReplication)
-            };
+            let (state, kind) = initial(reverse);
             let job = self.jobs.prepare(
                 kind,
                 &hex,
                 "waiting for the agent's first full copy and first recovery point",
             )?;
             crate::testhook::crash_point("enable:job");
-            let now = now_ns();
+            let now = now_unix_ns();
             let record = ItemRecord {
                 version: 1,
                 id: hex.clone(),

@@ -123,3 +123,59 @@ pub fn dir_refusal(field: &str, error: DirError) -> OpError {
         _ => OpError::Io(message),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn target_dir_errors_map_to_their_statuses() {
+        let path = PathBuf::from("/data/out");
+        let symlink = dir_refusal("target_dir", DirError::Symlink { path: path.clone() });
+        assert!(
+            matches!(symlink, OpError::PathRefused { .. }),
+            "{symlink:?}"
+        );
+        let not_dir = dir_refusal("target_dir", DirError::NotADirectory { path: path.clone() });
+        assert!(
+            matches!(
+                not_dir,
+                OpError::BadRequest {
+                    code: "bad_request",
+                    ..
+                }
+            ),
+            "{not_dir:?}"
+        );
+        let exists = dir_refusal("target_dir", DirError::Exists { path });
+        match exists {
+            OpError::Conflict { code, message } => {
+                assert_eq!(code, "path_in_use");
+                assert!(
+                    message.ends_with("(files are never overwritten)"),
+                    "{message}"
+                );
+                assert!(message.starts_with("target_dir: "), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_field_names_the_field() {
+        match bad("policy.keep_points", "must be 1..=100000") {
+            OpError::BadRequest {
+                code,
+                field,
+                message,
+            } => {
+                assert_eq!(code, "bad_request");
+                assert_eq!(field.as_deref(), Some("policy.keep_points"));
+                assert_eq!(message, "policy.keep_points: must be 1..=100000");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -11,9 +11,8 @@ use crate::slots::ItemId;
 use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
-use super::model::ItemState;
 use super::record::put_record;
-use super::state::Op;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Failback: final sync, disks handed back (slots released), temporary OS disk deleted.
@@ -27,8 +26,7 @@ impl Manager {
         )?;
         self.check_job_room()?;
         let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
-        item.update(|r| {
-            r.state = ItemState::FailingBack;
+        item.transition(Event::Start(Op::Failback), |r| {
             r.last_job = Some(job.id());
             r.last_error = None;
         })?;
@@ -55,10 +53,9 @@ impl Manager {
                     .map(|p| p.point_id);
                 // The disks leave their slots and the record says failed back: one
                 // transaction (a crash never leaves a protected item without its slots).
-                let failed_back = item.changed(|r| {
-                    r.state = ItemState::FailedBack;
+                let failed_back = item.transitioned(Event::Done(Op::Failback), |r| {
                     r.temporary_os_disk = None;
-                });
+                })?;
                 let luns = lock(&manager.slots).release_item_with(ItemId(item.id), |commit| {
                     put_record(commit, &item.id, &failed_back)
                 })?;
@@ -74,10 +71,15 @@ impl Manager {
                 )))
             },
             |manager, item, error| {
-                let _ = item.update(|r| {
-                    r.state = ItemState::Protected;
+                let undone = item.transition(Event::Failed(Op::Failback), |r| {
                     r.last_error = Some(error.to_owned());
                 });
+                if undone.is_err() {
+                    // Already failed back (only the clean-up after it failed; the next start
+                    // retries it): the disks are the original VM's now, replication stays off.
+                    let _ = item.update(|r| r.last_error = Some(error.to_owned()));
+                    return;
+                }
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {

@@ -12,8 +12,8 @@ use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
 use super::materialize::{output_format, planned, point_choice, undo_pending};
-use super::model::{FailoverRequest, ItemState, Materialized};
-use super::state::Op;
+use super::model::{FailoverRequest, Materialized};
+use super::state::{Event, Op};
 
 impl Manager {
     /// Failover: stop replication, pick the point, write the disks.
@@ -43,8 +43,8 @@ impl Manager {
             &target,
             JobKind::Failover,
             "stopping replication".to_owned(),
+            Event::Start(Op::Failover),
             |r, job| {
-                r.state = ItemState::FailingOver;
                 r.pending = Some(pending);
                 r.last_job = Some(job);
                 r.last_error = None;
@@ -81,8 +81,7 @@ impl Manager {
                 })();
                 let (point_id, published) = published.inspect_err(|_| target.discard(&names))?;
                 let _ops = lock(&manager.ops);
-                item.update(|r| {
-                    r.state = ItemState::FailedOver;
+                item.transition(Event::Done(Op::Failover), |r| {
                     r.failover = r.pending.take().map(|pending| Materialized {
                         point_id,
                         written: published,
@@ -102,7 +101,7 @@ impl Manager {
                 )))
             },
             |manager, item, error| {
-                undo_pending(item, ItemState::Protected, error);
+                undo_pending(item, Op::Failover, error);
                 if item.repl().is_none()
                     && let Err(e) = manager.start_replication(item)
                 {

@@ -6,12 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use engine::staging::{StagingLog, StagingReader};
 
 use crate::runtime::{ApplyWorker, WorkerStatus};
-use crate::store::{ItemDirs, item_hex, now_ns};
+use crate::store::{ItemDirs, item_hex};
+use engine::clock::now_unix_ns;
 
 use super::error::OpError;
-use super::model::{ItemState, Quarantine};
+use super::model::Quarantine;
 use super::record::ItemRecord;
 use super::record::write_record;
+use super::state::{self, Event};
 use crate::db::ControlStore;
 
 pub(crate) struct Replication {
@@ -78,7 +80,9 @@ impl Item {
             None => Some(record.state),
         };
         tracing::error!(item = %self.hex, %reason, "item quarantined: not served");
-        record.state = ItemState::Quarantined;
+        if let Err(error) = state::transition(&mut record, Event::Damaged) {
+            tracing::error!(item = %self.hex, %error, "quarantining");
+        }
         *lock(&self.quarantine) = Some(Quarantine {
             reason,
             action: action.replace("{id}", &self.hex),
@@ -103,20 +107,40 @@ impl Item {
 
     /// Persists `record` and makes it current.
     pub(super) fn save(&self, mut record: ItemRecord) -> anyhow::Result<()> {
-        record.updated_ns = now_ns();
+        record.updated_ns = now_unix_ns();
         write_record(&self.store, &self.id, &record)?;
         *self.record() = record;
         Ok(())
     }
 
-    /// The record `change` makes of the current one, stamped, for a transaction that changes
-    /// more than the record (slots, a job): put it with `record::put_record`, then make it
-    /// current with [`Item::set_record`] once that transaction committed.
-    pub(super) fn changed(&self, change: impl FnOnce(&mut ItemRecord)) -> ItemRecord {
+    /// Changes the record's state by `event` (see `state::TRANSITIONS`; an event the
+    /// lifecycle does not have there is an error and changes nothing), then the record with
+    /// `change`, and persists it.
+    pub(super) fn transition(
+        &self,
+        event: Event,
+        change: impl FnOnce(&mut ItemRecord),
+    ) -> anyhow::Result<()> {
         let mut record = self.record().clone();
+        state::transition(&mut record, event)?;
         change(&mut record);
-        record.updated_ns = now_ns();
-        record
+        self.save(record)
+    }
+
+    /// The record that `event` and then `change` make of the current one, stamped, for a
+    /// transaction that changes more than the record (slots, a job): put it with
+    /// `record::put_record`, then make it current with [`Item::set_record`] once that
+    /// transaction committed. An event the lifecycle does not have is an error.
+    pub(super) fn transitioned(
+        &self,
+        event: Event,
+        change: impl FnOnce(&mut ItemRecord),
+    ) -> anyhow::Result<ItemRecord> {
+        let mut record = self.record().clone();
+        state::transition(&mut record, event)?;
+        change(&mut record);
+        record.updated_ns = now_unix_ns();
+        Ok(record)
     }
 
     /// Makes a committed record current.
@@ -124,7 +148,8 @@ impl Item {
         *self.record() = record;
     }
 
-    /// Changes the record with `change` and persists it.
+    /// Changes the record with `change` (never its state: see [`Item::transition`]) and
+    /// persists it.
     pub(super) fn update(&self, change: impl FnOnce(&mut ItemRecord)) -> anyhow::Result<()> {
         let mut record = self.record().clone();
         change(&mut record);

@@ -18,7 +18,7 @@ use crate::store::{DataDir, parse_item_hex};
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::record::ItemRecord;
-use super::state::{Op, allowed};
+use super::state::{Op, check_allowed};
 
 /// The item manager. Shared as `Arc<Manager>` by the API, the data port and the daemon.
 pub struct Manager {
@@ -127,19 +127,11 @@ impl Manager {
         })
     }
 
+    /// The item's record, if it allows `op` now (else 409 `wrong_state`).
     pub(super) fn check_allowed(&self, item: &Item, op: Op) -> Result<ItemRecord, OpError> {
         let record = item.record().clone();
-        let allowed = allowed(&record);
-        if allowed.contains(&op) {
-            Ok(record)
-        } else {
-            Err(OpError::WrongState {
-                item: item.hex.clone(),
-                state: record.state,
-                op: op.name(),
-                allowed: allowed.into_iter().map(Op::name).collect(),
-            })
-        }
+        check_allowed(&item.hex, &record, op)?;
+        Ok(record)
     }
 
     pub(super) fn check_job_room(&self) -> Result<(), OpError> {

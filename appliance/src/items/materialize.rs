@@ -18,8 +18,9 @@ use crate::target::{
 use super::error::{OpError, bad, dir_refusal};
 use super::item::Item;
 use super::manager::Manager;
-use super::model::{DiskRecord, Format, ItemState, Materialized, PointSpec};
+use super::model::{DiskRecord, Format, Materialized, PointSpec};
 use super::record::ItemRecord;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Writes every disk of `item` at `point_id` into the job's temporary files (`temps`, in
@@ -168,14 +169,15 @@ impl Manager {
     }
 
     /// Creates the job of a request that made `target`, makes the job own the directory and
-    /// applies `change` (given the job id) to the item's record; on an error removes what the
-    /// request made.
+    /// applies `event` and `change` (given the job id) to the item's record; on an error
+    /// removes what the request made.
     pub(super) fn start_target_job(
         &self,
         item: &Item,
         target: &Target,
         kind: JobKind,
         message: String,
+        event: Event,
         change: impl FnOnce(&mut ItemRecord, u64),
     ) -> Result<Arc<Job>, OpError> {
         let job = self
@@ -186,7 +188,7 @@ impl Manager {
             })?;
         job.hold_target_dir(target.dir.id().dev, target.dir.id().ino);
         let id = job.id();
-        if let Err(error) = item.update(|r| change(r, id)) {
+        if let Err(error) = item.transition(event, |r| change(r, id)) {
             target.abandon();
             let _ = job.fail(crate::store::describe(&error));
             return Err(error.into());
@@ -213,16 +215,15 @@ impl Manager {
     }
 }
 
-/// Undoes a failed job that was writing disks: removes what it wrote, returns the item to
-/// `state` and records the error.
-pub(super) fn undo_pending(item: &Item, state: ItemState, error: &str) {
+/// Undoes a failed job that was writing disks: removes what it wrote, returns the item to the
+/// state before the job (`Event::Failed(op)`) and records the error.
+pub(super) fn undo_pending(item: &Item, op: Op, error: &str) {
     // Bound first: in `if let` the record's guard would live through the removals.
     let pending = item.record().pending.clone();
     if let Some(pending) = pending {
         remove_materialized(&pending);
     }
-    if let Err(e) = item.update(|r| {
-        r.state = state;
+    if let Err(e) = item.transition(Event::Failed(op), |r| {
         r.pending = None;
         r.last_error = Some(error.to_owned());
     }) {
@@ -305,5 +306,64 @@ pub(super) fn point_choice(spec: &PointSpec, latest_allowed: bool) -> Result<Poi
                 )
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> PointSpec {
+        PointSpec::Named(name.into())
+    }
+
+    fn refusal(result: Result<PointChoice, OpError>) -> String {
+        match result {
+            Err(OpError::BadRequest { field, message, .. }) => {
+                assert_eq!(field.as_deref(), Some("point"));
+                message
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn point_choices_by_id_and_name() {
+        assert_eq!(
+            point_choice(&PointSpec::Id(7), false).ok(),
+            Some(PointChoice::Custom(7))
+        );
+        assert_eq!(
+            point_choice(&named("12"), false).ok(),
+            Some(PointChoice::Custom(12))
+        );
+        assert_eq!(
+            point_choice(&named("latest-processed"), false).ok(),
+            Some(PointChoice::LatestProcessed)
+        );
+        for app in ["latest-app", "latest-app-consistent"] {
+            assert_eq!(
+                point_choice(&named(app), false).ok(),
+                Some(PointChoice::LatestAppConsistent)
+            );
+        }
+        assert_eq!(
+            point_choice(&named("latest"), true).ok(),
+            Some(PointChoice::Latest)
+        );
+    }
+
+    #[test]
+    fn latest_is_for_failover_only_and_other_names_are_refused() {
+        let message = refusal(point_choice(&named("latest"), false));
+        assert!(message.contains("for failover only"), "{message}");
+        let message = refusal(point_choice(&named("newest"), true));
+        assert!(message.contains("\"newest\" is not"), "{message}");
+    }
+
+    #[test]
+    fn formats_map_to_the_engine_s() {
+        assert_eq!(output_format(Format::Raw), OutputFormat::Raw);
+        assert_eq!(output_format(Format::Vhd), OutputFormat::FixedVhd);
     }
 }

@@ -123,3 +123,6 @@ pub(super) fn check_path_lengths(path: &str) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::{Commit, ControlStore, DbError};
 use crate::slots::ItemId;
-use crate::store::{now_ns, parse_item_hex};
+use crate::store::parse_item_hex;
+use engine::clock::now_unix_ns;
 
 use super::model::{DiskOrigin, DiskRecord, ItemState, Materialized, Policy, Role};
 
@@ -116,6 +117,7 @@ pub struct ItemRecord {
 }
 
 impl ItemRecord {
+    /// The disks' geometries, in disk order (as the stream header lists them).
     pub(crate) fn geometries(&self) -> Vec<DiskGeometry> {
         self.disks
             .iter()
@@ -176,7 +178,7 @@ pub(super) fn stand_in_record(
     header: Option<&StreamHeader>,
     attached: &[(ItemId, u32, PathBuf)],
 ) -> ItemRecord {
-    let now = now_ns();
+    let now = now_unix_ns();
     let id = parse_item_hex(hex).unwrap_or_default();
     let disks = header.map_or_else(Vec::new, |header| {
         header
@@ -227,3 +229,6 @@ pub(super) fn stand_in_record(
         updated_ns: now,
     }
 }
+
+#[cfg(test)]
+mod tests;

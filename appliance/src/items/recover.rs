@@ -7,7 +7,6 @@ use std::sync::Arc;
 use engine::delta::StreamHeader;
 
 use crate::db::ControlStore;
-use crate::jobs::JobKind;
 use crate::slots::{DiskRequest, ItemId, SlotState};
 use crate::store::{ItemDirs, item_hex, parse_item_hex};
 
@@ -18,7 +17,9 @@ use super::model::ItemState;
 use super::record::{
     check_record, decode_record, put_record, read_token, remove_record, stand_in_record,
 };
-use super::state::{holds_slots, sync_job_kind};
+use super::state::{
+    AtStart, Event, JobAtStart, at_start, holds_slots, job_at_start, sync_job_kind,
+};
 
 /// The disks that the readable records say hold slots, with their paths (to rebuild a damaged
 /// slot table; quarantined and unreadable records give none).
@@ -197,48 +198,41 @@ impl Manager {
             if record.state == ItemState::Quarantined {
                 continue;
             }
-            let back_to = match record.state {
-                ItemState::TestFailover if record.test_failover.is_none() => {
-                    Some(ItemState::Protected)
-                }
-                ItemState::FailingOver if record.failover.is_some() => Some(ItemState::FailedOver),
-                ItemState::FailingOver | ItemState::FailingBack => Some(ItemState::Protected),
-                _ => None,
-            };
-            if let Some(state) = back_to {
-                if let Some(pending) = &record.pending {
-                    remove_materialized(pending);
-                }
-                tracing::warn!(item = %item.hex, from = record.state.name(), to = state.name(),
-                    "an interrupted job's state undone");
-                if let Err(error) = item.update(|r| {
-                    r.state = state;
-                    r.pending = None;
-                    r.last_error = Some(format!("{} job {INTERRUPTED}", record.state.name()));
-                }) {
-                    item.quarantine_now(
-                        format!(
-                            "undoing its interrupted {} job failed: {}",
-                            record.state.name(),
-                            crate::store::describe(&error)
-                        ),
-                        QUARANTINE_ACTION,
-                    );
-                    continue;
-                }
-            }
-            if matches!(record.state, ItemState::Disabled | ItemState::FailedBack) {
-                let cleaned = self.remove_item_data(&item).and_then(|()| {
-                    if record.state == ItemState::Disabled {
-                        self.purge(&item)?;
-                        lock(&self.items).remove(&item.id);
+            match at_start(&record) {
+                AtStart::Serve => {}
+                AtStart::Undo { to } => {
+                    if let Some(pending) = &record.pending {
+                        remove_materialized(pending);
                     }
-                    Ok(())
-                });
-                if let Err(error) = cleaned {
-                    tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
-                        "clean-up of a {} item failed (retried at the next start)",
-                        record.state.name());
+                    tracing::warn!(item = %item.hex, from = record.state.name(), to = to.name(),
+                        "an interrupted job's state undone");
+                    if let Err(error) = item.transition(Event::Interrupted, |r| {
+                        r.pending = None;
+                        r.last_error = Some(format!("{} job {INTERRUPTED}", record.state.name()));
+                    }) {
+                        item.quarantine_now(
+                            format!(
+                                "undoing its interrupted {} job failed: {}",
+                                record.state.name(),
+                                crate::store::describe(&error)
+                            ),
+                            QUARANTINE_ACTION,
+                        );
+                    }
+                }
+                AtStart::CleanUp { purge } => {
+                    let cleaned = self.remove_item_data(&item).and_then(|()| {
+                        if purge {
+                            self.purge(&item)?;
+                            lock(&self.items).remove(&item.id);
+                        }
+                        Ok(())
+                    });
+                    if let Err(error) = cleaned {
+                        tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
+                            "clean-up of a {} item failed (retried at the next start)",
+                            record.state.name());
+                    }
                 }
             }
         }
@@ -248,35 +242,27 @@ impl Manager {
                 .ok()
                 .and_then(|id| self.item(&id));
             let state = owner.as_ref().map(|item| item.record().state);
-            // The supervisor records `protected` and then ends the sync's job: a crash between
-            // the two writes leaves the job running with its item protected. The sync is done.
-            let synced = view.kind.is_replication()
-                && state == Some(ItemState::Protected)
-                && owner.is_some_and(|item| item.record().last_job == Some(view.id));
-            if synced {
-                if let Err(error) = job.succeed("synchronized; protected (recorded at restart)") {
-                    tracing::error!(job = view.id, error = %crate::store::describe(&error),
-                        "recording a finished sync");
+            let last_job = owner
+                .as_ref()
+                .is_some_and(|item| item.record().last_job == Some(view.id));
+            match job_at_start(view.kind, state, last_job) {
+                JobAtStart::Succeeded => {
+                    if let Err(error) = job.succeed("synchronized; protected (recorded at restart)")
+                    {
+                        tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                            "recording a finished sync");
+                    }
                 }
-                continue;
-            }
-            let continues = view.kind.is_replication()
-                && matches!(
-                    (view.kind, state),
-                    (
-                        JobKind::InitialReplication,
-                        Some(ItemState::InitialReplication)
-                    ) | (JobKind::Reprotect, Some(ItemState::Reprotecting))
-                        | (JobKind::Resync, Some(ItemState::Resyncing))
-                );
-            if !continues
-                && let Err(error) = job.fail(format!(
-                    "{INTERRUPTED} (item then {})",
-                    state.map_or("gone", ItemState::name)
-                ))
-            {
-                tracing::error!(job = view.id, error = %crate::store::describe(&error),
-                    "recording an interrupted job");
+                JobAtStart::Continues => {}
+                JobAtStart::Interrupted => {
+                    if let Err(error) = job.fail(format!(
+                        "{INTERRUPTED} (item then {})",
+                        state.map_or("gone", ItemState::name)
+                    )) {
+                        tracing::error!(job = view.id, error = %crate::store::describe(&error),
+                            "recording an interrupted job");
+                    }
+                }
             }
         }
         // A replicating item whose job file was damaged (or lost) gets a new job: the
@@ -298,7 +284,9 @@ impl Manager {
                     "its job's record was unreadable at start: this job replaces it",
                 )
                 .and_then(|job| {
-                    let record = item.changed(|r| r.last_job = Some(job.id()));
+                    let mut record = item.record().clone();
+                    record.last_job = Some(job.id());
+                    record.updated_ns = engine::clock::now_unix_ns();
                     self.control.commit("replacing a lost job", |commit| {
                         job.put(commit)?;
                         put_record(commit, &item.id, &record)

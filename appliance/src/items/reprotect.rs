@@ -6,11 +6,10 @@ use super::error::OpError;
 use super::item::lock;
 use super::manager::Manager;
 use super::model::{
-    DiskSpec, EnableRequest, Enabled, ItemState, MAX_NAME_CHARS, PolicyRequest, ReprotectRequest,
-    Role,
+    DiskSpec, EnableRequest, Enabled, MAX_NAME_CHARS, PolicyRequest, ReprotectRequest, Role,
 };
 use super::paths::disk_size;
-use super::state::Op;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Re-protect: the original VM's disks become the replicas of a new reverse item, a
@@ -85,8 +84,7 @@ impl Manager {
             Role::Reverse,
             Some(item.hex.clone()),
         )?;
-        item.update(|r| {
-            r.state = ItemState::Reprotected;
+        item.transition(Event::Start(Op::Reprotect), |r| {
             r.reversed_by = Some(enabled.item.id.clone());
         })?;
         Ok(enabled)
@@ -104,4 +102,15 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn a_name_becomes_a_file_name() {
+        assert_eq!(sanitize("web-01_a"), "web-01_a");
+        assert_eq!(sanitize("my vm/é.x"), "my_vm___x");
+    }
 }

@@ -10,8 +10,7 @@ use crate::jobs::{Job, JobKind, JobView};
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::manager::Manager;
-use super::model::ItemState;
-use super::state::Op;
+use super::state::{Event, Op};
 
 impl Manager {
     /// Resync on demand: pause, apply what is staged, mark the log as needing a resync; the
@@ -24,8 +23,7 @@ impl Manager {
             .jobs
             .create(JobKind::Resync, hex, "pausing replication")?;
         item.pausing.store(true, Ordering::Release);
-        item.update(|r| {
-            r.state = ItemState::Resyncing;
+        item.transition(Event::Start(Op::Resync), |r| {
             r.sync_from_seq = u64::MAX;
             r.last_job = Some(job.id());
             r.last_error = None;
@@ -64,8 +62,7 @@ impl Manager {
             },
             |_, item, error| {
                 item.pausing.store(false, Ordering::Release);
-                let _ = item.update(|r| {
-                    r.state = ItemState::Protected;
+                let _ = item.transition(Event::Failed(Op::Resync), |r| {
                     r.sync_from_seq = 1;
                     r.last_error = Some(error.to_owned());
                 });

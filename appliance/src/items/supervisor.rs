@@ -16,8 +16,7 @@ use crate::dataport::PortHandle;
 
 use super::item::lock;
 use super::manager::Manager;
-use super::model::ItemState;
-use super::state::{replicating, sync_job_kind};
+use super::state::{Event, replicating, sync_job_kind};
 
 impl Manager {
     /// Starts replication of every replicating item and the supervisor thread. An item whose
@@ -118,7 +117,7 @@ impl Manager {
                     if item.record().state != record.state {
                         continue;
                     }
-                    if let Err(error) = item.update(|r| r.state = ItemState::Protected) {
+                    if let Err(error) = item.transition(Event::Synchronized, |_| {}) {
                         // Retried every tick: say it once, not ten times a second.
                         let error = crate::store::describe(&error);
                         let mut last = lock(&item.tick_error);

@@ -9,8 +9,8 @@ use super::error::OpError;
 use super::item::lock;
 use super::manager::Manager;
 use super::materialize::{output_format, planned, point_choice, remove_materialized, undo_pending};
-use super::model::{ItemState, ItemView, MaterializeRequest, Materialized};
-use super::state::Op;
+use super::model::{ItemView, MaterializeRequest, Materialized};
+use super::state::{Event, Op};
 
 impl Manager {
     /// Test failover: disks at a point into a directory; replication keeps running.
@@ -34,8 +34,8 @@ impl Manager {
             &target,
             JobKind::TestFailover,
             format!("writing the disks at point {point_id}"),
+            Event::Start(Op::TestFailover),
             |r, job| {
-                r.state = ItemState::TestFailover;
                 r.pending = Some(pending);
                 r.last_job = Some(job);
                 r.last_error = None;
@@ -63,7 +63,7 @@ impl Manager {
                     dir.path().display()
                 )))
             },
-            |_, item, error| undo_pending(item, ItemState::Protected, error),
+            |_, item, error| undo_pending(item, Op::TestFailover, error),
         )
     }
 
@@ -75,8 +75,7 @@ impl Manager {
         if let Some(test) = &record.test_failover {
             remove_materialized(test);
         }
-        item.update(|r| {
-            r.state = ItemState::Protected;
+        item.transition(Event::Start(Op::TestFailoverCleanup), |r| {
             r.test_failover = None;
         })?;
         Ok(self.view(&item))

@@ -11,22 +11,19 @@ use crate::dataport::PortHandle;
 use crate::jobs::JobView;
 use crate::runtime::WorkerStatus;
 use crate::slots::{ItemId, SlotState};
-use crate::store::now_ns;
+use engine::clock::now_unix_ns;
 
 use super::error::OpError;
 use super::item::{Item, lock};
 use super::manager::Manager;
-use super::model::{DiskView, ItemState, ItemView, SlotView, SlotsView};
+use super::model::{DiskView, ItemView, SlotView, SlotsView};
 use super::record::ItemRecord;
-use super::state::{Op, allowed, replicating};
+use super::state::{Op, allowed, replicating, sync_job_kind};
 
 impl Manager {
     /// Share of the initial copy or resync done (100 outside those states).
     pub(super) fn sync_percent(&self, item: &Item, record: &ItemRecord) -> u8 {
-        if !matches!(
-            record.state,
-            ItemState::InitialReplication | ItemState::Reprotecting | ItemState::Resyncing
-        ) {
+        if sync_job_kind(record.state).is_none() {
             return 100;
         }
         let total: u64 = record
@@ -75,7 +72,7 @@ impl Manager {
             "healthy".into()
         };
         let slots = lock(&self.slots);
-        let now = now_ns();
+        let now = now_unix_ns();
         ItemView {
             id: item.hex.clone(),
             name: record.name.clone(),

@@ -1,39 +1,28 @@
 //! Checks shared by the process-level tests: an item's replicas and every recovery point
-//! against an oracle of per-disk digests.
+//! against an oracle of per-disk digests (disk-sim's digest and verifier).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use disk_sim::source::{compare_file, compare_files};
 use engine::delta::DiskGeometry;
 use engine::durable::{DurableDir, StdDir};
 use engine::materialize::{Source, materialize_disk};
 use engine::meta::{MetaStore, item_key};
-use xxhash_rust::xxh3::xxh3_64;
 
-/// The tests' seeded pseudo-random numbers (xorshift64; a zero seed stays zero).
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next number.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number below `n` (not exactly uniform; fine for workloads).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The tests' seeded pseudo-random numbers: disk-sim's generator (Xoshiro256++, seeded with
+/// `seed_from_u64`), so that every seeded test in the workspace draws from the one RNG.
+#[allow(unused_imports)] // not every test draws numbers
+pub use disk_sim::rng::Rng;
 
 /// Checks the item's replicas against `final_digests` and every retained point against
-/// `oracle` (point id → digest per disk; a point not in it, such as a "latest" point, must
-/// equal the final state). Returns the number of points verified.
+/// `oracle` (point id → whole digest per disk, [`disk_sim::source::image_digest`]; a point
+/// not in it, such as a "latest" point, must equal the final state), each file through
+/// disk-sim's verifier ([`disk_sim::source::compare_file`]). Returns the number of points
+/// verified.
 pub fn verify_item(
     data: &Path,
     item_id: &[u8; 16],
@@ -45,14 +34,12 @@ pub fn verify_item(
     let hex: String = item_id.iter().map(|b| format!("{b:02x}")).collect();
     let item = data.join("items").join(hex);
     let replica = |index: usize| item.join("replicas").join(format!("disk-{index}.img"));
-    for (index, digest) in final_digests.iter().enumerate() {
-        let bytes = std::fs::read(replica(index)).unwrap();
-        assert_eq!(
-            xxh3_64(&bytes),
-            *digest,
-            "replica {index} differs from the source"
-        );
-    }
+    let replicas: Vec<PathBuf> = (0..final_digests.len()).map(replica).collect();
+    let differ = compare_files(&replicas, final_digests);
+    assert!(
+        differ.is_empty(),
+        "replicas differ from the source: {differ:?}"
+    );
     let meta =
         MetaStore::open(StdDir::open(data).unwrap().open("meta.redb", true).unwrap()).unwrap();
     let key = item_key(item_id);
@@ -88,8 +75,12 @@ pub fn verify_item(
                 &mut |_| {},
             )
             .unwrap();
-            let got = xxh3_64(&std::fs::read(&path).unwrap());
-            assert_eq!(got, *digest, "point {} disk {index}", point.point_id);
+            assert_eq!(
+                compare_file(&path, *digest).unwrap(),
+                None,
+                "point {} disk {index}",
+                point.point_id
+            );
         }
     }
     points.len()

@@ -14,11 +14,10 @@
 //!
 //! Every step prints one line (what it did, how long it took, bytes moved, the check), every
 //! disk the appliances hand back is compared byte for byte with the source VM's own disks at
-//! that instant (the oracle: the demo keeps every disk's exact content at every bookmark it
-//! verifies), and the run ends with a summary table. It fails (non-zero exit) if any check
+//! that instant (the source model, [`SourceModel`]: its oracle rebuilds every disk at every
+//! bookmark), and the run ends with a summary table. It fails (non-zero exit) if any check
 //! fails.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,9 +26,11 @@ use anyhow::{Context, bail};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::{Value, json};
 
+use super::{human_bytes, human_duration, paths};
 use crate::agent::{Agent, AgentConfig};
-use crate::rng::Rng;
 use crate::site::{Appliance, parse_item_id};
+use crate::source::{Content, SourceModel};
+use crate::workload::{Pattern, WorkloadSpec};
 
 /// Settings of the demo.
 #[derive(Debug, Clone)]
@@ -73,106 +74,18 @@ pub struct StepReport {
     pub ok: bool,
 }
 
-/// A VM: its disks' current content in memory, mirrored to files on its site.
-pub(crate) struct Vm {
-    pub(crate) disks: Vec<Vec<u8>>,
-    pub(crate) geometry: Vec<DiskGeometry>,
-    pub(crate) files: Vec<PathBuf>,
-    rng: Rng,
-}
-
-impl Vm {
-    pub(crate) fn create(dir: &Path, geometry: &[DiskGeometry], seed: u64) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut rng = Rng::new(seed);
-        let mut disks = Vec::new();
-        let mut files = Vec::new();
-        for (index, disk) in geometry.iter().enumerate() {
-            let mut bytes = vec![0u8; disk.size_bytes as usize];
-            // Installed content: three quarters of each disk hold data, the rest is empty.
-            let used = bytes.len() / 4 * 3;
-            rng.fill(&mut bytes[..used]);
-            let path = dir.join(format!("disk-{index}.img"));
-            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-            disks.push(bytes);
-            files.push(path);
-        }
-        Ok(Self {
-            disks,
-            geometry: geometry.to_vec(),
-            files,
-            rng,
-        })
+/// The demo VM's writes: 512 B to 256 KiB of incompressible data at uniform offsets, no
+/// trims; its bookmarks are the demo's own.
+fn demo_workload() -> WorkloadSpec {
+    WorkloadSpec {
+        pattern: Pattern::Uniform,
+        write_max_bytes: 256 << 10,
+        zero_range_per_mille: 0,
+        compressible_percent: 0,
+        crash_bookmark_every_ops: 0,
+        app_bookmark_every_ops: 0,
+        ..WorkloadSpec::default()
     }
-
-    /// The VM now runs on other disk files (after a failover or a failback).
-    fn run_on(files: &[PathBuf], geometry: &[DiskGeometry], seed: u64) -> anyhow::Result<Self> {
-        let disks = files
-            .iter()
-            .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self {
-            disks,
-            geometry: geometry.to_vec(),
-            files: files.to_vec(),
-            rng: Rng::new(seed),
-        })
-    }
-
-    /// One write of 4 KiB to 256 KiB, to the disk file and the model, sent by `agent`.
-    pub(crate) fn write(&mut self, agent: Option<&Agent>) -> anyhow::Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let disk = self.rng.below(self.disks.len() as u64) as usize;
-        let block = u64::from(self.geometry[disk].block_size_bytes);
-        let len = (1 + self.rng.below(64)) * 4096;
-        let offset = self
-            .rng
-            .below((self.disks[disk].len() as u64 - len) / block)
-            * block;
-        let range = offset as usize..(offset + len) as usize;
-        self.rng.fill(&mut self.disks[disk][range.clone()]);
-        let data = &self.disks[disk][range];
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.files[disk])
-            .and_then(|f| f.write_all_at(data, offset))
-            .with_context(|| format!("writing {}", self.files[disk].display()))?;
-        if let Some(agent) = agent {
-            agent.write(disk as u16, offset, data)?;
-        }
-        Ok(len)
-    }
-
-    pub(crate) fn size_bytes(&self) -> u64 {
-        self.geometry.iter().map(|d| d.size_bytes).sum()
-    }
-}
-
-/// Each file equals the disk of the same index (raw: the whole file; VHD: all but the
-/// 512-byte footer).
-pub(crate) fn same(files: &[PathBuf], disks: &[Vec<u8>]) -> anyhow::Result<bool> {
-    if files.len() != disks.len() {
-        return Ok(false);
-    }
-    for (file, disk) in files.iter().zip(disks) {
-        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        if bytes.get(..disk.len()) != Some(disk.as_slice()) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-pub(crate) fn paths(value: &Value) -> Vec<PathBuf> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn agent(
@@ -180,24 +93,18 @@ fn agent(
     item: &str,
     token: &str,
     name: &str,
-    vm: &Vm,
+    geometry: &[DiskGeometry],
 ) -> anyhow::Result<Agent> {
     let mut config = AgentConfig::new(
         appliance.data_addr,
         parse_item_id(item)?,
         token.as_bytes(),
         name,
-        vm.geometry.clone(),
+        geometry.to_vec(),
     );
     config.backoff_initial = Duration::from_millis(20);
     config.backoff_max = Duration::from_millis(500);
     Ok(Agent::connect(config)?)
-}
-
-pub(crate) fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 struct Run<'a> {
@@ -218,9 +125,9 @@ impl Run<'_> {
         let check = check.into();
         writeln!(
             self.out,
-            "{:<4} {name:<64} {:>7.2} s  {:>10}  {check}",
+            "{:<4} {name:<64} {:>9}  {:>10}  {check}",
             if ok { "ok" } else { "FAIL" },
-            duration.as_secs_f64(),
+            human_duration(duration),
             human_bytes(bytes),
         )?;
         self.steps.push(StepReport {
@@ -252,13 +159,20 @@ fn progress(what: &str) -> impl FnMut(u64, &str) + 'static {
     }
 }
 
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
+/// What to add to a step's check when a byte-for-byte check failed: nothing when it passed.
+fn why<E: std::fmt::Display>(result: &Result<(), E>) -> String {
+    match result {
+        Ok(()) => String::new(),
+        Err(error) => format!(" — FAILED: {error}"),
     }
+}
+
+/// [`why`] for a comparison with the disks now: each differing disk.
+fn why_differ(differ: &[(usize, String)]) -> String {
+    differ
+        .iter()
+        .map(|(disk, what)| format!(" — disk {disk} differs: {what}"))
+        .collect()
 }
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -347,7 +261,14 @@ fn run_in(
             block_size_bytes: 512,
         },
     ];
-    let mut vm = Vm::create(&site_a.join("vms/vm1"), &geometry, options.seed)?;
+    let mut vm = SourceModel::create(
+        &site_a.join("vms/vm1"),
+        "vm1",
+        &geometry,
+        options.seed,
+        demo_workload(),
+        Content::Installed { percent: 75 },
+    )?;
     run.step(
         "two appliances started; VM vm1 (OS + 2 data disks) on site A",
         0,
@@ -376,15 +297,18 @@ fn run_in(
     )?;
 
     // ── initial replication ──
-    let source = agent(&b, &item, &token, "vm1", &vm)?;
-    for (index, disk) in vm.disks.iter().enumerate() {
-        for (chunk_index, chunk) in disk.chunks(1 << 20).enumerate() {
-            source.write(index as u16, (chunk_index as u64) << 20, chunk)?;
+    let source = agent(&b, &item, &token, "vm1", &geometry)?;
+    let mut piece = vec![0u8; 1 << 20];
+    for (index, disk) in geometry.iter().enumerate() {
+        let mut at = 0;
+        while at < disk.size_bytes {
+            let len = (disk.size_bytes - at).min(piece.len() as u64) as usize;
+            vm.vm().read_at(index, at, &mut piece[..len])?;
+            source.write(index as u16, at, &piece[..len])?;
+            at += len as u64;
         }
     }
-    let mut oracle: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-    let first = source.bookmark(Consistency::Crash, 1, now_ns(), "initial")?;
-    oracle.insert(first, vm.disks.clone());
+    vm.bookmark_labeled(&source, Consistency::Crash, "initial")?;
     let mut shown = progress("initial replication");
     b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
     let view = b.wait_state(&item, "protected", JOB_TIMEOUT)?;
@@ -399,26 +323,26 @@ fn run_in(
     let mut bytes = 0;
     let mut custom = 0;
     let mut last_app = 0;
+    let mut newest = 0;
     for round in 0..12u64 {
         for _ in 0..40 {
             bytes += vm.write(Some(&source))?;
         }
         let app = round % 4 == 3;
-        let seq = source.bookmark(
+        let seq = vm.bookmark_labeled(
+            &source,
             if app {
                 Consistency::App
             } else {
                 Consistency::Crash
             },
-            10 + round,
-            now_ns(),
             if app {
                 "app-consistent"
             } else {
                 "crash-consistent"
             },
         )?;
-        oracle.insert(seq, vm.disks.clone());
+        newest = seq;
         if round == 5 {
             custom = seq;
         }
@@ -427,7 +351,6 @@ fn run_in(
         }
     }
     source.flush(Duration::from_secs(120))?;
-    let newest = *oracle.keys().next_back().context("points")?;
     b.wait_point(&item, newest, JOB_TIMEOUT)?;
     let view = b.get(&format!("/v1/items/{item}"))?;
     run.step(
@@ -451,8 +374,7 @@ fn run_in(
     for _ in 0..40 {
         during += vm.write(Some(&source))?;
     }
-    let moving = source.bookmark(Consistency::Crash, 30, now_ns(), "during test")?;
-    oracle.insert(moving, vm.disks.clone());
+    let moving = vm.bookmark_labeled(&source, Consistency::Crash, "during test")?;
     let mut shown = progress("test failover");
     b.wait_job(
         job["id"].as_u64().context("job id")?,
@@ -461,7 +383,7 @@ fn run_in(
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
     let test_files = paths(&view["test_failover"]["files"]);
-    let exact = same(&test_files, &oracle[&last_app])?;
+    let exact = vm.verify_files(last_app, &test_files);
     b.post(
         &format!("/v1/items/{item}/test-failover/cleanup"),
         json!({}),
@@ -471,10 +393,11 @@ fn run_in(
     run.step(
         "test failover at the latest app-consistent point (fixed VHD)",
         during,
-        exact && test_files.iter().all(|f| !f.exists()),
+        exact.is_ok() && test_files.iter().all(|f| !f.exists()),
         format!(
             "3 VHDs equal the source at point {last_app}; cleaned up; replication moved on to \
-             point {moving}"
+             point {moving}{}",
+            why(&exact)
         ),
     )?;
 
@@ -483,8 +406,7 @@ fn run_in(
     for _ in 0..20 {
         tail += vm.write(Some(&source))?;
     }
-    let last = source.bookmark(Consistency::Crash, 40, now_ns(), "shutdown")?;
-    oracle.insert(last, vm.disks.clone());
+    let last = vm.bookmark_labeled(&source, Consistency::Crash, "shutdown")?;
     source.close(Duration::from_secs(120))?;
     b.wait_point(&item, last, JOB_TIMEOUT)?;
 
@@ -502,11 +424,12 @@ fn run_in(
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
     let failed_over = paths(&view["failover"]["files"]);
+    let exact = vm.verify_files(custom, &failed_over);
     run.step(
         &format!("failover to Custom point {custom} (raw)"),
         tail,
-        same(&failed_over, &oracle[&custom])?,
-        format!("3 disks equal the source at point {custom}"),
+        exact.is_ok(),
+        format!("3 disks equal the source at point {custom}{}", why(&exact)),
     )?;
 
     // ── change point ──
@@ -521,12 +444,15 @@ fn run_in(
         &mut shown,
     )?;
     let view = b.get(&format!("/v1/items/{item}"))?;
+    let exact = vm.verify_files(last_app, &failed_over);
     run.step(
         "change recovery point to the latest app-consistent",
         0,
-        view["failover"]["point_id"].as_u64() == Some(last_app)
-            && same(&failed_over, &oracle[&last_app])?,
-        format!("disks now equal the source at point {last_app}"),
+        view["failover"]["point_id"].as_u64() == Some(last_app) && exact.is_ok(),
+        format!(
+            "disks now equal the source at point {last_app}{}",
+            why(&exact)
+        ),
     )?;
 
     // ── commit ──
@@ -539,10 +465,17 @@ fn run_in(
     )?;
 
     // ── the VM runs on site B ──
-    let original = vm.files.clone();
-    let original_disks = vm.disks.clone();
+    let original = vm.files().to_vec();
+    let original_digests = vm.digests()?;
     drop(vm);
-    let mut vm_b = Vm::run_on(&failed_over, &geometry, options.seed + 1)?;
+    let mut vm_b = SourceModel::open_paths(
+        "vm1",
+        &failed_over,
+        &geometry,
+        &site_b.join("vm1-oracle"),
+        options.seed + 1,
+        demo_workload(),
+    )?;
     let mut written = 0;
     for _ in 0..30 {
         written += vm_b.write(None)?;
@@ -568,7 +501,7 @@ fn run_in(
         reverse_token.as_bytes(),
         "vm1-reverse",
         &geometry,
-        &vm_b.files,
+        vm_b.files(),
         64 << 10,
         Duration::from_secs(120),
     )?;
@@ -578,24 +511,26 @@ fn run_in(
     let temp_ok = engine::vhd::read_fixed_vhd_info(&temporary)
         .is_ok_and(|info| info.virtual_size_bytes == 1 << 30);
     let differing: u64 = report.disks.iter().map(|d| d.chunks_differing).sum();
+    let differ = vm_b.verify_current(&original)?;
     run.step(
         "re-protect to site A: original disks are replicas, delta resync",
         report.total_bytes_sent,
-        temp_ok && same(&original, &vm_b.disks)? && original_disks != vm_b.disks,
+        temp_ok && differ.is_empty() && original_digests != vm_b.digests()?,
         format!(
-            "sent {} of {} ({differing} differing 64 KiB chunks); temporary 1 GiB OS disk made",
+            "sent {} of {} ({differing} differing 64 KiB chunks); temporary 1 GiB OS disk made{}",
             human_bytes(report.total_bytes_sent),
-            human_bytes(report.total_disk_bytes)
+            human_bytes(report.total_disk_bytes),
+            why_differ(&differ)
         ),
     )?;
 
     // ── reverse replication ──
-    let back = agent(&a, &reverse_item, &reverse_token, "vm1-reverse", &vm_b)?;
+    let back = agent(&a, &reverse_item, &reverse_token, "vm1-reverse", &geometry)?;
     let mut bytes = 0;
     for _ in 0..60 {
         bytes += vm_b.write(Some(&back))?;
     }
-    let point = back.bookmark(Consistency::App, 50, now_ns(), "before failback")?;
+    let point = vm_b.bookmark_labeled(&back, Consistency::App, "before failback")?;
     back.close(Duration::from_secs(120))?;
     a.wait_point(&reverse_item, point, JOB_TIMEOUT)?;
     let reverse_bytes = bytes;
@@ -616,26 +551,33 @@ fn run_in(
     )?;
     let view = a.get(&format!("/v1/items/{reverse_item}"))?;
     let slots = a.get("/v1/slots")?;
+    let differ = vm_b.verify_current(&original)?;
     run.step(
         "failback (planned failover): VM back on site A",
         0,
         view["state"] == "failed_back"
             && !temporary.exists()
-            && same(&original, &vm_b.disks)?
+            && differ.is_empty()
             && slots["attached"] == 0,
         format!(
             "original disks equal the site-B VM; temporary disk deleted; A's slots free; since \
-             re-protect {} of {} travelled back",
+             re-protect {} of {} travelled back{}",
             human_bytes(report.total_bytes_sent + reverse_bytes),
-            human_bytes(vm_b.size_bytes())
+            human_bytes(vm_b.size_bytes()),
+            why_differ(&differ)
         ),
     )?;
 
     // ── protect A → B again ──
-    let final_disks = vm_b.disks.clone();
     drop(vm_b);
-    let mut vm = Vm::run_on(&original, &geometry, options.seed + 2)?;
-    vm.disks = final_disks;
+    let mut vm = SourceModel::open_paths(
+        "vm1",
+        &original,
+        &geometry,
+        &site_a.join("vm1-oracle"),
+        options.seed + 2,
+        demo_workload(),
+    )?;
     b.call("DELETE", &format!("/v1/items/{item}"), None)?;
     let enabled = b.enable(json!({"name": "vm1", "disks": geometry.iter()
         .map(|d| json!({"size_mib": d.size_bytes >> 20, "block_size_bytes": d.block_size_bytes}))
@@ -647,17 +589,17 @@ fn run_in(
         again_token.as_bytes(),
         "vm1",
         &geometry,
-        &vm.files,
+        vm.files(),
         64 << 10,
         Duration::from_secs(120),
     )?;
     let mut shown = progress("protect again");
     b.wait_job(enabled.job, JOB_TIMEOUT, &mut shown)?;
-    let source = agent(&b, &again, &again_token, "vm1", &vm)?;
+    let source = agent(&b, &again, &again_token, "vm1", &geometry)?;
     for _ in 0..20 {
         vm.write(Some(&source))?;
     }
-    let point = source.bookmark(Consistency::Crash, 60, now_ns(), "protected again")?;
+    let point = vm.bookmark_labeled(&source, Consistency::Crash, "protected again")?;
     source.close(Duration::from_secs(120))?;
     b.wait_point(&again, point, JOB_TIMEOUT)?;
     let replicas: Vec<PathBuf> = (0..geometry.len())
@@ -668,11 +610,12 @@ fn run_in(
                 .join(format!("replicas/disk-{i}.img"))
         })
         .collect();
+    let differ = vm.verify_current(&replicas)?;
     run.step(
         "protect A → B again (initial sync sends only non-empty chunks)",
         report.total_bytes_sent,
-        same(&replicas, &vm.disks)?,
-        "B's replicas equal the VM on site A",
+        differ.is_empty(),
+        format!("B's replicas equal the VM on site A{}", why_differ(&differ)),
     )?;
     a.stop()?;
     b.stop()?;
@@ -685,9 +628,9 @@ fn run_in(
     for step in &steps {
         writeln!(
             out,
-            "| {} | {:.2} s | {} | {} {} |",
+            "| {} | {} | {} | {} {} |",
             step.name,
-            step.duration.as_secs_f64(),
+            human_duration(step.duration),
             human_bytes(step.bytes),
             if step.ok { "ok" } else { "FAIL" },
             step.check
@@ -697,9 +640,9 @@ fn run_in(
     let moved: u64 = steps.iter().map(|s| s.bytes).sum();
     writeln!(
         out,
-        "{} steps in {:.1} s, {} moved: all checks passed",
+        "{} steps in {}, {} moved: all checks passed",
         steps.len(),
-        total.as_secs_f64(),
+        human_duration(total),
         human_bytes(moved)
     )?;
     Ok(steps)

@@ -1,10 +1,12 @@
-//! Writes a seeded workload as a delta stream, through the engine's one encoder.
+//! Writes a seeded workload as a delta stream, through the engine's one encoder; the source
+//! model keeps the source disks (the oracle images of `--source-out`).
 
 use std::io::Write;
 
 use engine::delta::{DeltaEncoder, DiskGeometry, EncoderOptions, StreamHeader};
 
-use crate::workload::{Op, Workload, WorkloadSpec};
+use crate::source::{Content, SourceModel};
+use crate::workload::{Op, WorkloadSpec};
 
 /// What `disk-sim stream` writes.
 #[derive(Debug, Clone)]
@@ -70,33 +72,37 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
             zstd_level: spec.zstd_level,
         },
     )?;
-    let mut workload = Workload::new(spec.seed, WorkloadSpec::default(), header.disks.clone());
-    let mut summary = StreamSummary::default();
-    let mut data = Vec::new();
-    // The source disks, kept only when the oracle images are wanted.
-    let mut model: Vec<Vec<u8>> = match &spec.source_out {
-        Some(_) => header
-            .disks
-            .iter()
-            .map(|d| vec![0u8; d.size_bytes as usize])
-            .collect(),
-        None => Vec::new(),
+    // The source VM: its disks are the oracle images when they are wanted, else a
+    // temporary directory's.
+    let mut model = match &spec.source_out {
+        Some(dir) => {
+            for index in 0..header.disks.len() {
+                for name in [format!("disk-{index}.img"), format!("disk-{index}.app.img")] {
+                    remove_if_present(&dir.join(name))?;
+                }
+            }
+            SourceModel::create(
+                dir,
+                &header.item_name,
+                &header.disks,
+                spec.seed,
+                WorkloadSpec::default(),
+                Content::Empty,
+            )?
+        }
+        None => SourceModel::temporary(&header.disks, spec.seed, WorkloadSpec::default())?,
     };
-    let mut app_model: Option<Vec<Vec<u8>>> = None;
+    let mut summary = StreamSummary::default();
     for _ in 0..spec.frames {
-        match workload.next_op(&mut data) {
+        match model.next_op()? {
             Op::Write {
                 disk_index,
                 offset_bytes,
                 ..
             } => {
-                encoder.write(disk_index, offset_bytes, &data)?;
-                if let Some(disk) = model.get_mut(usize::from(disk_index)) {
-                    let at = offset_bytes as usize;
-                    disk[at..at + data.len()].copy_from_slice(&data);
-                }
+                encoder.write(disk_index, offset_bytes, model.data())?;
                 summary.writes += 1;
-                summary.data_bytes += data.len() as u64;
+                summary.data_bytes += model.data().len() as u64;
             }
             Op::ZeroRange {
                 disk_index,
@@ -104,10 +110,6 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
                 length_bytes,
             } => {
                 encoder.zero_range(disk_index, offset_bytes, length_bytes)?;
-                if let Some(disk) = model.get_mut(usize::from(disk_index)) {
-                    let at = offset_bytes as usize;
-                    disk[at..at + length_bytes as usize].fill(0);
-                }
                 summary.zero_ranges += 1;
             }
             Op::Bookmark {
@@ -121,11 +123,9 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
                     bookmark_id * 1_000_000_000,
                     &label,
                 )?;
+                model.record_bookmark(seq, consistency)?;
                 if consistency == engine::delta::Consistency::App {
                     summary.last_app_point = Some(seq);
-                    if !model.is_empty() {
-                        app_model = Some(model.clone());
-                    }
                 }
                 summary.bookmarks += 1;
             }
@@ -136,29 +136,28 @@ pub fn write_stream(spec: &StreamSpec, out: impl Write) -> anyhow::Result<Stream
     out.flush()?;
     summary.stream_bytes = before_end + engine::delta::FRAME_HEADER_BYTES as u64;
     if let Some(dir) = &spec.source_out {
-        std::fs::create_dir_all(dir)?;
-        for (index, disk) in model.iter().enumerate() {
-            write_sparse(&dir.join(format!("disk-{index}.img")), disk)?;
-            if let Some(app) = &app_model {
-                write_sparse(&dir.join(format!("disk-{index}.app.img")), &app[index])?;
+        model.vm().sync()?;
+        if let Some(seq) = summary.last_app_point {
+            for index in 0..header.disks.len() {
+                let path = dir.join(format!("disk-{index}.app.img"));
+                model.oracle().write_disk_at(seq, index, &path)?;
             }
         }
+        drop(model);
+        // The oracle's scratch directory (its log is gone with it).
+        let _ = std::fs::remove_dir(dir.join(".oracle"));
     }
     Ok(summary)
 }
 
-/// Writes an image, leaving 64 KiB runs of zeros as holes.
-fn write_sparse(path: &std::path::Path, content: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::create(path)?;
-    file.set_len(content.len() as u64)?;
-    for (index, chunk) in content.chunks(64 << 10).enumerate() {
-        if chunk.iter().any(|&b| b != 0) {
-            file.write_all_at(chunk, (index * (64 << 10)) as u64)?;
+/// Removes a file left by an earlier run (the output images are overwritten).
+fn remove_if_present(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(error).context(format!("removing {}", path.display())))
         }
+        _ => Ok(()),
     }
-    file.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -196,5 +195,39 @@ mod tests {
         }
         assert_eq!(frames, 301);
         assert_eq!(writes, summary.writes);
+    }
+
+    #[test]
+    fn source_out_images_are_written_again_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = StreamSpec {
+            seed: 9,
+            disks: 2,
+            size_mib: 2,
+            frames: 400,
+            zstd_level: None,
+            source_out: Some(dir.path().to_path_buf()),
+        };
+        let digests = || {
+            let mut bytes = Vec::new();
+            let summary = write_stream(&spec, &mut bytes).unwrap();
+            assert!(summary.last_app_point.is_some());
+            (0..2)
+                .flat_map(|i| [format!("disk-{i}.img"), format!("disk-{i}.app.img")])
+                .map(|name| {
+                    let (digest, length) =
+                        crate::source::file_digest(&dir.path().join(name)).unwrap();
+                    assert_eq!(length, 2 << 20);
+                    digest
+                })
+                .collect::<Vec<u64>>()
+        };
+        let first = digests();
+        assert_eq!(
+            first,
+            digests(),
+            "a second run overwrites with the same images"
+        );
+        assert!(!dir.path().join(".oracle").exists());
     }
 }

@@ -1,11 +1,12 @@
 //! The chaos run (`disk-sim chaos --seed N --kills N --minutes N`): a real `appliance serve`
 //! process, a seeded workload streamed through a [`Proxy`] that injects network faults, the
 //! appliance killed with SIGKILL and restarted at seeded moments, and at the end every
-//! retained recovery point and the final state checked through the control API against an
-//! in-memory model of the source disks.
+//! retained recovery point and the final state checked through the control API against the
+//! source model ([`SourceModel`]: the VM's disks as files in the work directory, the oracle's
+//! whole digests per bookmark).
 //!
 //! ```text
-//!  model (source disks in memory, digest per bookmark)
+//!  SourceModel (disk files, oracle: digest per bookmark)
 //!    │ seeded ops: writes, trims, bookmarks
 //!    ▼
 //!  Agent ──► netfault::Proxy ──► appliance serve (data port)      ◄── SIGKILL + restart
@@ -48,14 +49,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use engine::clock::now_unix_ns;
 use engine::delta::{Consistency, DiskGeometry};
-use engine::resync::chunk_hash;
 use serde_json::{Value, json};
 
 use crate::agent::{Agent, AgentConfig, AgentError, CloseReason};
 use crate::netfault::{Delay, FaultKind, FaultPlan, NetFault, Proxy, ProxyStats};
 use crate::rng::Rng;
 use crate::site::{Api, Appliance, appliance_bin, parse_item_id};
+use crate::source::{Content, chunk_digest};
+use crate::workload::WorkloadSpec;
+
+pub use crate::source::{
+    PointCheck, PointMismatch, SourceModel, verify_failover_latest, verify_points,
+};
 
 /// How a chaos run is sized and seeded. `Default` gives the `disk-sim chaos` defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,191 +205,6 @@ pub struct ChaosReport {
     pub work_dir: PathBuf,
 }
 
-// ─────────────── the source model ───────────────
-
-/// One op of the seeded workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// A guest write.
-    Write {
-        /// Disk index.
-        disk: u16,
-        /// Byte offset.
-        offset: u64,
-        /// The data.
-        data: Vec<u8>,
-    },
-    /// A trim: the range reads as zeros.
-    Zero {
-        /// Disk index.
-        disk: u16,
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        length: u64,
-    },
-    /// A bookmark over all disks.
-    Bookmark {
-        /// Crash or app.
-        consistency: Consistency,
-        /// The source's bookmark id.
-        id: u64,
-    },
-}
-
-/// The source VM in memory: its disks, a seeded op generator, and the digest of every disk
-/// at every bookmark (keyed by the bookmark frame's seq, which is the appliance's point id).
-#[derive(Debug, Clone)]
-pub struct SourceModel {
-    geometry: Vec<DiskGeometry>,
-    disks: Vec<Vec<u8>>,
-    rng: Rng,
-    bookmark_every: u64,
-    writes_since_bookmark: u64,
-    bookmarks: u64,
-    /// Bookmark seq → digest per disk.
-    pub points: BTreeMap<u64, Vec<u64>>,
-}
-
-impl SourceModel {
-    /// Zeroed disks of `geometry` (as new replicas are), ops from `seed`, a bookmark after
-    /// every `bookmark_every` writes.
-    pub fn new(geometry: &[DiskGeometry], seed: u64, bookmark_every: u64) -> Self {
-        Self {
-            geometry: geometry.to_vec(),
-            disks: geometry
-                .iter()
-                .map(|d| vec![0u8; d.size_bytes as usize])
-                .collect(),
-            rng: Rng::new(seed ^ 0x5eed_0fc4_a05e),
-            bookmark_every: bookmark_every.max(1),
-            writes_since_bookmark: 0,
-            bookmarks: 0,
-            points: BTreeMap::new(),
-        }
-    }
-
-    /// The disks' geometry.
-    pub fn geometry(&self) -> &[DiskGeometry] {
-        &self.geometry
-    }
-
-    /// The disks now.
-    pub fn disks(&self) -> &[Vec<u8>] {
-        &self.disks
-    }
-
-    /// The next op (and applies it to the model; a bookmark's digest is recorded when it is
-    /// sent, see [`SourceModel::send`]).
-    pub fn next_op(&mut self) -> Op {
-        if self.writes_since_bookmark >= self.bookmark_every {
-            self.writes_since_bookmark = 0;
-            self.bookmarks += 1;
-            let consistency = if self.bookmarks.is_multiple_of(4) {
-                Consistency::App
-            } else {
-                Consistency::Crash
-            };
-            return Op::Bookmark {
-                consistency,
-                id: self.bookmarks,
-            };
-        }
-        self.writes_since_bookmark += 1;
-        let rng = &mut self.rng;
-        let disk = rng.below(self.geometry.len() as u64) as usize;
-        let block = u64::from(self.geometry[disk].block_size_bytes);
-        let size = self.geometry[disk].size_bytes;
-        let total_blocks = size / block;
-        // 4 KiB .. 256 KiB, in the disk's blocks.
-        let max_blocks = ((256 << 10) / block).min(total_blocks);
-        let min_blocks = (4096 / block).min(max_blocks);
-        let blocks = min_blocks + rng.below(max_blocks - min_blocks + 1);
-        let offset = rng.below(total_blocks - blocks + 1) * block;
-        let length = blocks * block;
-        let (start, end) = (offset as usize, (offset + length) as usize);
-        if rng.chance(2, 100) {
-            self.disks[disk][start..end].fill(0);
-            return Op::Zero {
-                disk: disk as u16,
-                offset,
-                length,
-            };
-        }
-        let mut data = vec![0u8; length as usize];
-        if rng.chance(1, 2) {
-            rng.fill(&mut data);
-        } else {
-            // Compressible: a repeated 64-byte pattern.
-            let mut pattern = [0u8; 64];
-            rng.fill(&mut pattern);
-            for (i, byte) in data.iter_mut().enumerate() {
-                *byte = pattern[i % 64] ^ (i / 4096) as u8;
-            }
-        }
-        self.disks[disk][start..end].copy_from_slice(&data);
-        Op::Write {
-            disk: disk as u16,
-            offset,
-            data,
-        }
-    }
-
-    /// Sends `op` through `agent`; a bookmark's digests are recorded under its seq. Returns
-    /// the frame's seq.
-    pub fn send(&mut self, agent: &Agent, op: &Op) -> anyhow::Result<u64> {
-        let seq = match op {
-            Op::Write { disk, offset, data } => agent.write(*disk, *offset, data)?,
-            Op::Zero {
-                disk,
-                offset,
-                length,
-            } => agent.zero_range(*disk, *offset, *length)?,
-            Op::Bookmark { consistency, id } => {
-                let seq = agent.bookmark(*consistency, *id, now_ns(), "chaos")?;
-                self.points.insert(seq, self.digests());
-                seq
-            }
-        };
-        Ok(seq)
-    }
-
-    /// The next op, sent. Returns the op's kind and the frame's seq.
-    pub fn step(&mut self, agent: &Agent) -> anyhow::Result<(bool, u64)> {
-        let op = self.next_op();
-        let seq = self.send(agent, &op)?;
-        Ok((matches!(op, Op::Bookmark { .. }), seq))
-    }
-
-    /// A bookmark now (outside the every-N rhythm). Returns its seq.
-    pub fn bookmark(&mut self, agent: &Agent, consistency: Consistency) -> anyhow::Result<u64> {
-        self.bookmarks += 1;
-        self.writes_since_bookmark = 0;
-        let op = Op::Bookmark {
-            consistency,
-            id: self.bookmarks,
-        };
-        self.send(agent, &op)
-    }
-
-    /// The digest of every disk now.
-    pub fn digests(&self) -> Vec<u64> {
-        self.disks.iter().map(|d| chunk_hash(d)).collect()
-    }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// Digest of a disk file, and its length.
-pub fn file_digest(path: &Path) -> anyhow::Result<(u64, u64)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok((chunk_hash(&bytes), bytes.len() as u64))
-}
-
 // ─────────────── checks through the API ───────────────
 
 /// An agent for `item` with settings for faulty networks and restarts: an 8 MiB backlog,
@@ -445,194 +267,6 @@ pub fn wait_applied(api: &Api, item: &str, seq: u64, timeout: Duration) -> anyho
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A point (or the final state) whose disk differs from the model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mismatch {
-    /// The point id.
-    pub point: u64,
-    /// The disk.
-    pub disk: usize,
-    /// What differs.
-    pub why: String,
-}
-
-impl std::fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "point {}, disk {}: {}", self.point, self.disk, self.why)
-    }
-}
-
-/// What [`verify_points`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PointCheck {
-    /// Points retained by the appliance.
-    pub retained: Vec<u64>,
-    /// Bookmarks expected among them (the newest `keep_points`).
-    pub expected: usize,
-    /// Expected bookmarks without a point.
-    pub missing: Vec<u64>,
-    /// Points verified equal to the model.
-    pub verified: usize,
-    /// Listed points older than the expected ones that retention pruned before their test
-    /// failover could pin them (retention prunes lazily, so a listing can hold more than
-    /// `keep_points` points for a while).
-    pub pruned: Vec<u64>,
-    /// Disks of points that differ from the model.
-    pub mismatches: Vec<Mismatch>,
-}
-
-/// Verifies every retained point of `item` through the API: a test failover at the point
-/// (raw) into `restore/point-<id>`, each disk's digest compared with the model's at that
-/// bookmark, then cleanup (the files are deleted). Points not made from a bookmark of the
-/// model are compared with `final_digests` when given, else reported as mismatches.
-pub fn verify_points(
-    api: &Api,
-    item: &str,
-    points: &BTreeMap<u64, Vec<u64>>,
-    final_digests: Option<&[u64]>,
-    keep_points: usize,
-    restore: &Path,
-    out: &mut dyn Write,
-) -> anyhow::Result<PointCheck> {
-    // Test failover needs `protected`, which the item reaches once its first point is
-    // applied (the manager notices shortly after).
-    let view = api.get(&format!("/v1/items/{item}"))?;
-    if view["state"] == "initial_replication" {
-        api.wait_state(item, "protected", Duration::from_secs(120))?;
-    }
-    let listed = api.get(&format!("/v1/items/{item}/points"))?;
-    let retained: Vec<u64> = listed
-        .as_array()
-        .map(|points| points.iter().filter_map(|p| p["id"].as_u64()).collect())
-        .unwrap_or_default();
-    let expected: Vec<u64> = points.keys().rev().take(keep_points).copied().collect();
-    let missing: Vec<u64> = expected
-        .iter()
-        .filter(|seq| !retained.contains(seq))
-        .copied()
-        .collect();
-    let mut check = PointCheck {
-        retained: retained.clone(),
-        expected: expected.len(),
-        missing,
-        ..PointCheck::default()
-    };
-    for &point in &retained {
-        let Some(digests) = points.get(&point).map(Vec::as_slice).or(final_digests) else {
-            check.mismatches.push(Mismatch {
-                point,
-                disk: 0,
-                why: "a point the source never bookmarked".into(),
-            });
-            continue;
-        };
-        let target = restore.join(format!("point-{point}"));
-        let materialized = (|| -> anyhow::Result<()> {
-            let job = api.post(
-                &format!("/v1/items/{item}/test-failover"),
-                json!({"point": point, "target_dir": target.display().to_string(),
-                       "format": "raw"}),
-            )?;
-            let job_id = job["id"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("test-failover answered without a job: {job}"))?;
-            api.wait_job(job_id, Duration::from_secs(300), &mut |_, _| {})?;
-            Ok(())
-        })();
-        if let Err(error) = materialized {
-            let oldest_expected = expected.last().copied().unwrap_or(u64::MAX);
-            if point < oldest_expected && points.contains_key(&point) {
-                // Retention removed it after the listing: not one the item must keep.
-                let _ = writeln!(out, "  point {point}: pruned by retention meanwhile");
-                check.pruned.push(point);
-                continue;
-            }
-            return Err(error.context(format!("test failover at point {point}")));
-        }
-        let view = api.get(&format!("/v1/items/{item}"))?;
-        let files = materialized_files(&view["test_failover"]);
-        let before = check.mismatches.len();
-        compare_files(&files, digests, point, &mut check.mismatches);
-        if check.mismatches.len() == before {
-            check.verified += 1;
-        } else {
-            let _ = writeln!(out, "  point {point}: MISMATCH");
-        }
-        api.post(
-            &format!("/v1/items/{item}/test-failover/cleanup"),
-            json!({}),
-        )
-        .with_context(|| format!("test-failover cleanup after point {point}"))?;
-    }
-    Ok(check)
-}
-
-fn materialized_files(view: &Value) -> Vec<PathBuf> {
-    view["files"]
-        .as_array()
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|f| f.as_str().map(PathBuf::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn compare_files(files: &[PathBuf], digests: &[u64], point: u64, mismatches: &mut Vec<Mismatch>) {
-    if files.len() != digests.len() {
-        mismatches.push(Mismatch {
-            point,
-            disk: 0,
-            why: format!("{} files for {} disks", files.len(), digests.len()),
-        });
-        return;
-    }
-    for (disk, (file, want)) in files.iter().zip(digests).enumerate() {
-        match file_digest(file) {
-            Ok((got, _)) if got == *want => {}
-            Ok((got, len)) => mismatches.push(Mismatch {
-                point,
-                disk,
-                why: format!(
-                    "{}: digest {got:#018x} ({len} bytes), the model has {want:#018x}",
-                    file.display()
-                ),
-            }),
-            Err(error) => mismatches.push(Mismatch {
-                point,
-                disk,
-                why: format!("{error:#}"),
-            }),
-        }
-    }
-}
-
-/// Fails `item` over to point "latest" (raw) into `target`, and compares each disk with
-/// `digests`. Returns the point id and the mismatches.
-pub fn verify_failover_latest(
-    api: &Api,
-    item: &str,
-    digests: &[u64],
-    target: &Path,
-) -> anyhow::Result<(u64, Vec<Mismatch>)> {
-    let job = api.post(
-        &format!("/v1/items/{item}/failover"),
-        json!({"point": "latest", "target_dir": target.display().to_string(), "format": "raw"}),
-    )?;
-    let job_id = job["id"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("failover answered without a job: {job}"))?;
-    api.wait_job(job_id, Duration::from_secs(300), &mut |_, _| {})
-        .context("failover to latest")?;
-    let view = api.get(&format!("/v1/items/{item}"))?;
-    let point = view["failover"]["point_id"].as_u64().unwrap_or(0);
-    let files = materialized_files(&view["failover"]);
-    let mut mismatches = Vec::new();
-    compare_files(&files, digests, point, &mut mismatches);
-    Ok((point, mismatches))
 }
 
 // ─────────────── the schedule ───────────────
@@ -714,7 +348,7 @@ impl WorkDir {
         let (path, temporary) = match &options.work_dir {
             Some(dir) => (dir.clone(), false),
             None => {
-                let nanos = now_ns();
+                let nanos = now_unix_ns();
                 let dir = std::env::temp_dir().join(format!(
                     "disk-sim-chaos-{}-{}-{nanos:x}",
                     options.seed,
@@ -837,7 +471,15 @@ fn run_in(
         }));
     }
     let agent = Agent::connect(config)?;
-    let mut model = SourceModel::new(&geometry, options.seed, options.bookmark_every);
+    let mut model = SourceModel::create(
+        &work.join("chaos-vm"),
+        "chaos-vm",
+        &geometry,
+        options.seed,
+        WorkloadSpec::chaos(options.bookmark_every),
+        Content::Empty,
+    )?
+    .with_label("chaos");
     let mut lost = 0u64;
     let deadline = options
         .minutes
@@ -935,8 +577,8 @@ fn run_in(
     let staged = view["staged_seq"].as_u64().unwrap_or(0);
     let applied = view["applied_seq"].as_u64().unwrap_or(0);
     lost += acked.saturating_sub(staged.min(applied));
-    let final_digests = model.digests();
-    report.workload_digest = chunk_hash(
+    let final_digests = model.digests()?;
+    report.workload_digest = chunk_digest(
         &final_digests
             .iter()
             .flat_map(|d| d.to_le_bytes())
@@ -1044,14 +686,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::workload::Op;
 
     #[test]
     fn same_seed_same_workload_and_schedule() {
         let geometry = geometry(2, 4);
         let ops = |seed| {
-            let mut model = SourceModel::new(&geometry, seed, 10);
-            let ops: Vec<Op> = (0..200).map(|_| model.next_op()).collect();
-            (ops, model.digests())
+            let mut model = SourceModel::new(&geometry, seed, 10).unwrap();
+            let ops: Vec<(Op, Vec<u8>)> = (0..200)
+                .map(|_| {
+                    let op = model.next_op().unwrap();
+                    (op, model.data().to_vec())
+                })
+                .collect();
+            (ops, model.digests().unwrap())
         };
         assert_eq!(ops(3), ops(3));
         assert_ne!(ops(3).1, ops(4).1);
@@ -1065,24 +713,30 @@ mod tests {
     #[test]
     fn ops_stay_inside_the_disks_and_aligned() {
         let geometry = geometry(3, 1);
-        let mut model = SourceModel::new(&geometry, 11, 7);
+        let mut model = SourceModel::new(&geometry, 11, 7).unwrap();
         let mut bookmarks = 0;
         for _ in 0..2000 {
-            match model.next_op() {
-                Op::Write { disk, offset, data } => {
-                    let d = geometry[usize::from(disk)];
-                    let block = u64::from(d.block_size_bytes);
-                    assert_eq!(offset % block, 0);
-                    assert_eq!(data.len() as u64 % block, 0);
-                    assert!(offset + data.len() as u64 <= d.size_bytes);
-                }
-                Op::Zero {
-                    disk,
-                    offset,
-                    length,
+            let op = model.next_op().unwrap();
+            match op {
+                Op::Write {
+                    disk_index,
+                    offset_bytes,
+                    length_bytes,
                 } => {
-                    let d = geometry[usize::from(disk)];
-                    assert!(offset + length <= d.size_bytes && length > 0);
+                    let d = geometry[usize::from(disk_index)];
+                    let block = u64::from(d.block_size_bytes);
+                    assert_eq!(offset_bytes % block, 0);
+                    assert_eq!(u64::from(length_bytes) % block, 0);
+                    assert_eq!(model.data().len() as u64, u64::from(length_bytes));
+                    assert!(offset_bytes + u64::from(length_bytes) <= d.size_bytes);
+                }
+                Op::ZeroRange {
+                    disk_index,
+                    offset_bytes,
+                    length_bytes,
+                } => {
+                    let d = geometry[usize::from(disk_index)];
+                    assert!(offset_bytes + length_bytes <= d.size_bytes && length_bytes > 0);
                 }
                 Op::Bookmark { .. } => bookmarks += 1,
             }

@@ -21,157 +21,20 @@
 //! Content is not synced to stable storage on every write (the VM is a simulation; the page
 //! cache is the truth for every reader on the machine); [`SourceVm::sync`] does it on demand.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use engine::delta::{DiskGeometry, ExtentError};
 
-use crate::oracle::{DiskDigest, chunk_digest};
+use super::digest::{DiskDigest, chunk_digest};
+use super::error::{VmError, vm_io as io_error};
 use crate::workload::Op;
 
 /// Zeros written for trims.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Read buffer of [`SourceVm::snapshot_digests`], rounded to a multiple of the chunk size.
 const SCAN_BUFFER_BYTES: usize = 1 << 20;
-
-/// What went wrong with a source VM, named.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum VmError {
-    /// A file operation failed.
-    Io {
-        /// What was being done ("create", "write", …).
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// A VM name that is not one path component.
-    InvalidName {
-        /// The name.
-        name: String,
-    },
-    /// A disk whose geometry cannot be: block size not 512 or 4096, or size not a non-zero
-    /// multiple of it.
-    InvalidGeometry {
-        /// Disk index.
-        disk_index: usize,
-        /// The geometry.
-        geometry: DiskGeometry,
-    },
-    /// An existing disk file whose length is not the disk's size.
-    SizeMismatch {
-        /// The file.
-        path: PathBuf,
-        /// The disk's size.
-        expected_bytes: u64,
-        /// The file's length.
-        found_bytes: u64,
-    },
-    /// No disk with this index.
-    NoSuchDisk {
-        /// The index asked for.
-        disk_index: usize,
-        /// Number of disks.
-        disks: usize,
-    },
-    /// An extent that is empty, misaligned or outside its disk.
-    BadExtent {
-        /// Disk index.
-        disk_index: usize,
-        /// Offset.
-        offset_bytes: u64,
-        /// Length.
-        length_bytes: u64,
-        /// Why.
-        reason: String,
-    },
-    /// A write whose data is not as long as the op says.
-    DataLength {
-        /// Length in the op.
-        expected_bytes: u64,
-        /// Length of the data given.
-        got_bytes: usize,
-    },
-    /// A chunk size that is zero or not a multiple of 512.
-    InvalidChunkSize {
-        /// The chunk size.
-        chunk_bytes: u32,
-    },
-}
-
-impl fmt::Display for VmError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
-            Self::InvalidName { name } => {
-                write!(
-                    f,
-                    "VM name {name:?} is not one path component (non-empty, no '/', not . or ..)"
-                )
-            }
-            Self::InvalidGeometry {
-                disk_index,
-                geometry,
-            } => write!(
-                f,
-                "disk {disk_index}: size {} B with {} B blocks is not a disk (blocks of 512 or \
-                 4096 B, size a non-zero multiple of the block)",
-                geometry.size_bytes, geometry.block_size_bytes
-            ),
-            Self::SizeMismatch {
-                path,
-                expected_bytes,
-                found_bytes,
-            } => write!(
-                f,
-                "{}: {found_bytes} B long, the disk is {expected_bytes} B",
-                path.display()
-            ),
-            Self::NoSuchDisk { disk_index, disks } => {
-                write!(f, "no disk {disk_index}: the VM has {disks} disks")
-            }
-            Self::BadExtent {
-                disk_index,
-                offset_bytes,
-                length_bytes,
-                reason,
-            } => write!(
-                f,
-                "disk {disk_index}: extent of {length_bytes} B at {offset_bytes}: {reason}"
-            ),
-            Self::DataLength {
-                expected_bytes,
-                got_bytes,
-            } => write!(f, "write of {expected_bytes} B given {got_bytes} B of data"),
-            Self::InvalidChunkSize { chunk_bytes } => {
-                write!(
-                    f,
-                    "chunk size {chunk_bytes} B is not a non-zero multiple of 512"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for VmError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
-
-/// A closure for `map_err` that names the file and the operation.
-pub(crate) fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> VmError {
-    let path = path.to_path_buf();
-    move |source| VmError::Io { op, path, source }
-}
 
 /// A source VM's disks as files under `<site>/<vm>/`.
 #[derive(Debug)]
@@ -196,12 +59,18 @@ impl SourceVm {
     /// first. Refuses to overwrite an existing disk file.
     pub fn create(site_dir: &Path, vm_name: &str, disks: &[DiskGeometry]) -> Result<Self, VmError> {
         check_name(vm_name)?;
+        Self::create_at(&site_dir.join(vm_name), vm_name, disks)
+    }
+
+    /// Creates VM `vm_name` with its disk files directly in `dir` (`<dir>/disk-<i>.img`,
+    /// created with its parents). Refuses to overwrite an existing disk file.
+    pub fn create_at(dir: &Path, vm_name: &str, disks: &[DiskGeometry]) -> Result<Self, VmError> {
+        check_name(vm_name)?;
         check_geometries(disks)?;
-        let dir = site_dir.join(vm_name);
-        std::fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
-        let mut vm = Self::empty(vm_name, dir);
+        std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+        let mut vm = Self::empty(vm_name, dir.to_path_buf());
         for (index, geometry) in disks.iter().enumerate() {
-            let path = Self::disk_path(site_dir, vm_name, index);
+            let path = dir.join(format!("disk-{index}.img"));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -236,6 +105,46 @@ impl SourceVm {
                 });
             }
             vm.push(*geometry, path, file);
+        }
+        Ok(vm)
+    }
+
+    /// Opens existing disk files at any `paths` (`paths[i]` is disk `i`; each exactly its
+    /// disk's size): a VM that now runs on the disks a failover or failback made. Its
+    /// directory is the first file's.
+    pub fn open_paths(
+        vm_name: &str,
+        paths: &[PathBuf],
+        disks: &[DiskGeometry],
+    ) -> Result<Self, VmError> {
+        check_name(vm_name)?;
+        check_geometries(disks)?;
+        if paths.len() != disks.len() {
+            return Err(VmError::NoSuchDisk {
+                disk_index: paths.len().min(disks.len()),
+                disks: disks.len(),
+            });
+        }
+        let dir = paths
+            .first()
+            .and_then(|p| p.parent())
+            .map_or_else(PathBuf::new, Path::to_path_buf);
+        let mut vm = Self::empty(vm_name, dir);
+        for (path, geometry) in paths.iter().zip(disks) {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_error("open", path))?;
+            let found_bytes = file.metadata().map_err(io_error("stat", path))?.len();
+            if found_bytes != geometry.size_bytes {
+                return Err(VmError::SizeMismatch {
+                    path: path.clone(),
+                    expected_bytes: geometry.size_bytes,
+                    found_bytes,
+                });
+            }
+            vm.push(*geometry, path.clone(), file);
         }
         Ok(vm)
     }
@@ -370,7 +279,7 @@ impl SourceVm {
     }
 
     /// Every disk's chunk digests and whole-disk digest, read from the files now (the
-    /// oracle's definition: [`crate::oracle::chunk_digest`] per `chunk_bytes` chunk, the last
+    /// oracle's definition: [`chunk_digest`] per `chunk_bytes` chunk, the last
     /// one shorter when the size is not a multiple). Reads every byte of every disk.
     pub fn snapshot_digests(&self, chunk_bytes: u32) -> Result<Vec<DiskDigest>, VmError> {
         if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(512) {

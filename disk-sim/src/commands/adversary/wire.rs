@@ -247,27 +247,27 @@ fn push_block_header(out: &mut Vec<u8>, last: bool, block_type: u32, size: usize
 // ─────────────────────────── reading answers ───────────────────────────
 
 /// How a read for an answer ended when no complete answer came.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Silence {
     /// Nothing (or not all of it) within the deadline; the connection is still open.
+    #[error("no answer")]
     Timeout,
     /// The server closed the connection (`got` bytes of the answer had arrived).
+    #[error("{}", closed_text(*got))]
     Closed {
         /// Bytes of the answer that arrived before the close.
         got: usize,
     },
     /// A reset or another socket error.
+    #[error("socket error ({0})")]
     Error(String),
 }
 
-impl std::fmt::Display for Silence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Timeout => f.write_str("no answer"),
-            Self::Closed { got: 0 } => f.write_str("closed without an answer"),
-            Self::Closed { got } => write!(f, "closed after {got} bytes of an answer"),
-            Self::Error(error) => write!(f, "socket error ({error})"),
-        }
+fn closed_text(got: usize) -> String {
+    if got == 0 {
+        "closed without an answer".to_owned()
+    } else {
+        format!("closed after {got} bytes of an answer")
     }
 }
 

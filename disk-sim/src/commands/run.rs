@@ -1,9 +1,9 @@
 //! `disk-sim run`: a scenario against an appliance that is already running (started by
 //! hand, by systemd, or by `scripts/`), through its control API and data port.
 //!
-//! A scenario is a VM (its disks, as files: `crate::vm`), a seeded workload (`crate::workload`:
-//! pattern, churn, crash- and app-consistent bookmarks by workload time) whose truth the oracle
-//! records (`crate::oracle`), and what to check at the end: a test failover at a point (its disks compared
+//! A scenario is the source model ([`SourceModel`]: a VM's disks as files, a seeded workload
+//! with a pattern, churn, crash- and app-consistent bookmarks by workload time, and the oracle
+//! that records its truth), and what to check at the end: a test failover at a point (its disks compared
 //! byte for byte with the source VM's disks at that bookmark) and optionally a failover. The
 //! source VM's disk images are kept in `--source-dir` (when given) so that an outside tool
 //! (`cmp`, `qemu-img compare`) can compare them with what the appliance materializes; the
@@ -21,12 +21,11 @@ use engine::delta::{Consistency, DiskGeometry};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::{human_bytes, paths};
 use crate::agent::{Agent, AgentConfig};
-use crate::demo::{human_bytes, now_ns, paths};
-use crate::oracle::Oracle;
 use crate::site::{Api, parse_item_id};
-use crate::vm::SourceVm;
-use crate::workload::{Op, Pacer, Pattern, SystemClock, Workload, WorkloadSpec};
+use crate::source::{Content, SourceModel};
+use crate::workload::{Op, Pacer, Pattern, SystemClock, WorkloadSpec};
 
 /// What a scenario does.
 #[derive(Debug, Clone, Deserialize)]
@@ -224,8 +223,21 @@ fn run_with(
         clock = Instant::now();
         Ok(())
     };
-    let mut vm = SourceVm::create(source_dir, &scenario.name, &geometry)?;
-    let mut oracle = Oracle::new(&source_dir.join(".oracle"), &vm)?;
+    let spec = WorkloadSpec {
+        pattern: scenario.pattern()?,
+        churn_bytes_per_s: (scenario.churn_mb_s * 1e6) as u64,
+        ..WorkloadSpec::default()
+    }
+    .with_timed_bookmarks(scenario.crash_bookmark_ms, scenario.app_bookmark_ms);
+    let mut model = SourceModel::create(
+        &source_dir.join(&scenario.name),
+        &scenario.name,
+        &geometry,
+        scenario.seed,
+        spec.clone(),
+        Content::Empty,
+    )?
+    .with_label("scenario");
     let enabled = api.enable(json!({"name": scenario.name,
         "disks": scenario.disks_mib.iter().map(|m| json!({"size_mib": m})).collect::<Vec<_>>()}))?;
     let (item, token) = (enabled.id.clone(), enabled.token.clone());
@@ -239,61 +251,29 @@ fn run_with(
     );
     config.backoff_max = Duration::from_millis(500);
     let agent = Agent::connect(config)?;
-    let spec = WorkloadSpec {
-        pattern: scenario.pattern()?,
-        churn_bytes_per_s: (scenario.churn_mb_s * 1e6) as u64,
-        ..WorkloadSpec::default()
-    }
-    .with_timed_bookmarks(scenario.crash_bookmark_ms, scenario.app_bookmark_ms);
-    let mut workload = Workload::new(scenario.seed, spec.clone(), geometry.clone());
     let mut pacer = Pacer::for_workload(&spec);
     let mut wall = SystemClock::new();
-    let mut data = Vec::new();
-    let (mut bytes, mut bookmarks, mut last_app, mut last_id) = (0u64, 0u64, None, 0);
+    let (mut bytes, mut bookmarks, mut last_app) = (0u64, 0u64, None);
     let mut first_point_waited = false;
     for _ in 0..scenario.ops {
-        let op = workload.next_op(&mut data);
-        pacer.pace(&mut wall, workload.op_at(), op.churn_bytes());
-        match &op {
-            Op::Write {
-                disk_index,
-                offset_bytes,
-                ..
-            } => {
-                oracle.apply(&mut vm, &op, &data)?;
-                agent.write(*disk_index, *offset_bytes, &data)?;
-                bytes += data.len() as u64;
+        let op = model.next_op()?;
+        pacer.pace(&mut wall, model.workload().op_at(), op.churn_bytes());
+        let seq = model.send(&agent, &op)?;
+        bytes += op.churn_bytes();
+        if let Op::Bookmark { consistency, .. } = op {
+            bookmarks += 1;
+            if consistency == Consistency::App {
+                last_app = Some(seq);
             }
-            Op::ZeroRange {
-                disk_index,
-                offset_bytes,
-                length_bytes,
-            } => {
-                oracle.apply(&mut vm, &op, &data)?;
-                agent.zero_range(*disk_index, *offset_bytes, *length_bytes)?;
-            }
-            Op::Bookmark {
-                consistency,
-                bookmark_id,
-            } => {
-                let seq = agent.bookmark(*consistency, *bookmark_id, now_ns(), "scenario")?;
-                last_id = *bookmark_id;
-                oracle.record_bookmark(&vm, seq, *consistency)?;
-                bookmarks += 1;
-                if *consistency == Consistency::App {
-                    last_app = Some(seq);
-                }
-                if !first_point_waited {
-                    // The first point ends the initial replication.
-                    api.wait_job(enabled.job, timeout, &mut |_, _| {})?;
-                    first_point_waited = true;
-                }
+            if !first_point_waited {
+                // The first point ends the initial replication.
+                api.wait_job(enabled.job, timeout, &mut |_, _| {})?;
+                first_point_waited = true;
             }
         }
     }
     // A closing crash-consistent bookmark: the final state is a point too.
-    let newest = agent.bookmark(Consistency::Crash, last_id + 1, now_ns(), "end of scenario")?;
-    oracle.record_bookmark(&vm, newest, Consistency::Crash)?;
+    let newest = model.bookmark_labeled(&agent, Consistency::Crash, "end of scenario")?;
     let acked = agent.flush(timeout)?;
     api.wait_point(&item, newest, timeout)?;
     line(
@@ -322,7 +302,7 @@ fn run_with(
     )?;
     let view = api.get(&format!("/v1/items/{item}"))?;
     let files = paths(&view["test_failover"]["files"]);
-    oracle
+    model
         .verify_files(point, &files)
         .with_context(|| format!("test failover at point {point}"))?;
     line(
@@ -350,7 +330,7 @@ fn run_with(
         )?;
         let view = api.get(&format!("/v1/items/{item}"))?;
         let files = paths(&view["failover"]["files"]);
-        oracle
+        model
             .verify_files(newest, &files)
             .context("failover to latest")?;
         line(
