@@ -148,7 +148,7 @@ pub(super) fn check_record(
     }
     if record.id != hex {
         return Err(format!(
-            "item {hex}: its record names item id {:?}",
+            "item {hex}: the stored record records item id {:?}",
             record.id
         ));
     }
