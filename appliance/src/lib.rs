@@ -5,6 +5,7 @@
 pub mod api;
 pub mod daemon;
 pub mod dataport;
+pub mod db;
 pub mod fdbudget;
 pub mod http;
 pub mod inspect;
