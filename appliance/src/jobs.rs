@@ -1,42 +1,40 @@
 //! Jobs: the long operations of the control API (initial replication, test failover,
-//! failover, change point, failback, resync), with progress, persisted in `DATA_DIR/jobs/`.
+//! failover, change point, failback, resync), with progress, persisted in the control store.
 //!
 //! Invariants:
 //! - a job's id is unique for the data directory's life: the next id is one more than the
-//!   highest id found at start, among readable *and* damaged job files, and ids never wrap
-//!   (a create beyond [`MAX_JOB_ID`] is refused);
-//! - a job file is loaded only if its name is `<id>.json` with `id` in 1..=[`MAX_JOB_ID`],
-//!   its content is a job with that id, a valid item id and a percent of at most 100; any
-//!   other file is reported ([`Jobs::damaged`]) and left in place for the operator, and the
-//!   rest of the table loads;
+//!   highest id found at start, among readable *and* damaged jobs, and ids never wrap (a
+//!   create beyond [`MAX_JOB_ID`] is refused);
+//! - a stored job (table `jobs` of [`crate::db`], key its id) is loaded only if its key is in
+//!   1..=[`MAX_JOB_ID`] and its content is a job with that id, a valid item id and a percent of
+//!   at most 100; any other row is reported ([`Jobs::damaged`]) and left in place for the
+//!   operator, and the rest of the table loads;
 //! - a job counts as running (for [`Jobs::running_work`], which a graceful stop waits on)
 //!   until its final state is durable: the end is decided in memory, written, and only then
 //!   shown as ended;
-//! - every change of a job's *state* (created, succeeded, failed) is written with
-//!   write-temp, fsync, rename, fsync-dir before the call returns, so after a crash a job is
-//!   found in the last state it was reported in; percent and message changes are in memory
-//!   only (they are re-derived after a restart);
+//! - every change of a job's *state* (created, succeeded, failed) is committed before the call
+//!   returns, so after a crash a job is found in the last state it was reported in; a job made
+//!   by a lifecycle step is [`Jobs::prepare`]d and committed in that step's transaction
+//!   ([`PendingJob::put`]), then [`Jobs::publish`]ed; percent and message changes are in
+//!   memory only (they are re-derived after a restart);
 //! - at most [`MAX_KEPT_JOBS`] finished jobs are kept; older ones are deleted, oldest first.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use anyhow::Context;
-
-use crate::store::write_atomic;
+use crate::db::{Commit, ControlStore, DbError};
 
 /// Finished jobs kept (in memory and on disk).
 pub const MAX_KEPT_JOBS: usize = 1000;
 /// The largest job id (2^53 - 1: every id is exact in a JSON number).
 pub const MAX_JOB_ID: u64 = (1 << 53) - 1;
 
-/// A job file that could not be loaded.
+/// A stored job that could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DamagedJob {
-    /// The file.
-    pub path: PathBuf,
+    /// Its key in the store.
+    pub id: u64,
     /// What is wrong with it.
     pub reason: String,
 }
@@ -114,7 +112,7 @@ impl Job {
             }
             ended.message = message;
             ended.error = error;
-            ended.finished_ns = Some(crate::store::now_ns());
+            ended.finished_ns = Some(engine::clock::now_unix_ns());
             ended
         };
         crate::testhook::pause_point(&format!("job:finish:{}", ended.kind.name()));
@@ -130,18 +128,19 @@ impl Job {
 
 #[derive(Debug)]
 struct Inner {
-    dir: PathBuf,
+    store: Arc<ControlStore>,
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
     /// The next id (taken by `Jobs::create` with one atomic update: never given twice).
     next_id: AtomicU64,
-    /// Job files that could not be loaded at open.
+    /// Stored jobs that could not be loaded at open.
     damaged: Vec<DamagedJob>,
 }
 
 impl Inner {
     fn persist(&self, view: &JobView) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec_pretty(view).context("encoding a job")?;
-        write_atomic(&self.dir, &format!("{}.json", view.id), &bytes)
+        self.store
+            .commit("recording a job", |commit| commit.put_job(view.id, view))?;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Job>>> {
@@ -149,7 +148,7 @@ impl Inner {
     }
 
     /// Deletes the oldest finished jobs beyond [`MAX_KEPT_JOBS`]: out of the table under its
-    /// lock, then their files without it (an id is never reused, so no new file can be hit).
+    /// lock, then from the store without it (an id is never reused, so no new job can be hit).
     fn trim(&self) {
         let dropped: Vec<u64> = {
             let mut jobs = self.lock();
@@ -168,11 +167,14 @@ impl Inner {
             }
             dropped
         };
-        for id in dropped {
-            let path = self.dir.join(format!("{id}.json"));
-            if let Err(error) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), %error, "could not delete an old job");
-            }
+        if dropped.is_empty() {
+            return;
+        }
+        if let Err(error) = self
+            .store
+            .commit("deleting old jobs", |commit| commit.remove_jobs(&dropped))
+        {
+            tracing::warn!(%error, jobs = dropped.len(), "could not delete old jobs");
         }
     }
 }
@@ -182,36 +184,27 @@ impl Inner {
 pub struct Jobs(Arc<Inner>);
 
 impl Jobs {
-    /// Loads `dir` (created if missing). A job file that cannot be loaded is reported (see
+    /// Loads the jobs of `store`. A stored job that cannot be loaded is reported (see
     /// [`Jobs::damaged`]) and skipped; its id is never given to a new job.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        crate::store::create_private_dir(dir)?;
+    pub fn open(store: Arc<ControlStore>) -> anyhow::Result<Self> {
         let mut views = Vec::new();
         let mut damaged = Vec::new();
         let mut highest = 0u64;
-        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-            let path = entry?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let id = path
-                .file_stem()
-                .and_then(|stem| stem.to_str())
-                .and_then(|stem| stem.parse::<u64>().ok());
-            if let Some(id) = id.filter(|id| *id <= MAX_JOB_ID) {
+        for (id, bytes) in store.jobs()? {
+            if id <= MAX_JOB_ID {
                 highest = highest.max(id);
             }
-            match load_job(&path, id) {
+            match load_job(id, &bytes) {
                 Ok(view) => views.push(view),
                 Err(reason) => {
-                    tracing::error!(path = %path.display(), %reason,
-                        "damaged job file: skipped (left in place; its id is not reused)");
-                    damaged.push(DamagedJob { path, reason });
+                    tracing::error!(job = id, %reason,
+                        "damaged job: skipped (left in the store; its id is not reused)");
+                    damaged.push(DamagedJob { id, reason });
                 }
             }
         }
         let inner = Arc::new(Inner {
-            dir: dir.to_path_buf(),
+            store,
             jobs: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(highest + 1),
             damaged,
@@ -232,20 +225,32 @@ impl Jobs {
         Ok(Self(inner))
     }
 
-    /// The job files that could not be loaded at open.
+    /// The stored jobs that could not be loaded at open.
     pub fn damaged(&self) -> &[DamagedJob] {
         &self.0.damaged
     }
 
-    /// Creates a running job (durably).
+    /// Creates a running job (durably, in a transaction of its own).
     pub fn create(
         &self,
         kind: JobKind,
         item: &str,
         message: impl Into<String>,
     ) -> anyhow::Result<Arc<Job>> {
-        // The id is reserved first, the file written without the table's lock, the job
-        // inserted after: a failed write leaves a gap in the ids, never a reused one.
+        let pending = self.prepare(kind, item, message)?;
+        self.0.persist(&pending.view)?;
+        Ok(self.publish(pending))
+    }
+
+    /// A new running job with its id taken, not yet stored or listed: [`PendingJob::put`] it
+    /// into a lifecycle step's transaction, then [`Jobs::publish`] it once that committed. A
+    /// job never published leaves a gap in the ids, never a reused one.
+    pub fn prepare(
+        &self,
+        kind: JobKind,
+        item: &str,
+        message: impl Into<String>,
+    ) -> anyhow::Result<PendingJob> {
         let id = self
             .0
             .next_id
@@ -257,26 +262,32 @@ impl Jobs {
                     "job ids are used up (the largest is {MAX_JOB_ID}); no job was created"
                 )
             })?;
-        let view = JobView {
-            id,
-            kind,
-            item: item.to_owned(),
-            state: JobState::Running,
-            percent: 0,
-            message: message.into(),
-            error: None,
-            created_ns: crate::store::now_ns(),
-            finished_ns: None,
-        };
-        self.0.persist(&view)?;
+        Ok(PendingJob {
+            view: JobView {
+                id,
+                kind,
+                item: item.to_owned(),
+                state: JobState::Running,
+                percent: 0,
+                message: message.into(),
+                error: None,
+                created_ns: engine::clock::now_unix_ns(),
+                finished_ns: None,
+            },
+        })
+    }
+
+    /// Lists a prepared job whose transaction committed.
+    pub fn publish(&self, pending: PendingJob) -> Arc<Job> {
+        let id = pending.view.id;
         let job = Arc::new(Job {
-            view: Mutex::new(view),
+            view: Mutex::new(pending.view),
             finishing: AtomicBool::new(false),
             table: self.0.clone(),
             target_dir: OnceLock::new(),
         });
         self.0.lock().insert(id, job.clone());
-        Ok(job)
+        job
     }
 
     /// A job by id.
@@ -322,16 +333,34 @@ impl Jobs {
     }
 }
 
-/// Reads and checks one job file; `id` is the number its name carries, if any.
-fn load_job(path: &Path, id: Option<u64>) -> Result<JobView, String> {
-    let id = id
-        .filter(|id| (1..=MAX_JOB_ID).contains(id))
-        .ok_or_else(|| format!("its name is not <job id 1..={MAX_JOB_ID}>.json"))?;
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+/// A job taken by [`Jobs::prepare`], to be committed with a lifecycle step.
+#[derive(Debug)]
+#[must_use = "a prepared job is stored by `put` and listed by `Jobs::publish`"]
+pub struct PendingJob {
+    view: JobView,
+}
+
+impl PendingJob {
+    /// Its id.
+    pub fn id(&self) -> u64 {
+        self.view.id
+    }
+
+    /// Adds the job to `commit`.
+    pub fn put(&self, commit: &mut Commit<'_>) -> Result<(), DbError> {
+        commit.put_job(self.view.id, &self.view)
+    }
+}
+
+/// Checks one stored job; `id` is its key.
+fn load_job(id: u64, bytes: &[u8]) -> Result<JobView, String> {
+    if !(1..=MAX_JOB_ID).contains(&id) {
+        return Err(format!("its key {id} is not a job id 1..={MAX_JOB_ID}"));
+    }
     let view: JobView =
-        serde_json::from_slice(&bytes).map_err(|e| format!("not a job record: {e}"))?;
+        serde_json::from_slice(bytes).map_err(|e| format!("not a job record: {e}"))?;
     if view.id != id {
-        return Err(format!("it records job id {}, its name says {id}", view.id));
+        return Err(format!("it records job id {}, its key says {id}", view.id));
     }
     if view.percent > 100 {
         return Err(format!("percent {} is above 100", view.percent));
@@ -341,127 +370,4 @@ fn load_job(path: &Path, id: Option<u64>) -> Result<JobView, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jobs_persist_their_state_and_ids_keep_growing() {
-        let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        let a = jobs.create(JobKind::Failover, ITEM_A, "starting").unwrap();
-        let b = jobs
-            .create(JobKind::InitialReplication, ITEM_B, "waiting")
-            .unwrap();
-        assert_eq!((a.id(), b.id()), (1, 2));
-        a.progress(150, "writing");
-        assert_eq!(a.view().percent, 99, "running jobs never show 100");
-        a.succeed("done").unwrap();
-        b.fail("disk gone").unwrap();
-        b.succeed("too late").unwrap();
-        assert_eq!(jobs.running_work(), 0);
-        let reopened = Jobs::open(dir.path()).unwrap();
-        let list = reopened.list();
-        assert_eq!(list.len(), 2);
-        assert_eq!(list[0].id, 2, "newest first");
-        assert_eq!(list[0].state, JobState::Failed);
-        assert_eq!(list[0].error.as_deref(), Some("disk gone"));
-        assert_eq!((list[1].state, list[1].percent), (JobState::Succeeded, 100));
-        assert_eq!(
-            reopened.create(JobKind::Resync, ITEM_A, "").unwrap().id(),
-            3
-        );
-    }
-
-    const ITEM_A: &str = "000102030405060708090a0b0c0d0e0f";
-    const ITEM_B: &str = "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
-
-    #[test]
-    fn a_job_owns_its_target_directory_until_it_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        let a = jobs.create(JobKind::TestFailover, ITEM_A, "").unwrap();
-        let b = jobs.create(JobKind::Failover, ITEM_B, "").unwrap();
-        a.hold_target_dir(1, 10);
-        b.hold_target_dir(1, 11);
-        assert_eq!(jobs.target_dir_holder(1, 10).map(|v| v.id), Some(a.id()));
-        assert_eq!(jobs.target_dir_holder(1, 11).map(|v| v.id), Some(b.id()));
-        assert!(jobs.target_dir_holder(2, 10).is_none(), "another device");
-        a.fail("gone").unwrap();
-        assert!(
-            jobs.target_dir_holder(1, 10).is_none(),
-            "released when it ends"
-        );
-    }
-
-    #[test]
-    fn a_garbage_job_file_is_skipped_not_fatal_and_its_id_is_not_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("7.json"), b"{not json").unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        assert!(jobs.list().is_empty());
-        assert_eq!(jobs.damaged().len(), 1);
-        assert!(jobs.damaged()[0].reason.contains("not a job record"));
-        assert_eq!(jobs.create(JobKind::Resync, ITEM_A, "").unwrap().id(), 8);
-    }
-
-    /// A job file whose id is the largest u64 made the next id wrap to 0 (and a debug build
-    /// panic): ids read from disk are checked, and creating past the largest id is refused.
-    #[test]
-    fn job_ids_from_disk_are_checked_and_never_wrap() {
-        let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        let job = jobs.create(JobKind::Failover, ITEM_A, "x").unwrap();
-        drop(jobs);
-        let good = std::fs::read_to_string(dir.path().join("1.json")).unwrap();
-        let max = u64::MAX.to_string();
-        std::fs::write(
-            dir.path().join(format!("{max}.json")),
-            good.replace("\"id\": 1,", &format!("\"id\": {max},")),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("5.json"),
-            good.replace("\"id\": 1,", "\"id\": 6,"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("0.json"),
-            good.replace("\"id\": 1,", "\"id\": 0,"),
-        )
-        .unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        let reasons: Vec<&str> = jobs.damaged().iter().map(|d| d.reason.as_str()).collect();
-        assert_eq!(reasons.len(), 3, "{reasons:?}");
-        assert!(
-            reasons.iter().any(|r| r.contains("records job id 6")),
-            "{reasons:?}"
-        );
-        assert_eq!(jobs.list().len(), 1);
-        assert_eq!(jobs.list()[0].id, job.id());
-        assert_eq!(jobs.create(JobKind::Resync, ITEM_A, "").unwrap().id(), 6);
-
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(format!("{MAX_JOB_ID}.json")),
-            good.replace("\"id\": 1,", &format!("\"id\": {MAX_JOB_ID},")),
-        )
-        .unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        assert!(jobs.damaged().is_empty());
-        let refused = jobs.create(JobKind::Resync, ITEM_A, "").unwrap_err();
-        assert!(format!("{refused}").contains("used up"), "{refused}");
-    }
-
-    /// A job shows as ended only once its end is durable.
-    #[test]
-    fn a_job_counts_as_running_until_its_end_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::open(dir.path()).unwrap();
-        let job = jobs.create(JobKind::Failover, ITEM_A, "x").unwrap();
-        // The write of the end fails (its directory is gone): the job still ends in memory.
-        std::fs::remove_dir_all(dir.path()).unwrap();
-        assert!(job.fail("boom").is_err());
-        assert_eq!(job.view().state, JobState::Failed);
-        assert_eq!(jobs.running_work(), 0);
-    }
-}
+mod tests;

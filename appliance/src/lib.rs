@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod dataport;
+pub mod db;
 pub mod fdbudget;
 pub mod http;
 pub mod inspect;

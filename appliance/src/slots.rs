@@ -23,75 +23,46 @@
 //!   and a slot cannot leak across a crash. Reservations carry the id of the table instance that
 //!   made them, so a reservation from before a restart is refused instead of committed.
 //! - **Every change to committed state is durable before it returns**: `commit`, `detach`,
-//!   `release_item` and a slot-count change at `open` each write and sync a new page. A slot
-//!   freed by `detach` is reusable only after that page is durable (TigerBeetle's
-//!   "released → free after checkpoint"): the call holds `&mut self` until then.
+//!   `release_item` and a slot-count change at `open` each commit one transaction of the
+//!   control store ([`crate::db`]). A slot freed by `detach` is reusable only after that commit
+//!   (TigerBeetle's "released → free after checkpoint"): the call holds `&mut self` until then.
+//!   The `*_with` forms add the caller's own changes (an item's record, its job) to that same
+//!   transaction, so a lifecycle step's slots and record are committed together or not at all.
 //! - **Refusals change nothing**: every check runs before the first change. A refused `commit`
 //!   is a failed attach, so it also frees its reservation (the caller cannot leak it).
-//! - **After a failed write the table refuses every change** ([`SlotError::Failed`]): the page
-//!   may or may not have reached the media, so only a reopen knows the durable state.
+//! - **After a failed commit the table refuses every change** ([`SlotError::Failed`]): the
+//!   commit may or may not have reached the media, so only a reopen knows the durable state.
 //!   (`release_reservation` and `release_op` still work: they touch memory only.)
-//! - **One owner per directory**: two tables over the same files would overwrite each other's
-//!   pages; the data directory's lock (`store::DataDir`) ensures one appliance process.
+//! - **One owner per store**: two tables over the same store would overwrite each other's
+//!   rows; the data directory's lock (`store::DataDir`) ensures one appliance process.
 //!
-//! # On-disk format
+//! # Stored form
 //!
-//! Two page files, `slots-a.page` and `slots-b.page`, form a double-buffered superblock: each
-//! holds one whole page, a new page always goes to the file *not* holding the newest valid
-//! page, and on open the valid page with the higher generation wins. (Two files rather than two
-//! regions of one file because a page's length varies with the paths in it; [`DurableDir`] has
-//! no rename, and none is needed.) A page, all integers little-endian:
-//!
-//! ```text
-//!   offset  bytes  field
-//!   0       8      checksum: xxh3-64 of bytes [8, 40 + body_len_bytes)
-//!   8       8      magic "DRSLOTS\0"
-//!   16      4      format version (1)
-//!   20      4      slot count (1..=256)
-//!   24      8      generation (1 for the first page, +1 per page written)
-//!   32      4      entry count (attached LUNs)
-//!   36      4      body length in bytes
-//!   40      ...    entries, one per attached LUN, in increasing LUN order:
-//!                    0   4   LUN (1..slot count)
-//!                    4   16  item id
-//!                    20  4   disk index
-//!                    24  2   path length in bytes (1..=4096)
-//!                    26  n   path (the OS bytes of an absolute path, no NUL)
-//! ```
-//!
-//! Free LUNs are the ones without an entry; LUN 0 is always the appliance's. A page is at most
-//! 40 + 255 × (26 + 4096) bytes (about 1 MiB).
-//!
-//! # Crash safety
-//!
-//! A change writes the page of generation g + 1 into the file that does not hold the newest
-//! valid page (generation g), truncates that file to the page's length, and syncs it. The file
-//! holding generation g is never written while it is the newest, so a crash at any instant
-//! leaves it intact. The file being written is then either complete (its checksum verifies:
-//! the state *after* the change) or torn, short, stale or empty (the checksum fails, or it
-//! verifies as an older generation: the state *before*). The length read from a torn header is
-//! bounded before use and covered by the checksum. Nothing else is ever written, so no torn or
-//! half-applied table can load, and since reservations are not stored, nothing can leak.
-//!
-//! The first open creates both files, syncs the directory, then writes generation 1 into
-//! `slots-a.page`; `slots-b.page` is first written for generation 2. So "no valid page and an
-//! empty `slots-b.page`" can only mean the first open never completed, which loads as a new,
-//! empty table; "no valid page" in any other case is media damage and is refused
-//! ([`SlotError::Corrupt`]), as is a page whose checksum verifies but whose content breaks an
-//! invariant (a LUN twice, a disk twice, a path twice): that is a bug or tampering, and
-//! guessing would risk double-booking a LUN.
+//! The table `slots` of `control.redb` holds one row per attached LUN (key: the LUN; value: item
+//! id, disk index, path), and the setting `slot_count` the table's size; free LUNs are the ones
+//! without a row and LUN 0 is always the appliance's (see [`crate::db`]). redb's commit is
+//! atomic and checksummed, so a crash leaves the table of the last commit; a stored table that
+//! breaks an invariant (a LUN outside the table, a disk or a path twice, a row that does not
+//! decode) is refused ([`SlotError::Corrupt`]): that is a bug or tampering, and guessing would
+//! risk double-booking a LUN. The first release's page format is read only by the migration
+//! ([`crate::db::migrate_v1`]).
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fmt;
-use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use engine::durable::{DurableDir, DurableFile};
-use xxhash_rust::xxh3::xxh3_64;
+use engine::durable::DurableDir;
+
+use crate::db::{Commit, ControlStore, DbError};
+
+mod error;
+mod stored;
+
+pub use error::SlotError;
+use stored::{decode_stored, entries};
 
 /// Slots on the reference appliance size.
 pub const SLOT_COUNT_DEFAULT: u32 = 32;
@@ -101,17 +72,6 @@ pub const SLOT_COUNT_MAX: u32 = 256;
 pub const APPLIANCE_LUN: Lun = Lun(0);
 /// The longest path a slot records (Linux `PATH_MAX`).
 pub const PATH_BYTES_MAX: usize = 4096;
-/// The two page files, in the data directory.
-pub const PAGE_FILE_NAMES: [&str; 2] = ["slots-a.page", "slots-b.page"];
-/// The magic at byte 8 of a page.
-pub const PAGE_MAGIC: [u8; 8] = *b"DRSLOTS\0";
-/// The page format this build writes and reads.
-pub const PAGE_FORMAT_VERSION: u32 = 1;
-
-const HEADER_BYTES: usize = 40;
-const ENTRY_FIXED_BYTES: usize = 26;
-const PAGE_BYTES_MAX: usize =
-    HEADER_BYTES + (SLOT_COUNT_MAX as usize - 1) * (ENTRY_FIXED_BYTES + PATH_BYTES_MAX);
 
 /// Distinguishes table instances, so a reservation from before a reopen is refused.
 static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
@@ -229,149 +189,6 @@ impl Reservation {
     }
 }
 
-/// Why a slot-table call was refused or failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SlotError {
-    /// A slot count outside 1..=256.
-    #[error("slot count {slot_count} is outside 1..={SLOT_COUNT_MAX}")]
-    SlotCountOutOfRange {
-        /// The count given.
-        slot_count: u32,
-    },
-    /// More disks than free slots: nothing was reserved.
-    #[error("needs {needed} slots, {free} free")]
-    NotEnoughSlots {
-        /// Slots the operation needs.
-        needed: usize,
-        /// Slots free.
-        free: usize,
-    },
-    /// The disk already holds a slot (attached or reserved).
-    #[error("item {item} disk {disk_index} already holds LUN {lun}")]
-    DiskAlreadyHasSlot {
-        /// The item.
-        item: ItemId,
-        /// The disk.
-        disk_index: u32,
-        /// The LUN it holds.
-        lun: Lun,
-    },
-    /// A request names the same disk twice.
-    #[error("item {item} disk {disk_index} appears twice in one request")]
-    DuplicateDisk {
-        /// The item.
-        item: ItemId,
-        /// The disk.
-        disk_index: u32,
-    },
-    /// The operation already holds a reservation.
-    #[error("operation {op_id} already holds a reservation")]
-    OperationAlreadyReserved {
-        /// The operation.
-        op_id: u64,
-    },
-    /// The reservation is not live in this table.
-    #[error(
-        "operation {op_id} holds no live reservation of LUN {lun} in this slot table (committed, \
-         released, or made before a restart)"
-    )]
-    UnknownReservation {
-        /// The operation.
-        op_id: u64,
-        /// The first LUN that does not match.
-        lun: Lun,
-    },
-    /// `commit` got a different number of paths than reserved slots; the reservation was released.
-    #[error("operation {op_id} reserved {reserved} slots but gave {given} paths")]
-    PathCountMismatch {
-        /// The operation.
-        op_id: u64,
-        /// Slots reserved.
-        reserved: usize,
-        /// Paths given.
-        given: usize,
-    },
-    /// A path a slot cannot record; the reservation was released.
-    #[error("path {path:?} for item {item} disk {disk_index} is refused: {reason}")]
-    PathRefused {
-        /// The item.
-        item: ItemId,
-        /// The disk.
-        disk_index: u32,
-        /// The path.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The path is already attached at a LUN; the reservation was released.
-    #[error("path {path:?} is already attached at LUN {lun}")]
-    PathInUse {
-        /// The path.
-        path: PathBuf,
-        /// The LUN holding it.
-        lun: Lun,
-    },
-    /// The disk holds no attached LUN.
-    #[error("item {item} disk {disk_index} is not attached")]
-    NotAttached {
-        /// The item.
-        item: ItemId,
-        /// The disk.
-        disk_index: u32,
-    },
-    /// The item has an attach in flight.
-    #[error("item {item} has slots reserved by operation {op_id}; commit or release them first")]
-    ItemBusy {
-        /// The item.
-        item: ItemId,
-        /// The operation holding the reservation.
-        op_id: u64,
-    },
-    /// Shrinking the table would drop an attached disk.
-    #[error(
-        "slot count {slot_count} would drop LUN {lun} attached to item {item} disk {disk_index}"
-    )]
-    ShrinkWouldDropAttached {
-        /// The count asked for.
-        slot_count: u32,
-        /// The lowest attached LUN at or above it.
-        lun: Lun,
-        /// Its item.
-        item: ItemId,
-        /// Its disk.
-        disk_index: u32,
-    },
-    /// The stored table is damaged or was not written by this code.
-    #[error("slot table is corrupt: {reason}")]
-    Corrupt {
-        /// What is wrong, naming the file.
-        reason: String,
-    },
-    /// Reading or writing the table failed.
-    #[error("slot table I/O failed while {what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// An earlier write failed; the table refuses changes until reopened.
-    #[error(
-        "slot table refuses changes after a failed write while {what}; reopen it to learn the \
-         durable state"
-    )]
-    Failed {
-        /// What the failed write was doing.
-        what: &'static str,
-    },
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SlotError {
-    move |source| SlotError::Io { what, source }
-}
-
 fn check_slot_count(slot_count: u32) -> Result<(), SlotError> {
     if (1..=SLOT_COUNT_MAX).contains(&slot_count) {
         Ok(())
@@ -408,83 +225,105 @@ fn fresh_slots(slot_count: u32) -> Vec<SlotState> {
 /// The durable slot table. One owner; wrap it in a mutex to share it.
 #[derive(Debug)]
 pub struct SlotTable {
-    files: [Arc<dyn DurableFile>; 2],
+    store: Arc<ControlStore>,
     table_id: u64,
     /// One state per LUN; index = LUN.
     slots: Vec<SlotState>,
-    /// Generation of the newest durable page (0: none yet).
-    generation: u64,
-    /// Index into `files` of the file holding the newest durable page.
-    newest_file: usize,
-    /// Set by a failed write: what it was doing.
+    /// Set by a failed commit: what it was doing.
     failed: Option<&'static str>,
 }
 
 impl SlotTable {
-    /// Loads the table from `dir`, or creates an empty one, with `slot_count` slots.
+    /// Loads the table from `store`, or creates an empty one, with `slot_count` slots.
     ///
     /// A stored table with another slot count grows freely; it shrinks only if no attached LUN
     /// is dropped ([`SlotError::ShrinkWouldDropAttached`] otherwise). Reservations never
     /// survive: every LUN is free, attached or the appliance's after `open`.
-    pub fn open(dir: Arc<dyn DurableDir>, slot_count: u32) -> Result<Self, SlotError> {
+    pub fn open(store: Arc<ControlStore>, slot_count: u32) -> Result<Self, SlotError> {
         check_slot_count(slot_count)?;
-        let names = dir
-            .list()
-            .map_err(io_err("listing the slot table's directory"))?;
-        let created = PAGE_FILE_NAMES
-            .iter()
-            .any(|name| !names.iter().any(|present| present == name));
-        let files = [
-            dir.open(PAGE_FILE_NAMES[0], true)
-                .map_err(io_err("opening the slot table"))?,
-            dir.open(PAGE_FILE_NAMES[1], true)
-                .map_err(io_err("opening the slot table"))?,
-        ];
-        if created {
-            dir.sync()
-                .map_err(io_err("creating the slot table's files"))?;
-        }
-        let newest = load_newest([Some(&files[0]), Some(&files[1])])?;
+        let stored = store.slots().map_err(store_err("reading the slot table"))?;
         let mut table = Self {
-            files,
+            store,
             table_id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             slots: fresh_slots(slot_count),
-            generation: 0,
-            newest_file: 1,
             failed: None,
         };
-        match newest {
-            None => table.persist(fresh_slots(slot_count), "creating the slot table")?,
-            Some((page, file_index)) => {
-                table.slots = page.slots;
-                table.generation = page.generation;
-                table.newest_file = file_index;
-                if page.slot_count != slot_count {
+        match stored {
+            None => table.persist(fresh_slots(slot_count), "creating the slot table", no_more)?,
+            Some(stored) => {
+                let stored_count = stored.slot_count;
+                table.slots = decode_stored(stored)?;
+                if stored_count != slot_count {
                     let resized = table.resized(slot_count)?;
-                    table.persist(resized, "changing the slot count")?;
+                    table.persist(resized, "changing the slot count", no_more)?;
                 }
             }
         }
         Ok(table)
     }
 
-    /// The committed table stored in `dir`, without changing anything (reservations are
-    /// never stored, so reserved LUNs show as free); `None` when no table was ever created.
-    pub fn load_committed(dir: &dyn DurableDir) -> Result<Option<Vec<SlotRow>>, SlotError> {
-        let names = dir
-            .list()
-            .map_err(io_err("listing the slot table's directory"))?;
-        let mut files: [Option<Arc<dyn DurableFile>>; 2] = [None, None];
-        for (slot, name) in files.iter_mut().zip(PAGE_FILE_NAMES) {
-            if names.iter().any(|present| present == name) {
-                *slot = Some(
-                    dir.open(name, false)
-                        .map_err(io_err("opening the slot table"))?,
-                );
+    /// Replaces a damaged stored table with `attached` (disks and their paths, LUNs given
+    /// lowest first in the order given) and opens it: the repair for [`SlotError::Corrupt`],
+    /// from the item records. A disk that does not fit, or repeats a disk or a path, is left
+    /// out and returned.
+    pub fn rebuild(
+        store: Arc<ControlStore>,
+        slot_count: u32,
+        attached: Vec<(DiskRequest, PathBuf)>,
+    ) -> Result<(Self, Vec<DiskRequest>), SlotError> {
+        check_slot_count(slot_count)?;
+        let mut slots = fresh_slots(slot_count);
+        let mut left_out = Vec::new();
+        let mut next = 1usize;
+        let mut disks = BTreeSet::new();
+        let mut paths = BTreeSet::new();
+        for (request, path) in attached {
+            let fits = next < slots.len()
+                && path_problem(&path).is_none()
+                && disks.insert(request)
+                && paths.insert(path.clone());
+            if !fits {
+                left_out.push(request);
+                continue;
             }
+            slots[next] = SlotState::Attached {
+                item: request.item,
+                disk_index: request.disk_index,
+                path,
+            };
+            next += 1;
         }
-        let newest = load_newest([files[0].as_ref(), files[1].as_ref()])?;
-        Ok(newest.map(|(page, _)| rows(&page.slots)))
+        let mut table = Self {
+            store,
+            table_id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
+            slots: fresh_slots(slot_count),
+            failed: None,
+        };
+        table.persist(slots, "rebuilding the slot table", no_more)?;
+        Ok((table, left_out))
+    }
+
+    /// Opens the control store in `dir` and the table in it (see [`SlotTable::open`]).
+    pub fn open_in(dir: &dyn DurableDir, slot_count: u32) -> Result<Self, SlotError> {
+        check_slot_count(slot_count)?;
+        let store = ControlStore::open_in(dir).map_err(store_err("opening the control store"))?;
+        Self::open(Arc::new(store), slot_count)
+    }
+
+    /// The committed table stored in `dir`'s control store (reservations are never stored, so
+    /// reserved LUNs show as free); `None` when no table was ever created. Read-only for a
+    /// closed store; a store that a crash left open is first repaired, as a restart would, so
+    /// never call it on a store a live table holds (use a copy of it).
+    pub fn load_committed(dir: &dyn DurableDir) -> Result<Option<Vec<SlotRow>>, SlotError> {
+        let stored = match ControlStore::open_read_only(dir) {
+            Ok(None) => return Ok(None),
+            Ok(Some(view)) => view.slots(),
+            Err(_) => ControlStore::open_in(dir).and_then(|store| store.slots()),
+        };
+        match stored.map_err(store_err("reading the slot table"))? {
+            None => Ok(None),
+            Some(stored) => Ok(Some(rows(&decode_stored(stored)?))),
+        }
     }
 
     /// Reserves one free LUN per disk, lowest LUNs first, for operation `op_id`: all or
@@ -554,14 +393,23 @@ impl SlotTable {
         reservation: Reservation,
         paths: Vec<PathBuf>,
     ) -> Result<(), SlotError> {
+        self.commit_with(reservation, paths, no_more)
+    }
+
+    /// [`SlotTable::commit`] with the caller's `more` changes in the same transaction (e.g.
+    /// the new item's record and job): all of them are committed, or none. An error from
+    /// `more` is a failed attach (the reservation is released), with nothing written.
+    pub fn commit_with(
+        &mut self,
+        reservation: Reservation,
+        paths: Vec<PathBuf>,
+        more: impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>,
+    ) -> Result<(), SlotError> {
         self.check_usable()?;
         self.check_live(&reservation)?;
         if let Err(refusal) = self.check_paths(&reservation, &paths) {
             self.free_reserved(&reservation);
             return Err(refusal);
-        }
-        if reservation.slots.is_empty() {
-            return Ok(());
         }
         let mut attached = self.slots.clone();
         for (&(lun, request), path) in reservation.slots.iter().zip(paths) {
@@ -571,7 +419,11 @@ impl SlotTable {
                 path,
             };
         }
-        self.persist(attached, "committing a reservation")
+        let committed = self.persist(attached, "committing a reservation", more);
+        if matches!(committed, Err(SlotError::Refused { .. })) {
+            self.free_reserved(&reservation);
+        }
+        committed
     }
 
     /// Frees the slots of a reservation whose attach failed (memory only: nothing to sync).
@@ -607,13 +459,31 @@ impl SlotTable {
             .ok_or(SlotError::NotAttached { item, disk_index })?;
         let mut detached = self.slots.clone();
         detached[lun] = SlotState::Free;
-        self.persist(detached, "detaching a disk")?;
+        self.persist(detached, "detaching a disk", no_more)?;
         Ok(Lun(lun as u32))
     }
 
     /// Frees every attached LUN of `item`, durably; returns them (none: nothing is written).
     /// Refused while the item has a reservation in flight.
     pub fn release_item(&mut self, item: ItemId) -> Result<Vec<Lun>, SlotError> {
+        self.release(item, None::<fn(&mut Commit<'_>) -> Result<(), DbError>>)
+    }
+
+    /// [`SlotTable::release_item`] with the caller's `more` changes in the same transaction
+    /// (committed even when the item holds no LUN).
+    pub fn release_item_with(
+        &mut self,
+        item: ItemId,
+        more: impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>,
+    ) -> Result<Vec<Lun>, SlotError> {
+        self.release(item, Some(more))
+    }
+
+    fn release(
+        &mut self,
+        item: ItemId,
+        more: Option<impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>>,
+    ) -> Result<Vec<Lun>, SlotError> {
         self.check_usable()?;
         let mut freed = Vec::new();
         let mut released = self.slots.clone();
@@ -632,8 +502,12 @@ impl SlotTable {
                 _ => {}
             }
         }
-        if !freed.is_empty() {
-            self.persist(released, "releasing an item's disks")?;
+        match more {
+            Some(more) => self.persist(released, "releasing an item's disks", more)?,
+            None if !freed.is_empty() => {
+                self.persist(released, "releasing an item's disks", no_more)?;
+            }
+            None => {}
         }
         Ok(freed)
     }
@@ -764,26 +638,50 @@ impl SlotTable {
         Ok(slots)
     }
 
-    /// Writes `slots` as the next page into the file not holding the newest one, syncs it, and
-    /// only then makes it the table's state. A failure marks the table failed.
-    fn persist(&mut self, slots: Vec<SlotState>, what: &'static str) -> Result<(), SlotError> {
+    /// Commits `slots` (with the caller's `more` changes) in one transaction of the control
+    /// store, and only then makes it the table's state. A failed commit marks the table failed;
+    /// an error from `more` is a refusal ([`SlotError::Refused`]) and changes nothing.
+    fn persist(
+        &mut self,
+        slots: Vec<SlotState>,
+        what: &'static str,
+        more: impl FnOnce(&mut Commit<'_>) -> Result<(), DbError>,
+    ) -> Result<(), SlotError> {
         self.check_usable()?;
-        let generation = self.generation + 1;
-        let page = encode_page(generation, &slots);
-        let target = 1 - self.newest_file;
-        let file = &self.files[target];
-        let written = file
-            .write_all_at(0, &page)
-            .and_then(|()| file.set_len(page.len() as u64))
-            .and_then(|()| file.sync_data());
-        if let Err(source) = written {
+        let slot_count = slots.len() as u32;
+        let rows = entries(&slots);
+        let mut refused = None;
+        let committed = self.store.commit(what, |commit| {
+            if let Err(error) = more(commit) {
+                refused = Some(error.to_string());
+                return Err(error);
+            }
+            commit.put_slots(slot_count, &rows)
+        });
+        if let Some(reason) = refused {
+            return Err(SlotError::Refused { what, reason });
+        }
+        if let Err(error) = committed {
             self.failed = Some(what);
-            return Err(SlotError::Io { what, source });
+            return Err(SlotError::Io {
+                what,
+                source: std::io::Error::other(error),
+            });
         }
         self.slots = slots;
-        self.generation = generation;
-        self.newest_file = target;
         Ok(())
+    }
+}
+
+/// No changes beside the slot table's own.
+fn no_more(_: &mut Commit<'_>) -> Result<(), DbError> {
+    Ok(())
+}
+
+fn store_err(what: &'static str) -> impl FnOnce(DbError) -> SlotError {
+    move |error| SlotError::Io {
+        what,
+        source: std::io::Error::other(error),
     }
 }
 
@@ -796,255 +694,4 @@ fn rows(slots: &[SlotState]) -> Vec<SlotRow> {
             state: state.clone(),
         })
         .collect()
-}
-
-fn encode_page(generation: u64, slots: &[SlotState]) -> Vec<u8> {
-    let mut body = Vec::new();
-    let mut entry_count: u32 = 0;
-    for (index, state) in slots.iter().enumerate() {
-        if let SlotState::Attached {
-            item,
-            disk_index,
-            path,
-        } = state
-        {
-            let path_bytes = path.as_os_str().as_bytes();
-            body.extend_from_slice(&(index as u32).to_le_bytes());
-            body.extend_from_slice(&item.0);
-            body.extend_from_slice(&disk_index.to_le_bytes());
-            body.extend_from_slice(&(path_bytes.len() as u16).to_le_bytes());
-            body.extend_from_slice(path_bytes);
-            entry_count += 1;
-        }
-    }
-    let mut page = Vec::with_capacity(HEADER_BYTES + body.len());
-    page.extend_from_slice(&[0u8; 8]);
-    page.extend_from_slice(&PAGE_MAGIC);
-    page.extend_from_slice(&PAGE_FORMAT_VERSION.to_le_bytes());
-    page.extend_from_slice(&(slots.len() as u32).to_le_bytes());
-    page.extend_from_slice(&generation.to_le_bytes());
-    page.extend_from_slice(&entry_count.to_le_bytes());
-    page.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    page.extend_from_slice(&body);
-    let checksum = xxh3_64(&page[8..]);
-    page[0..8].copy_from_slice(&checksum.to_le_bytes());
-    page
-}
-
-/// A decoded page.
-#[derive(Debug)]
-struct Page {
-    slot_count: u32,
-    generation: u64,
-    slots: Vec<SlotState>,
-}
-
-/// What one page file holds.
-#[derive(Debug)]
-enum PageRead {
-    Valid(Page),
-    /// Torn, short, empty or missing: why.
-    Invalid(String),
-}
-
-/// The newest valid page and the index of its file; `None` if the first open never completed.
-fn load_newest(
-    files: [Option<&Arc<dyn DurableFile>>; 2],
-) -> Result<Option<(Page, usize)>, SlotError> {
-    let mut reads = Vec::with_capacity(2);
-    let mut second_len_bytes = 0;
-    for (index, (file, name)) in files.into_iter().zip(PAGE_FILE_NAMES).enumerate() {
-        let Some(file) = file else {
-            reads.push(PageRead::Invalid("missing".to_owned()));
-            continue;
-        };
-        let len_bytes = file.len_bytes().map_err(io_err("reading the slot table"))?;
-        if index == 1 {
-            second_len_bytes = len_bytes;
-        }
-        reads.push(read_page(name, file.as_ref(), len_bytes)?);
-    }
-    let mut reads = reads.into_iter();
-    let (Some(first), Some(second)) = (reads.next(), reads.next()) else {
-        return Err(SlotError::Corrupt {
-            reason: "internal: expected two page reads".to_owned(),
-        });
-    };
-    match (first, second) {
-        (PageRead::Valid(a), PageRead::Valid(b)) => {
-            if a.generation == b.generation {
-                Err(SlotError::Corrupt {
-                    reason: format!(
-                        "{} and {} both hold generation {}",
-                        PAGE_FILE_NAMES[0], PAGE_FILE_NAMES[1], a.generation
-                    ),
-                })
-            } else if a.generation > b.generation {
-                Ok(Some((a, 0)))
-            } else {
-                Ok(Some((b, 1)))
-            }
-        }
-        (PageRead::Valid(a), PageRead::Invalid(_)) => Ok(Some((a, 0))),
-        (PageRead::Invalid(_), PageRead::Valid(b)) => Ok(Some((b, 1))),
-        (PageRead::Invalid(_), PageRead::Invalid(_)) if second_len_bytes == 0 => Ok(None),
-        (PageRead::Invalid(why_a), PageRead::Invalid(why_b)) => Err(SlotError::Corrupt {
-            reason: format!(
-                "no valid page: {}: {why_a}; {}: {why_b}",
-                PAGE_FILE_NAMES[0], PAGE_FILE_NAMES[1]
-            ),
-        }),
-    }
-}
-
-fn le_u32(bytes: &[u8; HEADER_BYTES], at: usize) -> u32 {
-    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-fn read_page(name: &str, file: &dyn DurableFile, len_bytes: u64) -> Result<PageRead, SlotError> {
-    if len_bytes < HEADER_BYTES as u64 {
-        return Ok(PageRead::Invalid(format!(
-            "{len_bytes} bytes, shorter than a page header"
-        )));
-    }
-    let mut header = [0u8; HEADER_BYTES];
-    file.read_exact_at(0, &mut header)
-        .map_err(io_err("reading the slot table"))?;
-    if header[8..16] != PAGE_MAGIC {
-        return Ok(PageRead::Invalid("no page magic".to_owned()));
-    }
-    let body_len_bytes = le_u32(&header, 36) as usize;
-    let page_len_bytes = HEADER_BYTES + body_len_bytes;
-    if page_len_bytes > PAGE_BYTES_MAX {
-        return Ok(PageRead::Invalid(format!(
-            "page length {page_len_bytes} bytes is beyond the largest page"
-        )));
-    }
-    if page_len_bytes as u64 > len_bytes {
-        return Ok(PageRead::Invalid(format!(
-            "page of {page_len_bytes} bytes in a file of {len_bytes}"
-        )));
-    }
-    let mut page = vec![0u8; page_len_bytes];
-    file.read_exact_at(0, &mut page)
-        .map_err(io_err("reading the slot table"))?;
-    let mut stored = [0u8; 8];
-    stored.copy_from_slice(&page[0..8]);
-    if u64::from_le_bytes(stored) != xxh3_64(&page[8..]) {
-        return Ok(PageRead::Invalid("checksum mismatch".to_owned()));
-    }
-    // The checksum verifies: these are the bytes that were written. Anything wrong from here
-    // on is a bug or tampering, not a torn write, and is refused rather than guessed around.
-    decode_page(&page)
-        .map(PageRead::Valid)
-        .map_err(|reason| SlotError::Corrupt {
-            reason: format!("{name}: {reason}"),
-        })
-}
-
-/// Reads little-endian fields from a byte slice, failing past its end.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, count: usize) -> Result<&'a [u8], String> {
-        if count > self.bytes.len() {
-            return Err(format!(
-                "truncated: {count} bytes wanted, {} left",
-                self.bytes.len()
-            ));
-        }
-        let (head, tail) = self.bytes.split_at(count);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u16(&mut self) -> Result<u16, String> {
-        self.array().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        self.array().map(u64::from_le_bytes)
-    }
-}
-
-fn decode_page(page: &[u8]) -> Result<Page, String> {
-    let mut cursor = Cursor { bytes: page };
-    let _checksum = cursor.u64()?;
-    let _magic = cursor.take(8)?;
-    let version = cursor.u32()?;
-    if version != PAGE_FORMAT_VERSION {
-        return Err(format!(
-            "format version {version}; this build reads version {PAGE_FORMAT_VERSION}"
-        ));
-    }
-    let slot_count = cursor.u32()?;
-    if check_slot_count(slot_count).is_err() {
-        return Err(format!(
-            "slot count {slot_count} is outside 1..={SLOT_COUNT_MAX}"
-        ));
-    }
-    let generation = cursor.u64()?;
-    if generation == 0 {
-        return Err("generation 0".to_owned());
-    }
-    let entry_count = cursor.u32()?;
-    let _body_len_bytes = cursor.u32()?;
-    let mut slots = fresh_slots(slot_count);
-    let mut disks = BTreeSet::new();
-    let mut paths = BTreeSet::new();
-    let mut previous_lun = 0;
-    for _ in 0..entry_count {
-        let lun = cursor.u32()?;
-        let item = ItemId(cursor.array()?);
-        let disk_index = cursor.u32()?;
-        let path_len_bytes = usize::from(cursor.u16()?);
-        let path = PathBuf::from(OsString::from_vec(cursor.take(path_len_bytes)?.to_vec()));
-        if lun <= previous_lun || lun >= slot_count {
-            return Err(format!(
-                "entry for LUN {lun} is out of order or outside 1..{slot_count}"
-            ));
-        }
-        previous_lun = lun;
-        if let Some(reason) = path_problem(&path) {
-            return Err(format!("LUN {lun}: path {path:?}: {reason}"));
-        }
-        if !disks.insert((item, disk_index)) {
-            return Err(format!(
-                "item {item} disk {disk_index} holds more than one LUN (again at LUN {lun})"
-            ));
-        }
-        if !paths.insert(path.clone()) {
-            return Err(format!(
-                "path {path:?} is attached twice (again at LUN {lun})"
-            ));
-        }
-        slots[lun as usize] = SlotState::Attached {
-            item,
-            disk_index,
-            path,
-        };
-    }
-    if !cursor.bytes.is_empty() {
-        return Err(format!(
-            "{} bytes after the last of {entry_count} entries",
-            cursor.bytes.len()
-        ));
-    }
-    Ok(Page {
-        slot_count,
-        generation,
-        slots,
-    })
 }

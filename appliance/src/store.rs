@@ -1,26 +1,37 @@
 //! The appliance's data directory: where each item's staging log, preserve store and replicas
-//! live, and the one metadata store.
+//! live, the engine's metadata store and the appliance's control store.
 //!
 //! ```text
 //!  DATA_DIR/
 //!  ├── meta.redb                         points, watermarks, preserved index, replica identities
+//!  │                                     (the engine's: engine::meta)
+//!  ├── control.redb                      item records, jobs, the slot table: one transaction
+//!  │                                     per lifecycle step (crate::db)
+//!  ├── api-token                         the control API's token
+//!  ├── lock                              one appliance process per data directory (flock)
 //!  └── items/<item id, 32 hex digits>/
 //!      ├── header.drs                    the item's stream header: identity and disks
 //!      ├── staging/seg-*.drs             the cache staging area (engine::staging)
 //!      ├── preserve/pres-*.dat           old blocks kept for recovery points (engine::apply)
 //!      ├── replicas/disk-<i>.img         replica disks created by the appliance
+//!      ├── token                         the stream token (mode 0600)
 //!      └── enabling                      only while enable makes the item (see below)
 //! ```
+//!
+//! The first release kept item records in `items/<id>/item.json`, jobs in `jobs/<id>.json` and
+//! the slot table in `slots/slots-{a,b}.page`; `crate::db::migrate_v1` moves them into
+//! `control.redb` at the first start.
 //!
 //! An item directory is created once, from the first stream's header; a later stream for the
 //! same item must declare the same disks.
 //!
 //! VM data is the owner's only: directories are created mode 0700 and files mode 0600. Every
 //! directory a record points to is made durable (its parent fsynced) before the record is
-//! written. Enable makes an item in steps (`DataDir::begin_item`: the directory and its
-//! `enabling` marker; then the header, replicas, token, record); a directory found at start
-//! with the marker and no record, or with neither header nor record, is what a crash during
-//! enable left and is rolled back. A purge renames the directory to `items/.purge-<id>` first,
+//! committed. Enable makes an item in steps (`DataDir::begin_item`: the directory and its
+//! `enabling` marker; then the header, replicas, token; then one transaction of the control
+//! store with its slots, record and job); a directory found at start with the marker and no
+//! record, or with neither header nor record, is what a crash during enable left and is rolled
+//! back. A purge renames the directory to `items/.purge-<id>` first,
 //! so a crash mid-way never leaves half an item under its own name.
 
 use std::path::{Path, PathBuf};
@@ -48,12 +59,9 @@ pub fn describe(error: &anyhow::Error) -> String {
     out
 }
 
-/// Now, in ns since the Unix epoch (0 if the clock is before it).
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+/// Now, in ns since the Unix epoch: the workspace's one wall clock, under the name the item
+/// manager uses.
+pub use engine::clock::now_unix_ns as now_ns;
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new content, never
 /// a mix: write `name.tmp`, fsync, rename, fsync the directory.
@@ -231,6 +239,18 @@ impl DataDir {
         Ok(Arc::new(MetaStore::open(file)?))
     }
 
+    /// Opens the control store (item records, jobs, slot table), creating it on first use.
+    pub fn control(&self) -> anyhow::Result<crate::db::ControlStore> {
+        let dir = open_dir(&self.root)?;
+        crate::db::ControlStore::open_in(&dir).with_context(|| {
+            format!(
+                "opening {}/{}",
+                self.root.display(),
+                crate::db::CONTROL_FILE
+            )
+        })
+    }
+
     /// The item of `header`, created on first use; refuses a different disk layout.
     pub fn item_for(&self, header: &StreamHeader) -> anyhow::Result<ItemDirs> {
         let hex = item_hex(&header.item_id);
@@ -373,6 +393,11 @@ impl DataDir {
         }
         out.sort_by(|a, b| a.root.cmp(&b.root));
         Ok(out)
+    }
+
+    /// Where item `id`'s directory is (whether or not it exists).
+    pub fn item_root(&self, id: &[u8; 16]) -> PathBuf {
+        self.root.join("items").join(item_hex(id))
     }
 
     /// An existing item.

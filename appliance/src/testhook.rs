@@ -9,7 +9,7 @@
 //!   window open (e.g. a job between its end and its record write) for as long as it wants.
 //! - `APPLIANCE_TEST_FAIL_AT=<point>` makes the step at `<point>` fail as if its I/O had
 //!   failed (the caller decides what failing means there), to reach error paths no real
-//!   fault reaches reliably: `enable:slots-commit` (the slot table's commit of a new item).
+//!   fault reaches reliably: `enable:slots-commit` (the commit of a new item's slots, record and job).
 //!
 //! The points, in the order they are reached:
 //!
@@ -20,9 +20,9 @@
 //! | `enable:header` | enable: `header.drs` written |
 //! | `enable:replicas` | enable: the replica disks created |
 //! | `enable:token` | enable: the stream token written |
-//! | `enable:job` | enable: the initial-replication job recorded |
-//! | `enable:record` | enable: `item.json` written (the commit point) |
-//! | `enable:slots` | enable: the slots committed |
+//! | `enable:job` | enable: the initial-replication job prepared (memory only) |
+//! | `enable:record` | enable: slots, record and job committed in one transaction (the commit point) |
+//! | `enable:slots` | enable: the `enabling` marker removed |
 //! | `enable:started` | enable: replication started, before the answer |
 //! | `resync:marker` | the resync job, holding the staging log's lock, before writing the resync marker |
 //! | `job:finish:<kind>` | a job's end decided, before its record is written (`<kind>` as in `JobKind::name`) |

@@ -220,6 +220,22 @@ fn assert_held_job_failed_on_its_own(job: &Value) {
     assert!(!error.contains("interrupted"), "{job}");
 }
 
+/// What is durable in the control store of `data` now, as a crash would leave it: a copy of
+/// `control.redb` opened (and repaired, as a restart would) in a directory of its own, so the
+/// store of a running appliance is never opened twice.
+fn stored(data: &Path) -> appliance::db::ControlStore {
+    let copy = tempfile::tempdir().expect("a temporary directory");
+    std::fs::copy(
+        data.join(appliance::db::CONTROL_FILE),
+        copy.path().join(appliance::db::CONTROL_FILE),
+    )
+    .expect("copying control.redb");
+    let store = appliance::db::ControlStore::open_data_dir(copy.path()).expect("the copy opens");
+    // The copy's directory may go: the store holds its file open.
+    drop(copy);
+    store
+}
+
 #[test]
 fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temporary directory");
@@ -252,11 +268,7 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     );
     let before_items = items_without_lag(&server);
     let before_slots = server.expect("GET", "/v1/slots", None, 200);
-    let job_files = || {
-        std::fs::read_dir(data.join("jobs"))
-            .expect("listing the jobs directory")
-            .count()
-    };
+    let job_files = || stored(&data).jobs().expect("the stored jobs").len();
     let before_job_files = job_files();
 
     // One job more, of either kind that counts: 409 too_many_jobs, nothing created.
@@ -298,7 +310,7 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
         before_slots,
         "slots after the refusals"
     );
-    assert_eq!(job_files(), before_job_files, "no job file was written");
+    assert_eq!(job_files(), before_job_files, "no job was stored");
     assert!(
         !target_c.exists(),
         "the refused test failover made no directory"
@@ -399,10 +411,12 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
         server.expect("GET", &format!("/v1/jobs/{job}"), None, 200)["state"],
         "running"
     );
-    let job_file = data.join("jobs").join(format!("{job}.json"));
-    let read_json = |path: &Path| -> Value {
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let read_job = |job: u64| -> Value {
+        let jobs = stored(&data).jobs().expect("the stored jobs");
+        let bytes = jobs
+            .get(&job)
+            .unwrap_or_else(|| panic!("job {job} is not stored"));
+        serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("job {job}: {e}"))
     };
 
     nix::sys::signal::kill(
@@ -431,7 +445,7 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(read_json(&job_file)["state"], "running", "still under way");
+    assert_eq!(read_job(job)["state"], "running", "still under way");
 
     hold.release();
     // The job has ended its work and decided its end; its record is not written yet. The
@@ -467,9 +481,16 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
 
     // The job's own end was recorded before the exit (not left running for the restart to
     // fail as "interrupted"), and the job's undo ran: the item back in protected, no files.
-    let recorded = read_json(&job_file);
+    let recorded = read_job(job);
     assert_held_job_failed_on_its_own(&recorded);
-    let record = read_json(&data.join("items").join(&a.id).join("item.json"));
+    let record: Value = {
+        let id = common::item_id(&a.id);
+        let bytes = stored(&data)
+            .record_bytes(&id)
+            .expect("reading the store")
+            .expect("the record");
+        serde_json::from_slice(&bytes).expect("a record")
+    };
     assert_eq!(record["state"], "protected", "{record}");
     assert!(record["pending"].is_null(), "{record}");
     assert_eq!(record["last_error"], recorded["error"], "{record}");
@@ -479,7 +500,7 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
         "no partial file"
     );
     // The replication job was not waited for: still running in its file.
-    let waiting_file = read_json(&data.join("jobs").join(format!("{waiting_job}.json")));
+    let waiting_file = read_job(waiting_job);
     assert_eq!(waiting_file["state"], "running", "{waiting_file}");
 
     // After a restart: the job stays as recorded, the replication job carries on, and the item

@@ -9,10 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use appliance::db::migrate_v1::{
+    PAGE_FILE_NAMES, PAGE_FORMAT_VERSION, PAGE_MAGIC, PageError, read_slot_pages,
+};
+use appliance::db::{CONTROL_FILE, ControlStore};
 use appliance::slots::{
-    APPLIANCE_LUN, DiskRequest, ItemId, Lun, PAGE_FILE_NAMES, PAGE_FORMAT_VERSION, PAGE_MAGIC,
-    PATH_BYTES_MAX, Reservation, SLOT_COUNT_DEFAULT, SLOT_COUNT_MAX, SlotCounts, SlotError,
-    SlotRow, SlotState, SlotTable,
+    APPLIANCE_LUN, DiskRequest, ItemId, Lun, PATH_BYTES_MAX, Reservation, SLOT_COUNT_DEFAULT,
+    SLOT_COUNT_MAX, SlotCounts, SlotError, SlotRow, SlotState, SlotTable,
 };
 use engine::durable::{DurableDir, SimDir, StdDir};
 use proptest::prelude::*;
@@ -48,7 +51,7 @@ fn paths_for(reservation: &Reservation) -> Vec<PathBuf> {
 }
 
 fn open(dir: &SimDir, slot_count: u32) -> SlotTable {
-    SlotTable::open(Arc::new(dir.clone()), slot_count).unwrap()
+    SlotTable::open_in(dir, slot_count).unwrap()
 }
 
 /// What a crash now would leave, as a fresh directory.
@@ -158,7 +161,7 @@ fn slots_open_new_table_has_31_free_of_32_and_lun0_is_the_appliance() {
 #[test]
 fn slots_open_slot_count_out_of_range_is_refused() {
     for slot_count in [0, SLOT_COUNT_MAX + 1] {
-        let err = SlotTable::open(Arc::new(SimDir::new()), slot_count).unwrap_err();
+        let err = SlotTable::open_in(&SimDir::new(), slot_count).unwrap_err();
         assert!(matches!(err, SlotError::SlotCountOutOfRange { .. }));
         assert_eq!(
             err.to_string(),
@@ -206,7 +209,7 @@ fn slots_reserve_more_than_free_refuses_with_counts_and_changes_nothing() {
 fn slots_reserve_commit_takes_lowest_luns_and_the_table_survives_a_real_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir: Arc<dyn DurableDir> = Arc::new(StdDir::open(tmp.path()).unwrap());
-    let mut table = SlotTable::open(dir.clone(), SLOT_COUNT_DEFAULT).unwrap();
+    let mut table = SlotTable::open_in(dir.as_ref(), SLOT_COUNT_DEFAULT).unwrap();
     let luns = reserve_and_commit(&mut table, 7, &[disk(1, 0), disk(1, 1), disk(1, 2)]);
     assert_eq!(luns, vec![Lun(1), Lun(2), Lun(3)]);
     table.detach(item(1), 1).unwrap();
@@ -217,15 +220,17 @@ fn slots_reserve_commit_takes_lowest_luns_and_the_table_survives_a_real_restart(
     check_table(&table);
     drop(table);
 
-    let reopened = SlotTable::open(dir.clone(), SLOT_COUNT_DEFAULT).unwrap();
+    let reopened = SlotTable::open_in(dir.as_ref(), SLOT_COUNT_DEFAULT).unwrap();
     assert_eq!(reopened.table(), before);
+    // The stored table, read-only once no table holds the store.
+    drop(reopened);
     assert_eq!(
         SlotTable::load_committed(dir.as_ref()).unwrap(),
         Some(before)
     );
     let mut names = dir.list().unwrap();
     names.sort();
-    assert_eq!(names, PAGE_FILE_NAMES.map(str::to_owned).to_vec());
+    assert_eq!(names, vec![CONTROL_FILE.to_owned()]);
 }
 
 #[test]
@@ -443,9 +448,8 @@ fn slots_grow_is_allowed_and_shrink_below_an_attached_lun_is_refused() {
     reserve_and_commit(&mut table, 1, &disks);
     let before = table.table();
     drop(table);
-    let image = dir.durable_image();
 
-    let err = SlotTable::open(Arc::new(dir.clone()), 16).unwrap_err();
+    let err = SlotTable::open_in(&dir, 16).unwrap_err();
     assert!(matches!(
         err,
         SlotError::ShrinkWouldDropAttached {
@@ -462,9 +466,10 @@ fn slots_grow_is_allowed_and_shrink_below_an_attached_lun_is_refused() {
             item(4)
         )
     );
+    // (The store's file itself changes: redb marks it open and closed.)
     assert_eq!(
-        dir.durable_image(),
-        image,
+        SlotTable::load_committed(&restarted(&dir)).unwrap(),
+        Some(before.clone()),
         "a refused resize writes nothing"
     );
 
@@ -566,7 +571,7 @@ fn run_script(
             Step::Open(slot_count) => {
                 held.clear();
                 table = None;
-                SlotTable::open(Arc::new(dir.clone()), *slot_count).map(|t| table = Some(t))
+                SlotTable::open_in(dir, *slot_count).map(|t| table = Some(t))
             }
             Step::Reserve(op_id, disks) => table
                 .as_mut()
@@ -605,14 +610,17 @@ fn run_script(
 fn script_states(steps: &[Step]) -> (Vec<Option<Vec<SlotRow>>>, u64) {
     let dir = SimDir::new();
     let mut states = vec![None];
+    // Syncs through the last step (closing the store at the end syncs too: no step's).
+    let mut sync_total = 0;
     let failed = run_script(&dir, steps, |_, table| {
         check_table(table);
         let stored = SlotTable::load_committed(&restarted(&dir)).unwrap();
         assert_eq!(stored.as_deref(), Some(&committed(&table.table())[..]));
         states.push(stored);
+        sync_total = dir.sync_count();
     });
     assert!(failed.is_none(), "the script runs clean: {failed:?}");
-    (states, dir.sync_count())
+    (states, sync_total)
 }
 
 #[test]
@@ -740,6 +748,21 @@ fn image_with(a: Vec<u8>, b: Vec<u8>) -> SimDir {
     ]))
 }
 
+/// The table that migrating the first release's slot pages in `dir` gives (the pages read by
+/// `appliance::db::migrate_v1`, written into a new control store in `dir`).
+fn open_v1(dir: &SimDir, slot_count: u32) -> Result<SlotTable, PageError> {
+    let found = read_slot_pages(dir)?;
+    let store = Arc::new(ControlStore::open_in(dir).unwrap());
+    if let Some(v1) = found {
+        store
+            .commit("migrating", |c| c.put_slots(v1.slot_count, &v1.entries))
+            .unwrap();
+    }
+    Ok(SlotTable::open(store, slot_count).unwrap())
+}
+
+/// The first release's page format, now read only by the migration: a damaged newest page
+/// falls back to the older one, and unreadable or invariant-breaking pages are refused by name.
 #[test]
 fn slots_damaged_pages_fall_back_or_are_refused_by_name() {
     // A forged page in this test's own encoding loads as written: the layout is as documented.
@@ -749,7 +772,7 @@ fn slots_damaged_pages_fall_back_or_are_refused_by_name() {
         3,
         &[(2, 1, 0, "/r/a"), (5, 1, 1, "/r/b")],
     );
-    let table = open(&image_with(good.clone(), Vec::new()), 8);
+    let table = open_v1(&image_with(good.clone(), Vec::new()), 8).unwrap();
     assert_eq!(table.lun_of(item(1), 0), Some(Lun(2)));
     assert_eq!(table.lun_of(item(1), 1), Some(Lun(5)));
     assert_eq!(table.free_count(), 5);
@@ -759,12 +782,12 @@ fn slots_damaged_pages_fall_back_or_are_refused_by_name() {
     let mut torn = good.clone();
     let last = torn.len() - 1;
     torn[last] ^= 0xff;
-    let table = open(&image_with(torn.clone(), older.clone()), 8);
+    let table = open_v1(&image_with(torn.clone(), older.clone()), 8).unwrap();
     assert_eq!(table.counts().attached, 1);
 
     // Both damaged, or a verified page that breaks an invariant: refused, naming the file.
-    let err = SlotTable::open(Arc::new(image_with(torn, vec![7; 100])), 8).unwrap_err();
-    assert!(matches!(err, SlotError::Corrupt { .. }));
+    let err = open_v1(&image_with(torn, vec![7; 100]), 8).unwrap_err();
+    assert!(matches!(err, PageError::Corrupt { .. }));
     assert!(err.to_string().contains("no valid page"), "{err}");
     let cases = [
         (
@@ -817,8 +840,8 @@ fn slots_damaged_pages_fall_back_or_are_refused_by_name() {
         ),
     ];
     for (page, expected) in cases {
-        let err = SlotTable::open(Arc::new(image_with(page, older.clone())), 8).unwrap_err();
-        assert!(matches!(err, SlotError::Corrupt { .. }), "{err}");
+        let err = open_v1(&image_with(page, older.clone()), 8).unwrap_err();
+        assert!(matches!(err, PageError::Corrupt { .. }), "{err}");
         assert!(
             err.to_string().contains(expected),
             "{err} lacks {expected:?}"
@@ -827,7 +850,7 @@ fn slots_damaged_pages_fall_back_or_are_refused_by_name() {
     }
 
     // No valid page and an empty second file: the first open never completed.
-    let table = open(&image_with(vec![1; 30], Vec::new()), 8);
+    let table = open_v1(&image_with(vec![1; 30], Vec::new()), 8).unwrap();
     assert_eq!(table.free_count(), 7);
 }
 
@@ -1108,7 +1131,7 @@ fn run_model_case(slot_count: u32, ops: &[Op]) {
                     .enumerate()
                     .skip(new_count as usize)
                     .find(|(_, s)| matches!(s, SlotState::Attached { .. }));
-                match (dropped, SlotTable::open(Arc::new(dir.clone()), new_count)) {
+                match (dropped, SlotTable::open_in(&dir, new_count)) {
                     (None, Ok(reopened)) => {
                         table = reopened;
                         model.slots.resize(new_count as usize, SlotState::Free);

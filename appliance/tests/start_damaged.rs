@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use appliance::db::ControlStore;
 use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
@@ -137,9 +138,9 @@ fn setup(data: &Path) -> (Healthy, String) {
     );
     let victim = victim["item"]["id"].as_str().expect("an id").to_owned();
     server.stop();
-    for dir in ["items", "jobs", "slots"] {
-        assert!(owner_only(&data.join(dir)) > 0, "files in {dir}");
-    }
+    assert!(owner_only(&data.join("items")) > 0, "files in items");
+    // Records, jobs and slots are in the control store, owner only too.
+    assert_eq!(owner_only_file(&data.join("control.redb")), 1);
     (healthy, victim)
 }
 
@@ -161,6 +162,18 @@ fn owner_only(dir: &Path) -> usize {
         }
     }
     files
+}
+
+/// A file of mode 0600 (returns 1, as one file seen).
+fn owner_only_file(path: &Path) -> usize {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .expect("its metadata")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{}", path.display());
+    1
 }
 
 fn items(server: &Server) -> Vec<Value> {
@@ -262,17 +275,41 @@ fn quarantined(view: Option<Value>, reason: &str) -> Value {
     view
 }
 
-fn record(data: &Path, item: &str) -> PathBuf {
-    data.join("items").join(item).join("item.json")
+/// The control store of a stopped appliance's data directory.
+fn control(data: &Path) -> ControlStore {
+    ControlStore::open_data_dir(data).expect("the control store")
+}
+
+/// The stored record of `item` (its JSON bytes).
+fn record(data: &Path, item: &str) -> Vec<u8> {
+    let id = item_id(item);
+    control(data)
+        .record_bytes(&id)
+        .expect("reading the store")
+        .expect("the record")
+}
+
+/// Replaces the stored record of `item` with `bytes` (damage from outside the appliance).
+fn write_record(data: &Path, item: &str, bytes: &[u8]) {
+    let id = item_id(item);
+    control(data)
+        .commit("damaging a record", |c| c.put_record_bytes(&id, bytes))
+        .expect("rewriting it");
+}
+
+/// Replaces the stored job `job` with `bytes`.
+fn write_job(data: &Path, job: u64, bytes: &[u8]) {
+    control(data)
+        .commit("damaging a job", |c| c.put_job_bytes(job, bytes))
+        .expect("rewriting the job");
 }
 
 #[test]
 fn a_truncated_record_quarantines_its_item_only() {
     after_damage(
         |data, victim| {
-            let path = record(data, victim);
-            let bytes = std::fs::read(&path).expect("the record");
-            std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncating it");
+            let bytes = record(data, victim);
+            write_record(data, victim, &bytes[..bytes.len() / 2]);
         },
         |server, view| {
             let view = quarantined(view, "not an item record");
@@ -291,11 +328,10 @@ fn a_truncated_record_quarantines_its_item_only() {
 fn an_unknown_state_quarantines_its_item_only() {
     after_damage(
         |data, victim| {
-            let path = record(data, victim);
-            let text = std::fs::read_to_string(&path).expect("the record");
+            let text = String::from_utf8(record(data, victim)).expect("a JSON record");
             let changed = text.replace("\"initial_replication\"", "\"frozen\"");
             assert_ne!(text, changed);
-            std::fs::write(&path, changed).expect("rewriting it");
+            write_record(data, victim, changed.as_bytes());
         },
         |_, view| {
             quarantined(view, "unknown variant `frozen`");
@@ -344,11 +380,9 @@ fn an_empty_item_directory_is_rolled_back() {
 fn a_damaged_job_file_leaves_its_item_served_with_a_new_job() {
     after_damage(
         |data, victim| {
-            let text = std::fs::read_to_string(record(data, victim)).expect("the record");
-            let record: Value = serde_json::from_str(&text).expect("a record");
+            let record: Value = serde_json::from_slice(&record(data, victim)).expect("a record");
             let job = record["last_job"].as_u64().expect("a job");
-            std::fs::write(data.join("jobs").join(format!("{job}.json")), b"{\"id\": 1")
-                .expect("damaging the job");
+            write_job(data, job, b"{\"id\": 1");
         },
         |server, view| {
             let view = view.expect("the victim is listed");
@@ -368,14 +402,10 @@ fn a_damaged_job_file_leaves_its_item_served_with_a_new_job() {
 fn a_damaged_slot_table_is_rebuilt_from_the_records() {
     after_damage(
         |data, _| {
-            for name in ["slots-a.page", "slots-b.page"] {
-                let path = data.join("slots").join(name);
-                let mut bytes = std::fs::read(&path).expect("a slot page");
-                if bytes.len() > 60 {
-                    bytes[60] ^= 0x01;
-                    std::fs::write(&path, bytes).expect("rewriting it");
-                }
-            }
+            // A row of the stored slot table that no longer decodes.
+            control(data)
+                .commit("damaging the slot table", |c| c.put_slot_bytes(1, b"\x01"))
+                .expect("damaging it");
         },
         |_, view| {
             let view = view.expect("the victim is listed");
@@ -514,20 +544,20 @@ fn a_sync_job_left_running_beside_a_protected_item_succeeds_at_restart() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("creating the data directory");
     let (mut healthy, _) = setup(&data);
-    let text = std::fs::read_to_string(record(&data, &healthy.id)).expect("the record");
-    let job = serde_json::from_str::<Value>(&text).expect("a record")["last_job"]
-        .as_u64()
-        .expect("its job");
-    let path = data.join("jobs").join(format!("{job}.json"));
+    let job =
+        serde_json::from_slice::<Value>(&record(&data, &healthy.id)).expect("a record")["last_job"]
+            .as_u64()
+            .expect("its job");
+    let stored = control(&data).jobs().expect("the jobs");
     let mut view: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("the job file")).expect("a job");
+        serde_json::from_slice(stored.get(&job).expect("the job")).expect("a job");
     assert_eq!(view["state"], "succeeded", "{view}");
     view["state"] = json!("running");
     view["percent"] = json!(99);
     view.as_object_mut()
         .expect("an object")
         .remove("finished_ns");
-    std::fs::write(&path, view.to_string()).expect("rewriting the job");
+    write_job(&data, job, view.to_string().as_bytes());
     let server = Server::start(&data, &[]);
     let after = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
     assert_eq!(after["state"], "succeeded", "{after}");

@@ -46,7 +46,7 @@ impl Manager {
         self.remove_item_data(&item)?;
         // Clean-up complete: the record goes too (the item stays listed as disabled until the
         // appliance restarts; a crash before this purges it at the next start).
-        self.data.purge_item(&item.dirs.root)?;
+        self.purge(&item)?;
         tracing::info!(item = %item.hex, "protection disabled");
         Ok(self.view(&item))
     }

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use engine::delta::{DiskGeometry, StreamHeader};
 
-use crate::jobs::Job;
+use crate::jobs::PendingJob;
 use crate::slots::{DiskRequest, ItemId, SlotError, SlotState};
-use crate::store::item_hex;
+use crate::store::{ItemDirs, item_hex};
 use engine::clock::now_unix_ns;
 
 use super::error::{OpError, bad};
@@ -22,8 +22,8 @@ use super::model::{
     DiskOrigin, DiskRecord, EnableRequest, Enabled, MAX_NAME_CHARS, Policy, PolicyRequest, Role,
 };
 use super::paths::disk_size;
-use super::record::{ItemRecord, write_token};
-use super::state::{Event, initial};
+use super::record::{ItemRecord, put_record, write_token};
+use super::state::initial;
 
 impl Manager {
     /// Enable protection: slots, replica disks, token, record, replication, job.
@@ -207,10 +207,10 @@ impl Manager {
                 other => OpError::Io(format!("slot table: {other}")),
             })?;
         crate::testhook::crash_point("enable:reserved");
-        // From here on a failure undoes what was made. A crash before the record is written
-        // leaves the `enabling` marker: the next start rolls the item back.
+        // From here on a failure undoes what was made. A crash before the commit below leaves
+        // the `enabling` marker and no record: the next start rolls the item back.
         let mut made: Vec<PathBuf> = Vec::new();
-        let built = (|| -> anyhow::Result<(Arc<Item>, String, Arc<Job>)> {
+        let built = (|| -> anyhow::Result<(ItemDirs, ItemRecord, String, PendingJob)> {
             made.push(self.data.begin_item(&item_id)?);
             crate::testhook::crash_point("enable:item-dir");
             let dirs = self.data.item_for(&header)?;
@@ -263,7 +263,7 @@ impl Manager {
             crate::testhook::crash_point("enable:token");
             let reverse = role == Role::Reverse || temporary.is_some();
             let (state, kind) = initial(reverse);
-            let job = self.jobs.create(
+            let job = self.jobs.prepare(
                 kind,
                 &hex,
                 "waiting for the agent's first full copy and first recovery point",
@@ -294,37 +294,22 @@ impl Manager {
                 created_ns: now,
                 updated_ns: now,
             };
-            let item = Arc::new(Item::new(
-                item_id,
-                dirs,
-                token.clone().into_bytes(),
-                record.clone(),
-            ));
-            // The record first: a crash after it and before the slot commit is repaired at
-            // start (reconcile gives the disks their slots); the other order could leak.
-            if let Err(error) = item.save(record) {
-                let _ = job.fail(crate::store::describe(&error));
-                return Err(error);
-            }
-            crate::testhook::crash_point("enable:record");
-            if let Err(error) = self.data.end_enabling(&item.dirs.root) {
-                // Harmless: the next start removes a marker beside a record.
-                tracing::warn!(item = %hex, error = %crate::store::describe(&error),
-                    "removing the enable marker");
-            }
-            Ok((item, token, job))
+            Ok((dirs, record, token, job))
         })();
-        let (item, token, job) = match built {
+        let undo_made = |made: &[PathBuf]| {
+            for path in made.iter().rev() {
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(path)
+                } else {
+                    std::fs::remove_file(path)
+                };
+            }
+        };
+        let (dirs, record, token, job) = match built {
             Ok(built) => built,
             Err(error) => {
                 let _ = lock(&self.slots).release_reservation(reservation);
-                for path in made.iter().rev() {
-                    let _ = if path.is_dir() {
-                        std::fs::remove_dir_all(path)
-                    } else {
-                        std::fs::remove_file(path)
-                    };
-                }
+                undo_made(&made);
                 if let Some(too_large) = error.downcast_ref::<DiskTooLarge>() {
                     return Err(OpError::Conflict {
                         code: "disk_too_large",
@@ -334,33 +319,47 @@ impl Manager {
                 return Err(error.into());
             }
         };
-        let paths = item
-            .record()
+        let paths = record
             .disks
             .iter()
             .map(|d| PathBuf::from(&d.path))
             .collect();
-        // Bound first: the guard of an `if let` scrutinee lives through its block, and the
-        // clean-up below takes `slots` again (`remove_item_data`).
+        // The commit point: the slots, the record and the job in one transaction. Before it a
+        // crash leaves the `enabling` marker and no record (the next start rolls the item
+        // back); after it the item is whole. Bound first: the guard of an `if let` scrutinee
+        // lives through its block.
         let committed = if crate::testhook::fail_point("enable:slots-commit") {
             Err("APPLIANCE_TEST_FAIL_AT=enable:slots-commit".to_owned())
         } else {
             lock(&self.slots)
-                .commit(reservation, paths)
+                .commit_with(reservation, paths, |commit| {
+                    job.put(commit)?;
+                    put_record(commit, &item_id, &record)
+                })
                 .map_err(|e| e.to_string())
         };
         if let Err(error) = committed {
-            // A commit that failed may leave the reservation (it is consumed): free it, or
-            // `release_item` below refuses the item as busy.
+            // A commit that failed may leave the reservation (it is consumed): free it. Nothing
+            // was recorded: what enable made goes.
             let _ = lock(&self.slots).release_op(op);
-            // The record exists: disable it so that nothing is left half made.
-            let message = format!("attaching the disks to slots failed: {error}");
-            let _ = job.fail(message.clone());
-            let _ = item.transition(Event::SlotsFailed, |r| {
-                r.last_error = Some(message.clone());
-            });
-            let _ = self.remove_item_data(&item);
-            return Err(OpError::Io(message));
+            undo_made(&made);
+            return Err(OpError::Io(format!(
+                "attaching the disks to slots failed: {error}"
+            )));
+        }
+        crate::testhook::crash_point("enable:record");
+        let job = self.jobs.publish(job);
+        let item = Arc::new(Item::new(
+            item_id,
+            dirs,
+            token.clone().into_bytes(),
+            record,
+            self.control.clone(),
+        ));
+        if let Err(error) = self.data.end_enabling(&item.dirs.root) {
+            // Harmless: the next start removes a marker beside a record.
+            tracing::warn!(item = %hex, error = %crate::store::describe(&error),
+                "removing the enable marker");
         }
         crate::testhook::crash_point("enable:slots");
         lock(&self.items).insert(item_id, item.clone());

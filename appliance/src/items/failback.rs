@@ -11,6 +11,7 @@ use crate::slots::ItemId;
 use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
+use super::record::put_record;
 use super::state::{Event, Op};
 
 impl Manager {
@@ -37,7 +38,6 @@ impl Manager {
                 job.progress(60, "handing the disks back");
                 let _ops = lock(&manager.ops);
                 let record = item.record().clone();
-                let luns = lock(&manager.slots).release_item(ItemId(item.id))?;
                 let mut deleted = String::new();
                 if let Some(path) = &record.temporary_os_disk {
                     match std::fs::remove_file(path) {
@@ -51,9 +51,15 @@ impl Manager {
                     .points(item_key(&item.id))?
                     .last()
                     .map(|p| p.point_id);
-                item.transition(Event::Done(Op::Failback), |r| {
+                // The disks leave their slots and the record says failed back: one
+                // transaction (a crash never leaves a protected item without its slots).
+                let failed_back = item.transitioned(Event::Done(Op::Failback), |r| {
                     r.temporary_os_disk = None;
                 })?;
+                let luns = lock(&manager.slots).release_item_with(ItemId(item.id), |commit| {
+                    put_record(commit, &item.id, &failed_back)
+                })?;
+                item.set_record(failed_back);
                 manager.remove_item_data(item)?;
                 Ok(Some(format!(
                     "final sync through seq {}, last point {}; {} disks handed back (LUNs {:?} \

@@ -14,6 +14,7 @@ use super::model::Quarantine;
 use super::record::ItemRecord;
 use super::record::write_record;
 use super::state::{self, Event};
+use crate::db::ControlStore;
 
 pub(crate) struct Replication {
     pub(crate) log: Arc<Mutex<StagingLog>>,
@@ -39,10 +40,18 @@ pub(crate) struct Item {
     /// Set when the item was found damaged at start (its record's state is then
     /// `Quarantined` in memory).
     pub(crate) quarantine: Mutex<Option<Quarantine>>,
+    /// Where its record is kept.
+    pub(crate) store: Arc<ControlStore>,
 }
 
 impl Item {
-    pub(super) fn new(id: [u8; 16], dirs: ItemDirs, token: Vec<u8>, record: ItemRecord) -> Self {
+    pub(super) fn new(
+        id: [u8; 16],
+        dirs: ItemDirs,
+        token: Vec<u8>,
+        record: ItemRecord,
+        store: Arc<ControlStore>,
+    ) -> Self {
         Self {
             id,
             hex: item_hex(&id),
@@ -55,6 +64,7 @@ impl Item {
             pausing: AtomicBool::new(false),
             tick_error: Mutex::new(None),
             quarantine: Mutex::new(None),
+            store,
         }
     }
 
@@ -98,7 +108,7 @@ impl Item {
     /// Persists `record` and makes it current.
     pub(super) fn save(&self, mut record: ItemRecord) -> anyhow::Result<()> {
         record.updated_ns = now_unix_ns();
-        write_record(&self.dirs.root, &record)?;
+        write_record(&self.store, &self.id, &record)?;
         *self.record() = record;
         Ok(())
     }
@@ -115,6 +125,27 @@ impl Item {
         state::transition(&mut record, event)?;
         change(&mut record);
         self.save(record)
+    }
+
+    /// The record that `event` and then `change` make of the current one, stamped, for a
+    /// transaction that changes more than the record (slots, a job): put it with
+    /// `record::put_record`, then make it current with [`Item::set_record`] once that
+    /// transaction committed. An event the lifecycle does not have is an error.
+    pub(super) fn transitioned(
+        &self,
+        event: Event,
+        change: impl FnOnce(&mut ItemRecord),
+    ) -> anyhow::Result<ItemRecord> {
+        let mut record = self.record().clone();
+        state::transition(&mut record, event)?;
+        change(&mut record);
+        record.updated_ns = now_unix_ns();
+        Ok(record)
+    }
+
+    /// Makes a committed record current.
+    pub(super) fn set_record(&self, record: ItemRecord) {
+        *self.record() = record;
     }
 
     /// Changes the record with `change` (never its state: see [`Item::transition`]) and

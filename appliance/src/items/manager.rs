@@ -6,15 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
-use engine::durable::StdDir;
 use engine::meta::MetaStore;
 
 use crate::dataport::PortHandle;
+use crate::db::ControlStore;
 use crate::jobs::{Job, JobView, Jobs};
 use crate::options::ServeOptions;
 use crate::slots::{SlotError, SlotTable};
 use crate::store::{DataDir, parse_item_hex};
-use engine::clock::now_unix_ns;
 
 use super::error::OpError;
 use super::item::{Item, lock};
@@ -29,6 +28,8 @@ pub struct Manager {
     /// The data directory and the disk stores, canonical.
     pub(crate) roots: Vec<PathBuf>,
     pub(crate) meta: Arc<MetaStore>,
+    /// Item records, jobs and the slot table (one transaction per lifecycle step).
+    pub(crate) control: Arc<ControlStore>,
     pub(crate) options: ServeOptions,
     pub(crate) slots: Mutex<SlotTable>,
     pub(crate) items: Mutex<BTreeMap<[u8; 16], Arc<Item>>>,
@@ -49,9 +50,9 @@ impl std::fmt::Debug for Manager {
 }
 
 impl Manager {
-    /// Opens the data directory: the slot table, the jobs, every item's record; finishes or
-    /// undoes what a crash interrupted, and reconciles slots with records. Starts nothing
-    /// (see [`Manager::start`]).
+    /// Opens the data directory: migrates a first-release layout into the control store,
+    /// then opens the slot table, the jobs, every item's record, and finishes or undoes what a
+    /// crash interrupted. Starts nothing (see [`Manager::start`]).
     pub fn open(data_dir: &Path, options: ServeOptions) -> anyhow::Result<Arc<Self>> {
         let data = DataDir::open(data_dir)?;
         let root = std::fs::canonicalize(data_dir)
@@ -63,36 +64,34 @@ impl Manager {
             roots.push(canonical);
         }
         let meta = data.meta()?;
-        let slot_dir = root.join("slots");
-        crate::store::create_private_dir(&slot_dir)?;
-        let slot_store = Arc::new(StdDir::open(&slot_dir)?);
-        let slots = match SlotTable::open(slot_store.clone(), options.slot_count) {
+        let control = Arc::new(data.control()?);
+        if let Some(migrated) = crate::db::migrate_v1::migrate(&root, &control)
+            .context("migrating the data directory into control.redb")?
+        {
+            tracing::warn!(records = migrated.records, jobs = migrated.jobs,
+                slots = ?migrated.slots, "migrated a first-release data directory into control.redb");
+        }
+        let slots = match SlotTable::open(control.clone(), options.slot_count) {
             Err(SlotError::Corrupt { reason }) => {
-                // Neither page can be trusted: keep them for the operator and rebuild the table
-                // from the item records (reconcile_slots gives every disk a slot), rather than
-                // refusing to start.
-                let suffix = format!("damaged-{}", now_unix_ns());
-                for name in crate::slots::PAGE_FILE_NAMES {
-                    let from = slot_dir.join(name);
-                    let to = slot_dir.join(format!("{name}.{suffix}"));
-                    if let Err(error) = std::fs::rename(&from, &to) {
-                        tracing::warn!(path = %from.display(), %error, "could not move aside");
-                    }
-                }
-                crate::store::sync_dir(&slot_dir)?;
-                tracing::error!(%reason, kept = %format!("{}/*.{suffix}", slot_dir.display()),
+                // The stored table cannot be trusted: rebuild it from the item records rather
+                // than refusing to start (LUNs may change).
+                let attached = super::recover::slots_from_records(&control)?;
+                let (table, left_out) =
+                    SlotTable::rebuild(control.clone(), options.slot_count, attached)?;
+                tracing::error!(%reason, ?left_out,
                     "slot table damaged: rebuilt from the item records (LUNs may change)");
-                SlotTable::open(slot_store, options.slot_count)
+                Ok(table)
             }
             other => other,
         }
         .context("opening the slot table")?;
-        let jobs = Jobs::open(&root.join("jobs"))?;
+        let jobs = Jobs::open(control.clone())?;
         let manager = Arc::new(Self {
             data,
             root,
             roots,
             meta,
+            control,
             options,
             slots: Mutex::new(slots),
             items: Mutex::new(BTreeMap::new()),
@@ -105,7 +104,6 @@ impl Manager {
         });
         manager.load_items()?;
         manager.recover()?;
-        manager.reconcile_slots()?;
         Ok(manager)
     }
 

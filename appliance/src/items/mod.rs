@@ -7,17 +7,17 @@
 //! user-facing description.
 //!
 //! ```text
-//!  DATA_DIR/items/<id>/item.json   the item's record (state, disks, policy, failover result)
-//!  DATA_DIR/slots/                 the slot table (crate::slots)
-//!  DATA_DIR/jobs/<n>.json          jobs (crate::jobs)
+//!  DATA_DIR/control.redb   items: the item's record (state, disks, policy, failover result)
+//!                          slots: the slot table (crate::slots); jobs: jobs (crate::jobs)
+//!                          (one transactional store: crate::db)
 //! ```
 //!
 //! Invariants:
-//! - **The record is the truth about ownership.** A state change is written (write-temp,
-//!   fsync, rename, fsync-dir) before anything that depends on it happens, and at start the
-//!   slot table is reconciled with the records: slots attached to an item whose record does
-//!   not hold slots are released, and a disk of a slot-holding record without a slot gets one.
-//!   So no crash between a slot commit and a record write can leak or double-book a slot.
+//! - **The record and the slots commit together.** A state change is committed before
+//!   anything that depends on it happens; a step that changes slots commits them in the same
+//!   control-store transaction as the record (and the job) it goes with: enable's attach,
+//!   failback's release. So no crash can leave a record and the slot table disagreeing, and
+//!   start-up reconciles nothing (a damaged slot table is rebuilt from the records).
 //! - **One lifecycle operation at a time.** The synchronous part of every operation (checks,
 //!   state change, job start) runs under one lock (`ops`); jobs do their long work outside it
 //!   and take it again for their final state change.
@@ -40,9 +40,9 @@
 //!  model.rs       the API's wire types (requests, answers, ItemState)
 //!  error.rs       OpError (what the API maps to a status)
 //!  state.rs       the lifecycle table: allowed operations, transitions, undo of interrupted jobs
-//!  record.rs      the durable record (item.json) and its persistence
+//!  record.rs      the durable record (a control.redb row) and its persistence
 //!  item.rs        one item in memory (record lock, replication, status, quarantine)
-//!  recover.rs     start-up: load, undo interrupted jobs, quarantine, reconcile slots
+//!  recover.rs     start-up: load, undo interrupted jobs, quarantine, purge the disabled
 //!  supervisor.rs  start, the supervisor's tick (ends syncs), shutdown
 //!  replication.rs an item's replication: start, stop, end sessions, catch up
 //!  materialize.rs what the disk-writing jobs share (target dirs, writing disks, undo)

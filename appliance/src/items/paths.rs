@@ -8,11 +8,12 @@ use super::error::{OpError, bad};
 use super::manager::Manager;
 
 /// Names under the data directory that requests may not touch.
-const RESERVED_NAMES: [&str; 7] = [
+const RESERVED_NAMES: [&str; 8] = [
     "items",
     "slots",
     "jobs",
     "meta.redb",
+    "control.redb",
     "api-token",
     "lock",
     "api-token.tmp",

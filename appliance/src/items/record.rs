@@ -1,4 +1,4 @@
-//! The item's durable record (`item.json`): its type, reading and writing it, checking it at start.
+//! The item's durable record (a row of the control store): its type, reading and writing it, checking it at start.
 
 use std::path::{Path, PathBuf};
 
@@ -6,39 +6,49 @@ use anyhow::Context;
 use engine::delta::{DiskGeometry, StreamHeader};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Commit, ControlStore, DbError};
 use crate::slots::ItemId;
-use crate::store::{parse_item_hex, write_atomic};
+use crate::store::parse_item_hex;
 use engine::clock::now_unix_ns;
 
 use super::model::{DiskOrigin, DiskRecord, ItemState, Materialized, Policy, Role};
 
-/// Name of an item's record file.
-const RECORD_FILE: &str = "item.json";
 /// Name of an item's stream-token file (mode 0600).
 const TOKEN_FILE: &str = "token";
 
 // Persistence: the only functions that know where and how a record and a token are kept.
 
-/// Reads the record in the item directory `root`: `None` if there is none, else the record
-/// or why it cannot be read.
-pub(super) fn read_record(root: &Path) -> Option<Result<ItemRecord, String>> {
-    let path = root.join(RECORD_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => return Some(Err(format!("{}: cannot read: {e}", path.display()))),
-    };
-    Some(
-        serde_json::from_slice::<ItemRecord>(&bytes)
-            .map_err(|e| format!("{}: not an item record: {e}", path.display())),
-    )
+/// Decodes the stored record of item `hex`, or says why it cannot be.
+pub(super) fn decode_record(hex: &str, bytes: &[u8]) -> Result<ItemRecord, String> {
+    serde_json::from_slice::<ItemRecord>(bytes)
+        .map_err(|e| format!("item {hex}: its record in control.redb is not an item record: {e}"))
 }
 
-/// Writes `record` durably into the item directory `root` (write-temp, fsync, rename,
-/// fsync-dir).
-pub(super) fn write_record(root: &Path, record: &ItemRecord) -> anyhow::Result<()> {
-    let bytes = serde_json::to_vec_pretty(record).context("encoding an item record")?;
-    write_atomic(root, RECORD_FILE, &bytes)
+/// Writes `record` of item `id` durably (a transaction of its own).
+pub(super) fn write_record(
+    store: &ControlStore,
+    id: &[u8; 16],
+    record: &ItemRecord,
+) -> anyhow::Result<()> {
+    store.commit("writing an item record", |commit| {
+        put_record(commit, id, record)
+    })?;
+    Ok(())
+}
+
+/// Adds `record` of item `id` to a lifecycle step's transaction.
+pub(super) fn put_record(
+    commit: &mut Commit<'_>,
+    id: &[u8; 16],
+    record: &ItemRecord,
+) -> Result<(), DbError> {
+    commit.put_record(id, record)
+}
+
+/// Removes the record of item `id` (its directory is gone: the last step of a purge).
+pub(super) fn remove_record(store: &ControlStore, id: &[u8; 16]) -> anyhow::Result<()> {
+    store.commit("removing an item record", |commit| commit.remove_record(id))?;
+    Ok(())
 }
 
 /// Reads the stream token of item `hex` in `root` (empty if there is none), or why it cannot be
@@ -65,7 +75,7 @@ pub(super) fn remove_token(root: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// An item's durable record (`item.json`).
+/// An item's durable record (table `items` of [`crate::db`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemRecord {
     /// Format version of this record (1).
@@ -127,25 +137,23 @@ pub(super) fn check_record(
 ) -> Result<(), String> {
     let Some(header) = header else {
         return Err(format!(
-            "item {hex}: header.drs is missing but item.json exists"
+            "item {hex}: header.drs is missing but its record exists"
         ));
     };
     if record.version != 1 {
         return Err(format!(
-            "item {hex}: item.json has format version {}; this build reads version 1",
+            "item {hex}: its record has format version {}; this build reads version 1",
             record.version
         ));
     }
     if record.id != hex {
         return Err(format!(
-            "item {hex}: item.json records item id {:?}",
+            "item {hex}: the stored record records item id {:?}",
             record.id
         ));
     }
     if record.state == ItemState::Quarantined {
-        return Err(format!(
-            "item {hex}: item.json records the state quarantined"
-        ));
+        return Err(format!("item {hex}: its record has the state quarantined"));
     }
     let indexed = record
         .disks
@@ -154,7 +162,7 @@ pub(super) fn check_record(
         .all(|(i, d)| d.index as usize == i);
     if !indexed || record.geometries() != header.disks {
         return Err(format!(
-            "item {hex}: item.json's disks ({:?}) do not match header.drs ({:?})",
+            "item {hex}: its record's disks ({:?}) do not match header.drs ({:?})",
             record.geometries(),
             header.disks
         ));
@@ -162,7 +170,7 @@ pub(super) fn check_record(
     Ok(())
 }
 
-/// A record for a quarantined item whose `item.json` cannot be read: its disks from the
+/// A record for a quarantined item whose stored record cannot be read: its disks from the
 /// header, with the paths the slot table holds for them.
 pub(super) fn stand_in_record(
     hex: &str,

@@ -1,29 +1,58 @@
-//! Start-up: load item directories, undo interrupted jobs, quarantine the damaged, reconcile slots.
+//! Start-up: load item records and directories, undo interrupted jobs, quarantine the damaged.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use engine::delta::StreamHeader;
 
+use crate::db::ControlStore;
 use crate::slots::{DiskRequest, ItemId, SlotState};
 use crate::store::{ItemDirs, item_hex, parse_item_hex};
 
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::remove_materialized;
-use super::model::{DiskRecord, ItemState};
-use super::record::{check_record, read_record, read_token, stand_in_record};
+use super::model::ItemState;
+use super::record::{
+    check_record, decode_record, put_record, read_token, remove_record, stand_in_record,
+};
 use super::state::{
     AtStart, Event, JobAtStart, at_start, holds_slots, job_at_start, sync_job_kind,
 };
 
+/// The disks that the readable records say hold slots, with their paths (to rebuild a damaged
+/// slot table; quarantined and unreadable records give none).
+pub(super) fn slots_from_records(
+    store: &ControlStore,
+) -> anyhow::Result<Vec<(DiskRequest, PathBuf)>> {
+    let mut attached = Vec::new();
+    for (id, bytes) in store.records()? {
+        let Ok(record) = decode_record(&item_hex(&id), &bytes) else {
+            continue;
+        };
+        if !holds_slots(record.state) || record.state == ItemState::Quarantined {
+            continue;
+        }
+        for disk in &record.disks {
+            attached.push((
+                DiskRequest {
+                    item: ItemId(id),
+                    disk_index: disk.index,
+                },
+                PathBuf::from(&disk.path),
+            ));
+        }
+    }
+    Ok(attached)
+}
+
 impl Manager {
-    /// Loads every item directory. A directory that a crash during enable left (the
-    /// `enabling` marker or no header, and no record) is rolled back; one whose record or
-    /// header cannot be read or disagree is quarantined; only an error listing `items/` itself
-    /// stops the start.
+    /// Loads every item directory with its record. A directory that a crash during enable
+    /// left (the `enabling` marker or no header, and no record) is rolled back; one whose
+    /// record or header cannot be read or disagree is quarantined; a record without a
+    /// directory is removed if its item was disabled (a purge a crash interrupted), else
+    /// quarantined; only an error listing `items/` or reading the store stops the start.
     pub(super) fn load_items(&self) -> anyhow::Result<()> {
         let attached: Vec<(ItemId, u32, PathBuf)> = lock(&self.slots)
             .table()
@@ -40,9 +69,12 @@ impl Manager {
         // Read into a local table; `items` is taken once, to publish it (no lock across the
         // reads and clean-ups below).
         let mut items = BTreeMap::new();
+        let mut stored = self.control.records()?;
         for found in self.data.found_items()? {
             let hex = item_hex(&found.id);
-            let record = read_record(&found.root);
+            let record = stored
+                .remove(&found.id)
+                .map(|bytes| decode_record(&hex, &bytes));
             if record.is_none() && (found.enabling || matches!(found.header, Ok(None))) {
                 // Enable never wrote the record: nothing refers to what it made.
                 if let Some(created) = &found.enabling_creates {
@@ -67,7 +99,7 @@ impl Manager {
             let Some(record) = record else {
                 match header {
                     Ok(_) => {
-                        tracing::info!(item = %hex, "no item.json (an `ingest` item): not served")
+                        tracing::info!(item = %hex, "no record (an `ingest` item): not served")
                     }
                     Err(reason) => tracing::error!(item = %hex, %reason,
                         "a damaged item directory without a record: not served"),
@@ -99,18 +131,62 @@ impl Manager {
                 let (Ok(record), Ok(token)) = (record, token) else {
                     continue;
                 };
-                items.insert(found.id, Arc::new(Item::new(found.id, dirs, token, record)));
+                let item = Item::new(found.id, dirs, token, record, self.control.clone());
+                items.insert(found.id, Arc::new(item));
                 continue;
             };
             let record = record.unwrap_or_else(|_| {
                 stand_in_record(&hex, &found.root, header.ok().flatten().as_ref(), &attached)
             });
-            let item = Item::new(found.id, dirs, Vec::new(), record);
+            let item = Item::new(found.id, dirs, Vec::new(), record, self.control.clone());
             item.quarantine_now(reason, QUARANTINE_ACTION);
             items.insert(found.id, Arc::new(item));
         }
+        for (id, bytes) in stored {
+            let hex = item_hex(&id);
+            let record = decode_record(&hex, &bytes);
+            if record
+                .as_ref()
+                .is_ok_and(|r| r.state == ItemState::Disabled)
+            {
+                match remove_record(&self.control, &id) {
+                    Ok(()) => tracing::warn!(item = %hex,
+                        "removed the record of a disabled item whose purge a crash interrupted"),
+                    Err(error) => tracing::error!(item = %hex,
+                        error = %crate::store::describe(&error),
+                        "could not remove a purged item's record (retried at the next start)"),
+                }
+                continue;
+            }
+            let root = self.data.item_root(&id);
+            let reason = format!(
+                "item {hex}: it has a record but no directory {}",
+                root.display()
+            );
+            let record = record.unwrap_or_else(|_| stand_in_record(&hex, &root, None, &attached));
+            let placeholder = StreamHeader {
+                item_id: id,
+                item_name: String::new(),
+                first_seq: 1,
+                disks: Vec::new(),
+            };
+            let dirs = ItemDirs {
+                root,
+                header: placeholder,
+            };
+            let item = Item::new(id, dirs, Vec::new(), record, self.control.clone());
+            item.quarantine_now(reason, QUARANTINE_ACTION);
+            items.insert(id, Arc::new(item));
+        }
         lock(&self.items).extend(items);
         Ok(())
+    }
+
+    /// Removes a disabled item's directory, then its record (a crash between the two leaves a
+    /// record without a directory, removed at the next start).
+    pub(super) fn purge(&self, item: &Item) -> anyhow::Result<()> {
+        self.data.purge_item(&item.dirs.root)?;
+        remove_record(&self.control, &item.id)
     }
 
     /// Undoes what a crash interrupted (see the module's invariants). A failure on one item
@@ -147,7 +223,7 @@ impl Manager {
                 AtStart::CleanUp { purge } => {
                     let cleaned = self.remove_item_data(&item).and_then(|()| {
                         if purge {
-                            self.data.purge_item(&item.dirs.root)?;
+                            self.purge(&item)?;
                             lock(&self.items).remove(&item.id);
                         }
                         Ok(())
@@ -199,89 +275,29 @@ impl Manager {
             if record.last_job.and_then(|id| self.jobs.get(id)).is_some() {
                 continue;
             }
+            // The new job and the record naming it: one transaction.
             let replaced = self
                 .jobs
-                .create(
+                .prepare(
                     kind,
                     &item.hex,
                     "its job's record was unreadable at start: this job replaces it",
                 )
-                .and_then(|job| item.update(|r| r.last_job = Some(job.id())));
+                .and_then(|job| {
+                    let mut record = item.record().clone();
+                    record.last_job = Some(job.id());
+                    record.updated_ns = engine::clock::now_unix_ns();
+                    self.control.commit("replacing a lost job", |commit| {
+                        job.put(commit)?;
+                        put_record(commit, &item.id, &record)
+                    })?;
+                    self.jobs.publish(job);
+                    item.set_record(record);
+                    Ok(())
+                });
             if let Err(error) = replaced {
                 tracing::error!(item = %item.hex, error = %crate::store::describe(&error),
                     "could not replace the item's lost job");
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes the slot table agree with the records. A quarantined item keeps the slots the
-    /// table gives it (never handed to another item) and gets none; a failure to attach one
-    /// item's disks is recorded on that item.
-    pub(super) fn reconcile_slots(&self) -> anyhow::Result<()> {
-        let items = self.all_items();
-        let mut slots = lock(&self.slots);
-        let owners: Vec<ItemId> = slots
-            .table()
-            .into_iter()
-            .filter_map(|row| match row.state {
-                SlotState::Attached { item, .. } => Some(item),
-                _ => None,
-            })
-            .collect::<std::collections::BTreeSet<ItemId>>()
-            .into_iter()
-            .collect();
-        for owner in owners {
-            let keep = items
-                .iter()
-                .any(|item| item.id == owner.0 && holds_slots(item.record().state));
-            if !keep {
-                match slots.release_item(owner) {
-                    Ok(luns) => tracing::warn!(item = %owner, ?luns,
-                        "released slots of an item that holds none"),
-                    Err(error) => tracing::error!(item = %owner, %error,
-                        "could not release the slots of an item that holds none"),
-                }
-            }
-        }
-        for item in &items {
-            let record = item.record().clone();
-            if !holds_slots(record.state) || record.state == ItemState::Quarantined {
-                continue;
-            }
-            let missing: Vec<&DiskRecord> = record
-                .disks
-                .iter()
-                .filter(|d| slots.lun_of(ItemId(item.id), d.index).is_none())
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            let requests: Vec<DiskRequest> = missing
-                .iter()
-                .map(|d| DiskRequest {
-                    item: ItemId(item.id),
-                    disk_index: d.index,
-                })
-                .collect();
-            let op = self.next_op.fetch_add(1, Ordering::Relaxed);
-            let result = slots.reserve(op, &requests).and_then(|reservation| {
-                slots.commit(
-                    reservation,
-                    missing.iter().map(|d| PathBuf::from(&d.path)).collect(),
-                )
-            });
-            match result {
-                Ok(()) => tracing::warn!(item = %item.hex, disks = missing.len(),
-                    "slots re-attached for disks whose attach a crash interrupted"),
-                Err(error) => {
-                    tracing::error!(item = %item.hex, %error, "cannot give the item's disks slots");
-                    if let Err(e) = item.update(|r| r.last_error = Some(format!("slots: {error}")))
-                    {
-                        tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
-                            "recording the slot failure");
-                    }
-                }
             }
         }
         Ok(())

@@ -39,26 +39,38 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
 }
 
-#[test]
-fn a_written_record_reads_back() {
-    let dir = tempdir();
-    let written = record(1 << 20, "/data/items/x/replicas/disk-0.raw");
-    let result = write_record(dir.path(), &written);
-    assert!(result.is_ok(), "{result:?}");
-    let read = read_record(dir.path()).map(|r| r.map(|r| serde_json::to_value(r).ok()));
-    assert_eq!(read, Some(Ok(serde_json::to_value(&written).ok())));
+fn store() -> ControlStore {
+    ControlStore::open_in(&engine::durable::SimDir::new())
+        .unwrap_or_else(|e| panic!("a control store: {e}"))
 }
 
 #[test]
-fn no_record_is_none_and_a_damaged_one_names_its_file() {
-    let dir = tempdir();
-    assert!(read_record(dir.path()).is_none());
-    let wrote = std::fs::write(dir.path().join(RECORD_FILE), b"{ not json");
-    assert!(wrote.is_ok());
-    let why = read_record(dir.path())
-        .and_then(Result::err)
-        .unwrap_or_default();
-    assert!(why.contains("item.json: not an item record"), "{why}");
+fn a_written_record_reads_back() {
+    let store = store();
+    let id = parse_item_hex(HEX).unwrap_or_default();
+    let written = record(1 << 20, "/data/items/x/replicas/disk-0.raw");
+    let result = write_record(&store, &id, &written);
+    assert!(result.is_ok(), "{result:?}");
+    let read = store
+        .record_bytes(&id)
+        .ok()
+        .flatten()
+        .map(|bytes| decode_record(HEX, &bytes).map(|r| serde_json::to_value(r).ok()));
+    assert_eq!(read, Some(Ok(serde_json::to_value(&written).ok())));
+    assert!(remove_record(&store, &id).is_ok());
+    assert_eq!(store.record_bytes(&id).ok(), Some(None), "removed");
+}
+
+#[test]
+fn no_record_is_none_and_a_damaged_one_names_its_item() {
+    let store = store();
+    let id = parse_item_hex(HEX).unwrap_or_default();
+    assert_eq!(store.record_bytes(&id).ok(), Some(None));
+    let why = decode_record(HEX, b"{ not json").err().unwrap_or_default();
+    assert!(
+        why.contains(HEX) && why.contains("not an item record"),
+        "{why}"
+    );
 }
 
 #[test]
