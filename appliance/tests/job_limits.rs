@@ -23,10 +23,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use appliance_api::model::{
+    DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, ItemView, JobKind, JobState,
+    JobView, MaterializeRequest, PointSpec,
+};
 use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 /// Longest any state is polled for.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -43,25 +46,13 @@ struct Protected {
 /// Enables an item, streams a write and a bookmark with the disk-sim agent, closes the
 /// session and waits until the initial-replication job succeeded (the item is `protected`).
 fn protect(server: &Server, name: &str, fill: u8) -> Protected {
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": name, "disks": [{"size_mib": DISK_BYTES >> 20}]})),
-        201,
-    );
-    let id = enabled["item"]["id"]
-        .as_str()
-        .expect("enable answers the item id")
-        .to_owned();
-    let token = enabled["stream_token"]
-        .as_str()
-        .expect("enable answers the stream token")
-        .to_owned();
-    let replica = PathBuf::from(
-        enabled["item"]["disks"][0]["path"]
-            .as_str()
-            .expect("the item view names its replica"),
-    );
+    let enabled = server
+        .api()
+        .enable(&one_disk(name, DISK_BYTES >> 20))
+        .expect("enabled");
+    let id = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
+    let replica = PathBuf::from(&enabled.item.disks[0].path);
     let geometry = vec![DiskGeometry {
         size_bytes: DISK_BYTES,
         block_size_bytes: 4096,
@@ -85,68 +76,66 @@ fn protect(server: &Server, name: &str, fill: u8) -> Protected {
     agent
         .close(DEADLINE)
         .expect("every frame acknowledged and the session closed");
-    let job = enabled["job"]["id"]
-        .as_u64()
-        .expect("enable answers its job");
-    server.wait_job(job);
+    server.wait_job(enabled.job.id);
     let view = item(server, &id);
-    assert_eq!(view["state"], "protected", "{view}");
-    assert!(view["latest_point_id"].is_u64(), "a recovery point: {view}");
+    assert_eq!(view.state, ItemState::Protected, "{view:?}");
+    assert!(view.latest_point_id.is_some(), "a recovery point: {view:?}");
     Protected { id, image, replica }
 }
 
-fn item(server: &Server, id: &str) -> Value {
-    server.expect("GET", &format!("/v1/items/{id}"), None, 200)
+/// Enable of one new disk of `size_mib`.
+fn one_disk(name: &str, size_mib: u64) -> EnableRequest {
+    EnableRequest {
+        name: name.into(),
+        disks: vec![DiskSpec::create(size_mib, None)],
+        policy: None,
+        temporary_os_disk: None,
+    }
 }
 
-fn jobs(server: &Server) -> Value {
-    server.expect("GET", "/v1/jobs", None, 200)
+fn item(server: &Server, id: &str) -> ItemView {
+    server.api().item(id).expect("the item")
+}
+
+fn jobs(server: &Server) -> Vec<JobView> {
+    server.api().jobs().expect("the jobs")
 }
 
 /// The item list without `rpo_lag_ms` (the age of the newest point: it grows by itself).
-fn items_without_lag(server: &Server) -> Value {
-    let mut list = server.expect("GET", "/v1/items", None, 200);
-    for view in list.as_array_mut().expect("GET /v1/items answers a list") {
-        view.as_object_mut()
-            .expect("an item view is an object")
-            .remove("rpo_lag_ms");
+fn items_without_lag(server: &Server) -> Vec<ItemView> {
+    let mut list = server.api().items().expect("the items");
+    for view in &mut list {
+        view.rpo_lag_ms = None;
     }
     list
 }
 
-fn running_jobs(list: &Value) -> Vec<(u64, String)> {
-    list.as_array()
-        .expect("GET /v1/jobs answers a list")
-        .iter()
-        .filter(|job| job["state"] == "running")
-        .map(|job| {
-            (
-                job["id"].as_u64().expect("a job has an id"),
-                job["kind"].as_str().expect("a job has a kind").to_owned(),
-            )
-        })
+fn running_jobs(list: &[JobView]) -> Vec<(u64, JobKind)> {
+    list.iter()
+        .filter(|job| job.state == JobState::Running)
+        .map(|job| (job.id, job.kind))
         .collect()
 }
 
 /// Polls a job until it is no longer running; returns its view.
-fn wait_job_end(server: &Server, id: u64) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let job = server.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
-        if job["state"] != "running" {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} still running: {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_job_end(server: &Server, id: u64) -> JobView {
+    server
+        .api()
+        .wait_job(id, Duration::from_millis(20), DEADLINE, &mut |_| {})
+        .unwrap_or_else(|e| panic!("job {id}: {e}"))
 }
 
-fn test_failover(server: &Server, id: &str, target: &Path) -> (u16, Value) {
-    server.call(
-        "POST",
-        &format!("/v1/items/{id}/test-failover"),
-        Some(json!({"point": "latest-processed", "target_dir": target})),
-    )
+fn test_failover(
+    server: &Server,
+    id: &str,
+    target: &Path,
+) -> Result<JobView, appliance_api::Error> {
+    let request = MaterializeRequest {
+        point: PointSpec::latest_processed(),
+        target_dir: target.display().to_string(),
+        format: Format::Raw,
+    };
+    server.api().test_failover(id, &request)
 }
 
 /// An item's replica path replaced by a symlink to a FIFO (see the module comment).
@@ -213,11 +202,11 @@ impl Drop for Hold {
 
 /// The error a held job ends on once released: its replica "file" cannot be read at an
 /// offset (ESPIPE on the FIFO).
-fn assert_held_job_failed_on_its_own(job: &Value) {
-    assert_eq!(job["state"], "failed", "{job}");
-    let error = job["error"].as_str().expect("a failed job has an error");
-    assert!(error.contains("reading replica disk 0"), "{job}");
-    assert!(!error.contains("interrupted"), "{job}");
+fn assert_held_job_failed_on_its_own(job: &JobView) {
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    let error = job.error.as_deref().expect("a failed job has an error");
+    assert!(error.contains("reading replica disk 0"), "{job:?}");
+    assert!(!error.contains("interrupted"), "{job:?}");
 }
 
 /// What is durable in the control store of `data` now, as a crash would leave it: a copy of
@@ -251,51 +240,54 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     // Two test-failover jobs held running: the limit of 2 is reached.
     let mut hold_a = Hold::new(&a.replica, &scratch, "a");
     let mut hold_b = Hold::new(&b.replica, &scratch, "b");
-    let (status, job_a) = test_failover(&server, &a.id, &data.join("tf-a"));
-    assert_eq!(status, 202, "{job_a}");
-    let (status, job_b) = test_failover(&server, &b.id, &data.join("tf-b"));
-    assert_eq!(status, 202, "{job_b}");
-    let job_a = job_a["id"].as_u64().expect("a job id");
-    let job_b = job_b["id"].as_u64().expect("a job id");
+    let job_a = test_failover(&server, &a.id, &data.join("tf-a"))
+        .expect("202")
+        .id;
+    let job_b = test_failover(&server, &b.id, &data.join("tf-b"))
+        .expect("202")
+        .id;
     let before_jobs = jobs(&server);
     assert_eq!(
         running_jobs(&before_jobs),
         vec![
-            (job_b, "test_failover".into()),
-            (job_a, "test_failover".into())
+            (job_b, JobKind::TestFailover),
+            (job_a, JobKind::TestFailover)
         ],
-        "the two held jobs run: {before_jobs}"
+        "the two held jobs run: {before_jobs:?}"
     );
     let before_items = items_without_lag(&server);
-    let before_slots = server.expect("GET", "/v1/slots", None, 200);
+    let before_slots = server.api().slots().expect("the slots");
     let job_files = || stored(&data).jobs().expect("the stored jobs").len();
     let before_job_files = job_files();
 
     // One job more, of either kind that counts: 409 too_many_jobs, nothing created.
     let target_c = data.join("tf-c");
-    let (status, body) = test_failover(&server, &c.id, &target_c);
+    let error = test_failover(&server, &c.id, &target_c).expect_err("a refusal");
     assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("too_many_jobs")),
-        "{body}"
+        (error.status(), error.code()),
+        (Some(409), Some("too_many_jobs")),
+        "{error}"
     );
-    let message = body["error"]["message"]
-        .as_str()
-        .expect("an error has a message");
+    let message = &error.refusal().expect("the API's refusal").message;
     assert!(
         message.contains("2 jobs are running, the limit is 2"),
         "{message}"
     );
     let failover_c = data.join("fo-c");
-    let (status, body) = server.call(
-        "POST",
-        &format!("/v1/items/{}/failover", c.id),
-        Some(json!({"point": "latest", "target_dir": failover_c, "source_shut_down": true})),
-    );
+    let failover = FailoverRequest {
+        point: PointSpec::latest(),
+        target_dir: failover_c.display().to_string(),
+        format: Format::Raw,
+        source_shut_down: true,
+    };
+    let error = server
+        .api()
+        .failover(&c.id, &failover)
+        .expect_err("a refusal");
     assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("too_many_jobs")),
-        "{body}"
+        (error.status(), error.code()),
+        (Some(409), Some("too_many_jobs")),
+        "{error}"
     );
     // The refusals changed nothing: items (C still protected, no pending disks), jobs, slots,
     // job files, and neither target directory was created.
@@ -306,7 +298,7 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     );
     assert_eq!(jobs(&server), before_jobs, "jobs after the refusals");
     assert_eq!(
-        server.expect("GET", "/v1/slots", None, 200),
+        server.api().slots().expect("the slots"),
         before_slots,
         "slots after the refusals"
     );
@@ -319,22 +311,17 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
         !failover_c.exists(),
         "the refused failover made no directory"
     );
-    assert_eq!(item(&server, &c.id)["state"], "protected");
+    assert_eq!(item(&server, &c.id).state, ItemState::Protected);
 
     // What the code does (`Jobs::running_work`): replication jobs do not count and enable is
     // not limited. At the limit, a new item is still enabled and its initial-replication job
     // runs: three jobs run at once with --max-jobs 2.
-    let (status, enabled) = server.call(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "vm-d", "disks": [{"size_mib": 4}]})),
-    );
-    assert_eq!(
-        status, 201,
-        "enable is not limited by --max-jobs: {enabled}"
-    );
-    assert_eq!(enabled["job"]["kind"], "initial_replication", "{enabled}");
-    assert_eq!(enabled["job"]["state"], "running", "{enabled}");
+    let enabled = server
+        .api()
+        .enable(&one_disk("vm-d", 4))
+        .unwrap_or_else(|e| panic!("enable is not limited by --max-jobs: {e}"));
+    assert_eq!(enabled.job.kind, JobKind::InitialReplication, "{enabled:?}");
+    assert_eq!(enabled.job.state, JobState::Running, "{enabled:?}");
     assert_eq!(
         running_jobs(&jobs(&server)).len(),
         3,
@@ -346,17 +333,13 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
     hold_a.release();
     let ended = wait_job_end(&server, job_a);
     assert_held_job_failed_on_its_own(&ended);
-    assert_eq!(item(&server, &a.id)["state"], "protected");
-    let (status, job_c) = test_failover(&server, &c.id, &target_c);
-    assert_eq!(status, 202, "room for one job again: {job_c}");
-    let job_c = server.wait_job(job_c["id"].as_u64().expect("a job id"));
-    assert_eq!(
-        job_c.kind,
-        appliance_api::model::JobKind::TestFailover,
-        "{job_c:?}"
-    );
+    assert_eq!(item(&server, &a.id).state, ItemState::Protected);
+    let job_c = test_failover(&server, &c.id, &target_c)
+        .unwrap_or_else(|e| panic!("room for one job again: {e}"));
+    let job_c = server.wait_job(job_c.id);
+    assert_eq!(job_c.kind, JobKind::TestFailover, "{job_c:?}");
     let view = item(&server, &c.id);
-    assert_eq!(view["state"], "test_failover", "{view}");
+    assert_eq!(view.state, ItemState::TestFailover, "{view:?}");
     let written = std::fs::read(target_c.join("disk-0.raw")).expect("the test failover's disk");
     assert!(
         written == c.image,
@@ -365,7 +348,7 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
 
     hold_b.release();
     assert_held_job_failed_on_its_own(&wait_job_end(&server, job_b));
-    assert_eq!(item(&server, &b.id)["state"], "protected");
+    assert_eq!(item(&server, &b.id).state, ItemState::Protected);
     server.stop();
 }
 
@@ -388,30 +371,21 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     );
     let a = protect(&server, "vm-a", 0x44);
     // An item whose agent never connects: its initial-replication job stays running.
-    let waiting = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "vm-waiting", "disks": [{"size_mib": 4}]})),
-        201,
-    );
-    let waiting_id = waiting["item"]["id"]
-        .as_str()
-        .expect("enable answers the item id")
-        .to_owned();
-    let waiting_job = waiting["job"]["id"]
-        .as_u64()
-        .expect("enable answers its job");
+    let waiting = server
+        .api()
+        .enable(&one_disk("vm-waiting", 4))
+        .expect("enabled");
+    let waiting_id = waiting.item.id.clone();
+    let waiting_job = waiting.job.id;
 
     let mut hold = Hold::new(&a.replica, &scratch, "a");
     let target = data.join("tf-a");
-    let (status, job) = test_failover(&server, &a.id, &target);
-    assert_eq!(status, 202, "{job}");
-    let job = job["id"].as_u64().expect("a job id");
+    let job = test_failover(&server, &a.id, &target).expect("202").id;
     assert_eq!(
-        server.expect("GET", &format!("/v1/jobs/{job}"), None, 200)["state"],
-        "running"
+        server.api().job(job).expect("the job").state,
+        JobState::Running
     );
-    let read_job = |job: u64| -> Value {
+    let read_job = |job: u64| -> JobView {
         let jobs = stored(&data).jobs().expect("the stored jobs");
         let bytes = jobs
             .get(&job)
@@ -445,7 +419,7 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(read_job(job)["state"], "running", "still under way");
+    assert_eq!(read_job(job).state, JobState::Running, "still under way");
 
     hold.release();
     // The job has ended its work and decided its end; its record is not written yet. The
@@ -483,7 +457,7 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     // fail as "interrupted"), and the job's undo ran: the item back in protected, no files.
     let recorded = read_job(job);
     assert_held_job_failed_on_its_own(&recorded);
-    let record: Value = {
+    let record: serde_json::Value = {
         let id = common::item_id(&a.id);
         let bytes = stored(&data)
             .record_bytes(&id)
@@ -493,7 +467,11 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     };
     assert_eq!(record["state"], "protected", "{record}");
     assert!(record["pending"].is_null(), "{record}");
-    assert_eq!(record["last_error"], recorded["error"], "{record}");
+    assert_eq!(
+        record["last_error"].as_str(),
+        recorded.error.as_deref(),
+        "{record}"
+    );
     assert!(!target.join("disk-0.raw").exists(), "no materialized disk");
     assert!(
         !target.join("disk-0.raw.partial").exists(),
@@ -501,21 +479,23 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     );
     // The replication job was not waited for: still running in its file.
     let waiting_file = read_job(waiting_job);
-    assert_eq!(waiting_file["state"], "running", "{waiting_file}");
+    assert_eq!(waiting_file.state, JobState::Running, "{waiting_file:?}");
 
     // After a restart: the job stays as recorded, the replication job carries on, and the item
     // works (a test failover writes the disk at its point).
     let server = Server::start(&data, &[]);
-    let after = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
+    let after = server.api().job(job).expect("the job");
     assert_eq!(after, recorded, "the job as it was recorded at the stop");
     assert_eq!(
-        server.expect("GET", &format!("/v1/jobs/{waiting_job}"), None, 200)["state"],
-        "running"
+        server.api().job(waiting_job).expect("the job").state,
+        JobState::Running
     );
-    assert_eq!(item(&server, &waiting_id)["state"], "initial_replication");
-    let (status, retry) = test_failover(&server, &a.id, &target);
-    assert_eq!(status, 202, "{retry}");
-    server.wait_job(retry["id"].as_u64().expect("a job id"));
+    assert_eq!(
+        item(&server, &waiting_id).state,
+        ItemState::InitialReplication
+    );
+    let retry = test_failover(&server, &a.id, &target).expect("202");
+    server.wait_job(retry.id);
     let written = std::fs::read(target.join("disk-0.raw")).expect("the test failover's disk");
     assert!(
         written == a.image,
