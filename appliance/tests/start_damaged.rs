@@ -11,13 +11,17 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appliance::db::ControlStore;
+use appliance::items::ItemRecord;
+use appliance_api::model::{
+    DiskSpec, EnableRequest, Format, ItemState, ItemView, JobKind, JobState, JobView,
+    MaterializeRequest, Op, PointSpec, SlotUse,
+};
 use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::{Value, json};
 
 /// Longest any state is polled for.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -66,77 +70,70 @@ fn replicate(server: &Server, healthy: &mut Healthy, fill: u8) {
     agent
         .close(DEADLINE)
         .expect("every frame acknowledged and the session closed");
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let points = server.expect(
-            "GET",
-            &format!("/v1/items/{}/points", healthy.id),
-            None,
-            200,
-        );
-        if points
-            .as_array()
-            .expect("a list of points")
-            .iter()
-            .any(|p| p["id"].as_u64() == Some(seq))
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "point {seq} never applied");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server
+        .api()
+        .wait_point(&healthy.id, seq, Duration::from_millis(20), DEADLINE)
+        .unwrap_or_else(|e| panic!("point {seq} never applied: {e}"));
 }
 
 /// A test failover of the healthy item at its latest processed point equals the source.
 fn fails_over_exactly(server: &Server, healthy: &Healthy, target: &Path) {
-    let job = server.expect(
-        "POST",
-        &format!("/v1/items/{}/test-failover", healthy.id),
-        Some(json!({"point": "latest-processed", "target_dir": target})),
-        202,
-    );
-    server.wait_job(job["id"].as_u64().expect("a job id"));
+    let request = MaterializeRequest {
+        point: PointSpec::latest_processed(),
+        target_dir: target.display().to_string(),
+        format: Format::Raw,
+    };
+    let job = server
+        .api()
+        .test_failover(&healthy.id, &request)
+        .expect("202");
+    server.wait_job(job.id);
     let disk = std::fs::read(target.join("disk-0.raw")).expect("the test-failover disk");
     assert!(
         disk == healthy.image,
         "the test-failover disk equals the source"
     );
-    server.expect(
-        "POST",
-        &format!("/v1/items/{}/test-failover/cleanup", healthy.id),
-        None,
-        200,
-    );
+    server
+        .api()
+        .test_failover_cleanup(&healthy.id)
+        .expect("cleaned up");
+}
+
+/// Enable of new disks of these sizes in MiB.
+fn enable_request(name: &str, sizes_mib: &[u64]) -> EnableRequest {
+    EnableRequest {
+        name: name.into(),
+        disks: sizes_mib
+            .iter()
+            .map(|&m| DiskSpec::create(m, None))
+            .collect(),
+        policy: None,
+        temporary_os_disk: None,
+    }
 }
 
 /// A healthy protected item and a second item `victim` (two disks, waiting for its agent);
 /// the server is stopped. Returns the healthy item and the victim's id.
 fn setup(data: &Path) -> (Healthy, String) {
     let server = Server::start(data, &[]);
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "good", "disks": [{"size_mib": DISK_BYTES >> 20}]})),
-        201,
-    );
+    let enabled = server
+        .api()
+        .enable(&enable_request("good", &[DISK_BYTES >> 20]))
+        .expect("enabled");
     let mut healthy = Healthy {
-        id: enabled["item"]["id"].as_str().expect("an id").to_owned(),
-        token: enabled["stream_token"]
-            .as_str()
-            .expect("a token")
-            .to_owned(),
+        id: enabled.item.id.clone(),
+        token: enabled.stream_token.clone(),
         image: vec![0; DISK_BYTES as usize],
         bookmark: 0,
     };
     replicate(&server, &mut healthy, 1);
-    server.wait_job(enabled["job"]["id"].as_u64().expect("a job id"));
-    let victim = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "victim", "disks": [{"size_mib": 1}, {"size_mib": 1}]})),
-        201,
-    );
-    let victim = victim["item"]["id"].as_str().expect("an id").to_owned();
+    server.wait_job(enabled.job.id);
+    let victim = server
+        .api()
+        .enable(&enable_request("victim", &[1, 1]))
+        .expect("enabled")
+        .item
+        .id;
     server.stop();
     assert!(owner_only(&data.join("items")) > 0, "files in items");
     // Records, jobs and slots are in the control store, owner only too.
@@ -176,66 +173,57 @@ fn owner_only_file(path: &Path) -> usize {
     1
 }
 
-fn items(server: &Server) -> Vec<Value> {
-    server
-        .expect("GET", "/v1/items", None, 200)
-        .as_array()
-        .expect("a list")
-        .clone()
+fn items(server: &Server) -> Vec<ItemView> {
+    server.api().items().expect("the items")
 }
 
 /// Every attached LUN once, and every disk of every listed item that holds slots with one.
 fn check_slots(server: &Server) {
-    let slots = server.expect("GET", "/v1/slots", None, 200);
+    let slots = server.api().slots().expect("the slots");
     let mut disks = BTreeSet::new();
     let mut paths = BTreeSet::new();
-    for row in slots["slots"].as_array().expect("slot rows") {
-        if row["state"] == "attached" {
+    for row in &slots.slots {
+        if row.state == SlotUse::Attached {
             assert!(
-                disks.insert((row["item"].to_string(), row["disk_index"].to_string())),
-                "a disk holds two LUNs: {slots}"
+                disks.insert((row.item.clone(), row.disk_index)),
+                "a disk holds two LUNs: {slots:?}"
             );
-            assert!(
-                paths.insert(row["path"].to_string()),
-                "a path twice: {slots}"
-            );
+            assert!(paths.insert(row.path.clone()), "a path twice: {slots:?}");
         }
     }
     let mut expected = BTreeSet::new();
     for item in items(server) {
-        if matches!(item["state"].as_str(), Some("disabled" | "failed_back")) {
+        if matches!(item.state, ItemState::Disabled | ItemState::FailedBack) {
             continue;
         }
-        for disk in item["disks"].as_array().expect("disks") {
-            assert!(disk["lun"].is_u64(), "a disk without a slot: {item}");
-            expected.insert((item["id"].to_string(), disk["index"].to_string()));
+        for disk in &item.disks {
+            assert!(disk.lun.is_some(), "a disk without a slot: {item:?}");
+            expected.insert((Some(item.id.clone()), Some(disk.index)));
         }
     }
     assert_eq!(
         disks, expected,
-        "attached slots are exactly the items' disks: {slots}"
+        "attached slots are exactly the items' disks: {slots:?}"
     );
 }
 
 /// Restarts after `damage`, checks the victim with `check`, the healthy item replicating and
 /// failing over exactly, and slots consistent; then disables a quarantined victim.
-fn after_damage(damage: impl FnOnce(&Path, &str), check: impl FnOnce(&Server, Option<Value>)) {
+fn after_damage(damage: impl FnOnce(&Path, &str), check: impl FnOnce(&Server, Option<ItemView>)) {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temporary directory");
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("creating the data directory");
     let (mut healthy, victim) = setup(&data);
     damage(&data, &victim);
     let server = Server::start(&data, &[]);
-    let found = items(&server)
-        .into_iter()
-        .find(|i| i["id"] == victim.as_str());
+    let found = items(&server).into_iter().find(|i| i.id == victim);
     check(&server, found.clone());
     check_slots(&server);
     replicate(&server, &mut healthy, 2);
     fails_over_exactly(&server, &healthy, &data.join("tf-1"));
-    if found.is_some_and(|v| v["state"] == "quarantined") {
-        let view = server.expect("DELETE", &format!("/v1/items/{victim}"), None, 200);
-        assert_eq!(view["state"], "disabled", "{view}");
+    if found.is_some_and(|v| v.state == ItemState::Quarantined) {
+        let view = server.api().disable(&victim).expect("disabled");
+        assert_eq!(view.state, ItemState::Disabled, "{view:?}");
         check_slots(&server);
         assert!(!data.join("items").join(&victim).exists(), "purged");
     }
@@ -245,7 +233,7 @@ fn after_damage(damage: impl FnOnce(&Path, &str), check: impl FnOnce(&Server, Op
     assert!(
         items(&server)
             .iter()
-            .all(|i| i["id"] != victim.as_str() || i["state"] != "disabled"),
+            .all(|i| i.id != victim || i.state != ItemState::Disabled),
         "a disabled item is purged"
     );
     replicate(&server, &mut healthy, 3);
@@ -254,24 +242,18 @@ fn after_damage(damage: impl FnOnce(&Path, &str), check: impl FnOnce(&Server, Op
     server.stop();
 }
 
-fn quarantined(view: Option<Value>, reason: &str) -> Value {
+fn quarantined(view: Option<ItemView>, reason: &str) -> ItemView {
     let view = view.expect("the damaged item is listed");
-    assert_eq!(view["state"], "quarantined", "{view}");
-    let quarantine = &view["quarantine"];
-    let why = quarantine["reason"].as_str().expect("a reason");
-    assert!(why.contains(reason), "{view}");
+    assert_eq!(view.state, ItemState::Quarantined, "{view:?}");
+    let quarantine = view.quarantine.as_ref().expect("a quarantine");
+    let why = quarantine.reason.as_str();
+    assert!(why.contains(reason), "{view:?}");
     assert!(
-        quarantine["action"]
-            .as_str()
-            .is_some_and(|a| a.contains("disable") && a.contains("restart")),
-        "{view}"
+        quarantine.action.contains("disable") && quarantine.action.contains("restart"),
+        "{view:?}"
     );
-    assert!(
-        view["health"]
-            .as_str()
-            .is_some_and(|h| h.starts_with("quarantined"))
-    );
-    assert_eq!(view["allowed_operations"], json!(["disable"]), "{view}");
+    assert!(view.health.starts_with("quarantined"));
+    assert_eq!(view.allowed_operations, [Op::Disable], "{view:?}");
     view
 }
 
@@ -314,11 +296,10 @@ fn a_truncated_record_quarantines_its_item_only() {
         |server, view| {
             let view = quarantined(view, "not an item record");
             // Its slots stay held (the disks' paths from the slot table).
-            let disks = view["disks"].as_array().expect("disks");
-            assert_eq!(disks.len(), 2, "{view}");
-            assert!(disks.iter().all(|d| d["lun"].is_u64()), "{view}");
-            let metrics = server.call("GET", "/metrics", None).1;
-            let metrics = metrics.as_str().expect("metrics text");
+            let disks = &view.disks;
+            assert_eq!(disks.len(), 2, "{view:?}");
+            assert!(disks.iter().all(|d| d.lun.is_some()), "{view:?}");
+            let metrics = server.api().metrics().expect("metrics text");
             assert!(metrics.contains("state=\"quarantined\""), "{metrics}");
         },
     );
@@ -362,15 +343,11 @@ fn an_empty_item_directory_is_rolled_back() {
         |data, _| std::fs::create_dir(data.join("items").join(empty)).expect("an empty dir"),
         |server, view| {
             assert_eq!(
-                view.expect("the victim is untouched")["state"],
-                "initial_replication"
+                view.expect("the victim is untouched").state,
+                ItemState::InitialReplication
             );
-            assert!(items(server).iter().all(|i| i["id"] != empty));
-            let data = PathBuf::from(
-                server.expect("GET", "/v1/appliance", None, 200)["data_dir"]
-                    .as_str()
-                    .expect("the data dir"),
-            );
+            assert!(items(server).iter().all(|i| i.id != empty));
+            let data = PathBuf::from(server.api().appliance().expect("the appliance").data_dir);
             assert!(!data.join("items").join(empty).exists(), "rolled back");
         },
     );
@@ -380,19 +357,20 @@ fn an_empty_item_directory_is_rolled_back() {
 fn a_damaged_job_file_leaves_its_item_served_with_a_new_job() {
     after_damage(
         |data, victim| {
-            let record: Value = serde_json::from_slice(&record(data, victim)).expect("a record");
-            let job = record["last_job"].as_u64().expect("a job");
+            let record: ItemRecord =
+                serde_json::from_slice(&record(data, victim)).expect("a record");
+            let job = record.last_job.expect("a job");
             write_job(data, job, b"{\"id\": 1");
         },
         |server, view| {
             let view = view.expect("the victim is listed");
-            assert_eq!(view["state"], "initial_replication", "{view}");
-            let job = view["last_job"].as_u64().expect("a new job");
-            let job = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
+            assert_eq!(view.state, ItemState::InitialReplication, "{view:?}");
+            let job = view.last_job.expect("a new job");
+            let job = server.api().job(job).expect("the job");
             assert_eq!(
-                (job["state"].as_str(), job["kind"].as_str()),
-                (Some("running"), Some("initial_replication")),
-                "{job}"
+                (job.state, job.kind),
+                (JobState::Running, JobKind::InitialReplication),
+                "{job:?}"
             );
         },
     );
@@ -409,29 +387,15 @@ fn a_damaged_slot_table_is_rebuilt_from_the_records() {
         },
         |_, view| {
             let view = view.expect("the victim is listed");
-            assert_eq!(view["state"], "initial_replication", "{view}");
+            assert_eq!(view.state, ItemState::InitialReplication, "{view:?}");
         },
     );
 }
 
 /// Sends one request and reads whatever comes back (nothing, if the process dies in it).
-fn request_into_a_crash(server: &Server, body: &Value) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(&server.api).expect("connecting");
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("a read timeout");
-    let body = body.to_string();
-    write!(
-        stream,
-        "POST /v1/items HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        server.token,
-        body.len()
-    )
-    .expect("sending");
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
+fn request_into_a_crash(server: &Server, request: &EnableRequest) {
+    // The process dies inside the request: no answer (a transport error) is the point.
+    let _ = server.api().enable(request);
 }
 
 #[test]
@@ -451,14 +415,14 @@ fn killed_in_enable(temporary_os_disk: bool) {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).expect("creating the data directory");
         let temporary = data.join("os-temporary.vhd");
-        let mut enable = json!({"name": "vm", "disks": [{"size_mib": 1}, {"size_mib": 2}]});
+        let mut enable = enable_request("vm", &[1, 2]);
         if temporary_os_disk {
-            enable["temporary_os_disk"] = json!(temporary);
+            enable.temporary_os_disk = Some(temporary.display().to_string());
         }
         let state = if temporary_os_disk {
-            "reprotecting"
+            ItemState::Reprotecting
         } else {
-            "initial_replication"
+            ItemState::InitialReplication
         };
         let mut server = Server::start_with_env(
             &data,
@@ -482,17 +446,13 @@ fn killed_in_enable(temporary_os_disk: bool) {
         if committed {
             assert_eq!(listed.len(), 1, "{point}: the item is there: {listed:?}");
             let item = &listed[0];
-            assert_eq!(item["state"], state, "{point}: {item}");
-            assert_eq!(item["health"], "healthy", "{point}: {item}");
-            let job = item["last_job"].as_u64().expect("a job");
-            let job = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
-            assert_eq!(job["state"], "running", "{point}: {job}");
+            assert_eq!(item.state, state, "{point}: {item:?}");
+            assert_eq!(item.health, "healthy", "{point}: {item:?}");
+            let job = item.last_job.expect("a job");
+            let job = server.api().job(job).expect("the job");
+            assert_eq!(job.state, JobState::Running, "{point}: {job:?}");
             assert!(
-                !data
-                    .join("items")
-                    .join(item["id"].as_str().expect("an id"))
-                    .join("enabling")
-                    .exists(),
+                !data.join("items").join(&item.id).join("enabling").exists(),
                 "{point}: the enable marker is gone"
             );
         } else {
@@ -502,13 +462,10 @@ fn killed_in_enable(temporary_os_disk: bool) {
                 .map(|e| e.expect("an entry").file_name())
                 .collect();
             assert!(dirs.is_empty(), "{point}: nothing left in items/: {dirs:?}");
-            let jobs = server.expect("GET", "/v1/jobs", None, 200);
+            let jobs = server.api().jobs().expect("the jobs");
             assert!(
-                jobs.as_array()
-                    .expect("jobs")
-                    .iter()
-                    .all(|j| j["state"] != "running"),
-                "{point}: no job left running: {jobs}"
+                jobs.iter().all(|j| j.state != JobState::Running),
+                "{point}: no job left running: {jobs:?}"
             );
         }
         if temporary_os_disk {
@@ -519,17 +476,17 @@ fn killed_in_enable(temporary_os_disk: bool) {
             );
         }
         check_slots(&server);
-        let slots = server.expect("GET", "/v1/slots", None, 200);
+        let slots = server.api().slots().expect("the slots");
         assert_eq!(
-            slots["attached"].as_u64(),
-            Some(if committed { 2 } else { 0 }),
-            "{point}: {slots}"
+            slots.attached,
+            if committed { 2 } else { 0 },
+            "{point}: {slots:?}"
         );
         // Enabling again works.
         if committed && temporary_os_disk {
-            enable["temporary_os_disk"] = json!(data.join("os-again.vhd"));
+            enable.temporary_os_disk = Some(data.join("os-again.vhd").display().to_string());
         }
-        server.expect("POST", "/v1/items", Some(enable), 201);
+        server.api().enable(&enable).expect("enabled again");
         check_slots(&server);
         server.stop();
     }
@@ -544,23 +501,22 @@ fn a_sync_job_left_running_beside_a_protected_item_succeeds_at_restart() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).expect("creating the data directory");
     let (mut healthy, _) = setup(&data);
-    let job =
-        serde_json::from_slice::<Value>(&record(&data, &healthy.id)).expect("a record")["last_job"]
-            .as_u64()
-            .expect("its job");
+    let job = serde_json::from_slice::<ItemRecord>(&record(&data, &healthy.id))
+        .expect("a record")
+        .last_job
+        .expect("its job");
     let stored = control(&data).jobs().expect("the jobs");
-    let mut view: Value =
+    let mut view: JobView =
         serde_json::from_slice(stored.get(&job).expect("the job")).expect("a job");
-    assert_eq!(view["state"], "succeeded", "{view}");
-    view["state"] = json!("running");
-    view["percent"] = json!(99);
-    view.as_object_mut()
-        .expect("an object")
-        .remove("finished_ns");
-    write_job(&data, job, view.to_string().as_bytes());
+    assert_eq!(view.state, JobState::Succeeded, "{view:?}");
+    view.state = JobState::Running;
+    view.percent = 99;
+    view.finished_ns = None;
+    let bytes = serde_json::to_vec(&view).expect("a job record");
+    write_job(&data, job, &bytes);
     let server = Server::start(&data, &[]);
-    let after = server.expect("GET", &format!("/v1/jobs/{job}"), None, 200);
-    assert_eq!(after["state"], "succeeded", "{after}");
+    let after = server.api().job(job).expect("the job");
+    assert_eq!(after.state, JobState::Succeeded, "{after:?}");
     replicate(&server, &mut healthy, 4);
     fails_over_exactly(&server, &healthy, &data.join("tf"));
     server.stop();
