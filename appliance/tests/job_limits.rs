@@ -457,7 +457,7 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
     // fail as "interrupted"), and the job's undo ran: the item back in protected, no files.
     let recorded = read_job(job);
     assert_held_job_failed_on_its_own(&recorded);
-    let record: serde_json::Value = {
+    let record: appliance::items::ItemRecord = {
         let id = common::item_id(&a.id);
         let bytes = stored(&data)
             .record_bytes(&id)
@@ -465,12 +465,12 @@ fn sigterm_waits_for_a_running_file_job_and_exits_0_after_it_ended() {
             .expect("the record");
         serde_json::from_slice(&bytes).expect("a record")
     };
-    assert_eq!(record["state"], "protected", "{record}");
-    assert!(record["pending"].is_null(), "{record}");
+    assert_eq!(record.state, ItemState::Protected, "{record:?}");
+    assert!(record.pending.is_none(), "{record:?}");
     assert_eq!(
-        record["last_error"].as_str(),
+        record.last_error.as_deref(),
         recorded.error.as_deref(),
-        "{record}"
+        "{record:?}"
     );
     assert!(!target.join("disk-0.raw").exists(), "no materialized disk");
     assert!(

@@ -16,7 +16,6 @@ use std::time::Duration;
 use common::{Server, item_id};
 use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
-use serde_json::json;
 
 /// Runs `promtool check metrics` on `text`; `None` when promtool is not installed outside CI.
 fn promtool_check(text: &str) -> Option<std::process::Output> {
@@ -70,14 +69,17 @@ fn metrics_with_items_points_and_jobs_pass_promtool() {
         size_bytes: 4 << 20,
         block_size_bytes: 4096,
     }];
-    let enabled = server.expect(
-        "POST",
-        "/v1/items",
-        Some(json!({"name": "vm-metrics", "disks": [{"size_mib": 4}]})),
-        201,
-    );
-    let item = enabled["item"]["id"].as_str().unwrap().to_owned();
-    let token = enabled["stream_token"].as_str().unwrap().to_owned();
+    let enabled = server
+        .api()
+        .enable(&appliance_api::model::EnableRequest {
+            name: "vm-metrics".into(),
+            disks: vec![appliance_api::model::DiskSpec::create(4, None)],
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let token = enabled.stream_token.clone();
 
     // Initial replication (a full copy and a first point), then two more points.
     let mut config = AgentConfig::new(
@@ -98,7 +100,7 @@ fn metrics_with_items_points_and_jobs_pass_promtool() {
     agent
         .bookmark(Consistency::Crash, 1, now_ns(), "initial")
         .unwrap();
-    server.wait_job(enabled["job"]["id"].as_u64().unwrap());
+    server.wait_job(enabled.job.id);
     for round in 2..4u64 {
         agent.write(0, round * 4096, &[0xa5; 4096]).unwrap();
         agent

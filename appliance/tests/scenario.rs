@@ -34,10 +34,10 @@ fn a_scenario_runs_against_a_running_appliance_and_checks_its_disks() {
     let out = String::from_utf8(out).unwrap();
     assert!(out.contains("scenario failover passed"), "{out}");
     // The kept source images equal the failed-over disks (what an outside tool would check).
-    let items = server.expect("GET", "/v1/items", None, 200);
-    let files = items[0]["failover"]["files"].as_array().unwrap();
+    let items = server.api().items().unwrap();
+    let files = &items[0].failover.as_ref().unwrap().files;
     for (index, file) in files.iter().enumerate() {
-        let materialized = std::fs::read(file.as_str().unwrap()).unwrap();
+        let materialized = std::fs::read(file).unwrap();
         let original =
             std::fs::read(source.join("failover").join(format!("disk-{index}.img"))).unwrap();
         assert!(materialized == original, "disk {index}");
