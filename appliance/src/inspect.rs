@@ -111,7 +111,7 @@ pub fn render(report: &StreamReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     if let Some(header) = &report.header {
-        let id: String = header.item_id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(header.item_id);
         let _ = writeln!(out, "item      {} (id {id})", header.item_name);
         for (index, disk) in header.disks.iter().enumerate() {
             let _ = writeln!(

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use engine::apply::ApplyConfig;
 use engine::delta::DeltaDecoder;
+use engine::error::report;
 use engine::ingest::{IngestConfig, IngestError, ingest_stream};
 use engine::io::{DirectIo, ReplicaFile};
 use engine::materialize::{OutputFormat, PointChoice, Source, materialize_to_path, resolve_point};
@@ -229,7 +230,7 @@ pub fn materialize(
     let item = data.item(item)?;
     let meta = data.meta()?;
     let key = item_key(&item.header.item_id);
-    let point = resolve_point(&meta, key, choice).map_err(|e| BadInput(e.to_string()))?;
+    let point = resolve_point(&meta, key, choice).map_err(|e| BadInput(report(&e)))?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let source = Source {
         meta: &meta,

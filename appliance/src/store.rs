@@ -136,7 +136,7 @@ const PURGE_PREFIX: &str = ".purge-";
 
 /// Hex form of an item id, as used in paths and on the command line.
 pub fn item_hex(item_id: &[u8; 16]) -> String {
-    engine::port::hex(item_id)
+    hex::encode(item_id)
 }
 
 /// Parses the hex form of an item id.

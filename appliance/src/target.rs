@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use engine::dirfd::{Dir, DirError, FileId};
+use engine::error::report;
 
 use crate::items::model::{DiskRecord, FileIdentity, WrittenFile};
 
@@ -205,7 +206,7 @@ impl Target {
             Err(error) => Err(DirError::NotOurs {
                 path: self.dir.path().to_path_buf(),
                 expected: self.dir.id(),
-                found: format!("no directory there now ({error})"),
+                found: format!("no directory there now ({})", report(&error)),
             }),
         }
     }
@@ -221,11 +222,11 @@ impl Target {
             .chain(names.iter().map(String::as_str));
         for name in candidates {
             if let Err(error) = self.dir.remove_ours(OsStr::new(name), &ids) {
-                tracing::warn!(%error, "could not remove a job's file");
+                tracing::warn!(error = %report(&error), "could not remove a job's file");
             }
         }
         if let Err(error) = self.dir.sync() {
-            tracing::warn!(%error, "could not sync a target directory");
+            tracing::warn!(error = %report(&error), "could not sync a target directory");
         }
     }
 }
@@ -263,7 +264,7 @@ pub fn remove_recorded(
         }
         Err(error) if error.is_not_found() => return left,
         Err(error) => {
-            left.push(format!("{error}: nothing removed"));
+            left.push(format!("{}: nothing removed", report(&error)));
             return left;
         }
     };
@@ -277,11 +278,11 @@ pub fn remove_recorded(
     names.dedup();
     for name in &names {
         if let Err(error) = dir.remove_ours(name, &ids) {
-            left.push(error.to_string());
+            left.push(report(&error));
         }
     }
     if let Err(error) = dir.sync() {
-        left.push(error.to_string());
+        left.push(report(&error));
     }
     if created_dir && let (Some(parent), Some(name)) = (path.parent(), path.file_name()) {
         let removed = Dir::open_nofollow(parent, false).and_then(|(parent, _)| {
@@ -290,7 +291,7 @@ pub fn remove_recorded(
             Ok(removed)
         });
         if let Err(error) = removed {
-            left.push(error.to_string());
+            left.push(report(&error));
         }
     }
     left

@@ -205,7 +205,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Each cause once, in order (an error that prints its cause is not repeated).
+            eprintln!("error: {}", engine::error::report(error.as_ref()));
             ExitCode::FAILURE
         }
     }

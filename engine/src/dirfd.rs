@@ -117,7 +117,7 @@ pub enum DirError {
         found: String,
     },
     /// A system call failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// The operation.
         op: &'static str,

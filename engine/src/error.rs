@@ -308,6 +308,45 @@ mod tests {
     }
 
     #[test]
+    fn report_of_a_nested_engine_error_names_each_cause_once() {
+        let staging = crate::staging::StagingError::Io {
+            what: "flushing seg-1.drs".into(),
+            source: std::io::Error::other("disk gone"),
+        };
+        let ingest = crate::ingest::IngestError::Staging {
+            seq: 7,
+            source: staging,
+        };
+        // Each link's own text states its context only.
+        assert_eq!(ingest.to_string(), "frame seq 7");
+        let error = Error::new(ErrorKind::Io, "receiving item ab").with_source(Error::from(ingest));
+        assert_eq!(error.kind(), ErrorKind::Io);
+        let text = report(&error);
+        assert_eq!(
+            text,
+            "receiving item ab: frame seq 7: staging I/O on flushing seg-1.drs: disk gone"
+        );
+        for cause in [
+            "receiving item ab",
+            "frame seq 7",
+            "staging I/O on flushing seg-1.drs",
+            "disk gone",
+        ] {
+            assert_eq!(text.matches(cause).count(), 1, "{cause} in {text}");
+        }
+        // The same for an error the engine builds from an I/O error of a named file.
+        let resync = crate::resync::ResyncError::Io {
+            op: "read",
+            path: "/images/disk0.img".into(),
+            offset_bytes: 4096,
+            source: std::io::Error::other("EIO"),
+        };
+        let error = Error::from(resync);
+        assert_eq!(error.kind(), ErrorKind::Io);
+        assert_eq!(report(&error), "read /images/disk0.img at offset 4096: EIO");
+    }
+
+    #[test]
     fn module_errors_convert_with_their_kind_and_keep_their_text() {
         let staging = crate::staging::StagingError::Failed;
         let text = staging.to_string();

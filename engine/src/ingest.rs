@@ -144,7 +144,7 @@ pub enum IngestError {
         next_seq: u64,
     },
     /// Staging refused a frame (full, resync required, failed).
-    #[error("frame seq {seq}: {source}")]
+    #[error("frame seq {seq}")]
     Staging {
         /// Sequence number.
         seq: u64,

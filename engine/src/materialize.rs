@@ -65,7 +65,7 @@ pub enum MaterializeError {
         disk_count: usize,
     },
     /// Reading the replica failed.
-    #[error("reading replica disk {disk_index} at byte {offset_bytes}: {source}")]
+    #[error("reading replica disk {disk_index} at byte {offset_bytes}")]
     ReadReplica {
         /// Disk.
         disk_index: u16,
@@ -76,7 +76,7 @@ pub enum MaterializeError {
         source: io::Error,
     },
     /// Reading a preserved block failed.
-    #[error("reading preserved block of disk {disk_index}, grain {grain} (tag {tag}): {source}")]
+    #[error("reading preserved block of disk {disk_index}, grain {grain} (tag {tag})")]
     ReadPreserved {
         /// Disk.
         disk_index: u16,
@@ -89,7 +89,7 @@ pub enum MaterializeError {
         source: io::Error,
     },
     /// Writing the output failed.
-    #[error("writing the output at byte {offset_bytes}: {source}")]
+    #[error("writing the output at byte {offset_bytes}")]
     Write {
         /// Offset.
         offset_bytes: u64,
@@ -202,7 +202,7 @@ pub fn materialize_in_dir(
     if result.is_err()
         && let Err(error) = dir.remove_ours(&tmp, &[id])
     {
-        tracing::warn!(%error, "could not remove a partial image");
+        tracing::warn!(error = %crate::error::report(&error), "could not remove a partial image");
     }
     result
 }

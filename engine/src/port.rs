@@ -289,12 +289,6 @@ fn le_u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(raw)
 }
 
-/// Lower-case hex of `bytes` (item ids in messages and paths): the `hex` crate's. Kept for
-/// the appliance's callers; new code calls `hex::encode` directly.
-pub fn hex(bytes: &[u8]) -> String {
-    ::hex::encode(bytes)
-}
-
 // ───────────────────────────── hello ─────────────────────────────
 
 /// A parsed hello.

@@ -24,7 +24,7 @@ use crate::meta::{ItemKey, MetaError, MetaStore, ReplicaIdentity};
 #[non_exhaustive]
 pub enum ReplicaError {
     /// The file or device could not be opened.
-    #[error("replica disk {disk_index}: {source}")]
+    #[error("replica disk {disk_index}")]
     Open {
         /// Disk index.
         disk_index: u16,
@@ -82,7 +82,7 @@ pub enum ReplicaError {
         found_ino: u64,
     },
     /// Stat failed (the file is gone, for example).
-    #[error("replica disk {disk_index} at {path}: {source}")]
+    #[error("replica disk {disk_index} at {path}")]
     Stat {
         /// Disk index.
         disk_index: u16,

@@ -159,7 +159,7 @@ pub enum ResyncError {
     #[error("cancelled")]
     Cancelled,
     /// A read, write, sync or open failed.
-    #[error("{op} {path} at offset {offset_bytes}: {source}")]
+    #[error("{op} {path} at offset {offset_bytes}")]
     Io {
         /// What was being done.
         op: &'static str,

@@ -13,15 +13,12 @@ use engine::resync::{
     hash_path, resync_local,
 };
 use proptest::prelude::*;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
-fn xorshift_fill(data: &mut [u8], seed: u64) {
-    let mut state = seed | 1;
-    for byte in data {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *byte = (state >> 24) as u8;
-    }
+/// Fills `data` from the workspace's one seeded RNG (the same seed gives the same bytes).
+fn seeded_fill(data: &mut [u8], seed: u64) {
+    Xoshiro256PlusPlus::seed_from_u64(seed).fill_bytes(data);
 }
 
 /// How a test damages the replica.
@@ -60,7 +57,7 @@ fn apply(replica: &mut [u8], change: &Change, chunk_size_bytes: usize) {
         Change::Chunk(n, seed) => {
             let start = (n as usize % chunks) * chunk_size_bytes;
             let end = (start + chunk_size_bytes).min(len);
-            xorshift_fill(&mut replica[start..end], seed);
+            seeded_fill(&mut replica[start..end], seed);
         }
         Change::LastChunk(at) => {
             let start = (chunks - 1) * chunk_size_bytes;
@@ -103,7 +100,7 @@ proptest! {
             tail_bytes
         };
         let mut source = vec![0u8; size];
-        xorshift_fill(&mut source, seed);
+        seeded_fill(&mut source, seed);
         let mut replica = source.clone();
         for change in &changes {
             apply(&mut replica, change, chunk_size_bytes);
@@ -144,15 +141,8 @@ proptest! {
     ) {
         let chunk_size_bytes = 4096u32 << chunk_shift;
         let count = disk_size_bytes.div_ceil(u64::from(chunk_size_bytes));
-        let mut state = seed | 1;
-        let hashes = (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            })
-            .collect();
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let hashes = (0..count).map(|_| rng.next_u64()).collect();
         let list = ChunkHashes { chunk_size_bytes, disk_size_bytes, hashes };
         let bytes = list.encode();
         prop_assert_eq!(&ChunkHashes::decode(&bytes).unwrap(), &list);
@@ -179,7 +169,7 @@ proptest! {
 fn identical_disks_send_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = vec![0u8; 3 << 20];
-    xorshift_fill(&mut data, 7);
+    seeded_fill(&mut data, 7);
     let source = dir.path().join("source");
     let replica = dir.path().join("replica");
     std::fs::write(&source, &data).unwrap();
@@ -202,7 +192,7 @@ fn whole_disk_different_sends_everything() {
     let dir = tempfile::tempdir().unwrap();
     let size = (1 << 20) + 512;
     let mut data = vec![0u8; size];
-    xorshift_fill(&mut data, 11);
+    seeded_fill(&mut data, 11);
     let source = dir.path().join("source");
     let replica = dir.path().join("replica");
     std::fs::write(&source, &data).unwrap();
@@ -266,7 +256,7 @@ fn mismatched_sizes_are_refused_before_any_write() {
 fn diff_over_the_wire_matches_local_diff() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = vec![0u8; 2 << 20];
-    xorshift_fill(&mut data, 3);
+    seeded_fill(&mut data, 3);
     let source = dir.path().join("source");
     std::fs::write(&source, &data).unwrap();
     data[100] ^= 1;
@@ -299,7 +289,7 @@ fn diff_over_the_wire_matches_local_diff() {
 fn progress_is_reported_per_phase_and_cancellation_stops_the_copy() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = vec![0u8; 1 << 20];
-    xorshift_fill(&mut data, 5);
+    seeded_fill(&mut data, 5);
     let source = dir.path().join("source");
     let replica = dir.path().join("replica");
     std::fs::write(&source, &data).unwrap();

@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use engine::error::report;
 use engine::port::{Hello, Mode, Refusal, Status, encode_reply};
 use engine::resync::{
     HASH_LIST_CHECKSUM_BYTES, HASH_LIST_HEADER_BYTES, ResyncError, ResyncOptions, chunk_count,
@@ -143,7 +144,7 @@ pub(super) fn serve_hashes(shared: &PortShared, stream: &TcpStream, id: u64, hel
             return refuse(shared, stream, id, mode, &refusal);
         }
         Err(e) => {
-            let refusal = read_failed(format!("disk {}: {e}", hello.disk_index));
+            let refusal = read_failed(format!("disk {}: {}", hello.disk_index, report(&e)));
             return refuse(shared, stream, id, mode, &refusal);
         }
     };

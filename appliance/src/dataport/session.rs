@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use engine::delta::DecodeErrorReason;
+use engine::error::report;
 use engine::ingest::{IngestError, ingest_stream};
 use engine::port::{
     CloseReason, Hello, Mode, Refusal, Status, encode_ack, encode_close, encode_reply,
@@ -86,7 +87,7 @@ pub(super) fn serve_stream(shared: &PortShared, stream: &TcpStream, id: u64, hel
         if let Err(error) = guard.resync_done(next_seq) {
             let refusal = Refusal::new(
                 Status::StagingFailed,
-                format!("starting the resync session: {error}"),
+                format!("starting the resync session: {}", report(&error)),
             );
             return refuse(shared, stream, id, Mode::Stream as u8, &refusal);
         }
@@ -249,12 +250,12 @@ pub(super) fn close_reason(
             error @ (IngestError::WrongItem { .. }
             | IngestError::WrongDisks { .. }
             | IngestError::Gap { .. }),
-        ) => (CloseReason::WrongStream, error.to_string()),
+        ) => (CloseReason::WrongStream, report(error)),
         Err(error @ IngestError::Staging { source, .. }) => match source {
-            StagingError::Full { .. } => (CloseReason::StagingFull, error.to_string()),
-            StagingError::ResyncRequired { .. } => (CloseReason::ResyncRequired, error.to_string()),
-            _ => (CloseReason::StagingFailed, error.to_string()),
+            StagingError::Full { .. } => (CloseReason::StagingFull, report(error)),
+            StagingError::ResyncRequired { .. } => (CloseReason::ResyncRequired, report(error)),
+            _ => (CloseReason::StagingFailed, report(error)),
         },
-        Err(error) => (CloseReason::StagingFailed, error.to_string()),
+        Err(error) => (CloseReason::StagingFailed, report(error)),
     }
 }

@@ -533,5 +533,5 @@ fn decode_page(page: &[u8]) -> Result<Page, String> {
 }
 
 fn hex_id(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(id)
 }

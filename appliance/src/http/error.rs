@@ -44,7 +44,8 @@ impl ApiError {
 
 impl From<OpError> for ApiError {
     fn from(error: OpError) -> Self {
-        let message = error.to_string();
+        // The whole chain, each cause once (today's `OpError`s carry their text themselves).
+        let message = engine::error::report(&error);
         match error {
             OpError::BadRequest { code, field, .. } => {
                 let mut e = Self::bad(code, message);

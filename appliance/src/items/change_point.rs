@@ -1,5 +1,6 @@
 //! Change point: the failed-over disks rewritten at another recovery point.
 
+use engine::error::report;
 use std::sync::Arc;
 
 use anyhow::anyhow;
@@ -86,7 +87,7 @@ impl Manager {
                 if let Some(error) = failure {
                     target.discard(&[]);
                     if replaced.is_empty() {
-                        return Err(anyhow!("{error}; no disk was replaced"));
+                        return Err(anyhow!("{}; no disk was replaced", report(&error)));
                     }
                     // The record keeps naming what is there (for later change points and
                     // clean-ups): the disks already replaced are at the new point.
@@ -97,8 +98,9 @@ impl Manager {
                         }
                     })?;
                     return Err(anyhow!(
-                        "{error}; disks 0..{count} were already replaced with point {point_id}, \
+                        "{}; disks 0..{count} were already replaced with point {point_id}, \
                          the others are still at point {}",
+                        report(&error),
                         current.point_id
                     ));
                 }

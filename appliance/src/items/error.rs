@@ -1,6 +1,7 @@
 //! Why an operation was refused or failed (`OpError`); the API maps each to a status.
 
 use engine::dirfd::DirError;
+use engine::error::report;
 
 use super::model::ItemState;
 
@@ -92,7 +93,7 @@ pub(super) fn bad(field: impl Into<String>, message: impl Into<String>) -> OpErr
 
 /// The API's answer to a refused target-directory operation of a request.
 pub fn dir_refusal(field: &str, error: DirError) -> OpError {
-    let message = format!("{field}: {error}");
+    let message = format!("{field}: {}", report(&error));
     match &error {
         DirError::Symlink { .. } => OpError::PathRefused {
             field: field.to_owned(),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::anyhow;
+use engine::error::report;
 use engine::materialize::PointChoice;
 
 use crate::jobs::{JobKind, JobView};
@@ -67,7 +68,7 @@ impl Manager {
                                 other => other,
                             },
                         )
-                        .map_err(|e| anyhow!("{e}"))?;
+                        .map_err(|e| anyhow!("{}", report(&e)))?;
                     manager.write_disks(
                         item,
                         point_id,

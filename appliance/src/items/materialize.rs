@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use engine::apply::ApplyConfig;
 use engine::dirfd::Dir;
+use engine::error::report;
 use engine::materialize::{OutputFormat, PointChoice, Source, materialize_new_file, resolve_point};
 use engine::meta::item_key;
 
@@ -98,7 +99,7 @@ impl Manager {
             .map(|p| p.point_id)
             .map_err(|e| OpError::NotFound {
                 code: "point_not_found",
-                message: format!("item {}: {e}", item.hex),
+                message: format!("item {}: {}", item.hex, report(&e)),
             })
     }
 
@@ -155,14 +156,14 @@ impl Manager {
             ));
         };
         let (dir, _) = Dir::open_nofollow(Path::new(&current.target_dir), false)
-            .map_err(|e| changed(e.to_string()))?;
+            .map_err(|e| changed(report(&e)))?;
         if file_identity(dir.id()) != dir_id {
             return Err(changed("the directory was moved or replaced".into()));
         }
         self.check_target_free(&dir)?;
         for file in &current.written {
             dir.check_ours(std::ffi::OsStr::new(&file.name), written_id(file))
-                .map_err(|e| changed(e.to_string()))?;
+                .map_err(|e| changed(report(&e)))?;
         }
         let names: Vec<String> = current.written.iter().map(|w| w.name.clone()).collect();
         Target::create_temps(Arc::new(dir), false, &names).map_err(|e| dir_refusal("target_dir", e))

@@ -36,8 +36,6 @@ pub enum Event {
     Failed(Op),
     /// The sync (initial replication, re-protect, resync) reached its first recovery point.
     Synchronized,
-    /// Enable's slot commit failed after the record was written: the new item is disabled.
-    SlotsFailed,
     /// Start-up found the job of this state interrupted by a restart: its undo.
     Interrupted,
     /// Start-up found the item damaged (memory only; from any state).
@@ -100,7 +98,7 @@ const fn row(from: ItemState, guard: Guard, event: Event, to: ItemState) -> Tran
     }
 }
 
-use Event::{Done, Failed, Interrupted, SlotsFailed, Start, Synchronized};
+use Event::{Done, Failed, Interrupted, Start, Synchronized};
 use Guard::{AllDisksAttached, Always, FailoverDisks, NoFailoverDisks, NoTestDisks, TestDisks};
 use ItemState as S;
 
@@ -117,10 +115,8 @@ pub const TRANSITIONS: &[Transition] = &[
         S::Disabled,
     ),
     row(S::InitialReplication, Always, Synchronized, S::Protected),
-    row(S::InitialReplication, Always, SlotsFailed, S::Disabled),
     row(S::Reprotecting, Always, Start(Op::Disable), S::Disabled),
     row(S::Reprotecting, Always, Synchronized, S::Protected),
-    row(S::Reprotecting, Always, SlotsFailed, S::Disabled),
     row(S::Resyncing, Always, Start(Op::Disable), S::Disabled),
     row(S::Resyncing, Always, Synchronized, S::Protected),
     row(S::Resyncing, Always, Failed(Op::Resync), S::Protected),

@@ -107,7 +107,7 @@ impl Manager {
             let newest = match self.meta.latest_point(item_key(&item.id)) {
                 Ok(point) => point.map(|p| p.point_id),
                 Err(error) => {
-                    tracing::warn!(item = %item.hex, %error, "reading points");
+                    tracing::warn!(item = %item.hex, error = %engine::error::report(&error), "reading points");
                     continue;
                 }
             };

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use engine::delta::Consistency;
+use engine::error::report;
 use engine::meta::item_key;
 
 use crate::dataport::PortHandle;
@@ -137,7 +138,7 @@ impl Manager {
         let item = self.find(hex)?;
         self.meta
             .points(item_key(&item.id))
-            .map_err(|e| OpError::Io(format!("item {hex}: {e}")))
+            .map_err(|e| OpError::Io(format!("item {hex}: {}", report(&e))))
     }
 
     /// The slot table.

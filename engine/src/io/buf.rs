@@ -78,7 +78,7 @@ pub enum BufPoolError {
         why: &'static str,
     },
     /// Mapping an arena failed (usually ENOMEM).
-    #[error("mapping a buffer arena of {len_bytes} bytes failed: {source}")]
+    #[error("mapping a buffer arena of {len_bytes} bytes failed")]
     Map {
         /// Size of the arena.
         len_bytes: usize,

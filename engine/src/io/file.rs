@@ -46,7 +46,7 @@ pub enum DirectIo {
 #[non_exhaustive]
 pub enum OpenError {
     /// `open(2)` (or creating / sizing the file) failed.
-    #[error("cannot open replica file {path}: {source}")]
+    #[error("cannot open replica file {path}")]
     Open {
         /// The path.
         path: PathBuf,
@@ -56,9 +56,9 @@ pub enum OpenError {
     },
     /// The filesystem refuses `O_DIRECT` and [`DirectIo::Require`] was asked for.
     #[error(
-        "the filesystem holding {path} does not support O_DIRECT ({source}); put replica files \
-         on a filesystem or block device with direct I/O, or open with DirectIo::Prefer to \
-         accept buffered I/O"
+        "the filesystem holding {path} does not support O_DIRECT; put replica files on a \
+         filesystem or block device with direct I/O, or open with DirectIo::Prefer to accept \
+         buffered I/O"
     )]
     DirectIoUnsupported {
         /// The path.

@@ -134,7 +134,7 @@ pub enum StagingError {
         reason: DecodeErrorReason,
     },
     /// The cache disk failed.
-    #[error("staging I/O on {what}: {source}")]
+    #[error("staging I/O on {what}")]
     Io {
         /// What was being done.
         what: String,

@@ -6,6 +6,7 @@ use crate::delta::{
     Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, FrameKind, StreamHeader,
 };
 use crate::durable::{SimDir, StdDir};
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 fn header() -> StreamHeader {
     StreamHeader {
@@ -34,15 +35,9 @@ fn frames(count: u64, seed: u8) -> Vec<Vec<u8>> {
             9 => encoder.bookmark(Consistency::Crash, i, i, "b").map(|_| ()),
             7 => encoder.zero_range(1, 512 * i, 1024).map(|_| ()),
             _ => {
-                let mut state = u64::from(seed) << 32 | i | 1;
-                let data: Vec<u8> = (0..len)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect();
+                let mut data = vec![0u8; len];
+                rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(u64::from(seed) << 32 | i)
+                    .fill_bytes(&mut data);
                 encoder.write((i % 2) as u16, 4096 * i, &data).map(|_| ())
             }
         }

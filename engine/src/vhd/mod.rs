@@ -327,7 +327,7 @@ impl FixedVhdInfo {
 #[non_exhaustive]
 pub enum VhdError {
     /// A system call failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done ("open", "write data", "write footer", ...).
         op: &'static str,
@@ -338,7 +338,7 @@ pub enum VhdError {
         source: io::Error,
     },
     /// The last 512 bytes are not a valid footer.
-    #[error("{path}: invalid VHD footer: {source}")]
+    #[error("{path}: invalid VHD footer")]
     Footer {
         /// The file.
         path: PathBuf,
