@@ -10,7 +10,6 @@ pub mod error;
 pub mod ids;
 pub mod model;
 pub mod number;
-pub mod schema;
 
 pub use client::{Client, Method, poll_until};
 pub use error::{ApiRefusal, Error};

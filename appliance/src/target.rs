@@ -24,7 +24,7 @@ use std::sync::Arc;
 use engine::dirfd::{Dir, DirError, FileId};
 use engine::error::report;
 
-use crate::items::model::{DiskRecord, FileIdentity, WrittenFile};
+use appliance_api::model::{FileIdentity, WrittenFile};
 
 /// The identity of `id`, as records keep it.
 pub fn file_identity(id: FileId) -> FileIdentity {
@@ -75,11 +75,11 @@ pub fn check_absent(dir: &Dir, names: &[String]) -> Result<(), DirError> {
     Ok(())
 }
 
-/// The file names of `disks` with `extension` (`raw`, `vhd`), in disk order.
-pub fn disk_names(disks: &[DiskRecord], extension: &str) -> Vec<String> {
-    disks
-        .iter()
-        .map(|d| disk_file_name(d.index, extension))
+/// The file names of the disks with these indices and `extension` (`raw`, `vhd`), in order.
+pub fn disk_names(disk_indices: impl IntoIterator<Item = u32>, extension: &str) -> Vec<String> {
+    disk_indices
+        .into_iter()
+        .map(|index| disk_file_name(index, extension))
         .collect()
 }
 

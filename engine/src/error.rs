@@ -148,20 +148,6 @@ macro_rules! into_error {
 
 into_error! {
     crate::staging::StagingError => |e| Error::kind_of_staging(&e);
-    crate::apply::ApplyError => |e| {
-        use crate::apply::ApplyError as A;
-        if e.unappliable().is_some() {
-            ErrorKind::Unappliable
-        } else {
-            match &e {
-                A::Meta(_) => ErrorKind::Meta,
-                A::Invalid(_) => ErrorKind::Invalid,
-                A::Failed { .. } => ErrorKind::Stopped,
-                A::Staging(staging) => Error::kind_of_staging(staging),
-                _ => ErrorKind::Io,
-            }
-        }
-    };
     crate::meta::MetaError => |e| ErrorKind::Meta;
     crate::delta::DecodeError => |e| match &e.reason {
         crate::delta::DecodeErrorReason::Io(_) => ErrorKind::Io,
@@ -175,14 +161,6 @@ into_error! {
             }
             I::Staging { source, .. } => Error::kind_of_staging(source),
             I::Decode(_) | I::Gap { .. } => ErrorKind::Corrupt,
-            _ => ErrorKind::Invalid,
-        }
-    };
-    crate::materialize::MaterializeError => |e| {
-        use crate::materialize::MaterializeError as M;
-        match &e {
-            M::ReadReplica { .. } | M::ReadPreserved { .. } | M::Write { .. } => ErrorKind::Io,
-            M::Meta(_) => ErrorKind::Meta,
             _ => ErrorKind::Invalid,
         }
     };
@@ -213,7 +191,7 @@ into_error! {
 
 impl Error {
     /// The kind of a staging error (also inside an ingest error).
-    fn kind_of_staging(error: &crate::staging::StagingError) -> ErrorKind {
+    pub(crate) fn kind_of_staging(error: &crate::staging::StagingError) -> ErrorKind {
         use crate::staging::StagingError as S;
         match error {
             S::Io { .. } => ErrorKind::Io,

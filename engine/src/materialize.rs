@@ -115,6 +115,20 @@ pub enum MaterializeError {
     Dir(#[from] DirError),
 }
 
+impl From<MaterializeError> for crate::error::Error {
+    fn from(e: MaterializeError) -> Self {
+        use crate::error::ErrorKind;
+        let kind = match &e {
+            MaterializeError::ReadReplica { .. }
+            | MaterializeError::ReadPreserved { .. }
+            | MaterializeError::Write { .. } => ErrorKind::Io,
+            MaterializeError::Meta(_) => ErrorKind::Meta,
+            _ => ErrorKind::Invalid,
+        };
+        crate::error::Error::transparent(kind, e)
+    }
+}
+
 /// The format of a materialized disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {

@@ -6,6 +6,8 @@ use utoipa::ToSchema;
 
 use super::item::Format;
 
+mod schema;
+
 /// Longest item name, in characters (at most 4 bytes each: within the stream header's 255).
 pub const MAX_NAME_CHARS: usize = 63;
 
@@ -99,7 +101,7 @@ pub struct EnableRequest {
     pub policy: Option<PolicyRequest>,
     /// Re-protect style: create a temporary 1 GiB fixed VHD here for the original VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = crate::schema::optional_path)]
+    #[schema(schema_with = schema::optional_path)]
     pub temporary_os_disk: Option<String>,
 }
 
@@ -136,10 +138,10 @@ impl PointSpec {
 #[serde(deny_unknown_fields)]
 pub struct MaterializeRequest {
     /// The point.
-    #[schema(schema_with = crate::schema::point_processed)]
+    #[schema(schema_with = schema::point_processed)]
     pub point: PointSpec,
     /// Directory for the disks (created if missing).
-    #[schema(schema_with = crate::schema::path)]
+    #[schema(schema_with = schema::path)]
     pub target_dir: String,
     /// Image format.
     #[serde(default)]
@@ -151,10 +153,10 @@ pub struct MaterializeRequest {
 #[serde(deny_unknown_fields)]
 pub struct FailoverRequest {
     /// The point.
-    #[schema(schema_with = crate::schema::point_or_latest)]
+    #[schema(schema_with = schema::point_or_latest)]
     pub point: PointSpec,
     /// Directory for the disks (created if missing).
-    #[schema(schema_with = crate::schema::path)]
+    #[schema(schema_with = schema::path)]
     pub target_dir: String,
     /// Image format.
     #[serde(default)]
@@ -169,7 +171,7 @@ pub struct FailoverRequest {
 #[serde(deny_unknown_fields)]
 pub struct ChangePointRequest {
     /// The point.
-    #[schema(schema_with = crate::schema::point_processed)]
+    #[schema(schema_with = schema::point_processed)]
     pub point: PointSpec,
 }
 
@@ -178,14 +180,14 @@ pub struct ChangePointRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReprotectRequest {
     /// The original VM's OS + data disks, in the item's disk order (absolute paths).
-    #[schema(schema_with = crate::schema::reprotect_disks)]
+    #[schema(schema_with = schema::reprotect_disks)]
     pub disks: Vec<String>,
     /// Where to create the temporary 1 GiB OS disk (default beside `disks[0]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = crate::schema::optional_path)]
+    #[schema(schema_with = schema::optional_path)]
     pub temporary_os_disk: Option<String>,
     /// Name of the reverse item (default `<name>-reverse`), as `EnableRequest.name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = crate::schema::optional_name)]
+    #[schema(schema_with = schema::optional_name)]
     pub name: Option<String>,
 }

@@ -37,7 +37,10 @@ impl Manager {
         }
         let format = request.format;
         let target = self.target_dir(&request.target_dir, &record.disks, format)?;
-        let names = disk_names(&record.disks, output_format(format).extension());
+        let names = disk_names(
+            record.disks.iter().map(|d| d.index),
+            output_format(format).extension(),
+        );
         let pending = planned(&target, &names, 0, format);
         let job = self.start_target_job(
             &item,

@@ -1,5 +1,10 @@
 //! The item manager: its struct, opening the data directory, item look-up and checks, job threads.
 
+use super::model::ItemState;
+use super::record::decode_record;
+use super::state::holds_slots;
+use crate::slots::{DiskRequest, ItemId};
+use crate::store::item_hex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -75,7 +80,7 @@ impl Manager {
             Err(SlotError::Corrupt { reason }) => {
                 // The stored table cannot be trusted: rebuild it from the item records rather
                 // than refusing to start (LUNs may change).
-                let attached = super::recover::slots_from_records(&control)?;
+                let attached = slots_from_records(&control)?;
                 let (table, left_out) =
                     SlotTable::rebuild(control.clone(), options.slot_count, attached)?;
                 tracing::error!(%reason, ?left_out,
@@ -185,4 +190,28 @@ impl Manager {
             .map_err(|e| OpError::Io(format!("starting a job thread: {e}")))?;
         Ok(view)
     }
+}
+
+/// The disks that the readable records say hold slots, with their paths (to rebuild a damaged
+/// slot table; quarantined and unreadable records give none).
+fn slots_from_records(store: &ControlStore) -> anyhow::Result<Vec<(DiskRequest, PathBuf)>> {
+    let mut attached = Vec::new();
+    for (id, bytes) in store.records()? {
+        let Ok(record) = decode_record(&item_hex(&id), &bytes) else {
+            continue;
+        };
+        if !holds_slots(record.state) || record.state == ItemState::Quarantined {
+            continue;
+        }
+        for disk in &record.disks {
+            attached.push((
+                DiskRequest {
+                    item: ItemId(id),
+                    disk_index: disk.index,
+                },
+                PathBuf::from(&disk.path),
+            ));
+        }
+    }
+    Ok(attached)
 }

@@ -124,7 +124,10 @@ impl Manager {
             }
             Err(error) => return Err(dir_refusal("target_dir", error)),
         };
-        let names = disk_names(disks, output_format(format).extension());
+        let names = disk_names(
+            disks.iter().map(|d| d.index),
+            output_format(format).extension(),
+        );
         check_absent(&dir, &names).map_err(|e| dir_refusal("target_dir", e))?;
         Target::create_temps(Arc::new(dir), created, &names)
             .map_err(|e| dir_refusal("target_dir", e))

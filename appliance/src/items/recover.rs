@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use engine::delta::StreamHeader;
 
-use crate::db::ControlStore;
-use crate::slots::{DiskRequest, ItemId, SlotState};
+use crate::slots::{ItemId, SlotState};
 use crate::store::{ItemDirs, item_hex, parse_item_hex};
 
 use super::item::{Item, lock};
@@ -17,35 +16,7 @@ use super::model::ItemState;
 use super::record::{
     check_record, decode_record, put_record, read_token, remove_record, stand_in_record,
 };
-use super::state::{
-    AtStart, Event, JobAtStart, at_start, holds_slots, job_at_start, sync_job_kind,
-};
-
-/// The disks that the readable records say hold slots, with their paths (to rebuild a damaged
-/// slot table; quarantined and unreadable records give none).
-pub(super) fn slots_from_records(
-    store: &ControlStore,
-) -> anyhow::Result<Vec<(DiskRequest, PathBuf)>> {
-    let mut attached = Vec::new();
-    for (id, bytes) in store.records()? {
-        let Ok(record) = decode_record(&item_hex(&id), &bytes) else {
-            continue;
-        };
-        if !holds_slots(record.state) || record.state == ItemState::Quarantined {
-            continue;
-        }
-        for disk in &record.disks {
-            attached.push((
-                DiskRequest {
-                    item: ItemId(id),
-                    disk_index: disk.index,
-                },
-                PathBuf::from(&disk.path),
-            ));
-        }
-    }
-    Ok(attached)
-}
+use super::state::{AtStart, Event, JobAtStart, at_start, job_at_start, sync_job_kind};
 
 impl Manager {
     /// Loads every item directory with its record. A directory that a crash during enable

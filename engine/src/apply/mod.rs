@@ -187,6 +187,24 @@ pub enum ApplyError {
     Invalid(String),
 }
 
+impl From<ApplyError> for crate::error::Error {
+    fn from(e: ApplyError) -> Self {
+        use crate::error::{Error, ErrorKind};
+        let kind = if e.unappliable().is_some() {
+            ErrorKind::Unappliable
+        } else {
+            match &e {
+                ApplyError::Meta(_) => ErrorKind::Meta,
+                ApplyError::Invalid(_) => ErrorKind::Invalid,
+                ApplyError::Failed { .. } => ErrorKind::Stopped,
+                ApplyError::Staging(staging) => Error::kind_of_staging(staging),
+                _ => ErrorKind::Io,
+            }
+        };
+        Error::transparent(kind, e)
+    }
+}
+
 impl ApplyError {
     /// The staged frame this error is about, if retrying can never help: a payload that does
     /// not decode, or a frame damaged in the staging log (checksum, header, sequence). `None`

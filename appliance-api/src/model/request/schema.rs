@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::Schema;
 
-use crate::model::{DiskSpec, MAX_NAME_CHARS};
+use super::{DiskSpec, MAX_NAME_CHARS};
 
 /// A request path: absolute, no NUL byte. A path outside the data directory and the disk
 /// stores, with `..`, or too long for the filesystem (a component over 255 bytes, the whole
