@@ -235,7 +235,7 @@ fn rendered_edge_cases_pass_promtool() {
         data_port_connections: 2,
     };
     for snapshot in [full, MetricsSnapshot::default()] {
-        let text = render(&snapshot);
+        let text = render(&snapshot).unwrap();
         let Some(output) = promtool_check(&text) else {
             return;
         };

@@ -178,9 +178,10 @@ impl ReplicaIdentity {
     }
 }
 
-/// redb over a [`DurableFile`].
+/// redb over a [`DurableFile`], so the crash-model sim covers every redb file of the
+/// appliance (this store and the appliance's control store).
 #[derive(Debug)]
-struct RedbBackend(Arc<dyn DurableFile>);
+pub struct RedbBackend(pub Arc<dyn DurableFile>);
 
 impl redb::StorageBackend for RedbBackend {
     fn len(&self) -> Result<u64, io::Error> {

@@ -35,11 +35,11 @@ pub mod migrate_v1;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::durable::{DurableDir, DurableFile, StdDir};
+use engine::meta::RedbBackend;
 use redb::{
     Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
@@ -146,28 +146,6 @@ pub struct StoredSlots {
     /// Set by a migration that could not read the old slot pages: the table must be rebuilt
     /// from the records.
     pub need_rebuild: bool,
-}
-
-/// redb over a [`DurableFile`] (so the crash-model sim covers the control store too).
-#[derive(Debug)]
-struct Backend(Arc<dyn DurableFile>);
-
-impl redb::StorageBackend for Backend {
-    fn len(&self) -> Result<u64, io::Error> {
-        self.0.len_bytes()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.0.read_exact_at(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), io::Error> {
-        self.0.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        self.0.write_all_at(offset, data)
-    }
 }
 
 /// The changes of one transaction (see [`ControlStore::commit`]).
@@ -295,7 +273,7 @@ impl ControlStore {
     pub fn open(file: Arc<dyn DurableFile>) -> Result<Self, DbError> {
         let db = Database::builder()
             .set_cache_size(4 << 20)
-            .create_with_backend(Backend(file))
+            .create_with_backend(RedbBackend(file))
             .map_err(db_err("opening"))?;
         let store = Self { db };
         let what = "creating tables";
@@ -374,7 +352,7 @@ impl ControlStore {
         let file = dir.open(CONTROL_FILE, false).map_err(db_err(what))?;
         let db = Database::builder()
             .set_cache_size(1 << 20)
-            .open_read_only_with_backend(Backend(file))
+            .open_read_only_with_backend(RedbBackend(file))
             .map_err(db_err(what))?;
         Ok(Some(ControlView { db }))
     }

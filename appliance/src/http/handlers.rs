@@ -372,7 +372,13 @@ pub(super) async fn get_job(
     responses((status = 200, content_type = "text/plain", body = String),
         (status = 401, body = ErrorBody)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text =
-        blocking(move || Ok(crate::metrics::render(&state.config.manager.metrics()))).await?;
+    let text = blocking(move || {
+        crate::metrics::render(&state.config.manager.metrics()).map_err(|_| {
+            ApiError::from(crate::items::OpError::Io(
+                "encoding the metrics page failed".into(),
+            ))
+        })
+    })
+    .await?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

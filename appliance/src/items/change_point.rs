@@ -41,11 +41,7 @@ impl Manager {
             JobKind::ChangePoint,
             format!("writing the disks at point {point_id}"),
             Event::Start(Op::ChangePoint),
-            |r, job| {
-                r.pending = Some(pending);
-                r.last_job = Some(job);
-                r.last_error = None;
-            },
+            pending,
         )?;
         self.spawn_job(
             item,

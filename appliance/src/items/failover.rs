@@ -48,11 +48,7 @@ impl Manager {
             JobKind::Failover,
             "stopping replication".to_owned(),
             Event::Start(Op::Failover),
-            |r, job| {
-                r.pending = Some(pending);
-                r.last_job = Some(job);
-                r.last_error = None;
-            },
+            pending,
         )?;
         let shut_down = request.source_shut_down;
         self.spawn_job(

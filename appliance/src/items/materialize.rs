@@ -173,8 +173,8 @@ impl Manager {
     }
 
     /// Creates the job of a request that made `target`, makes the job own the directory and
-    /// applies `event` and `change` (given the job id) to the item's record; on an error
-    /// removes what the request made.
+    /// applies `event` to the item's record, which then names the job and the files it will
+    /// write (`pending`); on an error removes what the request made.
     pub(super) fn start_target_job(
         &self,
         item: &Item,
@@ -182,7 +182,7 @@ impl Manager {
         kind: JobKind,
         message: String,
         event: Event,
-        change: impl FnOnce(&mut ItemRecord, u64),
+        pending: Materialized,
     ) -> Result<Arc<Job>, OpError> {
         let job = self
             .jobs
@@ -192,7 +192,12 @@ impl Manager {
             })?;
         job.hold_target_dir(target.dir.id().dev, target.dir.id().ino);
         let id = job.id();
-        if let Err(error) = item.transition(event, |r| change(r, id)) {
+        let change = |r: &mut ItemRecord| {
+            r.pending = Some(pending);
+            r.last_job = Some(id);
+            r.last_error = None;
+        };
+        if let Err(error) = item.transition(event, change) {
             target.abandon();
             let _ = job.fail(crate::store::describe(&error));
             return Err(error.into());

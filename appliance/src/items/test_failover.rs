@@ -38,11 +38,7 @@ impl Manager {
             JobKind::TestFailover,
             format!("writing the disks at point {point_id}"),
             Event::Start(Op::TestFailover),
-            |r, job| {
-                r.pending = Some(pending);
-                r.last_job = Some(job);
-                r.last_error = None;
-            },
+            pending,
         )?;
         self.spawn_job(
             item,

@@ -31,16 +31,15 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Renders `snapshot` in the Prometheus text exposition format 0.0.4 ([`CONTENT_TYPE`]).
 ///
-/// A pure function of the snapshot: the same snapshot always gives the same text.
-pub fn render(snapshot: &MetricsSnapshot) -> String {
+/// A pure function of the snapshot: the same snapshot always gives the same text. An error
+/// is the encoder's refusal (writing into a `String` itself cannot fail); the caller answers
+/// it as a server error instead of a partial page.
+pub fn render(snapshot: &MetricsSnapshot) -> Result<String, fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Scrape::of(snapshot)));
     let mut out = String::with_capacity(2048 + snapshot.items.len() * 4096);
-    // Writing to a String cannot fail and no encoder below fails on its own.
-    if let Err(fmt::Error) = prometheus_text::encode(&mut out, &registry) {
-        unreachable!("encoding metrics into a String failed");
-    }
-    out
+    prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
 }
 
 /// A sample value: an integer, or a float that is never NaN.

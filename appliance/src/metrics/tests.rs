@@ -274,7 +274,7 @@ fn find<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> Vec<&'a
 
 #[test]
 fn render_is_well_formed_with_each_family_once() {
-    let text = render(&sample_snapshot());
+    let text = render(&sample_snapshot()).unwrap();
     let samples = validate(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     for (family, kind) in ALL_FAMILIES {
         let help = format!("# HELP {family} ");
@@ -299,12 +299,12 @@ fn render_is_well_formed_with_each_family_once() {
         }
     }
     // Rendering is deterministic.
-    assert_eq!(text, render(&sample_snapshot()));
+    assert_eq!(text, render(&sample_snapshot()).unwrap());
 }
 
 #[test]
 fn render_values() {
-    let text = render(&sample_snapshot());
+    let text = render(&sample_snapshot()).unwrap();
     let samples = validate(&text).expect("valid");
     let web = [
         ("item", "3f2a9c0b1d4e5f60718293a4b5c6d7e8"),
@@ -397,7 +397,7 @@ fn render_values() {
 #[test]
 fn label_values_are_escaped() {
     let name = "db \"primary\"\nline2 C:\\vm";
-    let text = render(&sample_snapshot());
+    let text = render(&sample_snapshot()).unwrap();
     assert!(
         text.contains(r#"name="db \"primary\"\nline2 C:\\vm""#),
         "escaped name missing:\n{text}"
@@ -409,7 +409,7 @@ fn label_values_are_escaped() {
     assert_eq!(&theirs[0].1[0].1, "0123456789abcdef0123456789abcdef");
     let mut snapshot = sample_snapshot();
     snapshot.items[0].name = "\\\"\n".to_owned();
-    let text = render(&snapshot);
+    let text = render(&snapshot).unwrap();
     assert!(text.contains(r#"name="\\\"\n""#), "{text}");
 }
 
@@ -425,7 +425,7 @@ fn floats_print_so_prometheus_parses_them() {
         let mut snapshot = sample_snapshot();
         snapshot.items[0].rpo_lag_seconds = Some(rpo);
         snapshot.items[0].applied_bytes_total = u64::MAX;
-        let text = render(&snapshot);
+        let text = render(&snapshot).unwrap();
         let line = format!(
             "appliance_item_rpo_lag_seconds{{item=\"3f2a9c0b1d4e5f60718293a4b5c6d7e8\",\
              name=\"web-01\"}} {printed}\n"
@@ -444,7 +444,7 @@ fn floats_print_so_prometheus_parses_them() {
     snapshot.items[0].rpo_lag_seconds = Some(f64::NAN);
     snapshot.items[1].rpo_lag_seconds = Some(f64::INFINITY);
     snapshot.items[1].apply_latency.sum_seconds = f64::NAN;
-    let text = render(&snapshot);
+    let text = render(&snapshot).unwrap();
     assert!(!text.contains("NaN"), "{text}");
     let samples = validate(&text).expect("valid");
     let rpo = find(&samples, "appliance_item_rpo_lag_seconds", &[]);
@@ -469,7 +469,7 @@ fn le_labels_are_the_bounds() {
     }
     assert_eq!(LE_LABELS[LATENCY_BUCKET_COUNT - 1], "+Inf");
     // The rendered buckets of one item carry exactly these labels, in this order.
-    let text = render(&sample_snapshot());
+    let text = render(&sample_snapshot()).unwrap();
     let rendered: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("appliance_apply_latency_seconds_bucket{item=\"3f2a"))
@@ -483,7 +483,7 @@ fn le_labels_are_the_bounds() {
 
 #[test]
 fn empty_and_degenerate_snapshots_are_well_formed() {
-    let text = render(&MetricsSnapshot::default());
+    let text = render(&MetricsSnapshot::default()).unwrap();
     validate(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(text.matches("# TYPE ").count(), ALL_FAMILIES.len());
 
@@ -498,7 +498,7 @@ fn empty_and_degenerate_snapshots_are_well_formed() {
     snapshot
         .jobs_by_state
         .push(("x\ny".to_owned(), "\"".to_owned(), u64::MAX));
-    let text = render(&snapshot);
+    let text = render(&snapshot).unwrap();
     let samples = validate(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(find(&samples, "appliance_item_state", &[]).len(), 3);
     assert!(!text.contains("other"));
