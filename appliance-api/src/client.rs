@@ -9,8 +9,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ApiRefusal, Error, TransportKind, excerpt};
 use crate::model::{
-    ApplianceInfo, ChangePointRequest, EnableRequest, Enabled, FailoverRequest, Health, ItemState,
-    ItemView, JobView, MaterializeRequest, PointView, ReprotectRequest, SlotsView,
+    ApplianceInfo, ChangePointRequest, EnableRequest, Enabled, ExportRequest, ExportView,
+    FailoverRequest, Health, ItemState, ItemView, JobView, MaterializeRequest, PointView,
+    PromoteRequest, ReprotectRequest, SlotsView,
 };
 
 /// Largest answer read.
@@ -267,6 +268,37 @@ impl Client {
     /// `POST /v1/items/{id}/resync`.
     pub fn resync(&self, id: &str) -> Result<JobView, Error> {
         self.post(&format!("/v1/items/{id}/resync"), None::<&()>)
+    }
+
+    /// `POST /v1/items/{id}/test-failover/promote`: the test failover's drill becomes the
+    /// failover, keeping its writes.
+    pub fn promote(&self, id: &str, request: &PromoteRequest) -> Result<JobView, Error> {
+        self.post(&format!("/v1/items/{id}/test-failover/promote"), Some(request))
+    }
+
+    /// `POST /v1/items/{id}/exports`: a recovery point served over NBD.
+    pub fn export(&self, id: &str, request: &ExportRequest) -> Result<ExportView, Error> {
+        self.post(&format!("/v1/items/{id}/exports"), Some(request))
+    }
+
+    /// `GET /v1/exports`.
+    pub fn exports(&self) -> Result<Vec<ExportView>, Error> {
+        self.get("/v1/exports")
+    }
+
+    /// `GET /v1/exports/{export_id}`.
+    pub fn export_view(&self, export_id: &str) -> Result<ExportView, Error> {
+        self.get(&format!("/v1/exports/{export_id}"))
+    }
+
+    /// `DELETE /v1/exports/{export_id}`: its clients are disconnected, its overlay dropped,
+    /// its point unpinned.
+    pub fn remove_export(&self, export_id: &str) -> Result<ExportView, Error> {
+        self.call(
+            Method::Delete,
+            &format!("/v1/exports/{export_id}"),
+            None::<&()>,
+        )
     }
 
     /// `GET /v1/jobs`.

@@ -122,7 +122,7 @@ pub fn ingest(
     let reader = staging.reader(header.first_seq);
     let worker = ApplyWorker::start(
         &item_hex(&item.header.item_id),
-        crate::runtime::worker_setup(&item, files, reader, meta.clone())?,
+        crate::runtime::worker_setup(&item, files, reader, meta.clone(), Default::default())?,
         ApplyOptions {
             keep_points: options.keep_points,
             max_age_ns: u64::MAX,

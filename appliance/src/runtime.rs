@@ -52,6 +52,7 @@ pub fn worker_setup(
     replicas: Vec<ReplicaFile>,
     reader: StagingReader,
     meta: Arc<MetaStore>,
+    pins: Pins,
 ) -> anyhow::Result<WorkerSetup> {
     Ok(WorkerSetup {
         item: engine::meta::item_key(&item.header.item_id),
@@ -62,6 +63,7 @@ pub fn worker_setup(
         preserve: Arc::new(item.preserve()?),
         on_unappliable: None,
         observer: Arc::new(()),
+        pins,
     })
 }
 

@@ -134,6 +134,7 @@ fn test_failover(
         point: PointSpec::latest_processed(),
         target_dir: target.display().to_string(),
         format: Format::Raw,
+        mode: Default::default(),
     };
     server.api().test_failover(id, &request)
 }
@@ -279,6 +280,7 @@ fn max_jobs_refuses_one_job_more_with_too_many_jobs_and_changes_nothing() {
         target_dir: failover_c.display().to_string(),
         format: Format::Raw,
         source_shut_down: true,
+        mode: Default::default(),
     };
     let error = server
         .api()

@@ -120,6 +120,7 @@ fn kill_9_during_streaming_and_during_a_job_loses_nothing_and_leaks_nothing() {
         target_dir: target.display().to_string(),
         format: Format::Raw,
         source_shut_down: true,
+        mode: Default::default(),
     };
     let job = server.api().failover(&item, &failover).unwrap();
     std::thread::sleep(Duration::from_millis(150));

@@ -132,6 +132,7 @@ fn materialize(point: PointSpec, target_dir: &Path) -> MaterializeRequest {
         point,
         target_dir: target_dir.display().to_string(),
         format: Format::Raw,
+        mode: Default::default(),
     }
 }
 
@@ -309,6 +310,7 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
                 target_dir: failover_dir.display().to_string(),
                 format: Format::Raw,
                 source_shut_down: true,
+                mode: Default::default(),
             },
         )
         .unwrap();

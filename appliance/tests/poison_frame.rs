@@ -141,6 +141,7 @@ fn test_failover(server: &Server, item: &str, point: u64, dir: &Path) {
         point: PointSpec::Id(point),
         target_dir: dir.display().to_string(),
         format: Format::Raw,
+        mode: Default::default(),
     };
     let job = server.api().test_failover(item, &request).unwrap();
     server.wait_job(job.id);
@@ -152,6 +153,7 @@ fn failover(point: PointSpec, dir: &Path) -> FailoverRequest {
         target_dir: dir.display().to_string(),
         format: Format::Raw,
         source_shut_down: false,
+        mode: Default::default(),
     }
 }
 

@@ -82,6 +82,7 @@ fn fails_over_exactly(server: &Server, healthy: &Healthy, target: &Path) {
         point: PointSpec::latest_processed(),
         target_dir: target.display().to_string(),
         format: Format::Raw,
+        mode: Default::default(),
     };
     let job = server
         .api()

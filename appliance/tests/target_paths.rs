@@ -155,6 +155,7 @@ fn materialize(
         point,
         target_dir: target.display().to_string(),
         format,
+        mode: Default::default(),
     };
     server.api().test_failover(id, &request)
 }
@@ -175,6 +176,7 @@ fn failover_as(server: &Server, id: &str, target: &Path, format: Format) -> Answ
         target_dir: target.display().to_string(),
         format,
         source_shut_down: true,
+        mode: Default::default(),
     };
     server.api().failover(id, &request)
 }

@@ -74,6 +74,8 @@ pub enum Op {
     TestFailover,
     /// Remove the test disks.
     TestFailoverCleanup,
+    /// The test failover's drill becomes the failover (export mode).
+    TestFailoverPromote,
     /// Fail over.
     Failover,
     /// Another point for the failed-over disks.
@@ -96,6 +98,7 @@ impl Op {
         match self {
             Self::TestFailover => "test-failover",
             Self::TestFailoverCleanup => "test-failover-cleanup",
+            Self::TestFailoverPromote => "test-failover-promote",
             Self::Failover => "failover",
             Self::ChangePoint => "change-point",
             Self::Commit => "commit",
@@ -200,6 +203,9 @@ pub struct Materialized {
     /// directory (absent in records of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_dir_id: Option<FileIdentity>,
+    /// Export mode: the export serving these disks over NBD (`GET /v1/exports/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_id: Option<String>,
     /// The files the job created in the directory, by name and identity: clean-up removes
     /// only these, change point replaces only these. A running job lists its temporary
     /// (`.partial`) files here.

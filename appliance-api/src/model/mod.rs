@@ -2,6 +2,7 @@
 //! utoipa's `ToSchema` on the same type gives the OpenAPI document the appliance serves.
 
 mod appliance;
+mod export;
 mod item;
 mod job;
 mod request;
@@ -10,6 +11,9 @@ pub use appliance::{
     ApplianceInfo, ErrorBody, ErrorDetail, Health, PointConsistency, PointOrigin, PointView,
     SlotUse, SlotView, SlotsView,
 };
+pub use export::{
+    CopyState, DiskMode, ExportDiskView, ExportMode, ExportPurpose, ExportRequest, ExportView,
+};
 pub use item::{
     ApplyFailure, DiskOrigin, DiskView, Enabled, FileIdentity, Format, ItemState, ItemView,
     Materialized, Op, Policy, Quarantine, Role, WrittenFile,
@@ -17,7 +21,7 @@ pub use item::{
 pub use job::{JobKind, JobState, JobView};
 pub use request::{
     ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, MAX_NAME_CHARS,
-    MaterializeRequest, PointSpec, PolicyRequest, ReprotectRequest,
+    MaterializeRequest, PointSpec, PolicyRequest, PromoteRequest, ReprotectRequest,
 };
 
 #[cfg(test)]

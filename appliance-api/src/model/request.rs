@@ -4,9 +4,12 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::export::DiskMode;
 use super::item::Format;
 
 mod schema;
+
+pub(super) use schema::point_processed as point_processed_schema;
 
 /// Longest item name, in characters (at most 4 bytes each: within the stream header's 255).
 pub const MAX_NAME_CHARS: usize = 63;
@@ -140,12 +143,18 @@ pub struct MaterializeRequest {
     /// The point.
     #[schema(schema_with = schema::point_processed)]
     pub point: PointSpec,
-    /// Directory for the disks (created if missing).
-    #[schema(schema_with = schema::path)]
+    /// Directory for the disks (created if missing); copy mode only (export mode writes no
+    /// files: leave it out or empty).
+    #[serde(default)]
+    #[schema(schema_with = schema::path_unless_export)]
     pub target_dir: String,
-    /// Image format.
+    /// Image format (copy mode).
     #[serde(default)]
     pub format: Format,
+    /// Copy the disks into files (default), or serve them over NBD at once as a writable
+    /// drill (`GET /v1/exports/{export_id}` has the URIs).
+    #[serde(default)]
+    pub mode: DiskMode,
 }
 
 /// Failover.
@@ -161,6 +170,24 @@ pub struct FailoverRequest {
     /// Image format.
     #[serde(default)]
     pub format: Format,
+    /// The operator says the source VM is already shut down (nothing more will arrive).
+    #[serde(default)]
+    pub source_shut_down: bool,
+    /// Copy the disks into the target directory first (default), or serve them over NBD at
+    /// once (raw only): the VM runs on the export while a job copies it into the target
+    /// files, then the export serves those files.
+    #[serde(default)]
+    pub mode: DiskMode,
+}
+
+/// Promote a test failover's drill to the failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// Directory for the failover's disk files (created if missing; raw): a job copies the
+    /// drill's point and its writes into them while the VM keeps running on the export.
+    #[schema(schema_with = schema::path)]
+    pub target_dir: String,
     /// The operator says the source VM is already shut down (nothing more will arrive).
     #[serde(default)]
     pub source_shut_down: bool,

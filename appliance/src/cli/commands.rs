@@ -349,6 +349,7 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
                 point: point.to_wire(),
                 target_dir: absolute(&target)?,
                 format: format.map(|f| f.to_wire()).unwrap_or_default(),
+                mode: Default::default(),
             };
             let job = client.test_failover(&item_id(&client, &item)?, &request)?;
             job_answer(&client, job, wait, api.json)
@@ -374,6 +375,7 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
                 target_dir: absolute(&target)?,
                 format: format.map(|f| f.to_wire()).unwrap_or_default(),
                 source_shut_down,
+                mode: Default::default(),
             };
             let job = client.failover(&item_id(&client, &item)?, &request)?;
             job_answer(&client, job, wait, api.json)

@@ -459,6 +459,7 @@ fn the_http_layer_against_a_canned_server() {
         target_dir: "/srv/t".into(),
         format: appliance_api::model::Format::Raw,
         source_shut_down: false,
+        mode: Default::default(),
     };
     let body = serde_json::to_value(&request).expect("json");
     let job = client

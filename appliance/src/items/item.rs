@@ -3,6 +3,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use engine::apply::Pins;
 use engine::staging::{StagingLog, StagingReader};
 
 use crate::runtime::{ApplyWorker, WorkerStatus};
@@ -42,6 +43,9 @@ pub(crate) struct Item {
     pub(crate) quarantine: Mutex<Option<Quarantine>>,
     /// Where its record is kept.
     pub(crate) store: Arc<ControlStore>,
+    /// Its points held by readers (materialize, exports): never pruned. Outlives any one
+    /// replication (each apply worker is given these).
+    pub(crate) pins: Pins,
 }
 
 impl Item {
@@ -65,6 +69,7 @@ impl Item {
             tick_error: Mutex::new(None),
             quarantine: Mutex::new(None),
             store,
+            pins: Pins::default(),
         }
     }
 

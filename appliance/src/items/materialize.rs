@@ -260,6 +260,7 @@ pub(super) fn planned(
         created_dir: target.created_dir,
         target_dir_id: Some(file_identity(target.dir.id())),
         written: target.written(),
+        export_id: None,
     }
 }
 

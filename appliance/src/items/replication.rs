@@ -59,6 +59,7 @@ impl Manager {
             files,
             log.reader(first_seq),
             self.meta.clone(),
+            item.pins.clone(),
         )?;
         // A frame that never applies: the item takes no more frames (`session_item` refuses
         // new sessions); the running one is ended here.
@@ -128,9 +129,7 @@ impl Manager {
     }
 
     pub(super) fn pins(&self, item: &Item) -> Pins {
-        item.repl()
-            .as_ref()
-            .map_or_else(Pins::default, |r| r.worker.pins())
+        item.pins.clone()
     }
 
     /// Waits until apply has applied every durable frame.

@@ -379,6 +379,7 @@ fn run_in(
             point: PointSpec::latest_app(),
             target_dir: test_dir.display().to_string(),
             format: Format::Vhd,
+            mode: Default::default(),
         },
     )?;
     let mut during = 0;
@@ -422,6 +423,7 @@ fn run_in(
             target_dir: restore.display().to_string(),
             format: Format::Raw,
             source_shut_down: true,
+            mode: Default::default(),
         },
     )?;
     let mut shown = progress("failover");

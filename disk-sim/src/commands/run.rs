@@ -302,6 +302,7 @@ fn run_with(
         point: choice,
         target_dir: target.display().to_string(),
         format: Format::Raw,
+        mode: Default::default(),
     };
     let job = api.test_failover(&item, &request)?;
     api.wait_job(job.id, timeout, &mut |_, _| {})?;
@@ -325,6 +326,7 @@ fn run_with(
             target_dir: target.display().to_string(),
             format: Format::Raw,
             source_shut_down: true,
+            mode: Default::default(),
         };
         let job = api.failover(&item, &request)?;
         api.wait_job(job.id, timeout, &mut |_, _| {})?;

@@ -91,6 +91,7 @@ pub fn verify_points(
                 point: PointSpec::Id(point),
                 target_dir: target.display().to_string(),
                 format: Format::Raw,
+                mode: Default::default(),
             };
             let job = api.test_failover(item, &request)?;
             api.wait_job(job.id, Duration::from_secs(300), &mut |_, _| {})?;
@@ -152,6 +153,7 @@ pub fn verify_failover_latest(
         target_dir: target.display().to_string(),
         format: Format::Raw,
         source_shut_down: false,
+        mode: Default::default(),
     };
     let job = api.failover(item, &request)?;
     api.wait_job(job.id, Duration::from_secs(300), &mut |_, _| {})

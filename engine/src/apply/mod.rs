@@ -552,6 +552,12 @@ impl<E: IoEngine> Applier<E> {
         self.pins.clone()
     }
 
+    /// Honours `pins` (the caller's, shared with readers that outlive this applier) from now
+    /// on instead of its own.
+    pub fn use_pins(&mut self, pins: Pins) {
+        self.pins = pins;
+    }
+
     /// Clears a failed state: apply resumes from the watermark (idempotent replay).
     pub fn clear_fault(&mut self) -> Result<(), ApplyError> {
         self.drain_in_flight();

@@ -103,6 +103,9 @@ pub struct WorkerSetup {
     pub on_unappliable: Option<OnUnappliable>,
     /// Told about every batch that did work.
     pub observer: Arc<dyn ApplyObserver>,
+    /// The item's pins: points its readers (materialize, exports) hold, never pruned. Owned
+    /// by the caller so they outlive this worker (a restarted replication keeps them).
+    pub pins: Pins,
 }
 
 impl std::fmt::Debug for WorkerSetup {
@@ -375,6 +378,7 @@ fn run(
         .map(|f| io.add_file(f))
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| Error::io("registering the replica files", e))?;
+    let pins = setup.pins;
     let mut applier = Applier::new(
         setup.item,
         setup.disks,
@@ -386,6 +390,7 @@ fn run(
         setup.preserve,
         setup.reader,
     )?;
+    applier.use_pins(pins);
     // The receiver waits in `start`; if it is gone nobody needs the pins.
     let _ = started.send(applier.pins());
     drop(started);

@@ -50,6 +50,17 @@ pub fn path() -> RefOr<Schema> {
     ))
 }
 
+/// A path field that export mode leaves out (absent or empty).
+pub fn path_unless_export() -> RefOr<Schema> {
+    let mut value = path_json(
+        "Copy mode: absolute path inside the data directory or a disk store (else 403 \
+         path_refused); no NUL byte. Export mode: absent or empty.",
+    );
+    value["pattern"] = json!(format!("^$|{PATH_PATTERN}"));
+    value["minLength"] = json!(0);
+    schema(value)
+}
+
 /// An optional path field (`null` or absent: the default).
 pub fn optional_path() -> RefOr<Schema> {
     let mut value = path_json(

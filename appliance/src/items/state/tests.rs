@@ -59,6 +59,7 @@ fn disks_at_a_point() -> Materialized {
         created_dir: true,
         target_dir_id: None,
         written: Vec::new(),
+        export_id: None,
     }
 }
 

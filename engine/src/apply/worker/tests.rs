@@ -68,6 +68,7 @@ fn a_backlog_of_points_never_holds_more_than_keep_points_plus_the_newest() {
             preserve: Arc::new(dir("preserve")),
             on_unappliable: None,
             observer: Arc::new(()),
+            pins: Default::default(),
         },
         ApplyOptions {
             keep_points: KEEP,
@@ -185,6 +186,7 @@ fn poisoned_worker(
                 counted.fetch_add(1, Ordering::AcqRel);
             })),
             observer: Arc::new(()),
+            pins: Default::default(),
         },
         ApplyOptions {
             keep_points: 10,
