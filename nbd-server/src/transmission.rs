@@ -332,7 +332,7 @@ fn block_status<S: Write>(
     let start = CHUNK_HEADER_BYTES + 4;
     let mut used = start;
     let mut covered: u64 = 0;
-    let room = n.export.size_bytes() - req.offset_bytes;
+    let room = n.export.size_bytes().saturating_sub(req.offset_bytes);
     let mut last_flags: Option<u32> = None;
     let mut count = 0usize;
     for e in extents.iter() {
