@@ -167,7 +167,7 @@ pub fn serve_connection<S: Read + Write>(
     match handshake::negotiate(&mut stream, catalog, limits, &mut || true)? {
         handshake::Outcome::Ended(end) => Ok(end),
         handshake::Outcome::Transmit(negotiated) => {
-            transmission::transmit(&mut stream, &negotiated, limits, &counters)
+            transmission::transmit(&mut stream, &negotiated, &counters)
         }
     }
 }

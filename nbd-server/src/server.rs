@@ -26,6 +26,8 @@ pub struct ServerConfig {
     /// Whole-handshake time limit (from accept to GO); the connection is closed after it.
     pub handshake_timeout: Duration,
     pub max_options: u32,
+    /// Longest option data read in the handshake (longer: discarded, `NBD_REP_ERR_TOO_BIG`).
+    pub max_option_bytes: u32,
     pub max_request_bytes: u32,
 }
 
@@ -39,6 +41,7 @@ impl Default for ServerConfig {
             max_handshaking_per_ip: 8,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_options: limits.max_options,
+            max_option_bytes: limits.max_option_bytes,
             max_request_bytes: limits.max_request_bytes,
         }
     }
@@ -193,9 +196,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         }
         let (stream, peer) = match accepted {
             Ok(a) => a,
-            // EMFILE and friends: the connection stays queued; try again.
+            // EMFILE and friends: the connection stays queued; try again a little later.
             Err(_) => {
-                std::thread::yield_now();
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
@@ -290,8 +293,8 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
     };
     let limits = Limits {
         max_options: shared.config.max_options,
+        max_option_bytes: shared.config.max_option_bytes,
         max_request_bytes: shared.config.max_request_bytes,
-        ..Limits::default()
     };
     let mut admitted = false;
     let mut admit = || {
@@ -318,7 +321,7 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
         s.deadline = None;
         let _ = s.stream.set_read_timeout(None);
         let _ = s.stream.set_write_timeout(None);
-        let _ = transmission::transmit(&mut s, &negotiated, &limits, &shared.counters);
+        let _ = transmission::transmit(&mut s, &negotiated, &shared.counters);
     }
     if admitted {
         let mut g = lock(&shared.gauges);

@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 
 use crate::handshake::{Negotiated, discard, truncate_str};
 use crate::proto::*;
-use crate::{Counters, Extent, Limits, SessionEnd, SessionError};
+use crate::{Counters, Extent, SessionEnd, SessionError};
 
 /// A refusal: the NBD error value and what was wrong (sent in structured error chunks).
 type Refusal = (u32, String);
@@ -24,7 +24,6 @@ struct Request {
 pub fn transmit<S: Read + Write>(
     stream: &mut S,
     n: &Negotiated,
-    _limits: &Limits,
     counters: &Counters,
 ) -> Result<SessionEnd, SessionError> {
     // The connection's one buffer: grows up to max_payload_bytes + a chunk header, reused.

@@ -296,3 +296,122 @@ fn hang_up_between_requests_ends_quietly() {
     let (raw, _e) = session(false, true);
     assert_eq!(raw.end().unwrap(), SessionEnd::HungUp);
 }
+
+/// An export whose block_status answers with a fixed list (to test what the server sends).
+struct Extents {
+    size_bytes: u64,
+    list: Vec<crate::Extent>,
+}
+
+impl crate::Export for Extents {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes::default()
+    }
+    fn read_at(&self, _: u64, out: &mut [u8]) -> std::io::Result<()> {
+        out.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
+        unreachable!("read-only")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        unreachable!("read-only")
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        unreachable!("read-only")
+    }
+    fn block_status(&self, _: u64, _: u64, out: &mut Vec<crate::Extent>) -> std::io::Result<()> {
+        out.extend_from_slice(&self.list);
+        Ok(())
+    }
+}
+
+fn status_of(
+    size_bytes: u64,
+    list: Vec<crate::Extent>,
+    flags: u16,
+    length: u32,
+) -> Result<Vec<(u32, u32)>, u32> {
+    let cat =
+        Arc::new(MemoryCatalog::new(false).with("disk", Arc::new(Extents { size_bytes, list })));
+    let mut raw = Raw::start(cat, Limits::default()).flags(1);
+    raw.structured();
+    assert_eq!(raw.set_meta("disk", &["base:allocation"]).len(), 2);
+    let r = raw.ask(OPT_GO, &go_data("disk", &[]));
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    raw.request(flags, CMD_BLOCK_STATUS, 1, 0, length);
+    let c = raw.chunk();
+    if c.kind == REPLY_TYPE_ERROR {
+        return Err(u32::from_be_bytes(c.data[..4].try_into().unwrap()));
+    }
+    assert_eq!((c.data.len() - 4) % 8, 0);
+    Ok(c.data[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect())
+}
+
+fn ext(length_bytes: u64, hole: bool) -> crate::Extent {
+    crate::Extent {
+        length_bytes,
+        hole,
+        zero: hole,
+    }
+}
+
+#[test]
+fn block_status_merges_equal_neighbours_and_stops_at_the_length() {
+    let list = vec![
+        ext(512, false),
+        ext(512, false),
+        ext(1024, true),
+        ext(4096, false),
+        ext(4096, true),
+    ];
+    let hz = STATE_HOLE | STATE_ZERO;
+    assert_eq!(
+        status_of(SIZE, list.clone(), 0, 2048),
+        Ok(vec![(1024, 0), (1024, hz)])
+    );
+    // The last extent may run past the request, never past the export's end.
+    assert_eq!(
+        status_of(SIZE, list.clone(), 0, 2049),
+        Ok(vec![(1024, 0), (1024, hz), (4096, 0)])
+    );
+    assert_eq!(
+        status_of(6000, list.clone(), 0, 2049),
+        Ok(vec![(1024, 0), (1024, hz), (3952, 0)])
+    );
+    // REQ_ONE: one descriptor, within the request, even when merging could grow it.
+    assert_eq!(
+        status_of(SIZE, list, CMD_FLAG_REQ_ONE, 700),
+        Ok(vec![(700, 0)])
+    );
+}
+
+#[test]
+fn block_status_clamps_huge_extents_to_32_bits() {
+    let list = vec![ext(1 << 39, true), ext(1 << 39, false)];
+    let got = status_of(1 << 40, list, 0, u32::MAX).unwrap();
+    assert_eq!(got, vec![(0xFFFF_0000, STATE_HOLE | STATE_ZERO)]);
+}
+
+#[test]
+fn block_status_from_a_broken_export_is_eio() {
+    assert_eq!(status_of(SIZE, vec![], 0, 4096), Err(EIO));
+    assert_eq!(status_of(SIZE, vec![ext(0, true)], 0, 4096), Err(EIO));
+}
