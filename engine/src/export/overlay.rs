@@ -31,7 +31,7 @@ const STRIPES: usize = 64;
 pub type BaseRead<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<(), ExportError>;
 
 #[derive(Debug)]
-struct Inner {
+struct OverlayState {
     stem: String,
     size_bytes: u64,
     grain_bytes: u64,
@@ -53,7 +53,7 @@ struct Inner {
 
 /// A drill's writes (a cheap handle: clones share the files and the map).
 #[derive(Debug, Clone)]
-pub struct Overlay(Arc<Inner>);
+pub struct Overlay(Arc<OverlayState>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -124,7 +124,7 @@ impl Overlay {
         }
         let grain = u64::from(grain_bytes);
         let grain_count = size_bytes.div_ceil(grain);
-        Ok(Self(Arc::new(Inner {
+        Ok(Self(Arc::new(OverlayState {
             stem: stem.into(),
             size_bytes,
             grain_bytes: grain,
