@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs the outside tools the tests, demo and benchmarks compare against, if missing:
 # fio (physical limit), qemu-img (VHD checks), promtool (`/metrics` checks: Debian ships it in
-# the `prometheus` package, whose server service the package also installs). Debian packages;
-# needs root or sudo.
+# the `prometheus` package, whose server service the package also installs), the NBD clients
+# and reference server (nbdinfo/nbdcopy/nbdfuse from libnbd-bin, nbdkit) and FUSE (fusermount3)
+# for nbd-server/tests/tools.rs. Debian packages; needs root or sudo.
 set -euo pipefail
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
+command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"

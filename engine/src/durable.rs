@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::delta::le_u64;
 
+/// 64 KiB of zeros, for writing zeros where no hole can be punched.
+pub(crate) static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// A file that can be read, written at offsets and made durable.
 pub trait DurableFile: Send + Sync + std::fmt::Debug {
     /// Current length.
@@ -33,6 +36,18 @@ pub trait DurableFile: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
     /// Makes the content durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zeros, freeing the space where the file system
+    /// can (a real file punches a hole); durable like a write, after `sync_data`.
+    fn punch_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        let mut at = offset_bytes;
+        let end = offset_bytes.saturating_add(len_bytes);
+        while at < end {
+            let n = (end - at).min(ZEROS.len() as u64);
+            self.write_all_at(at, &ZEROS[..n as usize])?;
+            at += n;
+        }
+        Ok(())
+    }
 }
 
 /// A directory of durable files.
@@ -110,6 +125,40 @@ impl DurableFile for StdFile {
             self.poisoned
                 .store(true, std::sync::atomic::Ordering::Release);
         })
+    }
+    fn punch_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check()?;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset_bytes), i64::try_from(len_bytes)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate on a descriptor we own for the call; no memory of ours is touched.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            // No hole punching here: write the zeros.
+            Some(libc::EOPNOTSUPP) => {
+                let mut at = offset_bytes;
+                let end = offset_bytes.saturating_add(len_bytes);
+                while at < end {
+                    let n = (end - at).min(ZEROS.len() as u64);
+                    self.file.write_all_at(&ZEROS[..n as usize], at)?;
+                    at += n;
+                }
+                Ok(())
+            }
+            _ => Err(error),
+        }
     }
 }
 

@@ -37,6 +37,7 @@ pub mod delta;
 pub mod dirfd;
 pub mod durable;
 pub mod error;
+pub mod export;
 pub mod handoff;
 pub mod ingest;
 pub mod io;

@@ -2,30 +2,30 @@
 //!
 //! ```text
 //!  for each 1 MiB chunk of the disk:
-//!      read the replica chunk            (the newest applied state)
-//!      look up grains preserved since    (redb, read after the replica read — see below)
-//!      overlay each preserved grain with the copy of the smallest tag ≥ point
+//!      read it at the point               (export::PointReader, the one point reader:
+//!                                          the replica, then preserved grains — see below)
 //!      write the chunk to the output, or leave a hole when it is all zeros (sparse)
 //! ```
 //!
 //! Runs while apply continues and changes neither the replicas nor the catalogue. It is
 //! correct without stopping apply because apply commits a grain's index entry *before* it
 //! overwrites the grain: if the replica read saw new data, the index read that follows sees
-//! the entry and the preserved copy wins. Tags below the newest tag at start are frozen
-//! (entries are only ever added under the current tag), so they are looked up once; the
-//! newest tags are re-read for every chunk. The point is pinned so pruning waits.
+//! the entry and the preserved copy wins. Tags below the newest point are frozen (entries are
+//! only ever added under the current tag), so they are looked up once; the newest tags are
+//! re-read for every chunk. The point is pinned so pruning waits.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crate::apply::{Pins, preserve_file_name};
+use crate::apply::Pins;
 use crate::delta::{Consistency, DiskGeometry};
 use crate::dirfd::{Dir, DirError, with_suffix};
-use crate::durable::{DurableDir, DurableFile};
+use crate::durable::DurableDir;
+pub use crate::export::DiskReader;
+use crate::export::{PointReadError, PointReader};
 use crate::meta::{ItemKey, MetaError, MetaStore, PointRecord};
 
 /// Size of the chunks read, overlaid and written.
@@ -290,30 +290,6 @@ fn sync_range(out: &File, (start, len): (u64, u64), flags: libc::c_uint) {
     let _ = unsafe { libc::sync_file_range(out.as_raw_fd(), start, len, flags) };
 }
 
-/// Reads a replica disk at offsets (a file, a block device, or a sim image).
-pub trait DiskReader: Sync {
-    /// Reads exactly `out.len()` bytes at `offset_bytes`.
-    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()>;
-}
-
-impl DiskReader for File {
-    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
-        FileExt::read_exact_at(self, out, offset_bytes)
-    }
-}
-
-impl DiskReader for Vec<u8> {
-    fn read_exact_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(offset_bytes).map_err(io::Error::other)?;
-        let src = start
-            .checked_add(out.len())
-            .and_then(|end| self.get(start..end))
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-}
-
 /// What materialize reads from.
 #[derive(Debug, Clone)]
 pub struct Source<'a> {
@@ -401,22 +377,33 @@ pub fn materialize_disk(
             available: "it was pruned or never existed".into(),
         });
     }
-    let grain = u64::from(source.grain_bytes);
-    // Frozen tags: every point ≥ point_id except the newest, which may still grow.
-    let tags: Vec<u64> = source
-        .meta
-        .points(source.item)?
-        .iter()
-        .map(|p| p.point_id)
-        .filter(|&id| id >= point_id)
-        .collect();
-    let newest_at_start = tags.last().copied().unwrap_or(point_id);
-    let mut frozen: HashMap<u64, (u64, u64)> = HashMap::new();
-    for &tag in tags.iter().filter(|&&t| t < newest_at_start) {
-        for (g, offset) in source.meta.preserved(source.item, tag, disk_index)? {
-            frozen.entry(g).or_insert((tag, offset));
-        }
-    }
+    let from_point = |error: PointReadError| match error {
+        PointReadError::Replica {
+            offset_bytes,
+            source,
+        } => MaterializeError::ReadReplica {
+            disk_index,
+            offset_bytes,
+            source,
+        },
+        PointReadError::Preserved { grain, tag, source } => MaterializeError::ReadPreserved {
+            disk_index,
+            grain,
+            tag,
+            source,
+        },
+        PointReadError::Meta(e) => MaterializeError::Meta(e),
+    };
+    let reader = PointReader::new(
+        source.meta,
+        source.item,
+        disk_index,
+        disk.size_bytes,
+        point_id,
+        source.grain_bytes,
+        source.preserve_dir.clone(),
+    )
+    .map_err(from_point)?;
     let write_err = |offset_bytes| {
         move |source| MaterializeError::Write {
             offset_bytes,
@@ -429,69 +416,16 @@ pub fn materialize_disk(
         size_bytes: disk.size_bytes,
         ..MaterializeStats::default()
     };
-    let mut files: HashMap<u64, Arc<dyn DurableFile>> = HashMap::new();
     let mut writeback = Writeback::default();
     let mut chunk = vec![0u8; CHUNK_BYTES];
+    let mut scratch = Vec::new();
     let mut offset_bytes = 0u64;
     while offset_bytes < disk.size_bytes {
         let len = (disk.size_bytes - offset_bytes).min(CHUNK_BYTES as u64) as usize;
         let buf = &mut chunk[..len];
-        replica.read_exact_at(offset_bytes, buf).map_err(|source| {
-            MaterializeError::ReadReplica {
-                disk_index,
-                offset_bytes,
-                source,
-            }
-        })?;
-        // After the replica read: entries under the newest tags (including any made since).
-        let first_grain = offset_bytes / grain;
-        let last_grain = (offset_bytes + len as u64 - 1) / grain;
-        let mut live: HashMap<u64, (u64, u64)> = HashMap::new();
-        for point in source.meta.points(source.item)? {
-            if point.point_id < newest_at_start.max(point_id) {
-                continue;
-            }
-            for (g, off) in source.meta.preserved_range(
-                source.item,
-                point.point_id,
-                disk_index,
-                first_grain,
-                last_grain,
-            )? {
-                live.entry(g).or_insert((point.point_id, off));
-            }
-        }
-        for g in first_grain..=last_grain {
-            let Some(&(tag, file_offset)) = frozen.get(&g).or_else(|| live.get(&g)) else {
-                continue;
-            };
-            let file = match files.get(&tag) {
-                Some(file) => file.clone(),
-                None => {
-                    let file = source
-                        .preserve_dir
-                        .open(&preserve_file_name(tag), false)
-                        .map_err(|source| MaterializeError::ReadPreserved {
-                            disk_index,
-                            grain: g,
-                            tag,
-                            source,
-                        })?;
-                    files.insert(tag, file.clone());
-                    file
-                }
-            };
-            let start = (g * grain - offset_bytes) as usize;
-            let end = (start + grain as usize).min(len);
-            file.read_exact_at(file_offset, &mut buf[start..end])
-                .map_err(|source| MaterializeError::ReadPreserved {
-                    disk_index,
-                    grain: g,
-                    tag,
-                    source,
-                })?;
-            stats.grains_preserved += 1;
-        }
+        stats.grains_preserved += reader
+            .read(source.meta, replica, offset_bytes, buf, &mut scratch)
+            .map_err(from_point)?;
         if buf.iter().any(|&b| b != 0) {
             out.write_all_at(buf, offset_bytes)
                 .map_err(write_err(offset_bytes))?;
