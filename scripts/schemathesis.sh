@@ -45,7 +45,7 @@ trap cleanup EXIT
 
 say "starting appliance serve on $WORK/data"
 mkdir "$WORK/data"
-"$APPLIANCE" serve --data-dir "$WORK/data" --data-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 \
+"$APPLIANCE" serve --data-dir "$WORK/data" --data-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --nbd-addr 127.0.0.1:0 \
     >"$WORK/serve.out" 2>"$WORK/serve.err" &
 SERVE_PID=$!
 API=""

@@ -7,6 +7,7 @@
 //! ```toml
 //! data_addr = "0.0.0.0:7401"
 //! api_addr = "127.0.0.1:7400"
+//! nbd_addr = "127.0.0.1:10809"
 //! keep_points = 128
 //! cache_mib = 4096
 //! queue_depth = 32
@@ -34,6 +35,7 @@ default. An unknown key, a wrong type or a value out of range is an error naming
     # /etc/appliance/appliance.toml
     data_addr = \"0.0.0.0:7401\"       # data port, where source agents connect
     api_addr = \"127.0.0.1:7400\"      # control API (HTTP/JSON, bearer token)
+    nbd_addr = \"127.0.0.1:10809\"     # NBD server of exports (export names are secrets)
     keep_points = 64                 # recovery points per item: 1..=100000
     cache_mib = 2048                 # staging capacity per item, MiB: 16..=1048576
     queue_depth = 32                 # replica I/O queue depth: 1..=1024
@@ -42,8 +44,8 @@ default. An unknown key, a wrong type or a value out of range is an error naming
     max_jobs = 8                     # disk-writing jobs running at once: 1..=64
     api_max_connections = 256        # control API connections open at once: 16..=16384
 
-Defaults: data_addr 127.0.0.1:7401, api_addr 127.0.0.1:7400, keep_points 64, cache_mib 2048,
-queue_depth 32, slots 32, disk_stores none, max_jobs 8, api_max_connections 256.
+Defaults: data_addr 127.0.0.1:7401, api_addr 127.0.0.1:7400, nbd_addr 127.0.0.1:10809,
+keep_points 64, cache_mib 2048, queue_depth 32, slots 32, disk_stores none, max_jobs 8, api_max_connections 256.
 
 Examples:
   appliance serve --data-dir /var/lib/appliance
@@ -54,6 +56,8 @@ Examples:
 pub const DEFAULT_DATA_ADDR: &str = "127.0.0.1:7401";
 /// Default address of the control API.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7400";
+/// Default address of the NBD server (IANA's NBD port, loopback).
+pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
 /// Recovery points kept per item unless its policy says otherwise.
 pub const DEFAULT_KEEP_POINTS: u64 = 64;
 /// Staging capacity per item, MiB.
@@ -81,6 +85,7 @@ const API_MAX_CONNECTIONS: RangeInclusive<i64> = 16..=16_384;
 struct FileConfig {
     data_addr: Option<String>,
     api_addr: Option<String>,
+    nbd_addr: Option<String>,
     keep_points: Option<i64>,
     cache_mib: Option<i64>,
     queue_depth: Option<i64>,
@@ -97,6 +102,8 @@ pub struct Flags {
     pub data_addr: Option<String>,
     /// `--api-addr`.
     pub api_addr: Option<String>,
+    /// `--nbd-addr`.
+    pub nbd_addr: Option<String>,
     /// `--keep-points`.
     pub keep_points: Option<u64>,
     /// `--cache-mib`.
@@ -190,6 +197,13 @@ pub fn resolve(file: Option<(&Path, &str)>, flags: &Flags) -> Result<ServeOption
         &parsed.api_addr,
         DEFAULT_API_ADDR,
     )?;
+    let nbd_addr = pick_addr(
+        "nbd_addr",
+        &origin,
+        &flags.nbd_addr,
+        &parsed.nbd_addr,
+        DEFAULT_NBD_ADDR,
+    )?;
     let disk_stores = if !flags.disk_stores.is_empty() {
         check_stores(&flags.disk_stores, |path| {
             format!("--disk-store {}: must be an absolute path", path.display())
@@ -205,15 +219,22 @@ pub fn resolve(file: Option<(&Path, &str)>, flags: &Flags) -> Result<ServeOption
         Vec::new()
     };
     // Port 0 (a port the system picks, as tests use) may be given to both.
-    if data_addr == api_addr && data_addr.port() != 0 {
-        return Err(BadInput(format!(
-            "data_addr and api_addr are both {data_addr}: the data port and the control API \
-             need different addresses"
-        )));
+    for (a, b, what) in [
+        (data_addr, api_addr, "data_addr and api_addr"),
+        (data_addr, nbd_addr, "data_addr and nbd_addr"),
+        (api_addr, nbd_addr, "api_addr and nbd_addr"),
+    ] {
+        if a == b && a.port() != 0 {
+            return Err(BadInput(format!(
+                "{what} are both {a}: the data port, the control API and the NBD server need \
+                 different addresses"
+            )));
+        }
     }
     Ok(ServeOptions {
         data_addr,
         api_addr,
+        nbd_addr,
         keep_points: usize::try_from(keep_points).unwrap_or(usize::MAX),
         cache_bytes: cache_mib << 20,
         queue_depth: usize::try_from(queue_depth).unwrap_or(usize::MAX),

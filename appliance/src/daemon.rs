@@ -4,6 +4,7 @@
 //! ```text
 //!  serve ─► DataDir (locked) ─► for each item: StagingLog (recovered) + ApplyWorker thread
 //!        ─► DataPort (TCP, loopback by default): agents stream frames, get durable acks
+//!        ─► NBD server (loopback by default): exports of recovery points (crate::exports)
 //!        ─► control API (HTTP/JSON, crate::http) on its own thread and tokio runtime
 //!        ─► SIGTERM / SIGINT: stop the API and the data port (sessions end after their
 //!           commit), wait up to 120 s for jobs that write disks, apply what is staged,
@@ -104,7 +105,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     signals
         .thread_block()
         .context("blocking SIGTERM and SIGINT")?;
-    let (data_addr, api_addr) = (options.data_addr, options.api_addr);
+    let (data_addr, api_addr, nbd_addr) = (options.data_addr, options.api_addr, options.nbd_addr);
     let port_config = DataPortConfig::default();
     let api_limits = ApiLimits {
         max_connections: options.api_max_connections,
@@ -136,6 +137,16 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
     // The port's error names the address.
     let mut port = DataPort::bind(data_addr, manager.clone(), port_config)?;
     manager.start(port.handle())?;
+    let nbd = nbd_server::Server::start(
+        nbd_server::ServerConfig {
+            listen: nbd_addr,
+            max_request_bytes: crate::exports::MAX_REQUEST_BYTES,
+            ..nbd_server::ServerConfig::default()
+        },
+        manager.nbd_catalog(),
+    )
+    .with_context(|| format!("starting the NBD server on {nbd_addr}"))?;
+    manager.set_nbd_addr(nbd.local_addr());
     let api = ApiServer::start(
         api_addr,
         ApiConfig {
@@ -152,6 +163,11 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         "control API listening on {}",
         api.local_addr()
     );
+    let _ = writeln!(
+        std::io::stdout(),
+        "NBD server listening on {}",
+        nbd.local_addr()
+    );
     let _ = std::io::stdout().flush();
     let signal = signals.wait().context("waiting for a signal")?;
     tracing::info!(%signal, "shutting down: no new sessions, applying what is staged");
@@ -159,6 +175,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         tracing::warn!(error = %crate::store::describe(&e), "control API did not stop cleanly");
     }
     port.shutdown();
+    nbd.stop();
     let failures = manager.shutdown();
     if !failures.is_empty() {
         bail!("shutdown left items unapplied: {}", failures.join("; "));

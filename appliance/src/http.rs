@@ -31,6 +31,7 @@
 mod auth;
 mod conn;
 mod error;
+mod exports;
 mod handlers;
 mod openapi;
 mod routes;

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod dataport;
 pub mod db;
+pub mod exports;
 pub mod fdbudget;
 pub mod http;
 pub mod inspect;

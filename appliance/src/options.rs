@@ -13,6 +13,8 @@ pub struct ServeOptions {
     pub data_addr: SocketAddr,
     /// Address of the control API.
     pub api_addr: SocketAddr,
+    /// Address of the NBD server that serves exports (loopback by default).
+    pub nbd_addr: SocketAddr,
     /// Recovery points kept per item unless its policy says otherwise.
     pub keep_points: usize,
     /// Staging capacity per item.
@@ -36,6 +38,7 @@ impl ServeOptions {
         Self {
             data_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
             api_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            nbd_addr: SocketAddr::from(([127, 0, 0, 1], 10809)),
             keep_points: 64,
             cache_bytes: 2048 << 20,
             queue_depth: 32,

@@ -74,6 +74,8 @@ fn api_needs_the_token_lists_items_and_names_errors() {
             "serve",
             "--data-addr",
             "127.0.0.1:0",
+            "--nbd-addr",
+            "127.0.0.1:0",
             "--api-addr",
             "127.0.0.1:0",
         ],

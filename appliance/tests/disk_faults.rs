@@ -200,7 +200,7 @@ impl Serve {
             .arg("--data-dir")
             .arg(&self.data)
             .args(["--data-addr", &self.data_addr.to_string()])
-            .args(["--api-addr", "127.0.0.1:0"])
+            .args(["--api-addr", "127.0.0.1:0", "--nbd-addr", "127.0.0.1:0"])
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -30,6 +30,8 @@ fn start_serve(data: &Path, addr: &str) -> Child {
             "serve",
             "--data-addr",
             addr,
+            "--nbd-addr",
+            "127.0.0.1:0",
             "--api-addr",
             "127.0.0.1:0",
             "--keep-points",

@@ -10,7 +10,9 @@ fn serve(data: &std::path::Path, data_addr: &str, api_addr: &str) -> Command {
     command.arg("serve").arg("--data-dir").arg(data).args([
         "--data-addr",
         data_addr,
-        "--api-addr",
+        "--nbd-addr",
+            "127.0.0.1:0",
+            "--api-addr",
         api_addr,
     ]);
     command

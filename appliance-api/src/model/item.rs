@@ -206,6 +206,9 @@ pub struct Materialized {
     /// Export mode: the export serving these disks over NBD (`GET /v1/exports/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_id: Option<String>,
+    /// A failover in export mode: its copy into the target files (commit waits for `done`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<super::export::CopyState>,
     /// The files the job created in the directory, by name and identity: clean-up removes
     /// only these, change point replaces only these. A running job lists its temporary
     /// (`.partial`) files here.

@@ -82,6 +82,10 @@ pub(crate) enum Command {
         /// DATA_DIR/api-token (mode 0600), created at first start.
         #[arg(long = "api-addr", value_name = "ADDR")]
         api_addr: Option<String>,
+        /// Address of the NBD server that serves exports of recovery points (default
+        /// 127.0.0.1:10809; export names are 128-bit secrets the control API hands out).
+        #[arg(long = "nbd-addr", value_name = "ADDR")]
+        nbd_addr: Option<String>,
         /// Recovery points to keep per item unless its policy says otherwise, oldest pruned
         /// first (1..=100000, default 64).
         #[arg(long = "keep-points", value_name = "N")]

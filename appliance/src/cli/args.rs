@@ -239,12 +239,16 @@ pub enum ClientCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Test failover: write the disks at a point while replication keeps running.
+    /// Test failover: the disks at a point, copied or served over NBD, while replication
+    /// keeps running.
     ///
-    /// The item's disks at the recovery point are written into a new directory; replication
-    /// goes on. Undo with `test-failover-cleanup`.
+    /// With --target, the item's disks at the recovery point are written into a new
+    /// directory. With --export, they are served over NBD at once as a writable drill (its
+    /// writes kept in an overlay on the appliance; the URIs are printed). Replication goes on.
+    /// Undo with `test-failover-cleanup`.
     #[command(after_long_help = "Examples:\n  \
         appliance test-failover web-01 --point latest-app --target /srv/restore/web-01-test --wait\n  \
+        appliance test-failover web-01 --point latest-processed --export\n  \
         appliance test-failover 3f2a --point 2000 --target /srv/restore/t1 --format vhd")]
     TestFailover {
         #[arg(help = ITEM_HELP)]
@@ -253,8 +257,11 @@ pub enum ClientCommand {
         #[arg(long, value_parser = parse_point, value_name = "POINT")]
         point: PointSpec,
         /// New directory for the disk images.
-        #[arg(long = "target", value_name = "DIR")]
-        target: PathBuf,
+        #[arg(long = "target", value_name = "DIR", required_unless_present = "export", conflicts_with = "export")]
+        target: Option<PathBuf>,
+        /// Serve the disks over NBD at once (a writable drill) instead of copying them.
+        #[arg(long)]
+        export: bool,
         /// Image format (default raw).
         #[arg(long, value_enum)]
         format: Option<ImageFormat>,
@@ -297,9 +304,71 @@ pub enum ClientCommand {
         /// The source VM has been shut down (its last writes are in).
         #[arg(long = "source-shut-down")]
         source_shut_down: bool,
+        /// Serve the disks over NBD at once (the VM can run on them) while a job copies them
+        /// into --target; the export then serves the copied files (raw only).
+        #[arg(long)]
+        export: bool,
         /// Wait for the job, with a progress bar on stderr.
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Promote a test failover's drill (export mode) to the failover, keeping its writes.
+    ///
+    /// Replication stops; the drill's export goes on serving the VM without a break while a
+    /// job copies its point and its writes into --target; then `commit`.
+    #[command(after_long_help = "Example:\n  appliance promote web-01 --target /srv/restore/web-01 --source-shut-down --wait")]
+    Promote {
+        #[arg(help = ITEM_HELP)]
+        item: String,
+        /// New directory for the failover's raw disk files.
+        #[arg(long = "target", value_name = "DIR")]
+        target: PathBuf,
+        /// The source VM has been shut down (its last writes are in).
+        #[arg(long = "source-shut-down")]
+        source_shut_down: bool,
+        /// Wait for the copy, with a progress bar on stderr.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Export a recovery point over NBD, read-only or as a writable drill.
+    ///
+    /// Prints one NBD URI per disk (`nbd://host:port/secret-name`) for qemu, nbdcopy,
+    /// nbdinfo or nbdfuse. The point is kept (pinned) while the export exists; replication
+    /// goes on. A drill's writes are kept in an overlay and dropped with the export.
+    #[command(after_long_help = "Examples:\n  \
+        appliance export web-01 --point latest-app\n  \
+        appliance export web-01 --point 2000 --drill\n  \
+        nbdinfo --map nbd://127.0.0.1:10809/<name>")]
+    Export {
+        #[arg(help = ITEM_HELP)]
+        item: String,
+        /// latest-processed, latest-app, or a point id from `appliance points ITEM`.
+        #[arg(long, value_parser = parse_point, value_name = "POINT")]
+        point: PointSpec,
+        /// Writable: writes go to an overlay, never to a replica or a point.
+        #[arg(long)]
+        drill: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List exports, or show one.
+    #[command(after_long_help = "Examples:\n  appliance exports\n  appliance exports 9c1e…")]
+    Exports {
+        /// An export id.
+        export: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove an export: its NBD clients are disconnected, a drill's writes dropped, the
+    /// point unpinned.
+    #[command(after_long_help = "Example:\n  appliance export-remove 9c1e…")]
+    ExportRemove {
+        /// The export id (from `appliance exports`).
+        export: String,
         #[command(flatten)]
         api: ApiArgs,
     },

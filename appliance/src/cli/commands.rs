@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use appliance_api::model::{
-    ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemView, JobState, JobView,
-    MaterializeRequest, PolicyRequest, ReprotectRequest,
+    ChangePointRequest, DiskMode, EnableRequest, Enabled, ExportMode, ExportRequest,
+    FailoverRequest, ItemView, JobState, JobView, MaterializeRequest, PolicyRequest,
+    PromoteRequest, ReprotectRequest,
 };
 use appliance_api::{Client, Error, poll_until};
 use serde::Serialize;
@@ -15,8 +16,8 @@ use serde::Serialize;
 use super::Failure;
 use super::args::{ApiArgs, ClientCommand, DiskArg, order_disks};
 use super::render::{
-    render_enabled, render_item, render_items, render_job, render_jobs, render_points,
-    render_slots, render_status,
+    render_enabled, render_export, render_exports, render_item, render_items, render_job,
+    render_jobs, render_points, render_slots, render_status,
 };
 
 /// How often `--wait` polls a job.
@@ -340,6 +341,7 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
             item,
             point,
             target,
+            export,
             format,
             wait,
             api,
@@ -347,12 +349,80 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
             let client = client_from_args(&api)?;
             let request = MaterializeRequest {
                 point: point.to_wire(),
-                target_dir: absolute(&target)?,
+                target_dir: match &target {
+                    Some(target) => absolute(target)?,
+                    None => String::new(),
+                },
                 format: format.map(|f| f.to_wire()).unwrap_or_default(),
-                mode: Default::default(),
+                mode: if export {
+                    DiskMode::Export
+                } else {
+                    DiskMode::Copy
+                },
             };
-            let job = client.test_failover(&item_id(&client, &item)?, &request)?;
+            let id = item_id(&client, &item)?;
+            let job = client.test_failover(&id, &request)?;
+            if !export {
+                return job_answer(&client, job, wait, api.json);
+            }
+            let view = client.item(&id)?;
+            match view.test_failover.and_then(|t| t.export_id) {
+                Some(export_id) => show(api.json, &client.export_view(&export_id)?, render_export),
+                None => show(api.json, &job, render_job),
+            }
+            Ok(())
+        }
+        ClientCommand::Promote {
+            item,
+            target,
+            source_shut_down,
+            wait,
+            api,
+        } => {
+            let client = client_from_args(&api)?;
+            let request = PromoteRequest {
+                target_dir: absolute(&target)?,
+                source_shut_down,
+            };
+            let job = client.promote(&item_id(&client, &item)?, &request)?;
             job_answer(&client, job, wait, api.json)
+        }
+        ClientCommand::Export {
+            item,
+            point,
+            drill,
+            api,
+        } => {
+            let client = client_from_args(&api)?;
+            let request = ExportRequest {
+                point: point.to_wire(),
+                mode: if drill {
+                    ExportMode::Drill
+                } else {
+                    ExportMode::ReadOnly
+                },
+            };
+            let view = client.export(&item_id(&client, &item)?, &request)?;
+            show(api.json, &view, render_export);
+            Ok(())
+        }
+        ClientCommand::Exports { export, api } => {
+            let client = client_from_args(&api)?;
+            match export {
+                Some(id) => show(api.json, &client.export_view(&id)?, render_export),
+                None => show(api.json, &client.exports()?, |e| render_exports(e)),
+            }
+            Ok(())
+        }
+        ClientCommand::ExportRemove { export, api } => {
+            let client = client_from_args(&api)?;
+            let view = client.remove_export(&export)?;
+            if api.json {
+                show(true, &view, render_export);
+            } else {
+                println!("export {} removed", view.id);
+            }
+            Ok(())
         }
         ClientCommand::TestFailoverCleanup { item, api } => {
             let client = client_from_args(&api)?;
@@ -366,6 +436,7 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
             target,
             format,
             source_shut_down,
+            export,
             wait,
             api,
         } => {
@@ -375,7 +446,11 @@ pub fn run(command: ClientCommand, matches: Option<&clap::ArgMatches>) -> Result
                 target_dir: absolute(&target)?,
                 format: format.map(|f| f.to_wire()).unwrap_or_default(),
                 source_shut_down,
-                mode: Default::default(),
+                mode: if export {
+                    DiskMode::Export
+                } else {
+                    DiskMode::Copy
+                },
             };
             let job = client.failover(&item_id(&client, &item)?, &request)?;
             job_answer(&client, job, wait, api.json)

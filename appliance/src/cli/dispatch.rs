@@ -55,6 +55,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             config,
             data_addr,
             api_addr,
+            nbd_addr,
             keep_points,
             cache_mib,
             queue_depth,
@@ -66,6 +67,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             let flags = config::Flags {
                 data_addr,
                 api_addr,
+                nbd_addr,
                 keep_points,
                 cache_mib,
                 queue_depth,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use appliance_api::model::{
-    ApplianceInfo, Enabled, ItemView, JobView, Materialized, PointView, SlotsView,
+    ApplianceInfo, Enabled, ExportView, ItemView, JobView, Materialized, PointView, SlotsView,
 };
 
 /// Plain text columns: each column as wide as its widest cell, two spaces between columns,
@@ -187,6 +187,16 @@ pub fn render_items(items: &[ItemView]) -> String {
 }
 
 fn materialized(value: &Materialized) -> String {
+    if let Some(export) = &value.export_id {
+        let mut text = format!(
+            "point {}, served over NBD (export {export})",
+            value.point_id
+        );
+        for uri in &value.files {
+            let _ = write!(text, "\n    {uri}");
+        }
+        return text;
+    }
     let format = wire_name(value.format);
     let mut text = format!(
         "point {}, {format}, in {}",
@@ -366,6 +376,63 @@ pub fn render_jobs(jobs: &[JobView]) -> String {
     }
     render_table(
         &["ID", "KIND", "ITEM", "STATE", "DONE", "CREATED", "MESSAGE"],
+        &rows,
+    )
+}
+
+/// An export for people: what it serves, then one NBD URI per disk.
+pub fn render_export(export: &ExportView) -> String {
+    let mut pairs = vec![
+        ("export".to_owned(), export.id.clone()),
+        ("item".to_owned(), export.item.clone()),
+        ("purpose".to_owned(), wire_name(export.purpose)),
+        ("mode".to_owned(), wire_name(export.mode)),
+        ("point".to_owned(), export.point_id.to_string()),
+        ("created".to_owned(), format_time_ns(export.created_ns)),
+        ("connections".to_owned(), export.connections.to_string()),
+    ];
+    if let Some(copy) = export.copy {
+        pairs.push(("copy".to_owned(), wire_name(copy)));
+    }
+    let mut text = render_pairs(&pairs);
+    let rows: Vec<Vec<String>> = export
+        .disks
+        .iter()
+        .map(|d| {
+            vec![
+                d.index.to_string(),
+                format_bytes(d.size_bytes),
+                format_bytes(d.written_bytes),
+                d.uri.clone(),
+            ]
+        })
+        .collect();
+    text.push_str(&render_table(&["DISK", "SIZE", "WRITTEN", "NBD URI"], &rows));
+    text
+}
+
+/// `GET /v1/exports` for people.
+pub fn render_exports(exports: &[ExportView]) -> String {
+    if exports.is_empty() {
+        return "no exports\n".into();
+    }
+    let rows: Vec<Vec<String>> = exports
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.clone(),
+                e.item.clone(),
+                wire_name(e.purpose),
+                wire_name(e.mode),
+                e.point_id.to_string(),
+                e.disks.len().to_string(),
+                e.connections.to_string(),
+                e.copy.map(wire_name).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    render_table(
+        &["ID", "ITEM", "PURPOSE", "MODE", "POINT", "DISKS", "CONNS", "COPY"],
         &rows,
     )
 }

@@ -60,6 +60,9 @@ pub const JOBS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("jobs");
 pub const SLOTS: TableDefinition<'_, u32, &[u8]> = TableDefinition::new("slots");
 /// Named numbers (redb table `settings`).
 pub const SETTINGS: TableDefinition<'_, &str, u64> = TableDefinition::new("settings");
+/// Exports (`crate::exports`): export id (as [`item_key`]) → the export's record (JSON).
+/// Made by the first export; a store without it has none.
+pub const EXPORTS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("exports");
 
 const SETTING_FORMAT: &str = "format_version";
 const SETTING_SLOT_COUNT: &str = "slot_count";
@@ -179,6 +182,25 @@ impl Commit<'_> {
         let what = "removing an item record";
         let mut table = self.txn.open_table(ITEMS).map_err(db_err(what))?;
         table.remove(item_key(item)).map_err(db_err(what))?;
+        Ok(())
+    }
+
+    /// Writes an export's record (JSON).
+    pub fn put_export<T: Serialize>(&mut self, id: &[u8; 16], export: &T) -> Result<(), DbError> {
+        let what = "writing an export";
+        let bytes = serde_json::to_vec_pretty(export).map_err(db_err("encoding an export"))?;
+        let mut table = self.txn.open_table(EXPORTS).map_err(db_err(what))?;
+        table
+            .insert(item_key(id), bytes.as_slice())
+            .map_err(db_err(what))?;
+        Ok(())
+    }
+
+    /// Removes an export's record (none: nothing happens).
+    pub fn remove_export(&mut self, id: &[u8; 16]) -> Result<(), DbError> {
+        let what = "removing an export";
+        let mut table = self.txn.open_table(EXPORTS).map_err(db_err(what))?;
+        table.remove(item_key(id)).map_err(db_err(what))?;
         Ok(())
     }
 
@@ -394,6 +416,23 @@ impl ControlStore {
     /// The slot table; `None` when it was never written.
     pub fn slots(&self) -> Result<Option<StoredSlots>, DbError> {
         read_slots(&self.db)
+    }
+
+    /// Every export's record, by export id, as stored.
+    pub fn exports(&self) -> Result<BTreeMap<[u8; 16], Vec<u8>>, DbError> {
+        let what = "reading the exports";
+        let txn = self.db.begin_read().map_err(db_err(what))?;
+        let table = match txn.open_table(EXPORTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(db_err(what)(e)),
+        };
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(db_err(what))? {
+            let (key, value) = entry.map_err(db_err(what))?;
+            out.insert(item_of(key.value()), value.value().to_vec());
+        }
+        Ok(out)
     }
 }
 

@@ -12,7 +12,7 @@ use engine::meta::{PointOrigin as EnginePointOrigin, PointRecord};
 
 use crate::items::{
     ChangePointRequest, EnableRequest, Enabled, FailoverRequest, ItemView, MaterializeRequest,
-    ReprotectRequest, SlotsView,
+    PromoteRequest, ReprotectRequest, SlotsView,
 };
 use crate::jobs::JobView;
 
@@ -180,8 +180,10 @@ pub(super) async fn list_points(
     .await
 }
 
-/// Test failover: the disks at a point written to a directory (raw or fixed VHD) by a job;
-/// replication keeps running.
+/// Test failover: the disks at a point written to a directory (raw or fixed VHD) by a job
+/// (copy mode), or served over NBD at once as a writable drill (export mode: the job is done
+/// in the answer, the item's `test_failover.export_id` names the export); replication keeps
+/// running.
 #[utoipa::path(post, path = "/v1/items/{id}/test-failover", security(("bearer" = [])),
     params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = MaterializeRequest,
@@ -218,8 +220,34 @@ pub(super) async fn test_failover_cleanup(
     blocking(move || Ok(Json(state.config.manager.test_failover_cleanup(&id)?))).await
 }
 
+/// Promote a test failover's drill (export mode) to the failover, keeping its writes:
+/// replication stops, the drill's export goes on serving without a break, and a job copies its
+/// point and writes into the target directory (then commit).
+#[utoipa::path(post, path = "/v1/items/{id}/test-failover/promote", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
+    request_body = PromoteRequest,
+    responses((status = 202, body = JobView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn promote(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    request: Result<Json<PromoteRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = path_id(id, "bad_item_id")?;
+    let request = body(request)?;
+    blocking(move || {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(state.config.manager.promote(&id, request)?),
+        ))
+    })
+    .await
+}
+
 /// Failover to a point (latest, latest-processed, latest-app or a point id): replication
-/// stops and a job writes the disks to the target directory.
+/// stops and a job writes the disks to the target directory (copy mode), or the disks are
+/// served over NBD at once while the job copies them (export mode).
 #[utoipa::path(post, path = "/v1/items/{id}/failover", security(("bearer" = [])),
     params(("id" = String, Path, description = "item id, 32 hex digits", pattern = "^[0-9a-fA-F]{32}$")),
     request_body = FailoverRequest,

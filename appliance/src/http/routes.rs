@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use super::auth;
 use super::error::ApiError;
 use super::handlers;
+use super::exports;
 use super::openapi;
 use super::state::AppState;
 
@@ -28,12 +29,16 @@ pub(super) fn router(state: AppState) -> anyhow::Result<Router> {
         .routes(routes!(handlers::list_points))
         .routes(routes!(handlers::test_failover))
         .routes(routes!(handlers::test_failover_cleanup))
+        .routes(routes!(handlers::promote))
         .routes(routes!(handlers::failover))
         .routes(routes!(handlers::change_point))
         .routes(routes!(handlers::commit))
         .routes(routes!(handlers::reprotect))
         .routes(routes!(handlers::failback))
         .routes(routes!(handlers::resync))
+        .routes(routes!(exports::create_export))
+        .routes(routes!(exports::list_exports))
+        .routes(routes!(exports::get_export, exports::remove_export))
         .routes(routes!(handlers::list_jobs))
         .routes(routes!(handlers::get_job))
         .routes(routes!(handlers::metrics))

@@ -25,6 +25,8 @@ impl Manager {
             "failback (its final sync applies every staged frame)",
         )?;
         self.check_job_room()?;
+        // The replicas are handed back to the original VM: exports of them end now.
+        self.drop_item_exports(&item);
         let job = self.jobs.create(JobKind::Failback, hex, "final sync")?;
         item.transition(Event::Start(Op::Failback), |r| {
             r.last_job = Some(job.id());

@@ -13,7 +13,9 @@ use super::error::OpError;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
 use super::materialize::{output_format, planned, point_choice, undo_pending};
-use super::model::{FailoverRequest, Materialized};
+use super::export_failover::Source;
+use super::exports::check_export_mode_request;
+use super::model::{DiskMode, FailoverRequest, Materialized};
 use super::state::{Event, Op};
 
 impl Manager {
@@ -29,6 +31,15 @@ impl Manager {
         let choice = point_choice(&request.point, true)?;
         if choice == PointChoice::Latest {
             refuse_if_apply_failed(&item, "failover to \"latest\"")?;
+        }
+        if request.mode == DiskMode::Export {
+            check_export_mode_request(None, request.format)?;
+            return self.failover_export(
+                item,
+                Source::Point(choice),
+                &request.target_dir,
+                request.source_shut_down,
+            );
         }
         self.check_job_room()?;
         if choice != PointChoice::Latest {

@@ -15,6 +15,7 @@ use engine::meta::MetaStore;
 
 use crate::dataport::PortHandle;
 use crate::db::ControlStore;
+use crate::exports::Exports;
 use crate::jobs::{Job, JobView, Jobs};
 use crate::options::ServeOptions;
 use crate::slots::{SlotError, SlotTable};
@@ -44,6 +45,8 @@ pub struct Manager {
     pub(crate) next_op: AtomicU64,
     pub(crate) stopping: AtomicBool,
     pub(crate) supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Live exports over NBD (the NBD server's catalog).
+    pub(crate) exports: Arc<Exports>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -106,9 +109,11 @@ impl Manager {
             next_op: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             supervisor: Mutex::new(None),
+            exports: Arc::new(Exports::default()),
         });
         manager.load_items()?;
         manager.recover()?;
+        manager.recover_exports()?;
         Ok(manager)
     }
 

@@ -261,6 +261,7 @@ pub(super) fn planned(
         target_dir_id: Some(file_identity(target.dir.id())),
         written: target.written(),
         export_id: None,
+        copy: None,
     }
 }
 

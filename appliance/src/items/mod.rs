@@ -48,6 +48,8 @@
 //!  materialize.rs what the disk-writing jobs share (target dirs, writing disks, undo)
 //!  enable.rs, test_failover.rs, failover.rs, change_point.rs, commit.rs, reprotect.rs,
 //!  failback.rs, resync.rs, disable.rs   one lifecycle operation each
+//!  exports.rs     exports of points over NBD: make, list, remove, serve again at start
+//!  export_failover.rs  failover in export mode and promote (the VM runs on the export)
 //!  paths.rs       request paths and disk sizes
 //!  sessions.rs    the data port's registry (ItemRegistry)
 //!  views.rs       what the API shows (items, slots, jobs, points, metrics)
@@ -58,6 +60,8 @@ mod commit;
 mod disable;
 mod enable;
 mod error;
+mod export_failover;
+mod exports;
 mod failback;
 mod failover;
 mod item;

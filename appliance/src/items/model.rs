@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 pub use appliance_api::model::{
-    ChangePointRequest, DiskOrigin, DiskSpec, DiskView, EnableRequest, Enabled, FailoverRequest,
-    FileIdentity, Format, ItemState, ItemView, MAX_NAME_CHARS, MaterializeRequest, Materialized,
-    PointSpec, Policy, PolicyRequest, Quarantine, ReprotectRequest, Role, SlotUse, SlotView,
+    ChangePointRequest, CopyState, DiskMode, DiskOrigin, DiskSpec, DiskView, EnableRequest,
+    Enabled, ExportMode, ExportPurpose, ExportRequest, ExportView, FailoverRequest, FileIdentity,
+    Format, ItemState, ItemView, MAX_NAME_CHARS, MaterializeRequest, Materialized, PointSpec,
+    Policy, PolicyRequest, PromoteRequest, Quarantine, ReprotectRequest, Role, SlotUse, SlotView,
     SlotsView, WrittenFile,
 };
 

@@ -55,8 +55,14 @@ pub enum Guard {
     NoTestDisks,
     /// A failover's disks are recorded (the job is a change point).
     FailoverDisks,
-    /// No failover's disks are recorded (the job is the failover).
+    /// Neither failover's nor test failover's disks are recorded (the job is the failover; a
+    /// promote keeps its test failover's record until it is done).
     NoFailoverDisks,
+    /// The test failover's disks are a drill served over NBD (export mode).
+    TestExport,
+    /// The failover's disks are all in its target files (always, but for a failover in
+    /// export mode whose copy has not finished).
+    FailoverCopied,
 }
 
 impl Guard {
@@ -71,7 +77,15 @@ impl Guard {
             Self::TestDisks => record.test_failover.is_some(),
             Self::NoTestDisks => record.test_failover.is_none(),
             Self::FailoverDisks => record.failover.is_some(),
-            Self::NoFailoverDisks => record.failover.is_none(),
+            Self::NoFailoverDisks => record.failover.is_none() && record.test_failover.is_none(),
+            Self::TestExport => record
+                .test_failover
+                .as_ref()
+                .is_some_and(|t| t.export_id.is_some()),
+            Self::FailoverCopied => record.failover.as_ref().is_none_or(|f| {
+                f.copy
+                    .is_none_or(|c| c == appliance_api::model::CopyState::Done)
+            }),
         }
     }
 }
@@ -99,7 +113,10 @@ const fn row(from: ItemState, guard: Guard, event: Event, to: ItemState) -> Tran
 }
 
 use Event::{Done, Failed, Interrupted, Start, Synchronized};
-use Guard::{AllDisksAttached, Always, FailoverDisks, NoFailoverDisks, NoTestDisks, TestDisks};
+use Guard::{
+    AllDisksAttached, Always, FailoverCopied, FailoverDisks, NoFailoverDisks, NoTestDisks,
+    TestDisks, TestExport,
+};
 use ItemState as S;
 
 /// The item lifecycle. Within a state, the `Start` rows are in the order the API lists the
@@ -143,6 +160,12 @@ pub const TRANSITIONS: &[Transition] = &[
         Start(Op::TestFailoverCleanup),
         S::Protected,
     ),
+    row(
+        S::TestFailover,
+        TestExport,
+        Start(Op::TestFailoverPromote),
+        S::FailingOver,
+    ),
     row(S::TestFailover, TestDisks, Start(Op::Disable), S::Disabled),
     row(
         S::TestFailover,
@@ -151,7 +174,15 @@ pub const TRANSITIONS: &[Transition] = &[
         S::Protected,
     ),
     row(S::TestFailover, NoTestDisks, Interrupted, S::Protected),
-    // Failover and change point share `failing_over`.
+    // Failover, change point and promote share `failing_over` (a promote keeps its test
+    // failover's record until it is done).
+    row(
+        S::FailingOver,
+        TestDisks,
+        Failed(Op::TestFailoverPromote),
+        S::TestFailover,
+    ),
+    row(S::FailingOver, TestDisks, Interrupted, S::TestFailover),
     row(S::FailingOver, Always, Done(Op::Failover), S::FailedOver),
     row(S::FailingOver, Always, Failed(Op::Failover), S::Protected),
     row(S::FailingOver, Always, Done(Op::ChangePoint), S::FailedOver),
@@ -169,7 +200,12 @@ pub const TRANSITIONS: &[Transition] = &[
         Start(Op::ChangePoint),
         S::FailingOver,
     ),
-    row(S::FailedOver, Always, Start(Op::Commit), S::Committed),
+    row(
+        S::FailedOver,
+        FailoverCopied,
+        Start(Op::Commit),
+        S::Committed,
+    ),
     row(S::FailedOver, Always, Start(Op::Disable), S::Disabled),
     row(S::Committed, Always, Start(Op::Reprotect), S::Reprotected),
     row(S::Committed, Always, Start(Op::Disable), S::Disabled),

@@ -1,7 +1,7 @@
 //! Unit tests of the lifecycle table: one per transition, per undo at start, per allowed list.
 
 use super::*;
-use crate::items::model::{DiskRecord, Format, Materialized, Policy, Role};
+use crate::items::model::{CopyState, DiskRecord, Format, Materialized, Policy, Role};
 
 const ALL_STATES: [ItemState; 13] = [
     S::InitialReplication,
@@ -19,9 +19,10 @@ const ALL_STATES: [ItemState; 13] = [
     S::Quarantined,
 ];
 
-const ALL_OPS: [Op; 9] = [
+const ALL_OPS: [Op; 10] = [
     Op::TestFailover,
     Op::TestFailoverCleanup,
+    Op::TestFailoverPromote,
     Op::Failover,
     Op::ChangePoint,
     Op::Commit,
@@ -60,6 +61,7 @@ fn disks_at_a_point() -> Materialized {
         target_dir_id: None,
         written: Vec::new(),
         export_id: None,
+        copy: None,
     }
 }
 
@@ -103,6 +105,25 @@ fn with_test_disks(mut record: ItemRecord) -> ItemRecord {
 
 fn with_failover_disks(mut record: ItemRecord) -> ItemRecord {
     record.failover = Some(disks_at_a_point());
+    record
+}
+
+/// A test failover in export mode: a drill served over NBD.
+fn with_test_export(mut record: ItemRecord) -> ItemRecord {
+    record.test_failover = Some(Materialized {
+        export_id: Some("ab".repeat(16)),
+        ..disks_at_a_point()
+    });
+    record
+}
+
+/// A failover in export mode whose copy into the target files is `copy`.
+fn with_failover_export(mut record: ItemRecord, copy: CopyState) -> ItemRecord {
+    record.failover = Some(Materialized {
+        export_id: Some("cd".repeat(16)),
+        copy: Some(copy),
+        ..disks_at_a_point()
+    });
     record
 }
 
@@ -310,6 +331,51 @@ fn failing_back_failed_undo() {
 }
 
 #[test]
+fn test_failover_promote_of_a_drill() {
+    assert_step(
+        with_test_export(record(S::TestFailover)),
+        Start(Op::TestFailoverPromote),
+        S::FailingOver,
+    );
+    // A test failover in copy mode has no drill to promote.
+    assert_no_step(
+        with_test_disks(record(S::TestFailover)),
+        Start(Op::TestFailoverPromote),
+    );
+}
+
+#[test]
+fn failing_over_promote_failed_undo() {
+    assert_step(
+        with_test_export(record(S::FailingOver)),
+        Failed(Op::TestFailoverPromote),
+        S::TestFailover,
+    );
+}
+
+#[test]
+fn at_start_undoes_a_promote_to_the_test_failover() {
+    let promoting = with_test_export(record(S::FailingOver));
+    assert_eq!(at_start(&promoting), AtStart::Undo { to: S::TestFailover });
+    assert_step(promoting, Interrupted, S::TestFailover);
+}
+
+#[test]
+fn commit_waits_for_an_export_failovers_copy() {
+    for copy in [CopyState::Copying, CopyState::Failed] {
+        assert_no_step(
+            with_failover_export(record(S::FailedOver), copy),
+            Start(Op::Commit),
+        );
+    }
+    assert_step(
+        with_failover_export(record(S::FailedOver), CopyState::Done),
+        Start(Op::Commit),
+        S::Committed,
+    );
+}
+
+#[test]
 fn failed_back_disable() {
     assert_step(record(S::FailedBack), Start(Op::Disable), S::Disabled);
 }
@@ -349,7 +415,7 @@ fn a_failed_resync_after_disable_is_no_step() {
 #[test]
 fn every_row_is_tested_above_and_nothing_else_is_a_step() {
     // The rows, as listed in the tests above (a new row needs a test and an entry here).
-    let tested = 33;
+    let tested = 36;
     assert_eq!(TRANSITIONS.len(), tested, "a row without its test");
     // Every (state, guard, event) not in the table is refused.
     let variants = |state| {
@@ -358,6 +424,8 @@ fn every_row_is_tested_above_and_nothing_else_is_a_step() {
             with_attached_disks(record(state)),
             with_test_disks(record(state)),
             with_failover_disks(record(state)),
+            with_test_export(record(state)),
+            with_failover_export(record(state), CopyState::Copying),
         ]
     };
     for state in ALL_STATES {
@@ -387,6 +455,8 @@ fn rows_are_unambiguous() {
                     with_attached_disks(record(a.from)),
                     with_test_disks(record(a.from)),
                     with_failover_disks(record(a.from)),
+                    with_test_export(record(a.from)),
+                    with_failover_export(record(a.from), CopyState::Copying),
                 ] {
                     assert!(!both(&record), "{a:?} and {b:?} both apply");
                 }
@@ -426,6 +496,10 @@ fn allowed_in_test_failover() {
     assert_eq!(
         names(&with_test_disks(record(S::TestFailover))),
         ["test-failover-cleanup", "disable"]
+    );
+    assert_eq!(
+        names(&with_test_export(record(S::TestFailover))),
+        ["test-failover-cleanup", "test-failover-promote", "disable"]
     );
 }
 

@@ -1,0 +1,151 @@
+//! Exports: recovery points served over NBD. The registry of live exports (by id, and by the
+//! secret NBD name of each disk) that the NBD server looks names up in; the durable record of
+//! each export (`record.rs`); the adapter from an engine export disk to an NBD export
+//! (`nbd.rs`). What an export reads and writes is the engine's (`engine::export`); which
+//! exports exist and when is the item manager's (`items/exports.rs`).
+
+mod nbd;
+mod record;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use appliance_api::model::{ExportDiskView, ExportView};
+
+pub(crate) use nbd::{MAX_REQUEST_BYTES, NbdDisk};
+pub(crate) use record::ExportRecord;
+
+/// A live export: its record and its disks, in disk order.
+#[derive(Debug)]
+pub(crate) struct Live {
+    /// What is stored of it (changed by a failover's copy).
+    pub(crate) record: Mutex<ExportRecord>,
+    /// One per disk of the item.
+    pub(crate) disks: Vec<Arc<NbdDisk>>,
+}
+
+impl Live {
+    /// Its record now.
+    pub(crate) fn record(&self) -> MutexGuard<'_, ExportRecord> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_id: BTreeMap<[u8; 16], Arc<Live>>,
+    by_name: HashMap<String, Arc<NbdDisk>>,
+}
+
+/// Every live export; the NBD server's catalog.
+#[derive(Debug, Default)]
+pub(crate) struct Exports {
+    table: Mutex<Table>,
+    /// The NBD server's address, for the URIs (set once it listens).
+    addr: OnceLock<SocketAddr>,
+}
+
+impl Exports {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records where the NBD server listens.
+    pub(crate) fn set_addr(&self, addr: SocketAddr) {
+        let _ = self.addr.set(addr);
+    }
+
+    /// Serves `live` under its names from now on.
+    pub(crate) fn insert(&self, id: [u8; 16], live: Arc<Live>) {
+        let names = live.record().names.clone();
+        let mut table = self.table();
+        for (name, disk) in names.into_iter().zip(&live.disks) {
+            table.by_name.insert(name, disk.clone());
+        }
+        table.by_id.insert(id, live);
+    }
+
+    /// Stops serving export `id`: its names are forgotten and its disks closed (clients get
+    /// `ESHUTDOWN` and are disconnected). Returns it.
+    pub(crate) fn remove(&self, id: &[u8; 16]) -> Option<Arc<Live>> {
+        let live = {
+            let mut table = self.table();
+            let live = table.by_id.remove(id)?;
+            for name in &live.record().names {
+                table.by_name.remove(name);
+            }
+            live
+        };
+        for disk in &live.disks {
+            disk.close();
+        }
+        Some(live)
+    }
+
+    /// Export `id`.
+    pub(crate) fn get(&self, id: &[u8; 16]) -> Option<Arc<Live>> {
+        self.table().by_id.get(id).cloned()
+    }
+
+    /// Every export, by id.
+    pub(crate) fn all(&self) -> Vec<([u8; 16], Arc<Live>)> {
+        self.table()
+            .by_id
+            .iter()
+            .map(|(id, live)| (*id, live.clone()))
+            .collect()
+    }
+
+    /// The exports of item `item_hex`.
+    pub(crate) fn of_item(&self, item_hex: &str) -> Vec<([u8; 16], Arc<Live>)> {
+        self.all()
+            .into_iter()
+            .filter(|(_, live)| live.record().item == item_hex)
+            .collect()
+    }
+
+    /// What the API shows of `live`.
+    pub(crate) fn view(&self, live: &Live) -> ExportView {
+        let record = live.record().clone();
+        let host = self
+            .addr
+            .get()
+            .map_or_else(|| "(NBD server not started)".to_owned(), |a| a.to_string());
+        ExportView {
+            id: record.id.clone(),
+            item: record.item.clone(),
+            purpose: record.purpose,
+            mode: record.mode,
+            point_id: record.point_id,
+            created_ns: record.created_ns,
+            disks: live
+                .disks
+                .iter()
+                .zip(&record.names)
+                .enumerate()
+                .map(|(index, (disk, name))| ExportDiskView {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    size_bytes: disk.size_bytes_now(),
+                    uri: format!("nbd://{host}/{name}"),
+                    written_bytes: disk.written_bytes(),
+                })
+                .collect(),
+            // Each connection holds its disk; the table holds each twice (by name, in `live`).
+            connections: live
+                .disks
+                .iter()
+                .map(|d| Arc::strong_count(d).saturating_sub(2))
+                .max()
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            copy: record.copy,
+        }
+    }
+}
+
+impl nbd_server::Catalog for Exports {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn nbd_server::Export>> {
+        let disk = self.table().by_name.get(name).cloned()?;
+        Some(disk)
+    }
+}
