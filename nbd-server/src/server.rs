@@ -220,8 +220,17 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         }
         next_id += 1;
         let id = next_id;
-        if let Ok(clone) = stream.try_clone() {
-            lock(&shared.conns).insert(id, clone);
+        // Without a handle for stop to shut down, the connection is not served.
+        match stream.try_clone() {
+            Ok(clone) => {
+                lock(&shared.conns).insert(id, clone);
+            }
+            Err(_) => {
+                end_handshake(shared, ip);
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.shutdown(Shutdown::Both);
+                continue;
+            }
         }
         let worker = Arc::clone(shared);
         let spawned = std::thread::Builder::new()

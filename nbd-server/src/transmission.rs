@@ -327,6 +327,8 @@ fn block_status<S: Write>(
         return Ok(Err(io_refusal("block status", &e)));
     }
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    // The reply fits the connection's buffer bound (max payload + header) and the spec's 2^20.
+    let max_descriptors = (n.max_payload_bytes as usize / 8).clamp(1, MAX_EXTENTS_PER_REPLY);
     // Descriptors go straight into buf after the chunk header and context id.
     let start = CHUNK_HEADER_BYTES + 4;
     let mut used = start;
@@ -364,7 +366,7 @@ fn block_status<S: Write>(
                 continue;
             }
         }
-        if req_one && count == 1 || count == MAX_EXTENTS_PER_REPLY {
+        if req_one && count == 1 || count == max_descriptors {
             break;
         }
         let d = &mut ensure(buf, used + 8)[used..];

@@ -341,9 +341,19 @@ fn status_of(
     flags: u16,
     length: u32,
 ) -> Result<Vec<(u32, u32)>, u32> {
+    status_with(Limits::default(), size_bytes, list, flags, length)
+}
+
+fn status_with(
+    limits: Limits,
+    size_bytes: u64,
+    list: Vec<crate::Extent>,
+    flags: u16,
+    length: u32,
+) -> Result<Vec<(u32, u32)>, u32> {
     let cat =
         Arc::new(MemoryCatalog::new(false).with("disk", Arc::new(Extents { size_bytes, list })));
-    let mut raw = Raw::start(cat, Limits::default()).flags(1);
+    let mut raw = Raw::start(cat, limits).flags(1);
     raw.structured();
     assert_eq!(raw.set_meta("disk", &["base:allocation"]).len(), 2);
     let r = raw.ask(OPT_GO, &go_data("disk", &[]));
@@ -414,4 +424,19 @@ fn block_status_clamps_huge_extents_to_32_bits() {
 fn block_status_from_a_broken_export_is_eio() {
     assert_eq!(status_of(SIZE, vec![], 0, 4096), Err(EIO));
     assert_eq!(status_of(SIZE, vec![ext(0, true)], 0, 4096), Err(EIO));
+}
+
+#[test]
+fn block_status_reply_stays_within_the_request_limit() {
+    let list: Vec<_> = (0..2000).map(|i| ext(512, i % 2 == 0)).collect();
+    let limits = Limits {
+        max_request_bytes: 4096,
+        ..Limits::default()
+    };
+    let got = status_with(limits, SIZE, list, 0, 1 << 20).unwrap();
+    assert_eq!(
+        got.len(),
+        512,
+        "4096-byte payload limit / 8 bytes per descriptor"
+    );
 }
