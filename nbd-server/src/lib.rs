@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use handshake::Negotiated;
 pub use server::{Server, ServerConfig, Stats};
 
 /// The block sizes advertised in `NBD_INFO_BLOCK_SIZE`. `minimum_bytes` is enforced: requests

@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::handshake::{Negotiated, discard, truncate_str};
+use crate::handshake::Negotiated;
 use crate::proto::*;
 use crate::{Counters, Extent, SessionEnd, SessionError};
 
