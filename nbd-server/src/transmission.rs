@@ -77,17 +77,18 @@ enum Reply {
 /// Reads one request header; None when the client closed the stream before its first byte.
 fn read_request<S: Read>(stream: &mut S) -> Result<Option<Request>, SessionError> {
     let mut h = [0u8; REQUEST_HEADER_BYTES];
-    let first = loop {
-        match stream.read(&mut h[..1]) {
+    // One read usually brings the whole header; the rest (if any) is read exactly.
+    let got = loop {
+        match stream.read(&mut h) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
     };
-    if first == 0 {
+    if got == 0 {
         return Ok(None);
     }
-    stream.read_exact(&mut h[1..])?;
+    stream.read_exact(&mut h[got..])?;
     let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
     if magic != REQUEST_MAGIC {
         return Err(SessionError::Protocol(format!(
