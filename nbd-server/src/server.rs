@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::handshake::{self, Outcome};
-use crate::{Catalog, Counters, DEFAULT_HANDSHAKE_TIMEOUT, Limits, SessionEnd, transmission};
+use crate::{Catalog, Counters, DEFAULT_HANDSHAKE_TIMEOUT, Limits, transmission};
 
 /// Where and how much the server serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +251,10 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 }
 
 fn end_handshake(shared: &Shared, ip: IpAddr) {
-    let mut g = lock(&shared.gauges);
+    release_handshake(&mut lock(&shared.gauges), ip);
+}
+
+fn release_handshake(g: &mut Gauges, ip: IpAddr) {
     g.handshaking = g.handshaking.saturating_sub(1);
     if let Some(n) = g.per_ip.get_mut(&ip) {
         *n = n.saturating_sub(1);
@@ -310,21 +313,19 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
         let mut g = lock(&shared.gauges);
         if shared.stopping.load(Ordering::SeqCst) || g.established >= shared.config.max_connections
         {
+            // Counted before the client hears the refusal.
+            shared.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        // From handshaking to established in one step, before the client hears the ACK.
+        // From handshaking to established under one lock, before the client hears the ACK.
         g.established += 1;
-        drop(g);
-        end_handshake(shared, ip);
+        release_handshake(&mut g, ip);
         admitted = true;
         true
     };
     let outcome = handshake::negotiate(&mut s, shared.catalog.as_ref(), &limits, &mut admit);
     if !admitted {
         end_handshake(shared, ip);
-    }
-    if let Ok(Outcome::Ended(SessionEnd::Refused)) = outcome {
-        shared.refused.fetch_add(1, Ordering::Relaxed);
     }
     if let Ok(Outcome::Transmit(negotiated)) = outcome {
         s.deadline = None;

@@ -358,6 +358,12 @@ fn status_with(
     assert_eq!(raw.set_meta("disk", &["base:allocation"]).len(), 2);
     let r = raw.ask(OPT_GO, &go_data("disk", &[]));
     assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let flags_sent = u16::from_be_bytes(r[0].data[10..12].try_into().unwrap());
+    assert_eq!(
+        flags_sent & FLAG_CAN_MULTI_CONN,
+        0,
+        "multi_conn() is false by default"
+    );
     raw.request(flags, CMD_BLOCK_STATUS, 1, 0, length);
     let c = raw.chunk();
     if c.kind == REPLY_TYPE_ERROR {

@@ -65,6 +65,7 @@ fn sessions_beyond_max_connections_are_refused_at_go() {
     handshake(&mut a).unwrap();
     let mut b = TcpStream::connect(server.local_addr()).unwrap();
     assert_eq!(handshake(&mut b), Err(REP_ERR_SHUTDOWN));
+    assert_eq!(server.stats().refused, 1);
     drop(a);
     drop(b);
     server.stop();
