@@ -72,12 +72,18 @@ struct Shared {
     catalog: Arc<dyn Catalog>,
     stopping: AtomicBool,
     gauges: Mutex<Gauges>,
-    /// Every open connection (a clone of its socket) so stop can shut it down.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Every open connection (a clone of its socket and, once in transmission, its export's
+    /// name) so stop and disconnect can shut it down.
+    conns: Mutex<HashMap<u64, Conn>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     connections_total: AtomicU64,
     refused: AtomicU64,
     counters: Counters,
+}
+
+struct Conn {
+    socket: TcpStream,
+    export: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +160,18 @@ impl Server {
         }
     }
 
+    /// Shuts down every session on the export `name` (idle ones included: a removed export
+    /// should not keep connections open until their next request). Returns how many.
+    pub fn disconnect(&self, name: &str) -> usize {
+        let conns = lock(&self.shared.conns);
+        let mut n = 0;
+        for conn in conns.values().filter(|c| c.export.as_deref() == Some(name)) {
+            let _ = conn.socket.shutdown(Shutdown::Both);
+            n += 1;
+        }
+        n
+    }
+
     /// Closes the listener and every connection, and joins every thread.
     pub fn stop(mut self) {
         self.stop_inner();
@@ -170,7 +188,7 @@ impl Server {
             let _ = t.join();
         }
         for (_, conn) in lock(&self.shared.conns).drain() {
-            let _ = conn.shutdown(Shutdown::Both);
+            let _ = conn.socket.shutdown(Shutdown::Both);
         }
         let threads = std::mem::take(&mut *lock(&self.shared.threads));
         for t in threads {
@@ -223,7 +241,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         // Without a handle for stop to shut down, the connection is not served.
         match stream.try_clone() {
             Ok(clone) => {
-                lock(&shared.conns).insert(id, clone);
+                lock(&shared.conns).insert(
+                    id,
+                    Conn {
+                        socket: clone,
+                        export: None,
+                    },
+                );
             }
             Err(_) => {
                 end_handshake(shared, ip);
@@ -328,6 +352,9 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
         end_handshake(shared, ip);
     }
     if let Ok(Outcome::Transmit(negotiated)) = outcome {
+        if let Some(conn) = lock(&shared.conns).get_mut(&id) {
+            conn.export = Some(negotiated.name.clone());
+        }
         s.deadline = None;
         let _ = s.stream.set_read_timeout(None);
         let _ = s.stream.set_write_timeout(None);
