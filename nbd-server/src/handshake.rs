@@ -448,26 +448,3 @@ fn reply<S: Write>(stream: &mut S, option: u32, kind: u32, data: &[u8]) -> io::R
     stream.write_all(&out)?;
     stream.flush()
 }
-
-/// Reads and drops `n` bytes through a small stack buffer.
-pub(crate) fn discard<S: Read>(stream: &mut S, mut n: u64) -> io::Result<()> {
-    let mut sink = [0u8; 4096];
-    while n > 0 {
-        let take = n.min(sink.len() as u64) as usize;
-        stream.read_exact(&mut sink[..take])?;
-        n -= take as u64;
-    }
-    Ok(())
-}
-
-/// The longest prefix of `s` that fits `max_bytes` and ends on a character boundary.
-pub(crate) fn truncate_str(s: &str, max_bytes: usize) -> &str {
-    if s.len() <= max_bytes {
-        return s;
-    }
-    let mut end = max_bytes;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use handshake::Negotiated;
 pub use server::{Server, ServerConfig, Stats};
 
 /// The block sizes advertised in `NBD_INFO_BLOCK_SIZE`. `minimum_bytes` is enforced: requests
@@ -144,10 +143,10 @@ pub enum SessionError {
 
 /// Counters one connection adds to (shared by every connection of a [`Server`]).
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub requests: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub written_bytes: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) read_bytes: AtomicU64,
+    pub(crate) written_bytes: AtomicU64,
 }
 
 impl Counters {

@@ -1,4 +1,6 @@
-//! The NBD wire constants (doc/proto.md of NetworkBlockDevice/nbd) and big-endian field readers.
+//! The NBD wire constants (doc/proto.md of NetworkBlockDevice/nbd) and the wire helpers.
+
+use std::io::{self, Read};
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -151,6 +153,29 @@ impl<'a> Fields<'a> {
         }
         Ok(s)
     }
+}
+
+/// Reads and drops `n` bytes through a small stack buffer.
+pub fn discard<S: Read>(stream: &mut S, mut n: u64) -> io::Result<()> {
+    let mut sink = [0u8; 4096];
+    while n > 0 {
+        let take = n.min(sink.len() as u64) as usize;
+        stream.read_exact(&mut sink[..take])?;
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// The longest prefix of `s` that fits `max_bytes` and ends on a character boundary.
+pub fn truncate_str(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Maps an export's I/O error to the NBD error value (doc/proto.md "Error values").

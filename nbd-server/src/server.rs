@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::handshake::{self, Outcome};
-use crate::{Catalog, Counters, DEFAULT_HANDSHAKE_TIMEOUT, Limits, SessionEnd, transmission};
+use crate::{Catalog, Counters, DEFAULT_HANDSHAKE_TIMEOUT, Limits, transmission};
 
 /// Where and how much the server serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,12 +72,18 @@ struct Shared {
     catalog: Arc<dyn Catalog>,
     stopping: AtomicBool,
     gauges: Mutex<Gauges>,
-    /// Every open connection (a clone of its socket) so stop can shut it down.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Every open connection (a clone of its socket and, once in transmission, its export's
+    /// name) so stop and disconnect can shut it down.
+    conns: Mutex<HashMap<u64, Conn>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     connections_total: AtomicU64,
     refused: AtomicU64,
     counters: Counters,
+}
+
+struct Conn {
+    socket: TcpStream,
+    export: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +160,18 @@ impl Server {
         }
     }
 
+    /// Shuts down every session on the export `name` (idle ones included: a removed export
+    /// should not keep connections open until their next request). Returns how many.
+    pub fn disconnect(&self, name: &str) -> usize {
+        let conns = lock(&self.shared.conns);
+        let mut n = 0;
+        for conn in conns.values().filter(|c| c.export.as_deref() == Some(name)) {
+            let _ = conn.socket.shutdown(Shutdown::Both);
+            n += 1;
+        }
+        n
+    }
+
     /// Closes the listener and every connection, and joins every thread.
     pub fn stop(mut self) {
         self.stop_inner();
@@ -170,7 +188,7 @@ impl Server {
             let _ = t.join();
         }
         for (_, conn) in lock(&self.shared.conns).drain() {
-            let _ = conn.shutdown(Shutdown::Both);
+            let _ = conn.socket.shutdown(Shutdown::Both);
         }
         let threads = std::mem::take(&mut *lock(&self.shared.threads));
         for t in threads {
@@ -220,8 +238,23 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         }
         next_id += 1;
         let id = next_id;
-        if let Ok(clone) = stream.try_clone() {
-            lock(&shared.conns).insert(id, clone);
+        // Without a handle for stop to shut down, the connection is not served.
+        match stream.try_clone() {
+            Ok(clone) => {
+                lock(&shared.conns).insert(
+                    id,
+                    Conn {
+                        socket: clone,
+                        export: None,
+                    },
+                );
+            }
+            Err(_) => {
+                end_handshake(shared, ip);
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.shutdown(Shutdown::Both);
+                continue;
+            }
         }
         let worker = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
@@ -242,7 +275,10 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 }
 
 fn end_handshake(shared: &Shared, ip: IpAddr) {
-    let mut g = lock(&shared.gauges);
+    release_handshake(&mut lock(&shared.gauges), ip);
+}
+
+fn release_handshake(g: &mut Gauges, ip: IpAddr) {
     g.handshaking = g.handshaking.saturating_sub(1);
     if let Some(n) = g.per_ip.get_mut(&ip) {
         *n = n.saturating_sub(1);
@@ -301,12 +337,13 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
         let mut g = lock(&shared.gauges);
         if shared.stopping.load(Ordering::SeqCst) || g.established >= shared.config.max_connections
         {
+            // Counted before the client hears the refusal.
+            shared.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        // From handshaking to established in one step, before the client hears the ACK.
+        // From handshaking to established under one lock, before the client hears the ACK.
         g.established += 1;
-        drop(g);
-        end_handshake(shared, ip);
+        release_handshake(&mut g, ip);
         admitted = true;
         true
     };
@@ -314,10 +351,10 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
     if !admitted {
         end_handshake(shared, ip);
     }
-    if let Ok(Outcome::Ended(SessionEnd::Refused)) = outcome {
-        shared.refused.fetch_add(1, Ordering::Relaxed);
-    }
     if let Ok(Outcome::Transmit(negotiated)) = outcome {
+        if let Some(conn) = lock(&shared.conns).get_mut(&id) {
+            conn.export = Some(negotiated.name.clone());
+        }
         s.deadline = None;
         let _ = s.stream.set_read_timeout(None);
         let _ = s.stream.set_write_timeout(None);

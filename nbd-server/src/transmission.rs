@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::handshake::{Negotiated, discard, truncate_str};
+use crate::handshake::Negotiated;
 use crate::proto::*;
 use crate::{Counters, Extent, SessionEnd, SessionError};
 
@@ -77,17 +77,18 @@ enum Reply {
 /// Reads one request header; None when the client closed the stream before its first byte.
 fn read_request<S: Read>(stream: &mut S) -> Result<Option<Request>, SessionError> {
     let mut h = [0u8; REQUEST_HEADER_BYTES];
-    let first = loop {
-        match stream.read(&mut h[..1]) {
+    // One read usually brings the whole header; the rest (if any) is read exactly.
+    let got = loop {
+        match stream.read(&mut h) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
     };
-    if first == 0 {
+    if got == 0 {
         return Ok(None);
     }
-    stream.read_exact(&mut h[1..])?;
+    stream.read_exact(&mut h[got..])?;
     let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
     if magic != REQUEST_MAGIC {
         return Err(SessionError::Protocol(format!(
@@ -327,6 +328,8 @@ fn block_status<S: Write>(
         return Ok(Err(io_refusal("block status", &e)));
     }
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    // The reply fits the connection's buffer bound (max payload + header) and the spec's 2^20.
+    let max_descriptors = (n.max_payload_bytes as usize / 8).clamp(1, MAX_EXTENTS_PER_REPLY);
     // Descriptors go straight into buf after the chunk header and context id.
     let start = CHUNK_HEADER_BYTES + 4;
     let mut used = start;
@@ -364,7 +367,7 @@ fn block_status<S: Write>(
                 continue;
             }
         }
-        if req_one && count == 1 || count == MAX_EXTENTS_PER_REPLY {
+        if req_one && count == 1 || count == max_descriptors {
             break;
         }
         let d = &mut ensure(buf, used + 8)[used..];

@@ -341,13 +341,29 @@ fn status_of(
     flags: u16,
     length: u32,
 ) -> Result<Vec<(u32, u32)>, u32> {
+    status_with(Limits::default(), size_bytes, list, flags, length)
+}
+
+fn status_with(
+    limits: Limits,
+    size_bytes: u64,
+    list: Vec<crate::Extent>,
+    flags: u16,
+    length: u32,
+) -> Result<Vec<(u32, u32)>, u32> {
     let cat =
         Arc::new(MemoryCatalog::new(false).with("disk", Arc::new(Extents { size_bytes, list })));
-    let mut raw = Raw::start(cat, Limits::default()).flags(1);
+    let mut raw = Raw::start(cat, limits).flags(1);
     raw.structured();
     assert_eq!(raw.set_meta("disk", &["base:allocation"]).len(), 2);
     let r = raw.ask(OPT_GO, &go_data("disk", &[]));
     assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let flags_sent = u16::from_be_bytes(r[0].data[10..12].try_into().unwrap());
+    assert_eq!(
+        flags_sent & FLAG_CAN_MULTI_CONN,
+        0,
+        "multi_conn() is false by default"
+    );
     raw.request(flags, CMD_BLOCK_STATUS, 1, 0, length);
     let c = raw.chunk();
     if c.kind == REPLY_TYPE_ERROR {
@@ -414,4 +430,19 @@ fn block_status_clamps_huge_extents_to_32_bits() {
 fn block_status_from_a_broken_export_is_eio() {
     assert_eq!(status_of(SIZE, vec![], 0, 4096), Err(EIO));
     assert_eq!(status_of(SIZE, vec![ext(0, true)], 0, 4096), Err(EIO));
+}
+
+#[test]
+fn block_status_reply_stays_within_the_request_limit() {
+    let list: Vec<_> = (0..2000).map(|i| ext(512, i % 2 == 0)).collect();
+    let limits = Limits {
+        max_request_bytes: 4096,
+        ..Limits::default()
+    };
+    let got = status_with(limits, SIZE, list, 0, 1 << 20).unwrap();
+    assert_eq!(
+        got.len(),
+        512,
+        "4096-byte payload limit / 8 bytes per descriptor"
+    );
 }

@@ -65,6 +65,7 @@ fn sessions_beyond_max_connections_are_refused_at_go() {
     handshake(&mut a).unwrap();
     let mut b = TcpStream::connect(server.local_addr()).unwrap();
     assert_eq!(handshake(&mut b), Err(REP_ERR_SHUTDOWN));
+    assert_eq!(server.stats().refused, 1);
     drop(a);
     drop(b);
     server.stop();
@@ -143,4 +144,63 @@ fn stop_closes_established_sessions_and_counts() {
     assert_eq!((stats.requests, stats.read_bytes), (1, 512));
     server.stop();
     assert!(closed_by_server(&mut s));
+}
+
+#[test]
+fn disconnect_shuts_down_the_sessions_of_one_export() {
+    let export = mem(false);
+    let cat = Arc::new(
+        MemoryCatalog::new(false)
+            .with("disk", export.clone())
+            .with("other", export),
+    );
+    let server = Server::start(config(), cat).unwrap();
+    let mut a = TcpStream::connect(server.local_addr()).unwrap();
+    handshake(&mut a).unwrap();
+    let mut b = TcpStream::connect(server.local_addr()).unwrap();
+    let mut hello = [0u8; 18];
+    b.read_exact(&mut hello).unwrap();
+    b.write_all(&1u32.to_be_bytes()).unwrap();
+    let d = go_data("other", &[]);
+    let mut out = Vec::new();
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&OPT_GO.to_be_bytes());
+    out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    out.extend_from_slice(&d);
+    b.write_all(&out).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        b.read_exact(&mut h).unwrap();
+        let mut data = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        b.read_exact(&mut data).unwrap();
+        if u32::from_be_bytes(h[12..16].try_into().unwrap()) == REP_ACK {
+            break;
+        }
+    }
+    // The session's export name is recorded just after the ACK: a FLUSH round trip orders it.
+    flush_round_trip(&mut a);
+    flush_round_trip(&mut b);
+    assert_eq!(server.disconnect("disk"), 1);
+    assert!(closed_by_server(&mut a));
+    assert_eq!(server.disconnect("nope"), 0);
+    // b (on "other") still works.
+    flush_round_trip(&mut b);
+    server.stop();
+}
+
+/// A FLUSH and its (successful, simple) reply.
+fn flush_round_trip(s: &mut TcpStream) {
+    let mut req = Vec::new();
+    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&CMD_FLUSH.to_be_bytes());
+    req.extend_from_slice(&[0u8; 20]);
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "flush failed"
+    );
 }
