@@ -273,7 +273,10 @@ impl Client {
     /// `POST /v1/items/{id}/test-failover/promote`: the test failover's drill becomes the
     /// failover, keeping its writes.
     pub fn promote(&self, id: &str, request: &PromoteRequest) -> Result<JobView, Error> {
-        self.post(&format!("/v1/items/{id}/test-failover/promote"), Some(request))
+        self.post(
+            &format!("/v1/items/{id}/test-failover/promote"),
+            Some(request),
+        )
     }
 
     /// `POST /v1/items/{id}/exports`: a recovery point served over NBD.

@@ -146,7 +146,7 @@ pub fn serve(data_dir: &Path, options: ServeOptions) -> anyhow::Result<()> {
         manager.nbd_catalog(),
     )
     .with_context(|| format!("starting the NBD server on {nbd_addr}"))?;
-    manager.set_nbd_addr(nbd.local_addr());
+    manager.set_nbd_server(&nbd);
     let api = ApiServer::start(
         api_addr,
         ApiConfig {

@@ -44,6 +44,8 @@ pub(crate) struct Exports {
     table: Mutex<Table>,
     /// The NBD server's address, for the URIs (set once it listens).
     addr: OnceLock<SocketAddr>,
+    /// Ends the sessions of a removed export at once (idle ones too).
+    disconnector: OnceLock<nbd_server::Disconnector>,
 }
 
 impl Exports {
@@ -51,9 +53,10 @@ impl Exports {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records where the NBD server listens.
-    pub(crate) fn set_addr(&self, addr: SocketAddr) {
+    /// Records where the NBD server listens, and how to end an export's sessions.
+    pub(crate) fn set_server(&self, addr: SocketAddr, disconnector: nbd_server::Disconnector) {
         let _ = self.addr.set(addr);
+        let _ = self.disconnector.set(disconnector);
     }
 
     /// Serves `live` under its names from now on.
@@ -79,6 +82,11 @@ impl Exports {
         };
         for disk in &live.disks {
             disk.close();
+        }
+        if let Some(disconnector) = self.disconnector.get() {
+            for name in &live.record().names {
+                disconnector.disconnect(name);
+            }
         }
         Some(live)
     }

@@ -185,8 +185,8 @@ fn serve_with_nofile(data: &std::path::Path, soft: u64, hard: u64) -> std::proce
         "--data-addr",
         "127.0.0.1:0",
         "--nbd-addr",
-            "127.0.0.1:0",
-            "--api-addr",
+        "127.0.0.1:0",
+        "--api-addr",
         "127.0.0.1:0",
     ]);
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.

@@ -11,8 +11,8 @@ fn serve(data: &std::path::Path, data_addr: &str, api_addr: &str) -> Command {
         "--data-addr",
         data_addr,
         "--nbd-addr",
-            "127.0.0.1:0",
-            "--api-addr",
+        "127.0.0.1:0",
+        "--api-addr",
         api_addr,
     ]);
     command

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use server::{Server, ServerConfig, Stats};
+pub use server::{Disconnector, Server, ServerConfig, Stats};
 
 /// The block sizes advertised in `NBD_INFO_BLOCK_SIZE`. `minimum_bytes` is enforced: requests
 /// whose offset or length is not a multiple of it are refused with `NBD_EINVAL`.

@@ -98,6 +98,32 @@ pub struct Server {
     accept: Option<JoinHandle<()>>,
 }
 
+/// Disconnects the sessions of an export (see [`Server::disconnect`]); cheap to clone, valid
+/// after the server stopped (it then finds no sessions).
+#[derive(Clone)]
+pub struct Disconnector {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Disconnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disconnector").finish_non_exhaustive()
+    }
+}
+
+impl Disconnector {
+    /// Shuts down every session on the export `name`. Returns how many.
+    pub fn disconnect(&self, name: &str) -> usize {
+        let conns = lock(&self.shared.conns);
+        let mut n = 0;
+        for conn in conns.values().filter(|c| c.export.as_deref() == Some(name)) {
+            let _ = conn.socket.shutdown(Shutdown::Both);
+            n += 1;
+        }
+        n
+    }
+}
+
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
@@ -163,13 +189,14 @@ impl Server {
     /// Shuts down every session on the export `name` (idle ones included: a removed export
     /// should not keep connections open until their next request). Returns how many.
     pub fn disconnect(&self, name: &str) -> usize {
-        let conns = lock(&self.shared.conns);
-        let mut n = 0;
-        for conn in conns.values().filter(|c| c.export.as_deref() == Some(name)) {
-            let _ = conn.socket.shutdown(Shutdown::Both);
-            n += 1;
+        self.disconnector().disconnect(name)
+    }
+
+    /// A handle that disconnects an export's sessions, for the owner of the catalog.
+    pub fn disconnector(&self) -> Disconnector {
+        Disconnector {
+            shared: self.shared.clone(),
         }
-        n
     }
 
     /// Closes the listener and every connection, and joins every thread.

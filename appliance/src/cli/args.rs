@@ -257,7 +257,12 @@ pub enum ClientCommand {
         #[arg(long, value_parser = parse_point, value_name = "POINT")]
         point: PointSpec,
         /// New directory for the disk images.
-        #[arg(long = "target", value_name = "DIR", required_unless_present = "export", conflicts_with = "export")]
+        #[arg(
+            long = "target",
+            value_name = "DIR",
+            required_unless_present = "export",
+            conflicts_with = "export"
+        )]
         target: Option<PathBuf>,
         /// Serve the disks over NBD at once (a writable drill) instead of copying them.
         #[arg(long)]
@@ -318,7 +323,9 @@ pub enum ClientCommand {
     ///
     /// Replication stops; the drill's export goes on serving the VM without a break while a
     /// job copies its point and its writes into --target; then `commit`.
-    #[command(after_long_help = "Example:\n  appliance promote web-01 --target /srv/restore/web-01 --source-shut-down --wait")]
+    #[command(
+        after_long_help = "Example:\n  appliance promote web-01 --target /srv/restore/web-01 --source-shut-down --wait"
+    )]
     Promote {
         #[arg(help = ITEM_HELP)]
         item: String,

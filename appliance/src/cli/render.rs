@@ -407,7 +407,10 @@ pub fn render_export(export: &ExportView) -> String {
             ]
         })
         .collect();
-    text.push_str(&render_table(&["DISK", "SIZE", "WRITTEN", "NBD URI"], &rows));
+    text.push_str(&render_table(
+        &["DISK", "SIZE", "WRITTEN", "NBD URI"],
+        &rows,
+    ));
     text
 }
 
@@ -432,7 +435,9 @@ pub fn render_exports(exports: &[ExportView]) -> String {
         })
         .collect();
     render_table(
-        &["ID", "ITEM", "PURPOSE", "MODE", "POINT", "DISKS", "CONNS", "COPY"],
+        &[
+            "ID", "ITEM", "PURPOSE", "MODE", "POINT", "DISKS", "CONNS", "COPY",
+        ],
         &rows,
     )
 }

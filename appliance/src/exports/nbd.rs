@@ -76,7 +76,9 @@ impl Export for NbdDisk {
     }
 
     fn write_at(&self, offset_bytes: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.disk.write_at(offset_bytes, data, fua).map_err(io_error)
+        self.disk
+            .write_at(offset_bytes, data, fua)
+            .map_err(io_error)
     }
 
     fn flush(&self) -> io::Result<()> {

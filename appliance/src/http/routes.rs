@@ -15,8 +15,8 @@ use utoipa_axum::routes;
 
 use super::auth;
 use super::error::ApiError;
-use super::handlers;
 use super::exports;
+use super::handlers;
 use super::openapi;
 use super::state::AppState;
 

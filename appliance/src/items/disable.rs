@@ -40,7 +40,11 @@ impl Manager {
         // Exports read the replicas and points about to be removed: their clients are
         // disconnected and their overlays go with the item's directory.
         self.drop_item_exports(&item);
-        if let Some(test) = record.test_failover.as_ref().filter(|t| t.export_id.is_none()) {
+        if let Some(test) = record
+            .test_failover
+            .as_ref()
+            .filter(|t| t.export_id.is_none())
+        {
             remove_materialized(test);
         }
         if let Some(job) = record.last_job.and_then(|id| self.jobs.get(id)) {

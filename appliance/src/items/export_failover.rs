@@ -61,16 +61,17 @@ impl Manager {
             }
             Source::Drill => {
                 let test = record.test_failover.clone();
-                let id = test.as_ref().and_then(|t| t.export_id.clone()).ok_or_else(|| {
-                    OpError::Conflict {
+                let id = test
+                    .as_ref()
+                    .and_then(|t| t.export_id.clone())
+                    .ok_or_else(|| OpError::Conflict {
                         code: "wrong_state",
                         message: format!(
                             "item {}'s test failover copied its disks (copy mode): only a drill \
                              served over NBD (export mode) can be promoted",
                             item.hex
                         ),
-                    }
-                })?;
+                    })?;
                 let (_, live) = self.find_export(&id)?;
                 (Op::TestFailoverPromote, Some(live))
             }
@@ -159,7 +160,12 @@ impl Manager {
             live
         };
         let point_id = live.record().point_id;
-        let total: u64 = live.disks.iter().map(|d| d.size_bytes_now()).sum::<u64>().max(1);
+        let total: u64 = live
+            .disks
+            .iter()
+            .map(|d| d.size_bytes_now())
+            .sum::<u64>()
+            .max(1);
         let mut done_before = 0u64;
         let mut overlays = Vec::new();
         for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {

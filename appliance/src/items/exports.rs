@@ -269,9 +269,11 @@ impl Manager {
         self.exports.clone()
     }
 
-    /// Tells the exports where the NBD server listens (for their URIs).
-    pub fn set_nbd_addr(&self, addr: std::net::SocketAddr) {
-        self.exports.set_addr(addr);
+    /// Tells the exports where the NBD server listens (for their URIs) and how to end a
+    /// removed export's sessions.
+    pub fn set_nbd_server(&self, server: &nbd_server::Server) {
+        self.exports
+            .set_server(server.local_addr(), server.disconnector());
     }
 
     /// `GET /v1/exports`.

@@ -10,11 +10,11 @@ use crate::jobs::{JobKind, JobView};
 use crate::target::disk_names;
 
 use super::error::OpError;
+use super::export_failover::Source;
+use super::exports::check_export_mode_request;
 use super::item::{lock, refuse_if_apply_failed};
 use super::manager::Manager;
 use super::materialize::{output_format, planned, point_choice, undo_pending};
-use super::export_failover::Source;
-use super::exports::check_export_mode_request;
 use super::model::{DiskMode, FailoverRequest, Materialized};
 use super::state::{Event, Op};
 

@@ -6,11 +6,11 @@ use crate::jobs::{JobKind, JobView};
 use crate::target::disk_names;
 
 use super::error::OpError;
+use super::exports::check_export_mode_request;
+use super::item::Item;
 use super::item::lock;
 use super::manager::Manager;
 use super::materialize::{output_format, planned, point_choice, remove_materialized, undo_pending};
-use super::exports::check_export_mode_request;
-use super::item::Item;
 use super::model::{
     DiskMode, ExportMode, ExportPurpose, Format, ItemView, MaterializeRequest, Materialized,
 };
@@ -78,14 +78,23 @@ impl Manager {
     /// Test failover in export mode: the disks at `point_id` served over NBD at once as a
     /// writable drill; its job is done when this returns (under `ops`).
     fn test_failover_export(&self, item: &Arc<Item>, point_id: u64) -> Result<JobView, OpError> {
-        let live = self.make_export(item, ExportPurpose::TestFailover, ExportMode::Drill, point_id)?;
+        let live = self.make_export(
+            item,
+            ExportPurpose::TestFailover,
+            ExportMode::Drill,
+            point_id,
+        )?;
         let view = self.exports.view(&live);
         let id = live.record().id.clone();
         drop(live);
         let uris: Vec<String> = view.disks.iter().map(|d| d.uri.clone()).collect();
         let created = self
             .jobs
-            .create(JobKind::TestFailover, &item.hex, "serving the disks over NBD")
+            .create(
+                JobKind::TestFailover,
+                &item.hex,
+                "serving the disks over NBD",
+            )
             .map_err(OpError::from)
             .and_then(|job| {
                 item.transition(Event::Start(Op::TestFailover), |r| {

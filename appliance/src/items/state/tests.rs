@@ -356,7 +356,12 @@ fn failing_over_promote_failed_undo() {
 #[test]
 fn at_start_undoes_a_promote_to_the_test_failover() {
     let promoting = with_test_export(record(S::FailingOver));
-    assert_eq!(at_start(&promoting), AtStart::Undo { to: S::TestFailover });
+    assert_eq!(
+        at_start(&promoting),
+        AtStart::Undo {
+            to: S::TestFailover
+        }
+    );
     assert_step(promoting, Interrupted, S::TestFailover);
 }
 
