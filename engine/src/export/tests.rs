@@ -473,3 +473,30 @@ fn concurrent_partial_writes_to_one_grain_both_survive() {
         );
     }
 }
+
+#[test]
+fn a_read_only_export_rebases_and_copies_to_a_target_it_then_writes() {
+    let rig = rig();
+    let disk = ExportDisk::read_only(rig.view(7).unwrap());
+    disk.rebase(rig.view(9).unwrap()).unwrap();
+    assert_eq!(disk.point_id(), Some(9));
+    let path = rig._tmp.path().join("ro-target");
+    let target = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap(),
+    );
+    let overlay = disk.copy_to_target(target, &mut |_| {}).unwrap();
+    assert!(overlay.is_none());
+    assert_eq!(std::fs::read(&path).unwrap(), rig.content);
+    assert!(disk.writable(), "a switched disk is the failover's disk");
+    disk.write_at(4096, &[1u8; 4096], false).unwrap();
+    disk.flush().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[4096..8192], [1u8; 4096]);
+    // The copy left holes where the disk is zero.
+    let extents = covers_exactly(&disk, 0, DISK_BYTES);
+    assert!(extents.last().unwrap().hole, "{extents:?}");
+}
