@@ -344,6 +344,21 @@ fn drill_writes_stay_in_the_overlay_and_rebase_is_refused_after_a_write() {
     let mut replica = vec![0u8; DISK_BYTES as usize];
     std::os::unix::fs::FileExt::read_exact_at(&*rig.replica, &mut replica, 0).unwrap();
     assert_eq!(replica, rig.content);
+    // After a restart: the overlay reopened from what was flushed (the trim had FUA).
+    let reopened = Overlay::open(
+        &SimDir::from_image(dir.durable_image()),
+        "drill",
+        DISK_BYTES,
+        GRAIN,
+    )
+    .unwrap();
+    let again = ExportDisk::drill(rig.view(9).unwrap(), reopened);
+    assert!(again.has_writes());
+    assert_eq!(read_all(&again), model);
+    assert!(matches!(
+        again.rebase(rig.view(7).unwrap()),
+        Err(ExportError::HasWrites { .. })
+    ));
     let extents = covers_exactly(&disk, 0, DISK_BYTES);
     // The overlay's grain in the hole region is data.
     let mut at = 0;
