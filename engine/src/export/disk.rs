@@ -169,9 +169,7 @@ impl ExportDisk {
             } => overlay.read_at(offset_bytes, out, &|at, buf| view.read_at(at, buf)),
             Mode::Target(file) => file
                 .read_exact_at(out, offset_bytes)
-                .map_err(ExportError::io(format!(
-                    "reading the target at byte {offset_bytes}"
-                ))),
+                .map_err(ExportError::io_at("reading the target", offset_bytes)),
         }
     }
 
@@ -235,7 +233,7 @@ impl ExportDisk {
                     Some(p) => file.write_all_at(p, at),
                     None => zero_file(file, at, len),
                 }
-                .map_err(ExportError::io(format!("writing the target at byte {at}")))?;
+                .map_err(ExportError::io_at("writing the target", at))?;
             }
             self.written_bytes.fetch_add(len, Ordering::AcqRel);
             at = piece_end;
@@ -446,13 +444,11 @@ impl ExportDisk {
                 if piece.iter().any(|&b| b != 0) {
                     target
                         .write_all_at(piece, at)
-                        .map_err(ExportError::io(format!(
-                            "copying to the target at byte {at}"
-                        )))?;
+                        .map_err(ExportError::io_at("copying to the target", at))?;
                 } else {
                     // A hole; a client's write may have put data here already.
                     zero_file(target, at, len)
-                        .map_err(ExportError::io(format!("zeroing the target at byte {at}")))?;
+                        .map_err(ExportError::io_at("zeroing the target", at))?;
                 }
             }
             at += len;

@@ -124,9 +124,21 @@ impl ExportError {
         }
     }
 
-    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
-        let what = what.into();
-        move |source| Self::Io { what, source }
+    /// An `Io` error maker; `what` becomes a `String` only on an error.
+    pub(crate) fn io<W: Into<String>>(what: W) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// An `Io` error maker for a hot path: "`what` at byte `offset_bytes`", formatted only
+    /// on an error (nothing allocated per request).
+    pub(crate) fn io_at(what: &'static str, offset_bytes: u64) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io {
+            what: format!("{what} at byte {offset_bytes}"),
+            source,
+        }
     }
 }
 
