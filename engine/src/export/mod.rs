@@ -232,10 +232,15 @@ pub(crate) fn file_extents(
     };
     let mut at = start;
     while at < end {
-        let data = seek(libc::SEEK_DATA, at)
-            .map_err(ExportError::io("finding data (SEEK_DATA)"))?
-            .unwrap_or(end)
-            .clamp(at, end);
+        let data = match seek(libc::SEEK_DATA, at) {
+            Ok(found) => found.unwrap_or(end).clamp(at, end),
+            // No SEEK_DATA here (some devices): all of it is data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                out.push((at, end, false));
+                break;
+            }
+            Err(e) => return Err(ExportError::io("finding data (SEEK_DATA)")(e)),
+        };
         if data > at {
             out.push((at, data, true));
             at = data;
