@@ -13,9 +13,11 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use engine::error::report;
+use engine::export::{ExportError, Overlay};
 use engine::materialize::PointChoice;
 
 use crate::exports::{ExportRecord, Live};
@@ -28,8 +30,64 @@ use super::exports::check_export_mode_request;
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::{planned, undo_pending};
-use super::model::{CopyState, ExportMode, ExportPurpose, Format, Materialized, PromoteRequest};
+use super::model::{
+    CopyState, ExportMode, ExportPurpose, Format, ItemState, Materialized, PromoteRequest,
+};
 use super::state::{Event, Op};
+
+/// How long a change point waits for the failover's copy to pause.
+const COPY_HOLD_WAIT: Duration = Duration::from_secs(30);
+
+/// Copies every disk of `live` into the job's temporary files, switching each to its file.
+/// A change point cancels the running disk's copy and holds the job at the gate; then the
+/// copy starts again from the first disk not yet switched (every disk was rebased, so none
+/// was). Returns the overlays, whose files the caller removes.
+fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<Vec<Option<Overlay>>> {
+    let total: u64 = live
+        .disks
+        .iter()
+        .map(|d| d.size_bytes_now())
+        .sum::<u64>()
+        .max(1);
+    let mut overlays: Vec<Option<Overlay>> = vec![None; live.disks.len()];
+    'copy: loop {
+        let point_id = live.record().point_id;
+        let mut done_before = 0u64;
+        for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {
+            let size = disk.size_bytes_now();
+            if disk.disk().is_switched() {
+                done_before += size;
+                continue;
+            }
+            if live.copy_gate.is_held() {
+                live.copy_gate.park();
+                continue 'copy;
+            }
+            let file = temp.file.try_clone().context("opening the target file")?;
+            let copied = disk.disk().copy_to_target(Arc::new(file), &mut |done| {
+                crate::testhook::pause_point("export-copy:chunk");
+                job.progress(
+                    5 + (done_before + done) * 90 / total,
+                    format!("copying disk {index} (point {point_id} and the VM's writes)"),
+                );
+            });
+            match copied {
+                Ok(overlay) => {
+                    if let Some(slot) = overlays.get_mut(index) {
+                        *slot = overlay;
+                    }
+                }
+                Err(ExportError::Cancelled) => {
+                    live.copy_gate.park();
+                    continue 'copy;
+                }
+                Err(e) => anyhow::bail!("copying disk {index}: {}", report(&e)),
+            }
+            done_before += size;
+        }
+        return Ok(overlays);
+    }
+}
 
 /// Where the disks come from.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +158,7 @@ impl Manager {
                     &names,
                     source_shut_down,
                 );
-                if result.is_err() && item.record().state != super::model::ItemState::FailedOver {
+                if result.is_err() && item.record().state != ItemState::FailedOver {
                     target.discard(&names);
                 }
                 result
@@ -159,30 +217,8 @@ impl Manager {
             })?;
             live
         };
+        let overlays = copy_disks(&live, target, job)?;
         let point_id = live.record().point_id;
-        let total: u64 = live
-            .disks
-            .iter()
-            .map(|d| d.size_bytes_now())
-            .sum::<u64>()
-            .max(1);
-        let mut done_before = 0u64;
-        let mut overlays = Vec::new();
-        for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {
-            let file = temp.file.try_clone().context("opening the target file")?;
-            let size = disk.size_bytes_now();
-            let overlay = disk
-                .disk()
-                .copy_to_target(Arc::new(file), &mut |done| {
-                    job.progress(
-                        5 + (done_before + done) * 90 / total,
-                        format!("copying disk {index} (point {point_id} and the VM's writes)"),
-                    );
-                })
-                .map_err(|e| anyhow!("copying disk {index}: {}", report(&e)))?;
-            overlays.push(overlay);
-            done_before += size;
-        }
         let published = target.publish_new(names)?;
         let _ops = lock(&self.ops);
         let dir = target.dir.path();
@@ -220,34 +256,39 @@ impl Manager {
     /// (back to protected, or to the test failover for a promote); after it, the item stays
     /// failed over on the export, and the copy is marked failed (commit stays refused).
     fn undo_export_failover(&self, item: &Arc<Item>, op: Op, error: &str) {
-        if item.record().state == super::model::ItemState::FailedOver {
-            let export = item
-                .record()
-                .failover
-                .as_ref()
-                .and_then(|f| f.export_id.clone());
-            if let Some(Ok((_, live))) = export.map(|id| self.find_export(&id)) {
-                live.record().copy = Some(CopyState::Failed);
-                if let Err(e) = self.store_export(&live) {
-                    tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
+        match item.record().state {
+            ItemState::FailedOver => {}
+            ItemState::FailingOver => {
+                undo_pending(item, op, error);
+                if item.repl().is_none()
+                    && let Err(e) = self.start_replication(item)
+                {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                        "replication did not restart after a failed failover");
                 }
+                return;
             }
-            if let Err(e) = item.update(|r| {
-                if let Some(failover) = &mut r.failover {
-                    failover.copy = Some(CopyState::Failed);
-                }
-                r.last_error = Some(error.to_owned());
-            }) {
+            // Disabled meanwhile (its exports closed, which ended the copy): nothing to undo.
+            _ => return,
+        }
+        let export = item
+            .record()
+            .failover
+            .as_ref()
+            .and_then(|f| f.export_id.clone());
+        if let Some(Ok((_, live))) = export.map(|id| self.find_export(&id)) {
+            live.record().copy = Some(CopyState::Failed);
+            if let Err(e) = self.store_export(&live) {
                 tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
             }
-            return;
         }
-        undo_pending(item, op, error);
-        if item.repl().is_none()
-            && let Err(e) = self.start_replication(item)
-        {
-            tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
-                "replication did not restart after a failed failover");
+        if let Err(e) = item.update(|r| {
+            if let Some(failover) = &mut r.failover {
+                failover.copy = Some(CopyState::Failed);
+            }
+            r.last_error = Some(error.to_owned());
+        }) {
+            tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
         }
     }
 
@@ -268,6 +309,110 @@ impl Manager {
             &request.target_dir,
             request.source_shut_down,
         )
+    }
+
+    /// Change point of a failover in export mode: allowed while the VM has written nothing to
+    /// the export; the copy (if running) is held, the disks move to the new point, and the copy
+    /// starts again. Refused, naming why, after the VM's first write or once a disk's copy is
+    /// done (it serves its target file then).
+    pub(super) fn change_point_export(
+        &self,
+        item: &Arc<Item>,
+        export_id: &str,
+        choice: PointChoice,
+    ) -> Result<JobView, OpError> {
+        let (_, live) = self.find_export(export_id)?;
+        let refuse_written = || {
+            let written: u64 = live.disks.iter().map(|d| d.written_bytes()).sum();
+            OpError::Conflict {
+                code: "written_since_failover",
+                message: format!(
+                    "item {}: the VM wrote to its disks since the failover (export {export_id}, \
+                     {written} bytes since the appliance started); another point would lose \
+                     those writes, so change point is refused: it is allowed only before the \
+                     VM's first write",
+                    item.hex
+                ),
+            }
+        };
+        if live.disks.iter().any(|d| d.disk().has_writes()) {
+            return Err(refuse_written());
+        }
+        let point_id = self.resolve(item, choice)?;
+        let old_point = live.record().point_id;
+        // The new views first: pinned, and nothing changes if one cannot be opened.
+        let views = (0..live.disks.len())
+            .map(|index| self.open_view(item, index, point_id))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let quiet = live.copy_gate.hold(&live.disks, COPY_HOLD_WAIT);
+        let moved = (|| {
+            if !quiet {
+                return Err(OpError::Conflict {
+                    code: "copy_busy",
+                    message: format!(
+                        "item {}: the failover's copy did not pause within {} s; retry",
+                        item.hex,
+                        COPY_HOLD_WAIT.as_secs()
+                    ),
+                });
+            }
+            if let Some(index) = live.disks.iter().position(|d| d.disk().is_switched()) {
+                return Err(OpError::Conflict {
+                    code: "copy_done",
+                    message: format!(
+                        "item {}: disk {index} is already copied into its target file and the \
+                         export serves that file; change point in export mode is allowed while \
+                         the copy runs and the VM has not written",
+                        item.hex
+                    ),
+                });
+            }
+            for (index, (disk, view)) in live.disks.iter().zip(views).enumerate() {
+                if let Err(e) = disk.disk().rebase(view) {
+                    self.rebase_back(item, &live, index, old_point);
+                    return Err(match e {
+                        ExportError::HasWrites { .. } => refuse_written(),
+                        other => OpError::Io(report(&other)),
+                    });
+                }
+            }
+            live.record().point_id = point_id;
+            self.store_export(&live)?;
+            item.update(|r| {
+                if let Some(failover) = &mut r.failover {
+                    failover.point_id = point_id;
+                }
+                r.last_error = None;
+            })?;
+            Ok(())
+        })();
+        live.copy_gate.release();
+        moved?;
+        let job = self.jobs.create(
+            JobKind::ChangePoint,
+            &item.hex,
+            format!("moving the export to point {point_id}"),
+        )?;
+        job.succeed(format!(
+            "the failover's disks are point {point_id} now (export {export_id}); the copy into \
+             the target files started again"
+        ))?;
+        Ok(job.view())
+    }
+
+    /// Undo of a change point that moved disks `..count` and failed on the next: moves them
+    /// back to `point_id` (logged if that fails too).
+    fn rebase_back(&self, item: &Item, live: &Live, count: usize, point_id: u64) {
+        for (index, disk) in live.disks.iter().enumerate().take(count) {
+            let back = self
+                .open_view(item, index, point_id)
+                .and_then(|view| Ok(disk.disk().rebase(view)?));
+            if let Err(e) = back {
+                tracing::error!(item = %item.hex, disk = index, point_id,
+                    error = %crate::store::describe(&e),
+                    "a change point failed half way and a disk could not move back");
+            }
+        }
     }
 
     /// Writes `live`'s record to the control store.

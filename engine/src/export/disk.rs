@@ -44,6 +44,8 @@ pub struct ExportDisk {
     /// Bytes the overlay held when the export was made.
     overlay_bytes_at_start: u64,
     copying: AtomicBool,
+    /// Set by [`ExportDisk::cancel_copy`]: the running copy stops at its next chunk.
+    cancel: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -94,6 +96,7 @@ impl ExportDisk {
             written_bytes: AtomicU64::new(0),
             overlay_bytes_at_start,
             copying: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
@@ -374,10 +377,10 @@ impl ExportDisk {
         if self.copying.swap(true, Ordering::AcqRel) {
             return Err(ExportError::Busy);
         }
+        self.cancel.store(false, Ordering::Release);
         let result = self.copy(target, progress);
-        if result.is_err() {
-            self.copying.store(false, Ordering::Release);
-        }
+        // Done or failed, no copy runs now (a second one finds the target mode: Busy).
+        self.copying.store(false, Ordering::Release);
         result
     }
 
@@ -435,6 +438,9 @@ impl ExportDisk {
             if self.is_closed() {
                 return Err(ExportError::Closed);
             }
+            if self.cancel.swap(false, Ordering::AcqRel) {
+                return Err(ExportError::Cancelled);
+            }
             let len = (self.size_bytes - at).min(COPY_CHUNK_BYTES);
             let chunk = at / COPY_CHUNK_BYTES;
             let piece = &mut buf[..len as usize];
@@ -457,6 +463,25 @@ impl ExportDisk {
         target
             .sync_all()
             .map_err(ExportError::io("syncing the target"))
+    }
+
+    /// Stops a running [`ExportDisk::copy_to_target`] at its next chunk: it returns
+    /// [`ExportError::Cancelled`] and the disk is back in the mode before the copy (a change
+    /// point rebases it, then the copy starts again). No effect when no copy runs.
+    pub fn cancel_copy(&self) {
+        if self.copying.load(Ordering::Acquire) {
+            self.cancel.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a copy runs now.
+    pub fn is_copying(&self) -> bool {
+        self.copying.load(Ordering::Acquire)
+    }
+
+    /// Whether the disk serves its failover's target file (its copy is done).
+    pub fn is_switched(&self) -> bool {
+        matches!(**lock(&self.state), Mode::Target(_))
     }
 
     /// Closes the export: every later request fails with [`ExportError::Closed`].

@@ -91,6 +91,9 @@ pub enum ExportError {
     /// A copy to target is already running or done.
     #[error("the export is already copying or switched to its target")]
     Busy,
+    /// The copy to target was cancelled ([`ExportDisk::cancel_copy`]: a change point).
+    #[error("the copy to the target was cancelled")]
+    Cancelled,
     /// An I/O error.
     #[error("{what}")]
     Io {
@@ -114,7 +117,7 @@ impl ExportError {
         match self {
             Self::ReadOnly => io::ErrorKind::PermissionDenied,
             Self::OutOfRange { .. } => io::ErrorKind::InvalidInput,
-            Self::HasWrites { .. } | Self::Busy => io::ErrorKind::ResourceBusy,
+            Self::HasWrites { .. } | Self::Busy | Self::Cancelled => io::ErrorKind::ResourceBusy,
             Self::Closed => io::ErrorKind::BrokenPipe,
             Self::NoSuchPoint { .. } => io::ErrorKind::NotFound,
             Self::Io { source, .. }

@@ -515,3 +515,43 @@ fn a_read_only_export_rebases_and_copies_to_a_target_it_then_writes() {
     let extents = covers_exactly(&disk, 0, DISK_BYTES);
     assert!(extents.last().unwrap().hole, "{extents:?}");
 }
+
+/// A change point during a failover's copy: the copy cancelled at its next chunk goes back to
+/// the drill, which rebases (no writes) and copies again; the target then equals the new point.
+#[test]
+fn a_cancelled_copy_returns_to_the_drill_which_rebases_and_copies_again() {
+    let rig = rig();
+    let dir = SimDir::new();
+    let overlay = Overlay::create(&dir, "drill", DISK_BYTES, GRAIN).unwrap();
+    let disk = ExportDisk::drill(rig.view(7).unwrap(), overlay);
+    let path = rig._tmp.path().join("cancelled");
+    let target = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap(),
+    );
+    let mut chunks = 0;
+    let cancelled = disk.copy_to_target(target.clone(), &mut |_| {
+        chunks += 1;
+        disk.cancel_copy();
+    });
+    assert!(
+        matches!(cancelled, Err(ExportError::Cancelled)),
+        "{cancelled:?}"
+    );
+    assert_eq!(chunks, 1, "stopped at the chunk after the cancel");
+    assert!(!disk.is_copying() && !disk.is_switched());
+    assert_eq!(disk.point_id(), Some(7));
+    disk.rebase(rig.view(9).unwrap()).unwrap();
+    assert_eq!(disk.point_id(), Some(9));
+    // No stale cancel: the next copy runs to the end and switches.
+    disk.copy_to_target(target, &mut |_| {}).unwrap();
+    assert!(disk.is_switched() && !disk.is_copying());
+    assert_eq!(std::fs::read(&path).unwrap(), rig.content);
+    // A cancel with no copy running changes nothing.
+    disk.cancel_copy();
+    assert_eq!(read_all(&disk), rig.content);
+}
