@@ -8,22 +8,27 @@
 //!  job             stop replication; the export (new, or the drill's); Done(Failover)
 //!                  -> failed_over: the VM may run on the export now (copy: copying)
 //!                  copy every disk (ExportDisk::copy_to_target: client writes during the copy
-//!                  reach the overlay and the target), publish the files, switch the export
-//!                  to them (copy: done; commit allowed); remove the overlays
+//!                  reach the overlay and the target file); under ops: publish the files,
+//!                  record copy: done and the files (durably), then switch the disks to them
+//!                  (commit allowed); remove the overlays
+//!  change point    (before the VM's first write) holds the copy, rebases, copies again
+//!  restart         a cut copy starts again in a new job (the partial files made anew)
 //! ```
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use engine::dirfd::Dir;
 use engine::error::report;
-use engine::export::{ExportError, Overlay};
+use engine::export::ExportError;
 use engine::materialize::PointChoice;
 
 use crate::exports::{ExportRecord, Live};
 use crate::jobs::{Job, JobKind, JobView};
 use crate::store::parse_item_hex;
-use crate::target::{Target, disk_names};
+use crate::target::{Target, disk_names, file_identity, remove_recorded};
 
 use super::error::OpError;
 use super::exports::check_export_mode_request;
@@ -38,24 +43,23 @@ use super::state::{Event, Op};
 /// How long a change point waits for the failover's copy to pause.
 const COPY_HOLD_WAIT: Duration = Duration::from_secs(30);
 
-/// Copies every disk of `live` into the job's temporary files, switching each to its file.
-/// A change point cancels the running disk's copy and holds the job at the gate; then the
-/// copy starts again from the first disk not yet switched (every disk was rebased, so none
-/// was). Returns the overlays, whose files the caller removes.
-fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<Vec<Option<Overlay>>> {
+/// Copies every disk of `live` not yet copied into the job's temporary files (each then
+/// mirrors client writes into its file until the switch). A change point cancels the running
+/// disk's copy (and undoes finished ones) and holds the job at the gate; then the copy starts
+/// again from the first disk.
+fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<()> {
     let total: u64 = live
         .disks
         .iter()
         .map(|d| d.size_bytes_now())
         .sum::<u64>()
         .max(1);
-    let mut overlays: Vec<Option<Overlay>> = vec![None; live.disks.len()];
     'copy: loop {
         let point_id = live.record().point_id;
         let mut done_before = 0u64;
         for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {
             let size = disk.size_bytes_now();
-            if disk.disk().is_switched() {
+            if disk.disk().is_copied() || disk.disk().is_switched() {
                 done_before += size;
                 continue;
             }
@@ -72,11 +76,7 @@ fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<Vec<Opt
                 );
             });
             match copied {
-                Ok(overlay) => {
-                    if let Some(slot) = overlays.get_mut(index) {
-                        *slot = overlay;
-                    }
-                }
+                Ok(()) => {}
                 Err(ExportError::Cancelled) => {
                     live.copy_gate.park();
                     continue 'copy;
@@ -85,7 +85,7 @@ fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<Vec<Opt
             }
             done_before += size;
         }
-        return Ok(overlays);
+        return Ok(());
     }
 }
 
@@ -217,10 +217,40 @@ impl Manager {
             })?;
             live
         };
-        let overlays = copy_disks(&live, target, job)?;
+        let copied = self.finish_export_copy(item, job, &live, target, names)?;
+        Ok(Some(format!(
+            "{copied}{}",
+            if source_shut_down {
+                ""
+            } else {
+                " (the source was not declared shut down: writes it made after the last \
+                 acknowledged frame are not in this point)"
+            }
+        )))
+    }
+
+    /// The copy of a failover in export mode, to its end: every disk copied (mirroring
+    /// writes into its file), then under `ops` the files published and the switch recorded
+    /// durably, and only then the disks switched to their files: a crash at any point finds
+    /// every acknowledged write where the records say the disk is. The overlays go last.
+    fn finish_export_copy(
+        &self,
+        item: &Arc<Item>,
+        job: &Job,
+        live: &Live,
+        target: &Target,
+        names: &[String],
+    ) -> anyhow::Result<String> {
+        let _ops = loop {
+            copy_disks(live, target, job)?;
+            let ops = lock(&self.ops);
+            // A change point may have moved the disks between the copy and `ops`.
+            if live.disks.iter().all(|d| d.disk().is_copied()) {
+                break ops;
+            }
+        };
         let point_id = live.record().point_id;
         let published = target.publish_new(names)?;
-        let _ops = lock(&self.ops);
         let dir = target.dir.path();
         {
             let mut record = live.record();
@@ -230,26 +260,116 @@ impl Manager {
                 .map(|n| dir.join(n).display().to_string())
                 .collect();
         }
-        self.store_export(&live)?;
+        self.store_export(live)?;
         item.update(|r| {
             if let Some(failover) = &mut r.failover {
                 failover.written = published;
                 failover.copy = Some(CopyState::Done);
             }
         })?;
+        let mut overlays = Vec::new();
+        for (index, disk) in live.disks.iter().enumerate() {
+            let overlay = disk
+                .disk()
+                .switch_to_target()
+                .map_err(|e| anyhow!("switching disk {index} to its file: {}", report(&e)))?;
+            overlays.push(overlay);
+        }
         drop(overlays);
         super::exports::remove_overlays(item, &live.record().id);
-        Ok(Some(format!(
+        Ok(format!(
             "failed over to point {point_id} in export mode; the disks were copied into {} \
-             and the export serves them now{}",
-            dir.display(),
-            if source_shut_down {
-                ""
-            } else {
-                " (the source was not declared shut down: writes it made after the last \
-                 acknowledged frame are not in this point)"
+             and the export serves them now",
+            dir.display()
+        ))
+    }
+
+    /// Start-up: a failover in export mode whose copy a restart cut copies again (a new job:
+    /// the partial files it recorded are removed, by identity, and made anew). One that cannot
+    /// is marked failed, with the reason.
+    pub(super) fn resume_export_copies(self: &Arc<Self>) {
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let Some(failover) = record.failover.clone() else {
+                continue;
+            };
+            if record.state != ItemState::FailedOver || failover.copy != Some(CopyState::Copying) {
+                continue;
             }
-        )))
+            let Some(export_id) = failover.export_id.clone() else {
+                continue;
+            };
+            if let Err(e) = self.resume_export_copy(&item, &failover, &export_id) {
+                let error = format!(
+                    "the failover's copy was cut by a restart and could not start again: {}",
+                    crate::store::describe(&e)
+                );
+                tracing::error!(item = %item.hex, %error);
+                let _ops = lock(&self.ops);
+                self.undo_export_failover(&item, Op::Failover, &error);
+            }
+        }
+    }
+
+    fn resume_export_copy(
+        self: &Arc<Self>,
+        item: &Arc<Item>,
+        failover: &Materialized,
+        export_id: &str,
+    ) -> anyhow::Result<()> {
+        let (_, live) = self
+            .find_export(export_id)
+            .map_err(|e| anyhow!("export {export_id}: {e}"))?;
+        let record = item.record().clone();
+        let names = disk_names(record.disks.iter().map(|d| d.index), "raw");
+        // The partial files, also where a publish before the crash renamed them.
+        let left = remove_recorded(
+            &failover.target_dir,
+            failover.target_dir_id,
+            &failover.written,
+            &names,
+            false,
+        );
+        if !left.is_empty() {
+            anyhow::bail!("{}", left.join("; "));
+        }
+        let (dir, _) = Dir::open_nofollow(Path::new(&failover.target_dir), false)
+            .map_err(|e| anyhow!("{}", report(&e)))?;
+        if Some(file_identity(dir.id())) != failover.target_dir_id {
+            anyhow::bail!(
+                "{} is no longer the directory the failover chose",
+                failover.target_dir
+            );
+        }
+        let target = Target::create_temps(Arc::new(dir), failover.created_dir, &names)
+            .map_err(|e| anyhow!("{}", report(&e)))?;
+        let job = self.jobs.create(
+            JobKind::Failover,
+            &item.hex,
+            "copying the failover's disks again (a restart cut the copy)",
+        )?;
+        job.hold_target_dir(target.dir.id().dev, target.dir.id().ino);
+        let written = target.written();
+        item.update(|r| {
+            r.last_job = Some(job.id());
+            if let Some(failover) = &mut r.failover {
+                failover.written = written;
+            }
+        })?;
+        self.spawn_job(
+            item.clone(),
+            job,
+            move |manager, item, job| {
+                let copied = manager.finish_export_copy(item, job, &live, &target, &names);
+                if copied.is_err() {
+                    target.discard(&names);
+                }
+                Ok(Some(copied?))
+            },
+            |manager, item, error| manager.undo_export_failover(item, Op::Failover, error),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
     }
 
     /// Undo of a failed export-mode failover: before the hand-over, as a failed failover

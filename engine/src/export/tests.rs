@@ -412,11 +412,12 @@ fn copy_to_target_while_a_writer_writes_ends_equal_to_the_disk_and_switches() {
         })
     };
     let mut last = 0;
-    let returned = disk
-        .copy_to_target(target.clone(), &mut |done| last = done)
+    disk.copy_to_target(target.clone(), &mut |done| last = done)
         .unwrap();
+    assert!(disk.is_copied(), "copied, still mirroring until the switch");
     stop.store(true, std::sync::atomic::Ordering::Release);
     let writes = writer.join().unwrap();
+    let returned = disk.switch_to_target().unwrap();
     assert!(writes >= 50);
     assert_eq!(last, DISK_BYTES);
     assert_eq!(returned.map(|o| o.stem().to_owned()), Some("drill".into()));
@@ -430,6 +431,7 @@ fn copy_to_target_while_a_writer_writes_ends_equal_to_the_disk_and_switches() {
         disk.copy_to_target(target, &mut |_| {}),
         Err(ExportError::Busy)
     ));
+    assert!(matches!(disk.switch_to_target(), Err(ExportError::Busy)));
 }
 
 #[test]
@@ -450,6 +452,7 @@ fn copy_to_target_of_a_quiet_drill_equals_the_drill() {
             .unwrap(),
     );
     disk.copy_to_target(target, &mut |_| {}).unwrap();
+    disk.switch_to_target().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), before);
     let reopened = ExportDisk::target(Arc::new(std::fs::File::open(&path).unwrap()), DISK_BYTES);
     assert_eq!(read_all(&reopened), before);
@@ -504,7 +507,8 @@ fn a_read_only_export_rebases_and_copies_to_a_target_it_then_writes() {
             .open(&path)
             .unwrap(),
     );
-    let overlay = disk.copy_to_target(target, &mut |_| {}).unwrap();
+    disk.copy_to_target(target, &mut |_| {}).unwrap();
+    let overlay = disk.switch_to_target().unwrap();
     assert!(overlay.is_none());
     assert_eq!(std::fs::read(&path).unwrap(), rig.content);
     assert!(disk.writable(), "a switched disk is the failover's disk");
@@ -547,11 +551,21 @@ fn a_cancelled_copy_returns_to_the_drill_which_rebases_and_copies_again() {
     assert_eq!(disk.point_id(), Some(7));
     disk.rebase(rig.view(9).unwrap()).unwrap();
     assert_eq!(disk.point_id(), Some(9));
-    // No stale cancel: the next copy runs to the end and switches.
-    disk.copy_to_target(target, &mut |_| {}).unwrap();
-    assert!(disk.is_switched() && !disk.is_copying());
-    assert_eq!(std::fs::read(&path).unwrap(), rig.content);
-    // A cancel with no copy running changes nothing.
+    // No stale cancel: the next copy runs to the end. A finished copy not yet switched goes
+    // back to the drill on a cancel, keeping what was written meanwhile.
+    disk.copy_to_target(target.clone(), &mut |_| {}).unwrap();
+    disk.write_at(8192, &[7u8; 4096], true).unwrap();
     disk.cancel_copy();
-    assert_eq!(read_all(&disk), rig.content);
+    assert!(!disk.is_copied() && !disk.is_switched());
+    assert_eq!(read_all(&disk)[8192..12288], [7u8; 4096]);
+    assert!(disk.has_writes());
+    disk.copy_to_target(target, &mut |_| {}).unwrap();
+    disk.switch_to_target().unwrap();
+    assert!(disk.is_switched() && !disk.is_copying());
+    let mut expected = rig.content.clone();
+    expected[8192..12288].fill(7);
+    assert_eq!(std::fs::read(&path).unwrap(), expected);
+    // A cancel after the switch changes nothing.
+    disk.cancel_copy();
+    assert_eq!(read_all(&disk), expected);
 }
