@@ -229,3 +229,34 @@ impl nbd_server::Catalog for Exports {
         Some(disk)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_gate_parks_the_copy_until_released() {
+        let gate = Arc::new(CopyGate::default());
+        assert!(!gate.is_held());
+        // No disk copies: quiet at once.
+        assert!(gate.hold(&[], Duration::from_secs(1)));
+        assert!(gate.is_held());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let parked = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                gate.park();
+                tx.send(()).expect("the test waits");
+            })
+        };
+        // The job parks and stays parked while held.
+        while !gate.state().parked {
+            std::thread::yield_now();
+        }
+        assert!(rx.try_recv().is_err(), "still held");
+        gate.release();
+        rx.recv().expect("released");
+        parked.join().expect("no panic");
+        assert!(!gate.is_held() && !gate.state().parked);
+    }
+}
