@@ -25,6 +25,7 @@
 //! | `enable:slots` | enable: the `enabling` marker removed |
 //! | `enable:started` | enable: replication started, before the answer |
 //! | `resync:marker` | the resync job, holding the staging log's lock, before writing the resync marker |
+//! | `export-failover:copied-chunk` | a failover in export mode, after each chunk of the copy into the target files (outside every lock: clients keep reading and writing) |
 //! | `job:finish:<kind>` | a job's end decided, before its record is written (`<kind>` as in `JobKind::name`) |
 
 /// Every point of enable, in order.

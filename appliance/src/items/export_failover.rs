@@ -174,6 +174,7 @@ impl Manager {
             let overlay = disk
                 .disk()
                 .copy_to_target(Arc::new(file), &mut |done| {
+                    crate::testhook::pause_point("export-failover:copied-chunk");
                     job.progress(
                         5 + (done_before + done) * 90 / total,
                         format!("copying disk {index} (point {point_id} and the VM's writes)"),

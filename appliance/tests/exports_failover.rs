@@ -1,0 +1,246 @@
+//! Failover in export mode and promote, judged by outside tools: the VM writes to the export
+//! while the copy is held mid-way (the debug pause hook `export-failover:copied-chunk`), commit
+//! is refused until the copy is done, the writes reach the target files, which equal what
+//! `nbdcopy` reads from the export; a promoted drill's writes are in the failover's files
+//! and no second export is made.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+mod nbd_tools;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use appliance_api::model::{
+    CopyState, DiskMode, DiskSpec, EnableRequest, ExportPurpose, FailoverRequest, Format,
+    ItemState, MaterializeRequest, PointSpec, PromoteRequest,
+};
+use common::{Server, item_id};
+use engine::delta::DiskGeometry;
+use nbd_tools::{Vm, agent, bookmark, data_dir, have, nbd_read, nbd_write, patched, wait_for};
+
+/// Two disks: 8 MiB of 4 KiB blocks (8 copy chunks) and 4 MiB of 512-byte blocks.
+fn geometry() -> Vec<DiskGeometry> {
+    vec![
+        DiskGeometry {
+            size_bytes: 8 << 20,
+            block_size_bytes: 4096,
+        },
+        DiskGeometry {
+            size_bytes: 4 << 20,
+            block_size_bytes: 512,
+        },
+    ]
+}
+
+/// Enables an item, streams seeded writes and one bookmark, closes the source; returns the
+/// item, the point and the source's disks at it.
+fn protected_item(server: &Server, name: &str, seed: u64) -> (String, u64, Vec<Vec<u8>>) {
+    let geometry = geometry();
+    let enabled = server
+        .api()
+        .enable(&EnableRequest {
+            name: name.into(),
+            disks: vec![DiskSpec::create(8, None), DiskSpec::create(4, Some(512))],
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .unwrap();
+    let item = enabled.item.id.clone();
+    let mut vm = Vm::new(&geometry, seed);
+    let source = agent(
+        server,
+        item_id(&item),
+        &enabled.stream_token,
+        name,
+        &geometry,
+    );
+    for _ in 0..40 {
+        vm.write(&source);
+    }
+    let mut oracle = BTreeMap::new();
+    let point = bookmark(&mut oracle, &vm, &source, 1);
+    source.close(std::time::Duration::from_secs(60)).unwrap();
+    server.wait_job(enabled.job.id);
+    nbd_tools::wait_point(server, &item, point);
+    (item, point, vm.disks)
+}
+
+fn read_files(files: &[String]) -> Vec<Vec<u8>> {
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+#[test]
+fn failover_in_export_mode_copies_while_the_vm_writes() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    let (tmp, data) = data_dir();
+    let scratch = tmp.path();
+    let pause: PathBuf = scratch.join("copy-pause");
+    let setting = format!("export-failover:copied-chunk={}", pause.display());
+    let server = Server::start_with_env(
+        &data,
+        "127.0.0.1:0",
+        &[],
+        &[("APPLIANCE_TEST_PAUSE_AT", setting.as_str())],
+    );
+    let (item, point, disks) = protected_item(&server, "fo", 5);
+    let target = data.join("failover");
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &FailoverRequest {
+                point: PointSpec::Id(point),
+                target_dir: target.display().to_string(),
+                format: Format::Raw,
+                source_shut_down: true,
+                mode: DiskMode::Export,
+            },
+        )
+        .unwrap();
+    // The copy holds after its first chunk (1 MiB of disk 0): the item is failed over on the
+    // export, the copy is under way.
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    assert!(wait_for(&reached), "the copy never reached its first chunk");
+    let view = server.api().item(&item).unwrap();
+    assert_eq!(view.state, ItemState::FailedOver);
+    let failover = view.failover.clone().unwrap();
+    assert_eq!(failover.copy, Some(CopyState::Copying));
+    let export_id = failover.export_id.clone().unwrap();
+    let export = server.api().export_view(&export_id).unwrap();
+    assert_eq!(
+        (export.purpose, export.copy, export.point_id),
+        (ExportPurpose::Failover, Some(CopyState::Copying), point)
+    );
+    let error = server.api().commit(&item).unwrap_err();
+    assert_eq!(
+        (error.status(), error.code()),
+        (Some(409), Some("copy_not_done")),
+        "{error}"
+    );
+    for (index, disk) in export.disks.iter().enumerate() {
+        assert!(nbd_read(&disk.uri, scratch) == disks[index], "disk {index}");
+    }
+
+    // The VM writes during the copy: into the chunk already copied (offset 4096), into chunks
+    // not copied yet, and zeroes over the point's data.
+    let mut expected = Vec::new();
+    for (index, disk) in export.disks.iter().enumerate() {
+        let mut image = patched(
+            &disks[index],
+            &[(4096 + 11, 30_000, 7), (3 << 20, 100_000, 8 + index as u8)],
+        );
+        image[(2 << 20)..(2 << 20) + 65536].fill(0);
+        let out = nbd_write(&disk.uri, &image, scratch);
+        assert!(out.status.success(), "{out:?}");
+        expected.push(image);
+    }
+    std::fs::write(&pause, b"go").unwrap();
+    server.wait_job(job.id);
+
+    let view = server.api().item(&item).unwrap();
+    let failover = view.failover.clone().unwrap();
+    assert_eq!(failover.copy, Some(CopyState::Done));
+    let files = failover.files.clone();
+    assert_eq!(files.len(), 2);
+    let export = server.api().export_view(&export_id).unwrap();
+    assert_eq!(export.copy, Some(CopyState::Done));
+    for (index, disk) in export.disks.iter().enumerate() {
+        let served = nbd_read(&disk.uri, scratch);
+        assert!(
+            served == expected[index],
+            "disk {index}: the export after the switch lacks the VM's writes"
+        );
+        assert!(
+            std::fs::read(&files[index]).unwrap() == served,
+            "disk {index}: the target file differs from what nbdcopy reads from the export"
+        );
+    }
+    // After the switch the export writes the target files.
+    let after = patched(&expected[0], &[(5 << 20, 4096, 99)]);
+    let out = nbd_write(&export.disks[0].uri, &after, scratch);
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&files[0]).unwrap() == after);
+
+    let view = server.api().commit(&item).unwrap();
+    assert_eq!(view.state, ItemState::Committed);
+    assert!(Path::new(&files[1]).exists());
+    server.stop();
+}
+
+#[test]
+fn a_promoted_drill_keeps_its_writes_with_no_second_export() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    let (tmp, data) = data_dir();
+    let scratch = tmp.path();
+    let server = Server::start(&data, &[]);
+    let (item, point, disks) = protected_item(&server, "promote", 9);
+    let job = server
+        .api()
+        .test_failover(
+            &item,
+            &MaterializeRequest {
+                point: PointSpec::Id(point),
+                target_dir: String::new(),
+                format: Format::Raw,
+                mode: DiskMode::Export,
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
+    let view = server.api().item(&item).unwrap();
+    assert_eq!(view.state, ItemState::TestFailover);
+    let drill_id = view.test_failover.unwrap().export_id.unwrap();
+    let drill = server.api().export_view(&drill_id).unwrap();
+    assert_eq!(drill.purpose, ExportPurpose::TestFailover);
+    let mut expected = Vec::new();
+    for (index, disk) in drill.disks.iter().enumerate() {
+        assert!(nbd_read(&disk.uri, scratch) == disks[index], "disk {index}");
+        let image = patched(&disks[index], &[(0, 5000, 40), (1 << 20, 9000, 41)]);
+        let out = nbd_write(&disk.uri, &image, scratch);
+        assert!(out.status.success(), "{out:?}");
+        expected.push(image);
+    }
+    assert_ne!(expected, disks);
+
+    let target = data.join("promoted");
+    let job = server
+        .api()
+        .promote(
+            &item,
+            &PromoteRequest {
+                target_dir: target.display().to_string(),
+                source_shut_down: true,
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
+    let view = server.api().item(&item).unwrap();
+    assert_eq!(view.state, ItemState::FailedOver);
+    assert!(view.test_failover.is_none());
+    let failover = view.failover.unwrap();
+    assert_eq!(failover.export_id.as_deref(), Some(drill_id.as_str()));
+    assert_eq!(failover.copy, Some(CopyState::Done));
+    assert!(
+        read_files(&failover.files) == expected,
+        "the failover's files hold the drill's writes"
+    );
+    let exports = server.api().exports().unwrap();
+    assert_eq!(exports.len(), 1, "no second export: {exports:?}");
+    assert_eq!(
+        (exports[0].id.as_str(), exports[0].purpose),
+        (drill_id.as_str(), ExportPurpose::Failover)
+    );
+    for (index, disk) in exports[0].disks.iter().enumerate() {
+        assert_eq!(disk.uri, drill.disks[index].uri, "the same URIs");
+        assert!(nbd_read(&disk.uri, scratch) == expected[index]);
+    }
+    let view = server.api().commit(&item).unwrap();
+    assert_eq!(view.state, ItemState::Committed);
+    server.stop();
+}
