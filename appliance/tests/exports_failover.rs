@@ -244,3 +244,77 @@ fn a_promoted_drill_keeps_its_writes_with_no_second_export() {
     assert_eq!(view.state, ItemState::Committed);
     server.stop();
 }
+
+/// A SIGKILL while the copy is held mid-way: after the start the item is still failed over
+/// and the same URIs serve the point with the VM's flushed writes (the VM can go on running
+/// on the export).
+#[test]
+fn a_sigkill_during_the_copy_leaves_the_vm_its_export_and_writes() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    let (tmp, data) = data_dir();
+    let scratch = tmp.path();
+    let pause: PathBuf = scratch.join("copy-pause");
+    let setting = format!("export-failover:copied-chunk={}", pause.display());
+    let server = Server::start_with_env(
+        &data,
+        "127.0.0.1:0",
+        &[],
+        &[("APPLIANCE_TEST_PAUSE_AT", setting.as_str())],
+    );
+    let (item, point, disks) = protected_item(&server, "fo-kill", 13);
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &FailoverRequest {
+                point: PointSpec::Id(point),
+                target_dir: data.join("failover").display().to_string(),
+                format: Format::Raw,
+                source_shut_down: true,
+                mode: DiskMode::Export,
+            },
+        )
+        .unwrap();
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    assert!(wait_for(&reached), "the copy never reached its first chunk");
+    let export_id = server
+        .api()
+        .item(&item)
+        .unwrap()
+        .failover
+        .unwrap()
+        .export_id
+        .unwrap();
+    let before = server.api().export_view(&export_id).unwrap();
+    let mut expected = disks.clone();
+    expected[0] = patched(&disks[0], &[(4096 + 5, 30_000, 7), (6 << 20, 8192, 8)]);
+    let out = nbd_write(&before.disks[0].uri, &expected[0], scratch);
+    assert!(out.status.success(), "{out:?}");
+    server.kill();
+
+    let server = Server::start(&data, &[]);
+    let view = server.api().item(&item).unwrap();
+    assert_eq!(view.state, ItemState::FailedOver, "{view:?}");
+    assert_ne!(
+        server.api().job(job.id).unwrap().state,
+        appliance_api::model::JobState::Running,
+        "the killed process's job is not shown running"
+    );
+    let after = server.api().export_view(&export_id).unwrap();
+    assert_eq!(after.purpose, ExportPurpose::Failover);
+    for (index, disk) in after.disks.iter().enumerate() {
+        let name = |uri: &str| uri.rsplit_once('/').map(|(_, n)| n.to_owned());
+        assert_eq!(
+            name(&disk.uri),
+            name(&before.disks[index].uri),
+            "the same export names (the port is new)"
+        );
+        assert!(
+            nbd_read(&disk.uri, scratch) == expected[index],
+            "disk {index}: the point with the VM's flushed writes"
+        );
+    }
+    server.stop();
+}
