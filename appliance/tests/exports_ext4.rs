@@ -250,10 +250,17 @@ fn an_ext4_drill_mounts_takes_files_and_leaves_the_replica_alone() {
         .arg(&copy));
     assert!(out.stdout == big);
 
+    let overlay = data
+        .join("items")
+        .join(&item)
+        .join("exports")
+        .join(&export_id);
+    assert!(overlay.is_dir(), "{overlay:?}");
     // Clean-up drops the drill; the replica and every point are the source's, untouched.
     let view = server.api().test_failover_cleanup(&item).unwrap();
     assert_eq!(view.state, ItemState::Protected);
     assert!(server.api().exports().unwrap().is_empty());
+    assert!(!overlay.exists(), "the drill's overlay is removed");
     server.stop();
     let digest = disk_sim::source::image_digest(&image);
     let verified = verify_item(
