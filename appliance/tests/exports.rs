@@ -599,3 +599,50 @@ fn first_difference(got: &[u8], wanted: &[u8], point: &[u8]) -> String {
         }
     )
 }
+
+/// Disabling an item takes its exports with it: a connected client's session ends, the names
+/// serve nothing (nbdinfo fails), no export is listed.
+#[test]
+fn disabling_an_item_ends_its_exports() {
+    if !have(&["nbdinfo"]) {
+        return;
+    }
+    let (_tmp, data) = data_dir();
+    let server = Server::start(&data, &[]);
+    let geometry = geometry();
+    let enabled = enable(&server, "disable", 10);
+    let item = enabled.item.id.clone();
+    let mut vm = Vm::new(&geometry, 3);
+    let source = agent(
+        &server,
+        item_id(&item),
+        &enabled.stream_token,
+        "disable",
+        &geometry,
+    );
+    let mut oracle = BTreeMap::new();
+    for _ in 0..10 {
+        vm.write(&source);
+    }
+    let point = bookmark(&mut oracle, &vm, &source, 1);
+    source.close(std::time::Duration::from_secs(60)).unwrap();
+    server.wait_job(enabled.job.id);
+    wait_point(&server, &item, point);
+    let drill = export(&server, &item, point, ExportMode::Drill);
+    let ro = export(&server, &item, point, ExportMode::ReadOnly);
+    let mut client = RawClient::connect(&drill.disks[0].uri).unwrap();
+    assert_eq!(client.read(0, 4096).unwrap(), oracle[&point][0][..4096]);
+    assert_eq!(nbd_size(&ro.disks[1].uri), geometry[1].size_bytes);
+    let view = server.api().disable(&item).unwrap();
+    assert_eq!(view.state, ItemState::Disabled);
+    assert!(
+        client.read(0, 4096).is_err(),
+        "a disabled item's export still served a connected client"
+    );
+    assert!(server.api().exports().unwrap().is_empty());
+    for uri in [&drill.disks[0].uri, &ro.disks[1].uri] {
+        let out = nbd_tools::run(std::process::Command::new("nbdinfo").arg(uri));
+        assert!(!out.status.success(), "{uri} still answers nbdinfo");
+    }
+    server.stop();
+}
