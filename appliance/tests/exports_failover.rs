@@ -2,7 +2,8 @@
 //! while the copy is held mid-way (the debug pause hook `export-failover:copied-chunk`), commit
 //! is refused until the copy is done, the writes reach the target files, which equal what
 //! `nbdcopy` reads from the export; a promoted drill's writes are in the failover's files
-//! and no second export is made.
+//! and no second export is made; after a SIGKILL (during the copy, or with a test failover's
+//! drill) the same names serve the flushed writes.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -316,5 +317,70 @@ fn a_sigkill_during_the_copy_leaves_the_vm_its_export_and_writes() {
             "disk {index}: the point with the VM's flushed writes"
         );
     }
+    server.stop();
+}
+
+/// A test failover's drill (export mode) after a SIGKILL: served again under the same names
+/// with its flushed writes, the item still in test failover; the clean-up then drops it and
+/// its overlay, and the item is protected.
+#[test]
+fn a_test_failover_drill_survives_sigkill_and_cleans_up() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    let (tmp, data) = data_dir();
+    let scratch = tmp.path();
+    let server = Server::start(&data, &[]);
+    let (item, point, disks) = protected_item(&server, "tf-kill", 17);
+    let job = server
+        .api()
+        .test_failover(
+            &item,
+            &MaterializeRequest {
+                point: PointSpec::Id(point),
+                target_dir: String::new(),
+                format: Format::Raw,
+                mode: DiskMode::Export,
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
+    let drill_id = server
+        .api()
+        .item(&item)
+        .unwrap()
+        .test_failover
+        .unwrap()
+        .export_id
+        .unwrap();
+    let before = server.api().export_view(&drill_id).unwrap();
+    let mut expected = disks.clone();
+    expected[1] = patched(&disks[1], &[(512 * 3, 70_000, 21)]);
+    let out = nbd_write(&before.disks[1].uri, &expected[1], scratch);
+    assert!(out.status.success(), "{out:?}");
+    server.kill();
+
+    let server = Server::start(&data, &[]);
+    let view = server.api().item(&item).unwrap();
+    assert_eq!(view.state, ItemState::TestFailover);
+    let after = server.api().export_view(&drill_id).unwrap();
+    let name = |uri: &str| uri.rsplit_once('/').map(|(_, n)| n.to_owned());
+    for (index, disk) in after.disks.iter().enumerate() {
+        assert_eq!(name(&disk.uri), name(&before.disks[index].uri));
+        assert!(
+            nbd_read(&disk.uri, scratch) == expected[index],
+            "disk {index} after SIGKILL"
+        );
+    }
+    let overlay = data
+        .join("items")
+        .join(&item)
+        .join("exports")
+        .join(&drill_id);
+    assert!(overlay.is_dir(), "{overlay:?}");
+    let view = server.api().test_failover_cleanup(&item).unwrap();
+    assert_eq!(view.state, ItemState::Protected);
+    assert!(server.api().exports().unwrap().is_empty());
+    assert!(!overlay.exists(), "the clean-up removes the overlay");
     server.stop();
 }
