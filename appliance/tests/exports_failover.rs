@@ -248,9 +248,10 @@ fn a_promoted_drill_keeps_its_writes_with_no_second_export() {
 
 /// A SIGKILL while the copy is held mid-way: after the start the item is still failed over
 /// and the same URIs serve the point with the VM's flushed writes (the VM can go on running
-/// on the export).
+/// on the export); the copy, which nothing resumes, is shown failed (not running) on the item
+/// and the export, with the reason, and commit is refused.
 #[test]
-fn a_sigkill_during_the_copy_leaves_the_vm_its_export_and_writes() {
+fn a_sigkill_during_the_copy_keeps_the_vm_on_its_export_and_marks_the_copy_failed() {
     if !have(&["nbdcopy"]) {
         return;
     }
@@ -303,8 +304,26 @@ fn a_sigkill_during_the_copy_leaves_the_vm_its_export_and_writes() {
         appliance_api::model::JobState::Running,
         "the killed process's job is not shown running"
     );
+    assert_eq!(
+        view.failover.as_ref().and_then(|f| f.copy),
+        Some(CopyState::Failed),
+        "{view:?}"
+    );
+    let reason = view.last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("interrupted by the appliance's restart"),
+        "{reason}"
+    );
+    let error = server.api().commit(&item).unwrap_err();
+    assert_eq!(
+        (error.status(), error.code()),
+        (Some(409), Some("copy_not_done")),
+        "{error}"
+    );
+    assert!(error.to_string().contains("failed"), "{error}");
     let after = server.api().export_view(&export_id).unwrap();
     assert_eq!(after.purpose, ExportPurpose::Failover);
+    assert_eq!(after.copy, Some(CopyState::Failed));
     for (index, disk) in after.disks.iter().enumerate() {
         let name = |uri: &str| uri.rsplit_once('/').map(|(_, n)| n.to_owned());
         assert_eq!(

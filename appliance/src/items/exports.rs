@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use appliance_api::model::{ExportMode, ExportPurpose, ExportRequest, ExportView};
+use appliance_api::model::{CopyState, ExportMode, ExportPurpose, ExportRequest, ExportView};
 use engine::apply::ApplyConfig;
 use engine::durable::StdDir;
 use engine::export::{ExportDisk, Overlay, PointView, ViewSource};
@@ -351,9 +351,15 @@ impl Manager {
             };
             match self.open_export(&item, &record, false) {
                 Ok(live) => {
-                    self.exports.insert(id, live);
+                    self.exports.insert(id, live.clone());
                     tracing::info!(export = %record.id, item = %record.item,
                         "export served again after the restart");
+                    if record.purpose == ExportPurpose::Failover
+                        && record.copy == Some(CopyState::Copying)
+                        && item.record().state == ItemState::FailedOver
+                    {
+                        self.copy_interrupted(&item, &live)?;
+                    }
                 }
                 Err(e) if record.purpose == ExportPurpose::Export => {
                     tracing::error!(export = %record.id, error = %crate::store::describe(&e),
@@ -369,6 +375,36 @@ impl Manager {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// Start-up: a failover's copy into its target files was running when the process ended
+    /// (its job died with it, nothing resumes it). Recorded as failed, as a copy that fails
+    /// does, so neither the item nor the export claims a copy still running; the VM keeps
+    /// running on the export (the point and the overlay).
+    fn copy_interrupted(&self, item: &Item, live: &Live) -> anyhow::Result<()> {
+        let id = {
+            let mut record = live.record();
+            record.copy = Some(CopyState::Failed);
+            record.id.clone()
+        };
+        self.store_export(live)?;
+        let job = item.record().last_job;
+        item.update(|r| {
+            if let Some(failover) = &mut r.failover {
+                failover.copy = Some(CopyState::Failed);
+            }
+            r.last_error = Some(format!(
+                "the copy of the failover's disks into the target files{} was interrupted by \
+                 the appliance's restart and did not resume; the VM's disks are served by \
+                 export {id} (the point and its writes)",
+                job.map(|j| format!(" (job {j})")).unwrap_or_default()
+            ));
+        })?;
+        tracing::warn!(item = %item.hex, export = %id,
+            "a failover's copy was interrupted by the restart: recorded as failed");
         Ok(())
     }
 }
