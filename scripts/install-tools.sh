@@ -3,7 +3,8 @@
 # fio (physical limit), qemu-img (VHD checks), promtool (`/metrics` checks: Debian ships it in
 # the `prometheus` package, whose server service the package also installs), the NBD clients
 # and reference server (nbdinfo/nbdcopy/nbdfuse from libnbd-bin, nbdkit) and FUSE (fusermount3)
-# for nbd-server/tests/tools.rs. Debian packages; needs root or sudo.
+# for nbd-server/tests/tools.rs and appliance/tests/exports*.rs (e2fsprogs for their ext4
+# checks). Debian packages; needs root or sudo.
 set -euo pipefail
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)

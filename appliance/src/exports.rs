@@ -70,6 +70,12 @@ impl CopyGate {
         let deadline = Instant::now() + timeout;
         let mut state = self.state();
         state.held = true;
+        for disk in disks {
+            disk.disk().cancel_copy();
+        }
+        drop(state);
+        crate::testhook::pause_point("export-change-point:held");
+        let mut state = self.state();
         loop {
             for disk in disks {
                 disk.disk().cancel_copy();

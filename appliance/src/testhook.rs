@@ -7,6 +7,7 @@
 //! - `APPLIANCE_TEST_PAUSE_AT=<point>=<path>` holds the thread that reaches `<point>`: it
 //!   creates `<path>.reached`, then waits until `<path>` exists. A test uses it to hold a race
 //!   window open (e.g. a job between its end and its record write) for as long as it wants.
+//!   Several points: `<point>=<path>;<point>=<path>`.
 //! - `APPLIANCE_TEST_FAIL_AT=<point>` makes the step at `<point>` fail as if its I/O had
 //!   failed (the caller decides what failing means there), to reach error paths no real
 //!   fault reaches reliably: `enable:slots-commit` (the commit of a new item's slots, record and job).
@@ -25,6 +26,8 @@
 //! | `enable:slots` | enable: the `enabling` marker removed |
 //! | `enable:started` | enable: replication started, before the answer |
 //! | `resync:marker` | the resync job, holding the staging log's lock, before writing the resync marker |
+//! | `export-change-point:held` | a change point of a failover in export mode, after it held the copy and cancelled it, before it waits for the copy to stop |
+//! | `export-failover:copied-chunk` | a failover in export mode, after each chunk of the copy into the target files (outside every lock: clients keep reading and writing) |
 //! | `job:finish:<kind>` | a job's end decided, before its record is written (`<kind>` as in `JobKind::name`) |
 
 /// Every point of enable, in order.
@@ -67,9 +70,11 @@ pub fn fail_point(point: &str) -> bool {
 /// only); see the module comment.
 pub fn pause_point(point: &str) {
     #[cfg(debug_assertions)]
-    if let Ok(setting) = std::env::var("APPLIANCE_TEST_PAUSE_AT")
-        && let Some((wanted, path)) = setting.split_once('=')
-        && wanted == point
+    if let Ok(settings) = std::env::var("APPLIANCE_TEST_PAUSE_AT")
+        && let Some((_, path)) = settings
+            .split(';')
+            .filter_map(|setting| setting.split_once('='))
+            .find(|(wanted, _)| *wanted == point)
     {
         let release = std::path::PathBuf::from(path);
         let reached = std::path::PathBuf::from(format!("{path}.reached"));

@@ -69,7 +69,7 @@ fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<()> {
             }
             let file = temp.file.try_clone().context("opening the target file")?;
             let copied = disk.disk().copy_to_target(Arc::new(file), &mut |done| {
-                crate::testhook::pause_point("export-copy:chunk");
+                crate::testhook::pause_point("export-failover:copied-chunk");
                 job.progress(
                     5 + (done_before + done) * 90 / total,
                     format!("copying disk {index} (point {point_id} and the VM's writes)"),

@@ -279,6 +279,25 @@ impl Manager {
         }
     }
 
+    /// Shutdown, after the NBD server stopped: makes every export's acknowledged writes
+    /// durable (a drill's overlay map, a failover's target files), as a client's FLUSH would,
+    /// so a clean stop loses none of them. Returns what could not be flushed.
+    pub(super) fn flush_exports(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        for (id, live) in self.exports.all() {
+            for (index, disk) in live.disks.iter().enumerate() {
+                if let Err(e) = disk.disk().flush() {
+                    failures.push(format!(
+                        "export {} disk {index}: flushing its writes: {}",
+                        item_hex(&id),
+                        engine::error::report(&e)
+                    ));
+                }
+            }
+        }
+        failures
+    }
+
     /// The NBD server's catalog: every live export's disks by their secret names.
     pub fn nbd_catalog(&self) -> Arc<dyn nbd_server::Catalog> {
         self.exports.clone()

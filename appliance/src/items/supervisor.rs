@@ -54,7 +54,8 @@ impl Manager {
         Ok(())
     }
 
-    /// Stops the supervisor and every item's replication (applying what is staged, flushing).
+    /// Stops the supervisor and every item's replication (applying what is staged, flushing),
+    /// and flushes every export's writes (the NBD server stopped first).
     /// Returns the items that could not be stopped cleanly.
     pub fn shutdown(&self) -> Vec<String> {
         self.stopping.store(true, Ordering::Release);
@@ -68,7 +69,7 @@ impl Manager {
         while self.jobs.running_work() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let mut failures = Vec::new();
+        let mut failures = self.flush_exports();
         for item in self.all_items() {
             let Some(repl) = item.repl().take() else {
                 continue;

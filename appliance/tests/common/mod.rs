@@ -126,7 +126,12 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--data-addr", data_addr, "--api-addr", "127.0.0.1:0"])
-            .args(["--nbd-addr", "127.0.0.1:0"])
+            // A test that keeps its NBD address across restarts passes its own.
+            .args(if extra.contains(&"--nbd-addr") {
+                &[][..]
+            } else {
+                &["--nbd-addr", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
