@@ -43,6 +43,9 @@ fn protected_item(server: &Server, name: &str, seed: u64) -> (String, u64, Vec<V
     (item, point, disks)
 }
 
+/// A point and the source's disks at it.
+type PointDisks = (u64, Vec<Vec<u8>>);
+
 /// As [`protected_item`] with `count` points, each after more writes: the points and the
 /// source's disks at each, oldest first.
 fn protected_item_points(
@@ -50,7 +53,7 @@ fn protected_item_points(
     name: &str,
     seed: u64,
     count: u64,
-) -> (String, Vec<(u64, Vec<Vec<u8>>)>) {
+) -> (String, Vec<PointDisks>) {
     let geometry = geometry();
     let enabled = server
         .api()
