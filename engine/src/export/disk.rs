@@ -146,14 +146,17 @@ impl ExportDisk {
         }
     }
 
-    /// Bytes written, zeroed or trimmed since the export was made.
+    /// Bytes written, zeroed or trimmed since the export was opened, plus what its overlay
+    /// held then (a drill reopened after a restart counts its earlier writes).
     pub fn written_bytes(&self) -> u64 {
-        self.written_bytes.load(Ordering::Acquire)
+        self.written_bytes
+            .load(Ordering::Acquire)
+            .saturating_add(self.overlay_bytes_at_start)
     }
 
     /// Whether the disk differs from its point (writes now, or an overlay reopened with some).
     pub fn has_writes(&self) -> bool {
-        self.written_bytes() > 0 || self.overlay_bytes_at_start > 0
+        self.written_bytes() > 0
     }
 
     fn read_mode(mode: &Mode, offset_bytes: u64, out: &mut [u8]) -> Result<(), ExportError> {
@@ -339,7 +342,7 @@ impl ExportDisk {
     pub fn rebase(&self, view: PointView) -> Result<(), ExportError> {
         if self.has_writes() {
             return Err(ExportError::HasWrites {
-                written_bytes: self.written_bytes().max(self.overlay_bytes_at_start),
+                written_bytes: self.written_bytes(),
                 why: "a written disk cannot move to another point",
             });
         }
