@@ -4,8 +4,6 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::request::PointSpec;
-
 /// What a client of an export may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -63,18 +61,6 @@ pub enum DiskMode {
     /// Serve the disks over NBD at once (writable, an overlay keeps the writes). A failover
     /// also copies them into the target directory in the background, then serves those files.
     Export,
-}
-
-/// Export a recovery point.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExportRequest {
-    /// The point (`latest-processed`, `latest-app` or a point id).
-    #[schema(schema_with = super::request::point_processed_schema)]
-    pub point: PointSpec,
-    /// Read-only (default) or a writable drill.
-    #[serde(default)]
-    pub mode: ExportMode,
 }
 
 /// One disk of an export.

@@ -11,16 +11,14 @@ pub use appliance::{
     ApplianceInfo, ErrorBody, ErrorDetail, Health, PointConsistency, PointOrigin, PointView,
     SlotUse, SlotView, SlotsView,
 };
-pub use export::{
-    CopyState, DiskMode, ExportDiskView, ExportMode, ExportPurpose, ExportRequest, ExportView,
-};
+pub use export::{CopyState, DiskMode, ExportDiskView, ExportMode, ExportPurpose, ExportView};
 pub use item::{
     ApplyFailure, DiskOrigin, DiskView, Enabled, FileIdentity, Format, ItemState, ItemView,
     Materialized, Op, Policy, Quarantine, Role, WrittenFile,
 };
 pub use job::{JobKind, JobState, JobView};
 pub use request::{
-    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, MAX_NAME_CHARS,
+    ChangePointRequest, DiskSpec, EnableRequest, ExportRequest, FailoverRequest, MAX_NAME_CHARS,
     MaterializeRequest, PointSpec, PolicyRequest, PromoteRequest, ReprotectRequest,
 };
 

@@ -4,12 +4,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::export::DiskMode;
+use super::export::{DiskMode, ExportMode};
 use super::item::Format;
 
 mod schema;
-
-pub(super) use schema::point_processed as point_processed_schema;
 
 /// Longest item name, in characters (at most 4 bytes each: within the stream header's 255).
 pub const MAX_NAME_CHARS: usize = 63;
@@ -178,6 +176,18 @@ pub struct FailoverRequest {
     /// files, then the export serves those files.
     #[serde(default)]
     pub mode: DiskMode,
+}
+
+/// Export a recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// The point (`latest-processed`, `latest-app` or a point id).
+    #[schema(schema_with = schema::point_processed)]
+    pub point: PointSpec,
+    /// Read-only (default) or a writable drill.
+    #[serde(default)]
+    pub mode: ExportMode,
 }
 
 /// Promote a test failover's drill to the failover.
