@@ -11,7 +11,8 @@
 //!  the latest app-consistent point → commit → the VM runs on site B → re-protect to site A
 //!  (original disks become replicas, temporary 1 GiB OS disk, delta resync) → reverse
 //!  replication → failback (planned failover; temporary disk removed; VM back on site A) →
-//!  protect A→B again
+//!  protect A→B again → failover in export mode (the VM runs on the export at once and
+//!  writes; the copy job runs; commit after)
 //! ```
 //!
 //! Every step prints one line (what it did, how long it took, bytes moved, the check), every
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use appliance_api::model::{
-    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState,
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, JobView,
     MaterializeRequest, PointSpec, PolicyRequest,
 };
 use engine::delta::{Consistency, DiskGeometry};
@@ -189,6 +190,15 @@ fn why_differ(differ: &[(usize, String)]) -> String {
         .iter()
         .map(|(disk, what)| format!(" — disk {disk} differs: {what}"))
         .collect()
+}
+
+/// How long job `job` ran, by the appliance's clock (created until finished).
+fn job_duration(job: &JobView) -> Duration {
+    Duration::from_nanos(
+        job.finished_ns
+            .unwrap_or(job.created_ns)
+            .saturating_sub(job.created_ns),
+    )
 }
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -403,12 +413,7 @@ fn run_in(
     }
     let moving = vm.bookmark_labeled(&source, Consistency::Crash, "during test")?;
     let mut shown = progress("test failover");
-    let done = b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
-    let copy_ready = Duration::from_nanos(
-        done.finished_ns
-            .unwrap_or(done.created_ns)
-            .saturating_sub(done.created_ns),
-    );
+    let copy_ready = job_duration(&b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?);
     let test_files = paths(b.item(&item)?.test_failover.as_ref());
     let exact = vm.verify_files(last_app, &test_files);
     b.test_failover_cleanup(&item)?;
@@ -458,9 +463,10 @@ fn run_in(
         },
     )?;
     let mut shown = progress("failover");
-    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let failover_ready = job_duration(&b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?);
     let failed_over = paths(b.item(&item)?.failover.as_ref());
     let exact = vm.verify_files(custom, &failed_over);
+    run.ready = Some(failover_ready);
     run.step(
         &format!("failover to Custom point {custom} (raw)"),
         tail,
@@ -659,6 +665,16 @@ fn run_in(
         differ.is_empty(),
         format!("B's replicas equal the VM on site A{}", why_differ(&differ)),
     )?;
+
+    // ── failover in export mode: the VM runs on the export at once ──
+    let failover = instant::FailoverOf {
+        appliance: &b,
+        item: &again,
+        point,
+        copy_ready: failover_ready,
+        target_dir: site_b.join("restore/vm1-instant"),
+    };
+    instant::failover_export(&mut run, &failover, &vm)?;
     a.stop()?;
     b.stop()?;
     let steps = std::mem::take(&mut run.steps);

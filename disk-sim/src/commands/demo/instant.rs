@@ -1,16 +1,19 @@
-//! The demo's instant recovery step: the copy-mode test failover's twin in export mode, at the
-//! same point: the disks served over NBD at once (time from the request until `nbdinfo`
-//! answers on every disk), their bytes read back with `nbdcopy` and checked against the
-//! source, a write into the drill that the replica never sees, and the clean-up.
+//! The demo's instant recovery steps (export mode), each timed from the request until `nbdinfo`
+//! answers on every disk: the copy-mode test failover's twin at the same point (bytes read
+//! back with `nbdcopy` and checked against the source, a write into the drill that the
+//! replica never sees, the clean-up), and a failover the VM runs on at once (it writes through
+//! NBD while the job copies; commit; the files hold the point plus the write).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
-use appliance_api::model::{DiskMode, Format, MaterializeRequest, PointSpec};
+use anyhow::{Context, bail};
+use appliance_api::model::{
+    CopyState, DiskMode, FailoverRequest, Format, ItemState, MaterializeRequest, PointSpec,
+};
 use engine::delta::Consistency;
 
-use super::{JOB_TIMEOUT, Run, human_duration, nbd_tools, why, why_differ};
+use super::{JOB_TIMEOUT, Run, human_duration, nbd_tools, paths, why, why_differ};
 use crate::agent::Agent;
 use crate::site::Appliance;
 use crate::source::SourceModel;
@@ -62,36 +65,9 @@ pub(super) fn test_failover_export(
         .clone()
         .context("the test failover in export mode names no export")?;
     let uris = drill.files.clone();
-    // Every disk asked at once, as a VM's disks would be opened.
-    let answers: Vec<anyhow::Result<u64>> = std::thread::scope(|scope| {
-        let asks: Vec<_> = uris
-            .iter()
-            .map(|uri| scope.spawn(|| nbd_tools::wait_size(uri, Duration::from_secs(30))))
-            .collect();
-        asks.into_iter()
-            .map(|ask| {
-                ask.join()
-                    .unwrap_or_else(|_| Err(anyhow!("nbdinfo's thread panicked")))
-            })
-            .collect()
-    });
+    let sizes: Vec<u64> = vm.geometry().iter().map(|g| g.size_bytes).collect();
+    nbd_tools::wait_all(&uris, &sizes, Duration::from_secs(30))?;
     let ready = requested.elapsed();
-    if answers.len() != vm.geometry().len() {
-        bail!(
-            "the drill serves {} disks, the VM has {}",
-            answers.len(),
-            vm.geometry().len()
-        );
-    }
-    for ((answer, uri), disk) in answers.into_iter().zip(&uris).zip(vm.geometry()) {
-        let answered = answer?;
-        if answered != disk.size_bytes {
-            bail!(
-                "nbdinfo --size {uri} answered {answered} bytes, the disk has {}",
-                disk.size_bytes
-            );
-        }
-    }
 
     // The VM keeps writing on site A while the drill runs on site B.
     let mut during = 0;
@@ -165,6 +141,129 @@ pub(super) fn test_failover_export(
             why(&exact),
             why(&read_back),
             why_differ(&differ),
+        ),
+    )
+}
+
+/// What the failover step knows when it starts.
+pub(super) struct FailoverOf<'a> {
+    /// The recovery site.
+    pub appliance: &'a Appliance,
+    /// The item, 32 hex digits; the source VM is shut down and its last point applied.
+    pub item: &'a str,
+    /// That last point: the source's disks now.
+    pub point: u64,
+    /// How long the copy-mode failover took from request until its disks were usable.
+    pub copy_ready: Duration,
+    /// Where the failover's disk files go.
+    pub target_dir: PathBuf,
+}
+
+/// Failover in export mode: the VM runs on the export at once (it writes through NBD while the
+/// job copies the point and its writes into the target files); commit once the copy is done;
+/// the files hold the point plus the VM's write, and the export serves them. One step line.
+pub(super) fn failover_export(
+    run: &mut Run<'_>,
+    failover: &FailoverOf<'_>,
+    vm: &SourceModel,
+) -> anyhow::Result<()> {
+    let b = failover.appliance;
+    let requested = Instant::now();
+    let job = b.failover(
+        failover.item,
+        &FailoverRequest {
+            point: PointSpec::Id(failover.point),
+            target_dir: failover.target_dir.display().to_string(),
+            format: Format::Raw,
+            source_shut_down: true,
+            mode: DiskMode::Export,
+        },
+    )?;
+    // The item is failed over as soon as the export serves the point.
+    let export_id = loop {
+        let view = b.item(failover.item)?;
+        if view.state == ItemState::FailedOver
+            && let Some(id) = view.failover.and_then(|f| f.export_id)
+        {
+            break id;
+        }
+        if requested.elapsed() > JOB_TIMEOUT {
+            bail!(
+                "the failover in export mode did not hand the item over within {JOB_TIMEOUT:?} \
+                 (state {})",
+                view.state
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let export = b.export_view(&export_id)?;
+    let uris: Vec<String> = export.disks.iter().map(|d| d.uri.clone()).collect();
+    let sizes: Vec<u64> = vm.geometry().iter().map(|g| g.size_bytes).collect();
+    nbd_tools::wait_all(&uris, &sizes, Duration::from_secs(30))?;
+    let ready = requested.elapsed();
+
+    // The VM runs on the export: its first write, while the job copies.
+    let os_uri = uris.first().context("the export has no disks")?;
+    let copy_at_write = b.export_view(&export_id)?.copy;
+    nbd_tools::write_pattern(
+        os_uri,
+        DRILL_WRITE_OFFSET_BYTES,
+        DRILL_WRITE_BYTES,
+        DRILL_WRITE_BYTE,
+    )?;
+    let mut shown = super::progress("failover (export mode)");
+    let done = b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let copied = super::job_duration(&done);
+    let view = b.commit(failover.item)?;
+    let committed = view.state == ItemState::Committed;
+    let files = paths(view.failover.as_ref());
+
+    // The files: the point, plus the VM's write on the OS disk; the export serves them now.
+    let files_ok = (|| -> anyhow::Result<()> {
+        let os_file = files
+            .first()
+            .context("the committed failover lists no files")?;
+        let os_source = vm.files().first().context("the VM has no disks")?;
+        only_the_write_changed(os_source, os_file)?;
+        // Disk 0 differs by the write (checked above); every other disk equals the source.
+        let differ: Vec<(usize, String)> = vm
+            .verify_current(&files)?
+            .into_iter()
+            .filter(|(disk, _)| *disk != 0)
+            .collect();
+        if files.len() != vm.files().len() || !differ.is_empty() {
+            bail!("{} files{}", files.len(), why_differ(&differ));
+        }
+        // Beside the target directory, which belongs to the appliance.
+        let served = failover.target_dir.with_extension("served-disk-0.raw");
+        nbd_tools::copy_out(os_uri, &served)?;
+        let same = std::fs::read(&served)? == std::fs::read(os_file)?;
+        std::fs::remove_file(&served)?;
+        if !same {
+            bail!("the export does not serve {}", os_file.display());
+        }
+        Ok(())
+    })();
+    run.ready = Some(ready);
+    run.step(
+        "failover in export mode: the VM runs on the export at once",
+        DRILL_WRITE_BYTES,
+        committed && files_ok.is_ok(),
+        format!(
+            "VM could start after {} vs {} copying; it wrote {} KiB through NBD (copy {}); \
+             copy done after {}; committed; 3 files equal the source at point {} plus the \
+             VM's write, and the export serves them{}",
+            human_duration(ready),
+            human_duration(failover.copy_ready),
+            DRILL_WRITE_BYTES >> 10,
+            copy_at_write.map_or("state unknown", |c| match c {
+                CopyState::Copying => "still copying",
+                CopyState::Done => "already done",
+                CopyState::Failed => "failed",
+            }),
+            human_duration(copied),
+            failover.point,
+            why(&files_ok),
         ),
     )
 }

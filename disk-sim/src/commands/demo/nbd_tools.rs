@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 
 /// The tools and the Debian package of each (`scripts/install-tools.sh` installs them).
 const TOOLS: [(&str, &str); 3] = [
@@ -75,6 +75,41 @@ pub(super) fn wait_size(uri: &str, timeout: Duration) -> anyhow::Result<u64> {
         }
         std::thread::sleep(RETRY_INTERVAL);
     }
+}
+
+/// Asks every disk at once (as a VM's disks would be opened) until each answers with its
+/// size, `uris[i]` being disk `i` of size `sizes_bytes[i]`.
+pub(super) fn wait_all(
+    uris: &[String],
+    sizes_bytes: &[u64],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if uris.len() != sizes_bytes.len() {
+        bail!(
+            "the export serves {} disks, the VM has {}",
+            uris.len(),
+            sizes_bytes.len()
+        );
+    }
+    let answers: Vec<anyhow::Result<u64>> = std::thread::scope(|scope| {
+        let asks: Vec<_> = uris
+            .iter()
+            .map(|uri| scope.spawn(|| wait_size(uri, timeout)))
+            .collect();
+        asks.into_iter()
+            .map(|ask| {
+                ask.join()
+                    .unwrap_or_else(|_| Err(anyhow!("nbdinfo's thread panicked")))
+            })
+            .collect()
+    });
+    for ((answer, uri), size) in answers.into_iter().zip(uris).zip(sizes_bytes) {
+        let answered = answer?;
+        if answered != *size {
+            bail!("nbdinfo --size {uri} answered {answered} bytes, the disk has {size}");
+        }
+    }
+    Ok(())
 }
 
 /// `nbdcopy URI FILE`: the export's bytes into a new file.
