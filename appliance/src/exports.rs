@@ -9,7 +9,8 @@ mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use appliance_api::model::{ExportDiskView, ExportView};
 
@@ -23,6 +24,77 @@ pub(crate) struct Live {
     pub(crate) record: Mutex<ExportRecord>,
     /// One per disk of the item.
     pub(crate) disks: Vec<Arc<NbdDisk>>,
+    /// A failover's copy job parks here while a change point rebases the disks.
+    pub(crate) copy_gate: CopyGate,
+}
+
+/// Where a failover's copy job waits while a change point moves the export to another point.
+#[derive(Debug, Default)]
+pub(crate) struct CopyGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// A change point holds the copy.
+    held: bool,
+    /// The copy job waits in [`CopyGate::park`].
+    parked: bool,
+}
+
+impl CopyGate {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a change point holds the copy (the job parks before its next disk).
+    pub(crate) fn is_held(&self) -> bool {
+        self.state().held
+    }
+
+    /// The copy job: waits while the copy is held.
+    pub(crate) fn park(&self) {
+        let mut state = self.state();
+        state.parked = true;
+        self.changed.notify_all();
+        while state.held {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked = false;
+    }
+
+    /// A change point: holds the copy, cancels the disks' running copies, and waits until the
+    /// job is parked or no disk is copying (at most `timeout`). Returns whether it is quiet.
+    pub(crate) fn hold(&self, disks: &[Arc<NbdDisk>], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        state.held = true;
+        loop {
+            for disk in disks {
+                disk.disk().cancel_copy();
+            }
+            if state.parked || disks.iter().all(|d| !d.disk().is_copying()) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            state = self
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets the copy go on.
+    pub(crate) fn release(&self) {
+        self.state().held = false;
+        self.changed.notify_all();
+    }
 }
 
 impl Live {

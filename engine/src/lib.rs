@@ -17,6 +17,8 @@
 //! - [`meta`]: the redb store: point catalogue, watermark, preserved-block index, replicas.
 //! - [`replica`]: replica disks opened only after size and identity checks.
 //! - [`materialize`]: the disks at a recovery point as new raw images.
+//! - [`export`]: a recovery point as an exported disk: point views read in place, a drill's
+//!   overlay, the copy to a failover target (no NBD here).
 //! - [`dirfd`]: files created through a directory handle, never through a symbolic link,
 //!   never over a name they did not create (materialize's outputs).
 //! - [`resync`]: delta resync by per-chunk hash comparison (hash lists, their wire encoding,

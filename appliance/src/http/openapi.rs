@@ -45,6 +45,7 @@ pub(super) fn add_links(document: &mut serde_json::Value) {
         ("Resync", "resync"),
         ("Failback", "failback"),
         ("Disable", "disable"),
+        ("CreateExport", "create_export"),
     ];
     let from_item = |id: &str| -> serde_json::Map<String, serde_json::Value> {
         item_operations
@@ -96,6 +97,14 @@ pub(super) fn add_links(document: &mut serde_json::Value) {
     let mut job = serde_json::Map::new();
     job.insert("GetItem".into(), link("get_item", "$response.body#/item"));
     links.push(("/v1/jobs/{id}", "get", "200", job));
+    let export_link = |operation: &str| {
+        json!({"operationId": operation, "parameters": {"export_id": "$response.body#/id"}})
+    };
+    let mut export = serde_json::Map::new();
+    export.insert("GetExport".into(), export_link("get_export"));
+    export.insert("RemoveExport".into(), export_link("remove_export"));
+    export.insert("GetItem".into(), link("get_item", "$response.body#/item"));
+    links.push(("/v1/items/{id}/exports", "post", "201", export));
     for (path, method, status, map) in links {
         if let Some(response) = document
             .pointer_mut(&format!(

@@ -26,6 +26,9 @@ impl Manager {
         let item = self.find(hex)?;
         let record = self.check_allowed(&item, Op::ChangePoint)?;
         let choice = point_choice(&request.point, false)?;
+        if let Some(export_id) = record.failover.as_ref().and_then(|f| f.export_id.clone()) {
+            return self.change_point_export(&item, &export_id, choice);
+        }
         self.check_job_room()?;
         let point_id = self.resolve(&item, choice)?;
         let current = record

@@ -8,28 +8,86 @@
 //!  job             stop replication; the export (new, or the drill's); Done(Failover)
 //!                  -> failed_over: the VM may run on the export now (copy: copying)
 //!                  copy every disk (ExportDisk::copy_to_target: client writes during the copy
-//!                  reach the overlay and the target), publish the files, switch the export
-//!                  to them (copy: done; commit allowed); remove the overlays
+//!                  reach the overlay and the target file); under ops: publish the files,
+//!                  record copy: done and the files (durably), then switch the disks to them
+//!                  (commit allowed); remove the overlays
+//!  change point    (before the VM's first write) holds the copy, rebases, copies again
+//!  restart         a cut copy starts again in a new job (the partial files made anew)
 //! ```
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use engine::dirfd::Dir;
 use engine::error::report;
+use engine::export::ExportError;
 use engine::materialize::PointChoice;
 
 use crate::exports::{ExportRecord, Live};
 use crate::jobs::{Job, JobKind, JobView};
 use crate::store::parse_item_hex;
-use crate::target::{Target, disk_names};
+use crate::target::{Target, disk_names, file_identity, remove_recorded};
 
 use super::error::OpError;
 use super::exports::check_export_mode_request;
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::{planned, undo_pending};
-use super::model::{CopyState, ExportMode, ExportPurpose, Format, Materialized, PromoteRequest};
+use super::model::{
+    CopyState, ExportMode, ExportPurpose, Format, ItemState, Materialized, PromoteRequest,
+};
 use super::state::{Event, Op};
+
+/// How long a change point waits for the failover's copy to pause.
+const COPY_HOLD_WAIT: Duration = Duration::from_secs(30);
+
+/// Copies every disk of `live` not yet copied into the job's temporary files (each then
+/// mirrors client writes into its file until the switch). A change point cancels the running
+/// disk's copy (and undoes finished ones) and holds the job at the gate; then the copy starts
+/// again from the first disk.
+fn copy_disks(live: &Live, target: &Target, job: &Job) -> anyhow::Result<()> {
+    let total: u64 = live
+        .disks
+        .iter()
+        .map(|d| d.size_bytes_now())
+        .sum::<u64>()
+        .max(1);
+    'copy: loop {
+        let point_id = live.record().point_id;
+        let mut done_before = 0u64;
+        for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {
+            let size = disk.size_bytes_now();
+            if disk.disk().is_copied() || disk.disk().is_switched() {
+                done_before += size;
+                continue;
+            }
+            if live.copy_gate.is_held() {
+                live.copy_gate.park();
+                continue 'copy;
+            }
+            let file = temp.file.try_clone().context("opening the target file")?;
+            let copied = disk.disk().copy_to_target(Arc::new(file), &mut |done| {
+                crate::testhook::pause_point("export-copy:chunk");
+                job.progress(
+                    5 + (done_before + done) * 90 / total,
+                    format!("copying disk {index} (point {point_id} and the VM's writes)"),
+                );
+            });
+            match copied {
+                Ok(()) => {}
+                Err(ExportError::Cancelled) => {
+                    live.copy_gate.park();
+                    continue 'copy;
+                }
+                Err(e) => anyhow::bail!("copying disk {index}: {}", report(&e)),
+            }
+            done_before += size;
+        }
+        return Ok(());
+    }
+}
 
 /// Where the disks come from.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +158,7 @@ impl Manager {
                     &names,
                     source_shut_down,
                 );
-                if result.is_err() && item.record().state != super::model::ItemState::FailedOver {
+                if result.is_err() && item.record().state != ItemState::FailedOver {
                     target.discard(&names);
                 }
                 result
@@ -159,54 +217,9 @@ impl Manager {
             })?;
             live
         };
-        let point_id = live.record().point_id;
-        let total: u64 = live
-            .disks
-            .iter()
-            .map(|d| d.size_bytes_now())
-            .sum::<u64>()
-            .max(1);
-        let mut done_before = 0u64;
-        let mut overlays = Vec::new();
-        for ((index, disk), temp) in live.disks.iter().enumerate().zip(&target.temps) {
-            let file = temp.file.try_clone().context("opening the target file")?;
-            let size = disk.size_bytes_now();
-            let overlay = disk
-                .disk()
-                .copy_to_target(Arc::new(file), &mut |done| {
-                    job.progress(
-                        5 + (done_before + done) * 90 / total,
-                        format!("copying disk {index} (point {point_id} and the VM's writes)"),
-                    );
-                })
-                .map_err(|e| anyhow!("copying disk {index}: {}", report(&e)))?;
-            overlays.push(overlay);
-            done_before += size;
-        }
-        let published = target.publish_new(names)?;
-        let _ops = lock(&self.ops);
-        let dir = target.dir.path();
-        {
-            let mut record = live.record();
-            record.copy = Some(CopyState::Done);
-            record.targets = names
-                .iter()
-                .map(|n| dir.join(n).display().to_string())
-                .collect();
-        }
-        self.store_export(&live)?;
-        item.update(|r| {
-            if let Some(failover) = &mut r.failover {
-                failover.written = published;
-                failover.copy = Some(CopyState::Done);
-            }
-        })?;
-        drop(overlays);
-        super::exports::remove_overlays(item, &live.record().id);
+        let copied = self.finish_export_copy(item, job, &live, target, names)?;
         Ok(Some(format!(
-            "failed over to point {point_id} in export mode; the disks were copied into {} \
-             and the export serves them now{}",
-            dir.display(),
+            "{copied}{}",
             if source_shut_down {
                 ""
             } else {
@@ -216,38 +229,186 @@ impl Manager {
         )))
     }
 
+    /// The copy of a failover in export mode, to its end: every disk copied (mirroring
+    /// writes into its file), then under `ops` the files published and the switch recorded
+    /// durably, and only then the disks switched to their files: a crash at any point finds
+    /// every acknowledged write where the records say the disk is. The overlays go last.
+    fn finish_export_copy(
+        &self,
+        item: &Arc<Item>,
+        job: &Job,
+        live: &Live,
+        target: &Target,
+        names: &[String],
+    ) -> anyhow::Result<String> {
+        let _ops = loop {
+            copy_disks(live, target, job)?;
+            let ops = lock(&self.ops);
+            // A change point may have moved the disks between the copy and `ops`.
+            if live.disks.iter().all(|d| d.disk().is_copied()) {
+                break ops;
+            }
+        };
+        let point_id = live.record().point_id;
+        let published = target.publish_new(names)?;
+        let dir = target.dir.path();
+        {
+            let mut record = live.record();
+            record.copy = Some(CopyState::Done);
+            record.targets = names
+                .iter()
+                .map(|n| dir.join(n).display().to_string())
+                .collect();
+        }
+        self.store_export(live)?;
+        item.update(|r| {
+            if let Some(failover) = &mut r.failover {
+                failover.written = published;
+                failover.copy = Some(CopyState::Done);
+            }
+        })?;
+        let mut overlays = Vec::new();
+        for (index, disk) in live.disks.iter().enumerate() {
+            let overlay = disk
+                .disk()
+                .switch_to_target()
+                .map_err(|e| anyhow!("switching disk {index} to its file: {}", report(&e)))?;
+            overlays.push(overlay);
+        }
+        drop(overlays);
+        super::exports::remove_overlays(item, &live.record().id);
+        Ok(format!(
+            "failed over to point {point_id} in export mode; the disks were copied into {} \
+             and the export serves them now",
+            dir.display()
+        ))
+    }
+
+    /// Start-up: a failover in export mode whose copy a restart cut copies again (a new job:
+    /// the partial files it recorded are removed, by identity, and made anew). One that cannot
+    /// is marked failed, with the reason.
+    pub(super) fn resume_export_copies(self: &Arc<Self>) {
+        for item in self.all_items() {
+            let record = item.record().clone();
+            let Some(failover) = record.failover.clone() else {
+                continue;
+            };
+            if record.state != ItemState::FailedOver || failover.copy != Some(CopyState::Copying) {
+                continue;
+            }
+            let Some(export_id) = failover.export_id.clone() else {
+                continue;
+            };
+            if let Err(e) = self.resume_export_copy(&item, &failover, &export_id) {
+                let error = format!(
+                    "the failover's copy was cut by a restart and could not start again: {}",
+                    crate::store::describe(&e)
+                );
+                tracing::error!(item = %item.hex, %error);
+                let _ops = lock(&self.ops);
+                self.undo_export_failover(&item, Op::Failover, &error);
+            }
+        }
+    }
+
+    fn resume_export_copy(
+        self: &Arc<Self>,
+        item: &Arc<Item>,
+        failover: &Materialized,
+        export_id: &str,
+    ) -> anyhow::Result<()> {
+        let (_, live) = self
+            .find_export(export_id)
+            .map_err(|e| anyhow!("export {export_id}: {e}"))?;
+        let record = item.record().clone();
+        let names = disk_names(record.disks.iter().map(|d| d.index), "raw");
+        // The partial files, also where a publish before the crash renamed them.
+        let left = remove_recorded(
+            &failover.target_dir,
+            failover.target_dir_id,
+            &failover.written,
+            &names,
+            false,
+        );
+        if !left.is_empty() {
+            anyhow::bail!("{}", left.join("; "));
+        }
+        let (dir, _) = Dir::open_nofollow(Path::new(&failover.target_dir), false)
+            .map_err(|e| anyhow!("{}", report(&e)))?;
+        if Some(file_identity(dir.id())) != failover.target_dir_id {
+            anyhow::bail!(
+                "{} is no longer the directory the failover chose",
+                failover.target_dir
+            );
+        }
+        let target = Target::create_temps(Arc::new(dir), failover.created_dir, &names)
+            .map_err(|e| anyhow!("{}", report(&e)))?;
+        let job = self.jobs.create(
+            JobKind::Failover,
+            &item.hex,
+            "copying the failover's disks again (a restart cut the copy)",
+        )?;
+        job.hold_target_dir(target.dir.id().dev, target.dir.id().ino);
+        let written = target.written();
+        item.update(|r| {
+            r.last_job = Some(job.id());
+            if let Some(failover) = &mut r.failover {
+                failover.written = written;
+            }
+        })?;
+        self.spawn_job(
+            item.clone(),
+            job,
+            move |manager, item, job| {
+                let copied = manager.finish_export_copy(item, job, &live, &target, &names);
+                if copied.is_err() {
+                    target.discard(&names);
+                }
+                Ok(Some(copied?))
+            },
+            |manager, item, error| manager.undo_export_failover(item, Op::Failover, error),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
     /// Undo of a failed export-mode failover: before the hand-over, as a failed failover
     /// (back to protected, or to the test failover for a promote); after it, the item stays
     /// failed over on the export, and the copy is marked failed (commit stays refused).
     fn undo_export_failover(&self, item: &Arc<Item>, op: Op, error: &str) {
-        if item.record().state == super::model::ItemState::FailedOver {
-            let export = item
-                .record()
-                .failover
-                .as_ref()
-                .and_then(|f| f.export_id.clone());
-            if let Some(Ok((_, live))) = export.map(|id| self.find_export(&id)) {
-                live.record().copy = Some(CopyState::Failed);
-                if let Err(e) = self.store_export(&live) {
-                    tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
+        match item.record().state {
+            ItemState::FailedOver => {}
+            ItemState::FailingOver => {
+                undo_pending(item, op, error);
+                if item.repl().is_none()
+                    && let Err(e) = self.start_replication(item)
+                {
+                    tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
+                        "replication did not restart after a failed failover");
                 }
+                return;
             }
-            if let Err(e) = item.update(|r| {
-                if let Some(failover) = &mut r.failover {
-                    failover.copy = Some(CopyState::Failed);
-                }
-                r.last_error = Some(error.to_owned());
-            }) {
+            // Disabled meanwhile (its exports closed, which ended the copy): nothing to undo.
+            _ => return,
+        }
+        let export = item
+            .record()
+            .failover
+            .as_ref()
+            .and_then(|f| f.export_id.clone());
+        if let Some(Ok((_, live))) = export.map(|id| self.find_export(&id)) {
+            live.record().copy = Some(CopyState::Failed);
+            if let Err(e) = self.store_export(&live) {
                 tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
             }
-            return;
         }
-        undo_pending(item, op, error);
-        if item.repl().is_none()
-            && let Err(e) = self.start_replication(item)
-        {
-            tracing::error!(item = %item.hex, error = %crate::store::describe(&e),
-                "replication did not restart after a failed failover");
+        if let Err(e) = item.update(|r| {
+            if let Some(failover) = &mut r.failover {
+                failover.copy = Some(CopyState::Failed);
+            }
+            r.last_error = Some(error.to_owned());
+        }) {
+            tracing::error!(error = %crate::store::describe(&e), "recording a failed copy");
         }
     }
 
@@ -268,6 +429,110 @@ impl Manager {
             &request.target_dir,
             request.source_shut_down,
         )
+    }
+
+    /// Change point of a failover in export mode: allowed while the VM has written nothing to
+    /// the export; the copy (if running) is held, the disks move to the new point, and the copy
+    /// starts again. Refused, naming why, after the VM's first write or once a disk's copy is
+    /// done (it serves its target file then).
+    pub(super) fn change_point_export(
+        &self,
+        item: &Arc<Item>,
+        export_id: &str,
+        choice: PointChoice,
+    ) -> Result<JobView, OpError> {
+        let (_, live) = self.find_export(export_id)?;
+        let refuse_written = || {
+            let written: u64 = live.disks.iter().map(|d| d.written_bytes()).sum();
+            OpError::Conflict {
+                code: "written_since_failover",
+                message: format!(
+                    "item {}: the VM wrote to its disks since the failover (export {export_id}, \
+                     {written} bytes since the appliance started); another point would lose \
+                     those writes, so change point is refused: it is allowed only before the \
+                     VM's first write",
+                    item.hex
+                ),
+            }
+        };
+        if live.disks.iter().any(|d| d.disk().has_writes()) {
+            return Err(refuse_written());
+        }
+        let point_id = self.resolve(item, choice)?;
+        let old_point = live.record().point_id;
+        // The new views first: pinned, and nothing changes if one cannot be opened.
+        let views = (0..live.disks.len())
+            .map(|index| self.open_view(item, index, point_id))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let quiet = live.copy_gate.hold(&live.disks, COPY_HOLD_WAIT);
+        let moved = (|| {
+            if !quiet {
+                return Err(OpError::Conflict {
+                    code: "copy_busy",
+                    message: format!(
+                        "item {}: the failover's copy did not pause within {} s; retry",
+                        item.hex,
+                        COPY_HOLD_WAIT.as_secs()
+                    ),
+                });
+            }
+            if let Some(index) = live.disks.iter().position(|d| d.disk().is_switched()) {
+                return Err(OpError::Conflict {
+                    code: "copy_done",
+                    message: format!(
+                        "item {}: disk {index} is already copied into its target file and the \
+                         export serves that file; change point in export mode is allowed while \
+                         the copy runs and the VM has not written",
+                        item.hex
+                    ),
+                });
+            }
+            for (index, (disk, view)) in live.disks.iter().zip(views).enumerate() {
+                if let Err(e) = disk.disk().rebase(view) {
+                    self.rebase_back(item, &live, index, old_point);
+                    return Err(match e {
+                        ExportError::HasWrites { .. } => refuse_written(),
+                        other => OpError::Io(report(&other)),
+                    });
+                }
+            }
+            live.record().point_id = point_id;
+            self.store_export(&live)?;
+            item.update(|r| {
+                if let Some(failover) = &mut r.failover {
+                    failover.point_id = point_id;
+                }
+                r.last_error = None;
+            })?;
+            Ok(())
+        })();
+        live.copy_gate.release();
+        moved?;
+        let job = self.jobs.create(
+            JobKind::ChangePoint,
+            &item.hex,
+            format!("moving the export to point {point_id}"),
+        )?;
+        job.succeed(format!(
+            "the failover's disks are point {point_id} now (export {export_id}); the copy into \
+             the target files started again"
+        ))?;
+        Ok(job.view())
+    }
+
+    /// Undo of a change point that moved disks `..count` and failed on the next: moves them
+    /// back to `point_id` (logged if that fails too).
+    fn rebase_back(&self, item: &Item, live: &Live, count: usize, point_id: u64) {
+        for (index, disk) in live.disks.iter().enumerate().take(count) {
+            let back = self
+                .open_view(item, index, point_id)
+                .and_then(|view| Ok(disk.disk().rebase(view)?));
+            if let Err(e) = back {
+                tracing::error!(item = %item.hex, disk = index, point_id,
+                    error = %crate::store::describe(&e),
+                    "a change point failed half way and a disk could not move back");
+            }
+        }
     }
 
     /// Writes `live`'s record to the control store.

@@ -140,7 +140,6 @@ impl Manager {
         create: bool,
     ) -> anyhow::Result<Arc<Live>> {
         let item_record = item.record().clone();
-        let geometries = item_record.geometries();
         let dir = export_dir(item, &record.id);
         let overlays = match record.mode {
             ExportMode::Drill if !record.switched() => {
@@ -152,7 +151,7 @@ impl Manager {
             _ => None,
         };
         let mut disks = Vec::with_capacity(item_record.disks.len());
-        for (index, (disk, geometry)) in item_record.disks.iter().zip(&geometries).enumerate() {
+        for (index, disk) in item_record.disks.iter().enumerate() {
             let export_disk = if record.switched() {
                 let path = record
                     .targets
@@ -165,21 +164,7 @@ impl Manager {
                     .with_context(|| format!("opening the failover's disk {path}"))?;
                 ExportDisk::target(Arc::new(file), disk.size_bytes)
             } else {
-                let replica = File::open(&disk.path)
-                    .with_context(|| format!("opening replica disk {}", disk.path))?;
-                let view = PointView::open(
-                    ViewSource {
-                        meta: self.meta.clone(),
-                        item: item_key(&item.id),
-                        disk_index: u16::try_from(index).context("disk index")?,
-                        disk: *geometry,
-                        preserve_dir: Arc::new(item.dirs.preserve()?),
-                        grain_bytes: ApplyConfig::default().grain_bytes,
-                        pins: item.pins.clone(),
-                    },
-                    record.point_id,
-                    Arc::new(replica),
-                )?;
+                let view = self.open_view(item, index, record.point_id)?;
                 match &overlays {
                     None => ExportDisk::read_only(view),
                     Some(dir) => {
@@ -198,7 +183,37 @@ impl Manager {
         Ok(Arc::new(Live {
             record: Mutex::new(record.clone()),
             disks,
+            copy_gate: Default::default(),
         }))
+    }
+
+    /// Disk `index` of `item` at `point_id`, pinned while the view lives.
+    pub(super) fn open_view(
+        &self,
+        item: &Item,
+        index: usize,
+        point_id: u64,
+    ) -> anyhow::Result<PointView> {
+        let record = item.record().clone();
+        let geometries = record.geometries();
+        let (Some(disk), Some(geometry)) = (record.disks.get(index), geometries.get(index)) else {
+            anyhow::bail!("item {} has no disk {index}", item.hex);
+        };
+        let replica = File::open(&disk.path)
+            .with_context(|| format!("opening replica disk {}", disk.path))?;
+        Ok(PointView::open(
+            ViewSource {
+                meta: self.meta.clone(),
+                item: item_key(&item.id),
+                disk_index: u16::try_from(index).context("disk index")?,
+                disk: *geometry,
+                preserve_dir: Arc::new(item.dirs.preserve()?),
+                grain_bytes: ApplyConfig::default().grain_bytes,
+                pins: item.pins.clone(),
+            },
+            point_id,
+            Arc::new(replica),
+        )?)
     }
 
     /// `DELETE /v1/exports/{export_id}`: an export made by `POST .../exports` (a test

@@ -35,6 +35,7 @@ impl Manager {
                 }
             }
         }
+        self.resume_export_copies();
         let manager = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
             .name("supervisor".into())

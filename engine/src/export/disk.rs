@@ -44,6 +44,8 @@ pub struct ExportDisk {
     /// Bytes the overlay held when the export was made.
     overlay_bytes_at_start: u64,
     copying: AtomicBool,
+    /// Set by [`ExportDisk::cancel_copy`]: the running copy stops at its next chunk.
+    cancel: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -94,6 +96,7 @@ impl ExportDisk {
             written_bytes: AtomicU64::new(0),
             overlay_bytes_at_start,
             copying: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
@@ -169,9 +172,7 @@ impl ExportDisk {
             } => overlay.read_at(offset_bytes, out, &|at, buf| view.read_at(at, buf)),
             Mode::Target(file) => file
                 .read_exact_at(out, offset_bytes)
-                .map_err(ExportError::io(format!(
-                    "reading the target at byte {offset_bytes}"
-                ))),
+                .map_err(ExportError::io_at("reading the target", offset_bytes)),
         }
     }
 
@@ -235,7 +236,7 @@ impl ExportDisk {
                     Some(p) => file.write_all_at(p, at),
                     None => zero_file(file, at, len),
                 }
-                .map_err(ExportError::io(format!("writing the target at byte {at}")))?;
+                .map_err(ExportError::io_at("writing the target", at))?;
             }
             self.written_bytes.fetch_add(len, Ordering::AcqRel);
             at = piece_end;
@@ -366,28 +367,26 @@ impl ExportDisk {
     }
 
     /// Failover in export mode: copies the disk as clients see it into `target` (sparse)
-    /// while they keep reading and writing, syncs it, then switches to it. Returns the
-    /// overlay, whose files the caller removes. See the module doc for the protocol.
+    /// while they keep reading and writing, and syncs it. On success the disk stays in the
+    /// copying mode (every write reaches the overlay and the target) until
+    /// [`ExportDisk::switch_to_target`]: the caller records the switch durably first, so a
+    /// crash never finds writes only in a target its records do not name. See the module doc.
     pub fn copy_to_target(
         &self,
         target: Arc<File>,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<Option<Overlay>, ExportError> {
+    ) -> Result<(), ExportError> {
         if self.copying.swap(true, Ordering::AcqRel) {
             return Err(ExportError::Busy);
         }
+        self.cancel.store(false, Ordering::Release);
         let result = self.copy(target, progress);
-        if result.is_err() {
-            self.copying.store(false, Ordering::Release);
-        }
+        // Done or failed, no copy runs now (a second one finds the copying mode: Busy).
+        self.copying.store(false, Ordering::Release);
         result
     }
 
-    fn copy(
-        &self,
-        target: Arc<File>,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<Option<Overlay>, ExportError> {
+    fn copy(&self, target: Arc<File>, progress: &mut dyn FnMut(u64)) -> Result<(), ExportError> {
         target
             .set_len(0)
             .and_then(|()| target.set_len(self.size_bytes))
@@ -410,19 +409,37 @@ impl ExportDisk {
             (std::mem::replace(&mut *state, copying.clone()), copying)
         };
         let copied = self.copy_chunks(&copying, &target, progress);
-        let mut state = lock(&self.state);
         if let Err(error) = copied {
             // Back to the mode before the copy (the target's partial content is the caller's).
-            *state = before;
+            *lock(&self.state) = before;
             return Err(error);
         }
+        Ok(())
+    }
+
+    /// After [`ExportDisk::copy_to_target`]: the disk reads and writes its target file only
+    /// from now on (the view, and its pin, are dropped). Returns the overlay, whose files the
+    /// caller removes. Refused ([`ExportError::Busy`]) when no finished copy waits.
+    pub fn switch_to_target(&self) -> Result<Option<Overlay>, ExportError> {
+        let mut state = lock(&self.state);
+        if self.copying.load(Ordering::Acquire) {
+            return Err(ExportError::Busy);
+        }
+        let (target, overlay) = match &**state {
+            Mode::Copying {
+                target, overlay, ..
+            } => (target.clone(), overlay.clone()),
+            _ => return Err(ExportError::Busy),
+        };
         *state = Arc::new(Mode::Target(target));
         drop(state);
         self.writable.store(true, Ordering::Release);
-        Ok(match &*copying {
-            Mode::Copying { overlay, .. } => overlay.clone(),
-            _ => None,
-        })
+        Ok(overlay)
+    }
+
+    /// Whether a finished copy waits for [`ExportDisk::switch_to_target`].
+    pub fn is_copied(&self) -> bool {
+        !self.copying.load(Ordering::Acquire) && matches!(**lock(&self.state), Mode::Copying { .. })
     }
 
     fn copy_chunks(
@@ -437,6 +454,9 @@ impl ExportDisk {
             if self.is_closed() {
                 return Err(ExportError::Closed);
             }
+            if self.cancel.swap(false, Ordering::AcqRel) {
+                return Err(ExportError::Cancelled);
+            }
             let len = (self.size_bytes - at).min(COPY_CHUNK_BYTES);
             let chunk = at / COPY_CHUNK_BYTES;
             let piece = &mut buf[..len as usize];
@@ -446,13 +466,11 @@ impl ExportDisk {
                 if piece.iter().any(|&b| b != 0) {
                     target
                         .write_all_at(piece, at)
-                        .map_err(ExportError::io(format!(
-                            "copying to the target at byte {at}"
-                        )))?;
+                        .map_err(ExportError::io_at("copying to the target", at))?;
                 } else {
                     // A hole; a client's write may have put data here already.
                     zero_file(target, at, len)
-                        .map_err(ExportError::io(format!("zeroing the target at byte {at}")))?;
+                        .map_err(ExportError::io_at("zeroing the target", at))?;
                 }
             }
             at += len;
@@ -461,6 +479,46 @@ impl ExportDisk {
         target
             .sync_all()
             .map_err(ExportError::io("syncing the target"))
+    }
+
+    /// Undoes a copy to target not yet switched (a change point rebases the disk, then the
+    /// copy starts again): a running [`ExportDisk::copy_to_target`] stops at its next chunk
+    /// and returns [`ExportError::Cancelled`], back in the mode before it; a finished one
+    /// goes back to that mode now (its writes are in the overlay too). No effect otherwise.
+    pub fn cancel_copy(&self) {
+        if self.copying.load(Ordering::Acquire) {
+            self.cancel.store(true, Ordering::Release);
+            return;
+        }
+        let mut state = lock(&self.state);
+        if self.copying.load(Ordering::Acquire) {
+            self.cancel.store(true, Ordering::Release);
+            return;
+        }
+        let before = match &**state {
+            Mode::Copying {
+                view,
+                overlay: Some(overlay),
+                ..
+            } => Mode::Drill(view.clone(), overlay.clone()),
+            Mode::Copying {
+                view,
+                overlay: None,
+                ..
+            } => Mode::ReadOnly(view.clone()),
+            _ => return,
+        };
+        *state = Arc::new(before);
+    }
+
+    /// Whether a copy runs now.
+    pub fn is_copying(&self) -> bool {
+        self.copying.load(Ordering::Acquire)
+    }
+
+    /// Whether the disk serves its failover's target file (its copy is done).
+    pub fn is_switched(&self) -> bool {
+        matches!(**lock(&self.state), Mode::Target(_))
     }
 
     /// Closes the export: every later request fails with [`ExportError::Closed`].

@@ -342,10 +342,7 @@ impl Overlay {
                 self.0
                     .data
                     .read_exact_at(at, dst)
-                    .map_err(ExportError::io(format!(
-                        "reading overlay {} at byte {at}",
-                        self.0.stem
-                    )))?;
+                    .map_err(ExportError::io_at("reading the overlay", at))?;
             } else {
                 base(at, dst)?;
             }
@@ -358,10 +355,7 @@ impl Overlay {
         self.0
             .data
             .write_all_at(offset_bytes, data)
-            .map_err(ExportError::io(format!(
-                "writing overlay {} at byte {offset_bytes}",
-                self.0.stem
-            )))
+            .map_err(ExportError::io_at("writing the overlay", offset_bytes))
     }
 
     /// Writes part of one grain: a read-modify-write of the base when the grain is not yet
@@ -437,10 +431,7 @@ impl Overlay {
                         .0
                         .data
                         .punch_zeroes(at, run_end - at)
-                        .map_err(ExportError::io(format!(
-                            "zeroing overlay {} at byte {at}",
-                            self.0.stem
-                        )))?,
+                        .map_err(ExportError::io_at("zeroing the overlay", at))?,
                 }
                 self.cover(grain, last);
                 at = run_end;

@@ -175,10 +175,26 @@ impl PointReader {
         out.clear();
         let live = self.live_tags(meta)?;
         let mut from_live: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        let mut live_entries = Vec::new();
         for tag in live {
-            for (grain, offset) in
-                meta.preserved_range(self.item, tag, self.disk_index, first, last)?
-            {
+            live_entries.push((
+                tag,
+                meta.preserved_range(self.item, tag, self.disk_index, first, last)?,
+            ));
+        }
+        if live_entries.iter().all(|(_, entries)| entries.is_empty()) {
+            // The common case: only frozen entries, already in grain order.
+            let cache = self.lock();
+            out.extend(
+                cache
+                    .frozen
+                    .range(first..=last)
+                    .map(|(&grain, &(tag, offset))| (grain, tag, offset)),
+            );
+            return Ok(());
+        }
+        for (tag, entries) in live_entries {
+            for (grain, offset) in entries {
                 from_live.entry(grain).or_insert((tag, offset));
             }
         }
