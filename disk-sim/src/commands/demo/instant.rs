@@ -300,3 +300,51 @@ fn only_the_write_changed(before: &Path, after: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    fn images(dir: &Path, patch: impl Fn(&mut [u8])) -> (PathBuf, PathBuf) {
+        let before: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut after = before.clone();
+        patch(&mut after);
+        let (b, a) = (dir.join("before"), dir.join("after"));
+        std::fs::write(&b, before).unwrap();
+        std::fs::write(&a, after).unwrap();
+        (b, a)
+    }
+
+    const WRITE: std::ops::Range<usize> =
+        DRILL_WRITE_OFFSET_BYTES as usize..(DRILL_WRITE_OFFSET_BYTES + DRILL_WRITE_BYTES) as usize;
+
+    #[test]
+    fn the_write_alone_passes_anything_else_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, a) = images(dir.path(), |d| d[WRITE].fill(DRILL_WRITE_BYTE));
+        only_the_write_changed(&b, &a).unwrap();
+
+        let (b, a) = images(dir.path(), |_| {});
+        let error = only_the_write_changed(&b, &a).unwrap_err().to_string();
+        assert!(error.contains("does not read back"), "{error}");
+
+        let (b, a) = images(dir.path(), |d| {
+            d[WRITE].fill(DRILL_WRITE_BYTE);
+            d[7] ^= 1;
+        });
+        let error = only_the_write_changed(&b, &a).unwrap_err().to_string();
+        assert!(error.contains("changed byte 7,"), "{error}");
+
+        let (b, a) = images(dir.path(), |d| d[WRITE].fill(DRILL_WRITE_BYTE));
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let error = only_the_write_changed(&b, &a).unwrap_err().to_string();
+        assert!(error.contains("has 1048576 bytes"), "{error}");
+    }
+}
