@@ -5,9 +5,12 @@
 # loopback, a VM with an OS disk and two data disks on site A, and the whole cycle through the
 # appliances' control APIs and data ports: enable protection → initial replication → steady
 # replication under a workload → test failover (verify, clean up, replication still moving) →
-# failover to a Custom point → change to the latest app-consistent point → commit → the VM runs
-# on site B → re-protect to site A (original disks become replicas, temporary 1 GiB OS disk,
-# delta resync) → failback (temporary disk removed, VM back on site A) → protect A→B again.
+# the same test failover in export mode (NBD at once; nbdcopy'd bytes checked, a drill write
+# the replica never sees) → failover to a Custom point → change to the latest app-consistent
+# point → commit → the VM runs on site B → re-protect to site A (original disks become
+# replicas, temporary 1 GiB OS disk, delta resync) → failback (temporary disk removed, VM back
+# on site A) → protect A→B again → failover in export mode (the VM writes through NBD while
+# the copy job runs; commit).
 # Every disk the appliances hand back is compared byte for byte with the source VM's disks.
 #
 # Part two, scripts/offline-demo.sh: the data path on a stream file (ingest with a SIGKILL,

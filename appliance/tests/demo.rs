@@ -18,6 +18,6 @@ fn the_demo_completes_the_whole_cycle_with_every_check_passing() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", String::from_utf8_lossy(&out)));
     let out = String::from_utf8(out).unwrap();
     assert!(steps.iter().all(|s| s.ok), "{out}");
-    assert_eq!(steps.len(), 13, "{out}");
+    assert_eq!(steps.len(), 15, "{out}");
     assert!(out.contains("all checks passed"), "{out}");
 }

@@ -5,18 +5,25 @@
 //!
 //! ```text
 //!  enable (B) → initial replication → steady replication under a workload → test failover
-//!  (verify, clean up, replication still moving) → failover to a Custom point → change point to
+//!  (verify, clean up, replication still moving) → the same test failover in export mode (NBD
+//!  at once: time to first answer, bytes, a drill write the replica never sees, clean up) →
+//!  failover to a Custom point → change point to
 //!  the latest app-consistent point → commit → the VM runs on site B → re-protect to site A
 //!  (original disks become replicas, temporary 1 GiB OS disk, delta resync) → reverse
 //!  replication → failback (planned failover; temporary disk removed; VM back on site A) →
-//!  protect A→B again
+//!  protect A→B again → failover in export mode (the VM runs on the export at once and
+//!  writes; the copy job runs; commit after)
 //! ```
 //!
 //! Every step prints one line (what it did, how long it took, bytes moved, the check), every
 //! disk the appliances hand back is compared byte for byte with the source VM's own disks at
 //! that instant (the source model, [`SourceModel`]: its oracle rebuilds every disk at every
 //! bookmark), and the run ends with a summary table. It fails (non-zero exit) if any check
-//! fails.
+//! fails. The export-mode step reads the exports with `nbdinfo`, `nbdcopy` and `qemu-io`
+//! ([`nbd_tools`]; `scripts/install-tools.sh` installs them); the demo installs nothing.
+
+mod instant;
+mod nbd_tools;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use appliance_api::model::{
-    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState,
+    ChangePointRequest, DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, JobView,
     MaterializeRequest, PointSpec, PolicyRequest,
 };
 use engine::delta::{Consistency, DiskGeometry};
@@ -69,6 +76,8 @@ pub struct StepReport {
     pub name: String,
     /// How long.
     pub duration: Duration,
+    /// For a step that hands out disks: how long from the request until they were usable.
+    pub ready: Option<Duration>,
     /// Bytes that crossed a data port (or were written by the appliance).
     pub bytes: u64,
     /// The check and its result.
@@ -114,6 +123,8 @@ struct Run<'a> {
     out: &'a mut dyn Write,
     steps: Vec<StepReport>,
     started: Instant,
+    /// The next step's [`StepReport::ready`].
+    ready: Option<Duration>,
 }
 
 impl Run<'_> {
@@ -126,16 +137,19 @@ impl Run<'_> {
     ) -> anyhow::Result<()> {
         let duration = self.started.elapsed();
         let check = check.into();
+        let ready = self.ready.take();
         writeln!(
             self.out,
-            "{:<4} {name:<64} {:>9}  {:>10}  {check}",
+            "{:<4} {name:<64} {:>9}  {:>11}  {:>10}  {check}",
             if ok { "ok" } else { "FAIL" },
             human_duration(duration),
+            ready.map(human_duration).unwrap_or_default(),
             human_bytes(bytes),
         )?;
         self.steps.push(StepReport {
             name: name.to_owned(),
             duration,
+            ready,
             bytes,
             check,
             ok,
@@ -178,6 +192,15 @@ fn why_differ(differ: &[(usize, String)]) -> String {
         .collect()
 }
 
+/// How long job `job` ran, by the appliance's clock (created until finished).
+fn job_duration(job: &JobView) -> Duration {
+    Duration::from_nanos(
+        job.finished_ns
+            .unwrap_or(job.created_ns)
+            .saturating_sub(job.created_ns),
+    )
+}
+
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs the demo; writes its lines to `out`. Returns the steps (all ok) or the first error.
@@ -218,6 +241,7 @@ fn run_in(
     options: &DemoOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<Vec<StepReport>> {
+    nbd_tools::check_tools()?;
     let site_a = root.join("site-a");
     let site_b = root.join("site-b");
     for dir in [&site_a, &site_b] {
@@ -239,13 +263,14 @@ fn run_in(
     )?;
     writeln!(
         out,
-        "{:<4} {:<64} {:>9}  {:>10}  check",
-        "", "step", "time", "bytes"
+        "{:<4} {:<64} {:>9}  {:>11}  {:>10}  check",
+        "", "step", "time", "disks ready", "bytes"
     )?;
     let mut run = Run {
         out,
         steps: Vec::new(),
         started: Instant::now(),
+        ready: None,
     };
     let a = start(&site_a)?;
     let b = start(&site_b)?;
@@ -388,12 +413,13 @@ fn run_in(
     }
     let moving = vm.bookmark_labeled(&source, Consistency::Crash, "during test")?;
     let mut shown = progress("test failover");
-    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let copy_ready = job_duration(&b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?);
     let test_files = paths(b.item(&item)?.test_failover.as_ref());
     let exact = vm.verify_files(last_app, &test_files);
     b.test_failover_cleanup(&item)?;
     source.flush(Duration::from_secs(120))?;
     b.wait_point(&item, moving, JOB_TIMEOUT)?;
+    run.ready = Some(copy_ready);
     run.step(
         "test failover at the latest app-consistent point (fixed VHD)",
         during,
@@ -404,6 +430,16 @@ fn run_in(
             why(&exact)
         ),
     )?;
+
+    // ── the same test failover in export mode: NBD at once ──
+    let twin = instant::TwinOf {
+        appliance: &b,
+        item: &item,
+        point: last_app,
+        copy_ready,
+        scratch: site_b.join("restore/vm1-drill-read-back"),
+    };
+    instant::test_failover_export(&mut run, &twin, &mut vm, &source)?;
 
     // The source VM shuts down (its agent drains first).
     let mut tail = 0;
@@ -427,9 +463,10 @@ fn run_in(
         },
     )?;
     let mut shown = progress("failover");
-    b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?;
+    let failover_ready = job_duration(&b.wait_job(job.id, JOB_TIMEOUT, &mut shown)?);
     let failed_over = paths(b.item(&item)?.failover.as_ref());
     let exact = vm.verify_files(custom, &failed_over);
+    run.ready = Some(failover_ready);
     run.step(
         &format!("failover to Custom point {custom} (raw)"),
         tail,
@@ -628,20 +665,31 @@ fn run_in(
         differ.is_empty(),
         format!("B's replicas equal the VM on site A{}", why_differ(&differ)),
     )?;
+
+    // ── failover in export mode: the VM runs on the export at once ──
+    let failover = instant::FailoverOf {
+        appliance: &b,
+        item: &again,
+        point,
+        copy_ready: failover_ready,
+        target_dir: site_b.join("restore/vm1-instant"),
+    };
+    instant::failover_export(&mut run, &failover, &vm)?;
     a.stop()?;
     b.stop()?;
     let steps = std::mem::take(&mut run.steps);
     let out = run.out;
     writeln!(out)?;
     writeln!(out, "summary")?;
-    writeln!(out, "| step | time | bytes | check |")?;
-    writeln!(out, "|---|---:|---:|---|")?;
+    writeln!(out, "| step | time | disks ready | bytes | check |")?;
+    writeln!(out, "|---|---:|---:|---:|---|")?;
     for step in &steps {
         writeln!(
             out,
-            "| {} | {} | {} | {} {} |",
+            "| {} | {} | {} | {} | {} {} |",
             step.name,
             human_duration(step.duration),
+            step.ready.map(human_duration).unwrap_or_default(),
             human_bytes(step.bytes),
             if step.ok { "ok" } else { "FAIL" },
             step.check
