@@ -84,4 +84,8 @@ pub struct MetricsSnapshot {
     pub jobs_by_state: Vec<(String, String, u64)>,
     pub data_port_sessions_total: u64,
     pub data_port_connections: u64,
+    /// Live exports by purpose (`export`, `test_failover`, `failover`).
+    pub exports_by_purpose: Vec<(String, u64)>,
+    /// NBD sessions open on exports now.
+    pub nbd_connections: u64,
 }

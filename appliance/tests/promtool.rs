@@ -233,6 +233,8 @@ fn rendered_edge_cases_pass_promtool() {
         ],
         data_port_sessions_total: 12,
         data_port_connections: 2,
+        exports_by_purpose: vec![("export".to_owned(), 1), ("failover\n".to_owned(), 2)],
+        nbd_connections: 1,
     };
     for snapshot in [full, MetricsSnapshot::default()] {
         let text = render(&snapshot).unwrap();

@@ -261,6 +261,20 @@ impl Manager {
                 .collect(),
             data_port_sessions_total: port.sessions,
             data_port_connections: port.active as u64,
+            exports_by_purpose: self
+                .exports_view()
+                .iter()
+                .fold(BTreeMap::new(), |mut by, e| {
+                    *by.entry(e.purpose.name().to_owned()).or_insert(0u64) += 1;
+                    by
+                })
+                .into_iter()
+                .collect(),
+            nbd_connections: self
+                .exports_view()
+                .iter()
+                .map(|e| u64::from(e.connections))
+                .sum(),
         }
     }
 }

@@ -135,6 +135,8 @@ struct Scrape {
     jobs: BTreeMap<(String, String), u64>,
     data_port_sessions_total: u64,
     data_port_connections: u64,
+    exports: BTreeMap<String, u64>,
+    nbd_connections: u64,
 }
 
 impl Scrape {
@@ -162,6 +164,15 @@ impl Scrape {
             jobs,
             data_port_sessions_total: snapshot.data_port_sessions_total,
             data_port_connections: snapshot.data_port_connections,
+            exports: snapshot.exports_by_purpose.iter().fold(
+                BTreeMap::new(),
+                |mut exports, (purpose, count)| {
+                    let total = exports.entry(purpose.clone()).or_insert(0u64);
+                    *total = total.saturating_add(*count);
+                    exports
+                },
+            ),
+            nbd_connections: snapshot.nbd_connections,
         }
     }
 }
@@ -272,6 +283,23 @@ impl Collector for Scrape {
         ConstGauge::new(self.data_port_connections).encode(encoder.encode_descriptor(
             "appliance_data_port_connections",
             "Data-port connections open now.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut family = encoder.encode_descriptor(
+            "appliance_exports",
+            "Live exports of recovery points over NBD by purpose.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (purpose, count) in &self.exports {
+            ConstGauge::new(*count)
+                .encode(family.encode_family(&[("purpose", purpose.as_str())])?)?;
+        }
+        ConstGauge::new(self.nbd_connections).encode(encoder.encode_descriptor(
+            "appliance_nbd_connections",
+            "NBD sessions open on exports now.",
             None,
             MetricType::Gauge,
         )?)

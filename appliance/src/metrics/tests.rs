@@ -4,7 +4,7 @@
 use super::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-const ALL_FAMILIES: [(&str, &str); 18] = [
+const ALL_FAMILIES: [(&str, &str); 20] = [
     ("appliance_item_state", "gauge"),
     ("appliance_item_rpo_lag_seconds", "gauge"),
     ("appliance_item_cache_used_bytes", "gauge"),
@@ -23,6 +23,8 @@ const ALL_FAMILIES: [(&str, &str); 18] = [
     ("appliance_jobs", "gauge"),
     ("appliance_data_port_sessions_total", "counter"),
     ("appliance_data_port_connections", "gauge"),
+    ("appliance_exports", "gauge"),
+    ("appliance_nbd_connections", "gauge"),
 ];
 
 fn item(id: &str, name: &str) -> ItemMetrics {
@@ -69,6 +71,8 @@ fn sample_snapshot() -> MetricsSnapshot {
         ],
         data_port_sessions_total: 12,
         data_port_connections: 2,
+        exports_by_purpose: vec![("drill".to_owned(), 1), ("export".to_owned(), 2)],
+        nbd_connections: 3,
     }
 }
 
@@ -390,6 +394,8 @@ fn render_values() {
     );
     assert_eq!(value("appliance_data_port_sessions_total", &[]), 12.0);
     assert_eq!(value("appliance_data_port_connections", &[]), 2.0);
+    assert_eq!(value("appliance_exports", &[("purpose", "export")]), 2.0);
+    assert_eq!(value("appliance_nbd_connections", &[]), 3.0);
     assert!(text.contains("appliance_slots_capacity 32\n"));
     assert!(text.contains(",le=\"+Inf\"} 4\n"));
 }
