@@ -60,6 +60,7 @@ mod apply_bench;
 mod cpu;
 mod diag;
 mod e2e_bench;
+mod export_bench;
 mod fio;
 mod histogram;
 mod machine;
@@ -99,7 +100,7 @@ enum Cmd {
 }
 
 /// Benchmark names accepted by `--only`.
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 8] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
@@ -107,6 +108,7 @@ const BENCHMARKS: [&str; 7] = [
     "materialize",
     "resync",
     "e2e",
+    "export",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +161,8 @@ struct Plan {
     resync_image_bytes: u64,
     /// The e2e benchmark.
     e2e: e2e_bench::E2ePlan,
+    /// The export benchmark.
+    export: export_bench::ExportPlan,
 }
 
 impl Plan {
@@ -178,6 +182,7 @@ impl Plan {
                 materialize_bytes: 16 << 20,
                 resync_image_bytes: 16 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         } else if quick {
             Self {
@@ -194,6 +199,7 @@ impl Plan {
                 materialize_bytes: 256 << 20,
                 resync_image_bytes: 256 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         } else {
             Self {
@@ -210,6 +216,7 @@ impl Plan {
                 materialize_bytes: 2 << 30,
                 resync_image_bytes: 1 << 30,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         }
     }
@@ -229,7 +236,8 @@ impl Plan {
             1 << 30
         };
         let e2e = self.e2e.scratch_bytes();
-        self.replica_bytes + apply.max(materialize).max(resync).max(e2e) + slack
+        let export = self.export.scratch_bytes();
+        self.replica_bytes + apply.max(materialize).max(resync).max(e2e).max(export) + slack
     }
 }
 
@@ -292,12 +300,15 @@ fn run(args: RunArgs) -> Result<()> {
 
     // The e2e benchmark drives a real appliance process: fail before measuring anything if
     // its binary is not there.
-    let appliance_bin = if selected("e2e") {
+    let appliance_bin = if selected("e2e") || selected("export") {
         Some(e2e_bench::appliance_binary()?)
     } else {
         None
     };
     let fio = fio::ensure_fio()?;
+    if selected("export") {
+        export_bench::nbdcopy()?;
+    }
     let qemu_img = if selected("materialize") {
         Some(fio::ensure_program("qemu-img", "qemu-utils")?)
     } else {
@@ -417,8 +428,18 @@ fn run(args: RunArgs) -> Result<()> {
         )?);
         flush(&mut lines);
     }
-    if let Some(bin) = &appliance_bin {
+    if let Some(bin) = appliance_bin.as_ref().filter(|_| selected("e2e")) {
         benchmarks.extend(e2e_bench::e2e(&scratch, bin, &plan.e2e, &mut lines)?);
+        flush(&mut lines);
+    }
+    if let Some(bin) = appliance_bin.as_ref().filter(|_| selected("export")) {
+        benchmarks.extend(export_bench::export(
+            &scratch,
+            bin,
+            &fio,
+            &plan.export,
+            &mut lines,
+        )?);
         flush(&mut lines);
     }
     std::fs::create_dir_all(&args.out)
