@@ -15,9 +15,13 @@
 //!     │                   convert and cp --sparse=always           goal ≥ 1.0 vs qemu-img
 //!     ├─ resync           hash_path next to an O_DIRECT fio read of the replica file;
 //!     │                   diff bytes sent / differing chunks at 1 % and 10 %   goal ≤ 1.1
-//!     └─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
-//!                         lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
-//!                         (goal < 512 MiB); no fio side
+//!     ├─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
+//!     │                   lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
+//!     │                   (goal < 512 MiB); no fio side
+//!     └─ export           a real appliance serving points over NBD: time to first byte by
+//!                         disk size (1 GiB … 1 TiB) next to copy-mode test failover; nbdcopy
+//!                         read (goal ≥ 0.8) and fio-nbd 4 KiB random read (goal ≥ 0.7) next
+//!                         to fio on the replica file; nbdcopy into a drill next to fio write
 //!     │
 //!     ▼
 //!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
@@ -47,6 +51,7 @@
 //! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
 //! | e2e | 1, 8, 31 disks × 8, 96, 384 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 1024 MB/s (10 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s per step |
+//! | export | first byte: 1, 16, 256, 1024 GiB sparse × 5, copy mode × 3; 1 GiB data disk; 512 MiB drill write; random reads 4 s per run | × 10, × 5; 1 GiB; 1 GiB; 10 s | 1 GiB, 1 TiB × 2, × 1; 64 MiB; 32 MiB; 1 s |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.
