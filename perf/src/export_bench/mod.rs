@@ -7,7 +7,7 @@
 //!   items: sparse disks of 1 GiB, 16 GiB, 256 GiB, 1 TiB (created by the appliance, sparse;
 //!          a disk-sim agent writes 4 MiB at 0 and 64 KiB in the middle and at the end, then
 //!          a bookmark: the point) and one data disk (a scratch file written in full with
-//!          O_DIRECT, attached as the replica, 1 MiB overwritten by the agent, a bookmark)
+//!          O_DIRECT in the data dir, attached as the replica, 1 MiB overwritten by the agent, a bookmark)
 //!     │
 //!     ├─ first byte   per repetition, per disk size (interleaved): POST test-failover
 //!     │               {mode: export} → GET item (export id) → GET export (URI) → NBD connect,
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use appliance_api::model::{
-    DiskMode, DiskSpec, EnableRequest, ExportMode, ExportRequest, Format, JobState,
+    DiskMode, DiskSpec, EnableRequest, ExportMode, ExportRequest, Format, ItemState, JobState,
     MaterializeRequest, PointSpec,
 };
 use disk_sim::agent::{Agent, AgentConfig};
@@ -217,6 +217,8 @@ fn protect(
         .flush(WAIT)
         .with_context(|| format!("draining the agent of {name}"))?;
     appliance.wait_point(&enabled.item.id, point, WAIT)?;
+    // The supervisor marks the item protected at its next tick after the first point.
+    appliance.wait_state(&enabled.item.id, ItemState::Protected, WAIT)?;
     if first_block.len() != 4096 {
         bail!("{name}: the agent's writes must start with 4 KiB at offset 0");
     }
@@ -330,7 +332,11 @@ pub fn export(
     );
     let appliance = Appliance::start_with_bin(bin, &data_dir, &[])?;
 
-    let data_file = scratch.join("export-data.img");
+    // An attached disk must be inside the data directory (or a disk store).
+    let attached = data_dir.join("attached");
+    std::fs::create_dir_all(&attached)
+        .with_context(|| format!("creating {}", attached.display()))?;
+    let data_file = attached.join("export-data.img");
     progress!(
         "export: writing the data disk ({} MiB, O_DIRECT) and protecting it",
         plan.data_bytes >> 20
@@ -367,7 +373,7 @@ pub fn export(
         &appliance,
         &sparse,
         &data,
-        &scratch.join("export-copy"),
+        &data_dir.join("copies"),
         plan,
         bin,
         lines,
