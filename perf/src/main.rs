@@ -51,7 +51,7 @@
 //! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
 //! | e2e | 1, 8, 31 disks × 8, 96, 384 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 1024 MB/s (10 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s per step |
-//! | export | first byte: 1, 16, 256, 1024 GiB sparse × 5, copy mode × 3; 1 GiB data disk; 512 MiB drill write; random reads 4 s per run | × 10, × 5; 1 GiB; 1 GiB; 10 s | 1 GiB, 1 TiB × 2, × 1; 64 MiB; 32 MiB; 1 s |
+//! | export | first byte: 1, 16, 256, 1024 GiB sparse × 5, copy mode × 3; 1 GiB data disk; 512 MiB drill write; random reads 2 s per run | × 10, × 5; 1 GiB; 1 GiB; 10 s | 1 GiB, 1 TiB × 2, × 1; 64 MiB; 32 MiB; 1 s |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.

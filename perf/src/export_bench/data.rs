@@ -19,6 +19,9 @@ use crate::report::{Bench, Goal, Row, Side};
 /// Random-read jobs (each one NBD connection, or one fio thread on the file) and their depth.
 const RAND_JOBS: usize = 4;
 const RAND_DEPTH: usize = 8;
+/// Connections of the diagnostic random-read row (the NBD server lets 8 handshakes from one
+/// address run at once).
+const WIDE_JOBS: usize = 8;
 
 /// What every table needs.
 pub(super) struct DataCtx<'a> {
@@ -107,6 +110,12 @@ pub(super) fn seq_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Ben
         "fio",
         Some(Goal::AtLeast(0.8)),
     ));
+    lines.push(bench.add_ratio_vs(
+        "nbdcopy vs fio O_DIRECT read",
+        group,
+        "fio, O_DIRECT 1 MiB qd 32",
+        None,
+    ));
     bench.notes.push(format!(
         "export: a read-only export of the data disk's point (the replica file, written in \
          full; nothing preserved), read by `nbdcopy nbd://… null:` with its defaults (multi-conn \
@@ -135,18 +144,19 @@ pub(super) fn rand_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Be
     bench.param("disk_bytes", bytes);
     bench.param("runtime_s", runtime);
     let (export_id, uri) = read_only_export(ctx.appliance, ctx.item)?;
-    let common = || -> Vec<String> {
+    let common_of = |jobs: usize, depth: usize| -> Vec<String> {
         vec![
             "--rw=randread".into(),
             "--bs=4k".into(),
-            format!("--iodepth={RAND_DEPTH}"),
-            format!("--numjobs={RAND_JOBS}"),
+            format!("--iodepth={depth}"),
+            format!("--numjobs={jobs}"),
             "--group_reporting".into(),
             "--time_based".into(),
             format!("--runtime={runtime}"),
             "--randrepeat=0".into(),
         ]
     };
+    let common = || common_of(RAND_JOBS, RAND_DEPTH);
     let file_job = |direct: bool| {
         let mut args = vec![
             format!("--filename={}", ctx.file.display()),
@@ -193,6 +203,31 @@ pub(super) fn rand_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Be
     bench
         .rows
         .push(fio_row("fio, O_DIRECT", ctx.fio, &file_job(true), true)?);
+    // The same 32 reads in flight over more connections (the server's handshakes per peer
+    // address are limited to 8 at once): does the server scale with connections, i.e. is its
+    // one request at a time per connection the limit?
+    drop_page_cache(ctx.file)?;
+    let wide_jobs = WIDE_JOBS;
+    let wide_depth = RAND_JOBS * RAND_DEPTH / WIDE_JOBS;
+    let wide_label =
+        format!("diag: export, fio nbd engine, {wide_jobs} connections × qd {wide_depth}");
+    progress!("[{title}] {wide_label}");
+    let mut wide_args = vec!["--ioengine=nbd".to_owned(), format!("--uri={uri}")];
+    wide_args.extend(common_of(wide_jobs, wide_depth));
+    let wide = FioJob {
+        name: "export-rand-read-nbd-wide".into(),
+        args: wide_args,
+    };
+    match fio_row(&wide_label, ctx.fio, &wide, true) {
+        Ok(mut row) => {
+            row.side = Side::Diag;
+            row.extra.remove("command");
+            bench.rows.push(row);
+        }
+        Err(e) => bench
+            .notes
+            .push(format!("the {wide_label} run failed: {e:#}").replace(&uri, "nbd://ADDR/NAME")),
+    }
     drop_page_cache(ctx.file)?;
     ctx.appliance.client().remove_export(&export_id)?;
     lines.push(bench.add_ratio_vs(
@@ -201,6 +236,7 @@ pub(super) fn rand_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Be
         "fio",
         Some(Goal::AtLeast(0.7)),
     ));
+    lines.push(bench.add_ratio_vs("fio nbd vs fio O_DIRECT", group, "fio, O_DIRECT", None));
     bench.notes.push(format!(
         "export: fio's nbd engine (libnbd) on a read-only export of the data disk's point, \
          {RAND_JOBS} jobs = {RAND_JOBS} NBD connections, qd {RAND_DEPTH} each; the server \

@@ -20,6 +20,7 @@
 //!     ├─ rand read    fio --ioengine=nbd 4 KiB randread, 4 jobs (connections) × iodepth 8
 //!     │               vs  fio io_uring 4 KiB randread, 4 jobs × iodepth 8, buffered; page
 //!     │               cache dropped first; time based                           goal ≥ 0.7
+//!     │               diag: the same 32 in flight over 8 connections × qd 4 (scaling)
 //!     └─ drill write  nbdcopy --flush SRC nbd://…(a fresh test-failover drill of the data
 //!                     disk)   vs  fio --rw=write --bs=256k psync buffered --end_fsync=1 on a
 //!                     fresh file of the same filesystem (the overlays' one)     no goal
@@ -27,8 +28,10 @@
 //!
 //! Runs alternate as in the other benchmarks (fio, export, fio, export, fio) and ratios are
 //! of medians. O_DIRECT fio rows (one run each) show the device's own limit next to the
-//! buffered ones the ratios use: the export reads and writes through the page cache, so the
-//! comparable fio job is a buffered one with the same cache state.
+//! buffered ones the goals use (a second ratio, no goal): the export reads and writes through
+//! the page cache, so the comparable fio job is a buffered one with the same cache state.
+//! The appliance refuses paths outside its data directory, so the attached data disk and the
+//! copy-mode targets live inside it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -95,7 +98,7 @@ impl ExportPlan {
                 copy_repeats: 3,
                 data_bytes: GIB,
                 write_bytes: 512 * MIB,
-                rand_runtime_s: 4,
+                rand_runtime_s: 2,
                 repeats: 3,
             }
         } else {
