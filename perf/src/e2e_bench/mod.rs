@@ -58,7 +58,7 @@ use crate::series::IntervalBytes;
 mod api;
 mod disk;
 mod disk_count;
-mod process;
+pub(crate) mod process;
 mod step;
 #[cfg(test)]
 mod tests;

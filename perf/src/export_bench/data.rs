@@ -36,6 +36,14 @@ pub(super) struct DataCtx<'a> {
     pub(super) plan: &'a ExportPlan,
 }
 
+/// CPU seconds the appliance process used so far (0 when /proc cannot say).
+fn appliance_cpu_s(appliance: &Appliance) -> f64 {
+    appliance
+        .pid()
+        .and_then(|pid| crate::e2e_bench::process::cpu_of(pid).ok())
+        .map_or(0.0, |c| c.total_s())
+}
+
 /// A row of fio run with `numjobs` > 1: its bandwidth log is one job's, so no intervals.
 fn fio_row(label: &str, fio: &Fio, job: &FioJob, multi_job: bool) -> Result<Row> {
     let mut row = Row::fio(label, &fio.run(job)?);
@@ -86,10 +94,13 @@ pub(super) fn seq_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Ben
     for run in 1..=ctx.plan.repeats {
         drop_page_cache(ctx.file)?;
         progress!("[{title}] {group} #{run}");
+        let server_before = appliance_cpu_s(ctx.appliance);
         let (elapsed_s, cpu, command) = run_tool(Command::new(ctx.nbdcopy).arg(&uri).arg("null:"))?;
+        let server_cpu = appliance_cpu_s(ctx.appliance) - server_before;
         bench.rows.push(
             Row::engine(group, bytes, bytes / (256 << 10), elapsed_s)
                 .with_cpu(cpu)
+                .with_extra("appliance_cpu_s", server_cpu)
                 .with_extra("command", command.replace(&uri, "nbd://ADDR/NAME"))
                 .run(run),
         );
@@ -124,9 +135,9 @@ pub(super) fn seq_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Ben
          buffered 256 KiB psync reads of the same file (the kernel's readahead, like the \
          export's reads). Both start with the file's page cache dropped \
          (POSIX_FADV_DONTNEED). The O_DIRECT row (one run, 1 MiB at qd 32) is the device's \
-         limit, not in the ratio. CPU of the nbdcopy rows is nbdcopy's (the client), not the \
-         appliance's. {} wall time includes nbdcopy's start and handshake",
-        group
+         limit, in the second ratio (no goal). CPU of the nbdcopy rows is nbdcopy's (the \
+         client); the appliance's (the server) is appliance_cpu_s. The {group} wall time \
+         includes nbdcopy's start and handshake"
     ));
     Ok(bench)
 }
@@ -186,8 +197,11 @@ pub(super) fn rand_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Be
     for run in 1..=ctx.plan.repeats {
         drop_page_cache(ctx.file)?;
         progress!("[{title}] {group} #{run}");
+        let server_before = appliance_cpu_s(ctx.appliance);
         let mut row = fio_row(group, ctx.fio, &nbd_job, true)?.run(run);
+        let server_cpu = appliance_cpu_s(ctx.appliance) - server_before;
         row.side = Side::Engine;
+        row = row.with_extra("appliance_cpu_s", server_cpu);
         if let Some(command) = row.extra.get_mut("command") {
             *command = command
                 .as_str()
@@ -245,8 +259,9 @@ pub(super) fn rand_read(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<Be
          {RAND_JOBS} jobs × qd {RAND_DEPTH}, buffered (direct=0: the same page-cache path; \
          cache misses are handed to io_uring's workers). Every run starts with the file's \
          page cache dropped and runs {runtime} s (time based, so the cache warms alike). The \
-         O_DIRECT row (one run) is the device's limit, not in the ratio; fio's latency is \
-         per read as the client sees it (loopback TCP and the server's queue included)"
+         O_DIRECT row (one run) is the device's limit, in the second ratio (no goal); fio's \
+         latency is per read as the client sees it (loopback TCP and the server's queue \
+         included). appliance_cpu_s: the server's CPU during the run (/proc/PID/stat)"
     ));
     Ok(bench)
 }
@@ -301,12 +316,14 @@ pub(super) fn drill_write(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<
         let uri = test_failover_uri(ctx.appliance, &ctx.item.id)?;
         sync_all();
         progress!("[{title}] {group} #{run}");
+        let server_before = appliance_cpu_s(ctx.appliance);
         let (elapsed_s, cpu, command) = run_tool(
             Command::new(ctx.nbdcopy)
                 .arg("--flush")
                 .arg(&source)
                 .arg(&uri),
         )?;
+        let server_cpu = appliance_cpu_s(ctx.appliance) - server_before;
         let written = ctx
             .appliance
             .client()
@@ -323,6 +340,7 @@ pub(super) fn drill_write(ctx: &DataCtx<'_>, lines: &mut Vec<String>) -> Result<
                 .with_cpu(cpu)
                 .with_extra("command", command.replace(&uri, "nbd://ADDR/NAME"))
                 .with_extra("export_written_bytes", written)
+                .with_extra("appliance_cpu_s", server_cpu)
                 .run(run),
         );
         bench.rows.push(fio_run(run + 1)?);

@@ -6,8 +6,9 @@
 //!  appliance serve (defaults, data dir in the scratch dir, NBD on 127.0.0.1:0)
 //!   items: sparse disks of 1 GiB, 16 GiB, 256 GiB, 1 TiB (created by the appliance, sparse;
 //!          a disk-sim agent writes 4 MiB at 0 and 64 KiB in the middle and at the end, then
-//!          a bookmark: the point) and one data disk (a scratch file written in full with
-//!          O_DIRECT in the data dir, attached as the replica, 1 MiB overwritten by the agent, a bookmark)
+//!          a bookmark: the point) and one data disk (a file in the data dir written in
+//!          full with O_DIRECT, attached as the replica; the agent overwrites 1 MiB, then a
+//!          bookmark)
 //!     │
 //!     ├─ first byte   per repetition, per disk size (interleaved): POST test-failover
 //!     │               {mode: export} → GET item (export id) → GET export (URI) → NBD connect,
