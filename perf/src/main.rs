@@ -35,7 +35,7 @@
 //! once (they are slow, and have no goal). Diagnostic rows (`diag: …`) take the engine's
 //! path apart: see `diag.rs`.
 //!
-//! Sizes (`--quick` takes 1–3 minutes on 2 cores, depending on what else runs there; the
+//! Sizes (`--quick` takes 2–4 minutes on 2 cores, depending on what else runs there; the
 //! full run takes several minutes more, the e2e ladder alone about ten, prints its duration
 //! like the quick one, and checks for about 28 GiB of free scratch space, 11 GiB without
 //! e2e). The hidden `--tiny` (or `PERF_TINY=1`) shrinks everything so that the whole run
@@ -118,7 +118,7 @@ const BENCHMARKS: [&str; 8] = [
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Small sizes: finishes in one to three minutes on 2 cores.
+    /// Small sizes: finishes in two to four minutes on 2 cores.
     #[arg(long)]
     quick: bool,
     /// Tiny sizes, one engine run each: a check that the run works end to end (seconds), not
