@@ -15,9 +15,13 @@
 //!     │                   convert and cp --sparse=always           goal ≥ 1.0 vs qemu-img
 //!     ├─ resync           hash_path next to an O_DIRECT fio read of the replica file;
 //!     │                   diff bytes sent / differing chunks at 1 % and 10 %   goal ≤ 1.1
-//!     └─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
-//!                         lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
-//!                         (goal < 512 MiB); no fio side
+//!     ├─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
+//!     │                   lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
+//!     │                   (goal < 512 MiB); no fio side
+//!     └─ export           a real appliance serving points over NBD: time to first byte by
+//!                         disk size (1 GiB … 1 TiB) next to copy-mode test failover; nbdcopy
+//!                         read (goal ≥ 0.8) and fio-nbd 4 KiB random read (goal ≥ 0.7) next
+//!                         to fio on the replica file; nbdcopy into a drill next to fio write
 //!     │
 //!     ▼
 //!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
@@ -31,7 +35,7 @@
 //! once (they are slow, and have no goal). Diagnostic rows (`diag: …`) take the engine's
 //! path apart: see `diag.rs`.
 //!
-//! Sizes (`--quick` takes 1–3 minutes on 2 cores, depending on what else runs there; the
+//! Sizes (`--quick` takes 2–4 minutes on 2 cores, depending on what else runs there; the
 //! full run takes several minutes more, the e2e ladder alone about ten, prints its duration
 //! like the quick one, and checks for about 28 GiB of free scratch space, 11 GiB without
 //! e2e). The hidden `--tiny` (or `PERF_TINY=1`) shrinks everything so that the whole run
@@ -47,6 +51,7 @@
 //! | materialize | 256 MiB disk | 2 GiB disk | 16 MiB |
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
 //! | e2e | 1, 8, 31 disks × 8, 96, 384 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 1024 MB/s (10 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s per step |
+//! | export | first byte: 1, 16, 256, 1024 GiB sparse × 5, copy mode × 3; 1 GiB data disk; 512 MiB drill write; random reads 2 s per run | × 10, × 5; 1 GiB; 1 GiB; 10 s | 1 GiB, 1 TiB × 2, × 1; 64 MiB; 32 MiB; 1 s |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.
@@ -60,6 +65,7 @@ mod apply_bench;
 mod cpu;
 mod diag;
 mod e2e_bench;
+mod export_bench;
 mod fio;
 mod histogram;
 mod machine;
@@ -99,7 +105,7 @@ enum Cmd {
 }
 
 /// Benchmark names accepted by `--only`.
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 8] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
@@ -107,11 +113,12 @@ const BENCHMARKS: [&str; 7] = [
     "materialize",
     "resync",
     "e2e",
+    "export",
 ];
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Small sizes: finishes in one to three minutes on 2 cores.
+    /// Small sizes: finishes in two to four minutes on 2 cores.
     #[arg(long)]
     quick: bool,
     /// Tiny sizes, one engine run each: a check that the run works end to end (seconds), not
@@ -159,6 +166,8 @@ struct Plan {
     resync_image_bytes: u64,
     /// The e2e benchmark.
     e2e: e2e_bench::E2ePlan,
+    /// The export benchmark.
+    export: export_bench::ExportPlan,
 }
 
 impl Plan {
@@ -178,6 +187,7 @@ impl Plan {
                 materialize_bytes: 16 << 20,
                 resync_image_bytes: 16 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         } else if quick {
             Self {
@@ -194,6 +204,7 @@ impl Plan {
                 materialize_bytes: 256 << 20,
                 resync_image_bytes: 256 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         } else {
             Self {
@@ -210,6 +221,7 @@ impl Plan {
                 materialize_bytes: 2 << 30,
                 resync_image_bytes: 1 << 30,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
+                export: export_bench::ExportPlan::new(quick, tiny),
             }
         }
     }
@@ -229,7 +241,8 @@ impl Plan {
             1 << 30
         };
         let e2e = self.e2e.scratch_bytes();
-        self.replica_bytes + apply.max(materialize).max(resync).max(e2e) + slack
+        let export = self.export.scratch_bytes();
+        self.replica_bytes + apply.max(materialize).max(resync).max(e2e).max(export) + slack
     }
 }
 
@@ -292,12 +305,15 @@ fn run(args: RunArgs) -> Result<()> {
 
     // The e2e benchmark drives a real appliance process: fail before measuring anything if
     // its binary is not there.
-    let appliance_bin = if selected("e2e") {
+    let appliance_bin = if selected("e2e") || selected("export") {
         Some(e2e_bench::appliance_binary()?)
     } else {
         None
     };
     let fio = fio::ensure_fio()?;
+    if selected("export") {
+        export_bench::nbdcopy()?;
+    }
     let qemu_img = if selected("materialize") {
         Some(fio::ensure_program("qemu-img", "qemu-utils")?)
     } else {
@@ -417,8 +433,18 @@ fn run(args: RunArgs) -> Result<()> {
         )?);
         flush(&mut lines);
     }
-    if let Some(bin) = &appliance_bin {
+    if let Some(bin) = appliance_bin.as_ref().filter(|_| selected("e2e")) {
         benchmarks.extend(e2e_bench::e2e(&scratch, bin, &plan.e2e, &mut lines)?);
+        flush(&mut lines);
+    }
+    if let Some(bin) = appliance_bin.as_ref().filter(|_| selected("export")) {
+        benchmarks.extend(export_bench::export(
+            &scratch,
+            bin,
+            &fio,
+            &plan.export,
+            &mut lines,
+        )?);
         flush(&mut lines);
     }
     std::fs::create_dir_all(&args.out)

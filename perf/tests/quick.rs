@@ -3,9 +3,9 @@
 //! Asserts that the run succeeds and writes `results.json`, `report.md` and the plots it
 //! links, that every benchmark is there, and that every ratio is a finite number. No figure is
 //! asserted: the machine running the tests may be busy with anything. Skips (and says why)
-//! when fio or qemu-img is missing (`scripts/install-tools.sh` installs both).
+//! when fio, qemu-img or nbdcopy is missing (`scripts/install-tools.sh` installs them).
 //!
-//! The `e2e` benchmark starts a real `appliance serve`: cargo does not build another
+//! The `e2e` and `export` benchmarks start a real `appliance serve`: cargo does not build another
 //! package's binary for this test, so the test runs `cargo build -p appliance` (a no-op when
 //! it is up to date) into the perf binary's target directory and profile first, and passes
 //! the binary as `APPLIANCE_BIN`.
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 8] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
@@ -24,6 +24,7 @@ const BENCHMARKS: [&str; 7] = [
     "materialize",
     "resync",
     "e2e",
+    "export",
 ];
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -85,11 +86,11 @@ fn finite(value: &Value, what: &str) -> f64 {
 
 #[test]
 fn quick_run_writes_results_report_and_plots() {
-    for tool in ["fio", "qemu-img"] {
+    for tool in ["fio", "qemu-img", "nbdcopy"] {
         if on_path(tool).is_none() {
             eprintln!(
-                "SKIP: {tool} is not installed (scripts/install-tools.sh installs fio and \
-                 qemu-img); perf run compares against it"
+                "SKIP: {tool} is not installed (scripts/install-tools.sh installs fio, \
+                 qemu-img and nbdcopy); perf run compares against it"
             );
             return;
         }

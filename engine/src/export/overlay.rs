@@ -39,7 +39,7 @@ struct OverlayState {
     data: Arc<dyn DurableFile>,
     map: Arc<dyn DurableFile>,
     /// One bit per grain: covered (reads from the data file).
-    covered: Vec<AtomicU64>,
+    covered: Box<[AtomicU64]>,
     covered_count: AtomicU64,
     /// Read-modify-write of a partial grain, by grain % STRIPES; each owns a grain buffer.
     stripes: Vec<Mutex<Vec<u8>>>,
@@ -107,6 +107,23 @@ fn parse_record(r: &[u8]) -> Option<(u64, u64)> {
     (le_u64(&r[24..32]) == checksum(&r[0..24])).then(|| (le_u64(&r[8..16]), le_u64(&r[16..24])))
 }
 
+/// `words` atomic words, all zero, from a zeroed allocation: the kernel hands out zero pages
+/// lazily, so a large disk's bitmap (32 MiB per TiB at 4 KiB grains) costs nothing until grains
+/// in it are written, and making a 1 TiB drill does not first write 32 MiB of zeros.
+fn zeroed_words(words: usize) -> Box<[AtomicU64]> {
+    const _: () = assert!(
+        std::mem::size_of::<AtomicU64>() == std::mem::size_of::<u64>()
+            && std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>()
+    );
+    // `vec![0; n]` of an integer allocates zeroed memory (no writes); capacity == len, so
+    // into_boxed_slice does not reallocate.
+    let zeroed: Box<[u64]> = vec![0u64; words].into_boxed_slice();
+    // SAFETY: AtomicU64 has the same size and alignment as u64 (asserted above) and the same
+    // bit validity, so the allocation holds `words` valid zero AtomicU64s, and the box frees
+    // it with the layout it was allocated with.
+    unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) }
+}
+
 impl Overlay {
     fn new(
         stem: &str,
@@ -124,6 +141,11 @@ impl Overlay {
         }
         let grain = u64::from(grain_bytes);
         let grain_count = size_bytes.div_ceil(grain);
+        let words =
+            usize::try_from(grain_count.div_ceil(64)).map_err(|_| ExportError::Overlay {
+                stem: stem.into(),
+                why: format!("{grain_count} grains do not fit this machine's address space"),
+            })?;
         Ok(Self(Arc::new(OverlayState {
             stem: stem.into(),
             size_bytes,
@@ -131,9 +153,7 @@ impl Overlay {
             grain_count,
             data,
             map,
-            covered: (0..grain_count.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            covered: zeroed_words(words),
             covered_count: AtomicU64::new(0),
             stripes: (0..STRIPES)
                 .map(|_| Mutex::new(vec![0u8; grain_bytes as usize]))

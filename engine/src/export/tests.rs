@@ -145,6 +145,37 @@ fn overlay_crash_at_every_sync_keeps_flushed_writes_and_no_record_without_data()
 }
 
 #[test]
+fn overlay_of_a_1_tib_disk_covers_its_first_and_last_grains_and_reopens() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = StdDir::open(root.path()).unwrap();
+    let size = 1u64 << 40;
+    let last = size - u64::from(GRAIN);
+    let overlay = Overlay::create(&dir, "big", size, GRAIN).unwrap();
+    assert!(!overlay.is_covered(0) && !overlay.is_covered(last / u64::from(GRAIN)));
+    let mut out = vec![0u8; GRAIN as usize];
+    overlay.read_at(last, &mut out, &base_read).unwrap();
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(i, &b)| b == base_byte(last + i as u64))
+    );
+    for at in [0, last] {
+        overlay
+            .write_at(at, &vec![7u8; GRAIN as usize], &base_read)
+            .unwrap();
+    }
+    assert!(overlay.is_covered(0) && overlay.is_covered(last / u64::from(GRAIN)));
+    assert!(!overlay.is_covered(1) && !overlay.is_covered(last / u64::from(GRAIN) - 1));
+    assert_eq!(overlay.written_bytes(), 2 * u64::from(GRAIN));
+    overlay.flush().unwrap();
+    drop(overlay);
+    let again = Overlay::open(&dir, "big", size, GRAIN).unwrap();
+    assert_eq!(again.written_bytes(), 2 * u64::from(GRAIN));
+    again.read_at(last, &mut out, &base_read).unwrap();
+    assert!(out.iter().all(|&b| b == 7));
+}
+
+#[test]
 fn overlay_create_refuses_existing_files_and_open_refuses_a_foreign_map() {
     let dir = SimDir::new();
     Overlay::create(&dir, "d", 1 << 20, GRAIN).unwrap();

@@ -58,7 +58,7 @@ use crate::series::IntervalBytes;
 mod api;
 mod disk;
 mod disk_count;
-mod process;
+pub(crate) mod process;
 mod step;
 #[cfg(test)]
 mod tests;
@@ -177,16 +177,16 @@ pub fn appliance_binary() -> Result<PathBuf> {
     };
     let bin = disk_sim::site::appliance_bin().map_err(|_| {
         anyhow!(
-            "the e2e benchmark needs the appliance binary, and there is none beside {} (nor \
-             in APPLIANCE_BIN); build it: {build}",
+            "the e2e and export benchmarks need the appliance binary, and there is none beside \
+             {} (nor in APPLIANCE_BIN); build it: {build}",
             std::env::current_exe()
                 .map_or_else(|_| "this program".into(), |p| p.display().to_string())
         )
     })?;
     if !bin.is_file() {
         bail!(
-            "the e2e benchmark needs the appliance binary, and {} is not a file; build it: \
-             {build}",
+            "the e2e and export benchmarks need the appliance binary, and {} is not a file; \
+             build it: {build}",
             bin.display()
         );
     }

@@ -32,7 +32,7 @@ pub(super) fn reset_peak_rss(pid: u32) -> bool {
 }
 
 /// User and system CPU time of process `pid` (all its threads) from /proc/PID/stat.
-pub(super) fn cpu_of(pid: u32) -> Result<CpuTimes> {
+pub(crate) fn cpu_of(pid: u32) -> Result<CpuTimes> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // After the command name in parentheses: state (field 3) … utime (14), stime (15).
