@@ -204,3 +204,87 @@ fn flush_round_trip(s: &mut TcpStream) {
         "flush failed"
     );
 }
+
+/// One request header: magic, flags, kind, cookie, offset, length.
+fn request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&length.to_be_bytes());
+    r
+}
+
+/// A simple reply: (errno, cookie).
+fn simple_reply(s: &mut TcpStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(h[..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC
+    );
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// Many READs sent at once are answered by the session's read workers, each reply whole and
+/// matched by its cookie to the right bytes; a WRITE after them is answered only after every
+/// READ before it, and a READ after the WRITE sees it.
+#[test]
+fn pipelined_reads_are_answered_whole_by_cookie_and_a_write_waits_for_them() {
+    let export = mem(false);
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    export.fill(0, &pattern).unwrap();
+    let server = Server::start(config(), catalog(export, false)).unwrap();
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    handshake(&mut s).unwrap();
+    let reads: Vec<(u64, u64, u32)> = (0..64u64)
+        .map(|i| {
+            (
+                1000 + i,
+                (i * 12_289) % (SIZE - 70_000),
+                512 + (i as u32 % 7) * 9000,
+            )
+        })
+        .collect();
+    let mut batch = Vec::new();
+    for &(cookie, offset, length) in &reads {
+        batch.extend_from_slice(&request(CMD_READ, cookie, offset, length));
+    }
+    batch.extend_from_slice(&request(CMD_WRITE, 7, 4096, 4096));
+    batch.extend_from_slice(&[0xEE; 4096]);
+    batch.extend_from_slice(&request(CMD_READ, 8, 4096, 4096));
+    s.write_all(&batch).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..reads.len() {
+        let (errno, cookie) = simple_reply(&mut s);
+        assert_eq!(errno, 0);
+        let &(_, offset, length) = reads
+            .iter()
+            .find(|r| r.0 == cookie)
+            .unwrap_or_else(|| panic!("unknown cookie {cookie}"));
+        let mut data = vec![0u8; length as usize];
+        s.read_exact(&mut data).unwrap();
+        assert!(
+            data[..] == pattern[offset as usize..(offset + u64::from(length)) as usize],
+            "cookie {cookie}"
+        );
+        assert!(seen.insert(cookie), "cookie {cookie} answered twice");
+    }
+    assert_eq!(
+        simple_reply(&mut s),
+        (0, 7),
+        "the write after every read before it"
+    );
+    assert_eq!(simple_reply(&mut s), (0, 8));
+    let mut data = vec![0u8; 4096];
+    s.read_exact(&mut data).unwrap();
+    assert_eq!(data, vec![0xEE; 4096], "the read after the write sees it");
+    s.write_all(&request(CMD_DISC, 9, 0, 0)).unwrap();
+    assert!(closed_by_server(&mut s));
+    server.stop();
+}
