@@ -29,9 +29,6 @@ pub struct ServerConfig {
     /// Longest option data read in the handshake (longer: discarded, `NBD_REP_ERR_TOO_BIG`).
     pub max_option_bytes: u32,
     pub max_request_bytes: u32,
-    /// Threads per session answering READs of at most 1 MiB at once (out of order, matched by
-    /// cookie); 0 answers every request in order on the session's thread.
-    pub read_workers: u32,
 }
 
 impl Default for ServerConfig {
@@ -46,7 +43,6 @@ impl Default for ServerConfig {
             max_options: limits.max_options,
             max_option_bytes: limits.max_option_bytes,
             max_request_bytes: limits.max_request_bytes,
-            read_workers: 4,
         }
     }
 }
@@ -389,21 +385,7 @@ fn connection(shared: &Shared, stream: TcpStream, ip: IpAddr, id: u64) {
         s.deadline = None;
         let _ = s.stream.set_read_timeout(None);
         let _ = s.stream.set_write_timeout(None);
-        let workers = shared.config.read_workers as usize;
-        let writer = match workers {
-            0 => None,
-            _ => s.stream.try_clone().ok(),
-        };
-        let _ = match writer {
-            Some(writer) => transmission::transmit_concurrent(
-                &mut s.stream,
-                writer,
-                &negotiated,
-                &shared.counters,
-                workers,
-            ),
-            None => transmission::transmit(&mut s, &negotiated, &shared.counters),
-        };
+        let _ = transmission::transmit(&mut s, &negotiated, &shared.counters);
     }
     if admitted {
         let mut g = lock(&shared.gauges);

@@ -1,10 +1,6 @@
-//! The transmission phase: requests checked, handed to the export, answered; in order, or
-//! (over TCP) with READs answered by a few workers at once.
+//! The transmission phase: one request at a time, checked, handed to the export, answered.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::sync::mpsc::Receiver;
-use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::handshake::Negotiated;
 use crate::proto::*;
@@ -38,209 +34,36 @@ pub fn transmit<S: Read + Write>(
             return Ok(SessionEnd::HungUp);
         };
         Counters::add(&counters.requests, 1);
-        if let Some(end) = serve_request(stream, n, &req, &mut buf, &mut extents, counters)? {
-            return Ok(end);
+        if req.kind == CMD_DISC {
+            return Ok(SessionEnd::Disconnected);
         }
-    }
-}
-
-/// Answers one request in order; `Some` when the session ends with it.
-fn serve_request<S: Read + Write>(
-    stream: &mut S,
-    n: &Negotiated,
-    req: &Request,
-    buf: &mut Vec<u8>,
-    extents: &mut Vec<Extent>,
-    counters: &Counters,
-) -> Result<Option<SessionEnd>, SessionError> {
-    if req.kind == CMD_DISC {
-        return Ok(Some(SessionEnd::Disconnected));
-    }
-    if n.export.is_closed() {
-        if req.kind == CMD_WRITE {
-            discard(stream, u64::from(req.length_bytes))?;
-        }
-        let msg = "the export was removed";
-        send_error(stream, n.structured, req.cookie, ESHUTDOWN, msg, buf)?;
-        return Ok(Some(SessionEnd::ExportClosed));
-    }
-    let result = match req.kind {
-        CMD_READ => read(stream, n, req, buf, counters)?,
-        CMD_WRITE => write(stream, n, req, buf, counters)?,
-        CMD_FLUSH => flush(n, req),
-        CMD_TRIM => trim_or_zero(n, req, false),
-        CMD_WRITE_ZEROES => trim_or_zero(n, req, true),
-        CMD_BLOCK_STATUS => block_status(stream, n, req, buf, extents)?,
-        other => Err((
-            EINVAL,
-            format!("command {other} is not supported by this server"),
-        )),
-    };
-    match result {
-        Ok(Reply::Sent) => {}
-        Ok(Reply::Done) => send_simple(stream, req.cookie, 0, buf)?,
-        Err((errno, msg)) => send_error(stream, n.structured, req.cookie, errno, &msg, buf)?,
-    }
-    Ok(None)
-}
-
-/// Largest READ a worker of [`transmit_concurrent`] answers (larger ones run in order on the
-/// connection's thread, so a connection holds at most `workers` such buffers).
-pub const CONCURRENT_READ_MAX_BYTES: u32 = 1 << 20;
-
-/// READs in flight on a connection, and the first reply a worker could not send.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-    failed: Mutex<Option<io::Error>>,
-}
-
-impl InFlight {
-    fn begin(&self) {
-        *lock(&self.count) += 1;
-    }
-
-    fn end(&self) {
-        let mut count = lock(&self.count);
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            self.idle.notify_all();
-        }
-    }
-
-    fn wait_idle(&self) {
-        let mut count = lock(&self.count);
-        while *count > 0 {
-            count = self.idle.wait(count).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn fail(&self, error: io::Error) {
-        lock(&self.failed).get_or_insert(error);
-    }
-
-    fn take_failure(&self) -> Option<io::Error> {
-        lock(&self.failed).take()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The connection's two halves as one stream for the in-order path (no worker writes then).
-struct Split<'a> {
-    reader: &'a mut TcpStream,
-    writer: &'a Mutex<TcpStream>,
-}
-
-impl Read for Split<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reader.read(buf)
-    }
-}
-
-impl Write for Split<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        lock(self.writer).write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        lock(self.writer).flush()
-    }
-}
-
-/// As [`transmit`] over a TCP connection, with READs of at most
-/// [`CONCURRENT_READ_MAX_BYTES`] answered by `workers` threads at once (replies out of order,
-/// matched by cookie, as the protocol allows): a client with many reads in flight keeps that
-/// many at the disk. Every other request waits until no READ is in flight, then runs in order
-/// on this thread (so a write, flush or disconnect never overtakes a read sent before it).
-/// Each worker owns one buffer of at most 1 MiB; a reply is written whole under the writer's
-/// lock.
-pub fn transmit_concurrent(
-    reader: &mut TcpStream,
-    writer: TcpStream,
-    n: &Negotiated,
-    counters: &Counters,
-    workers: usize,
-) -> Result<SessionEnd, SessionError> {
-    let writer = Mutex::new(writer);
-    let in_flight = InFlight::default();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(workers);
-    let rx = Mutex::new(rx);
-    std::thread::scope(|scope| {
-        for _ in 0..workers.max(1) {
-            scope.spawn(|| read_worker(&rx, &writer, n, counters, &in_flight));
-        }
-        let mut buf: Vec<u8> = Vec::new();
-        let mut extents: Vec<Extent> = Vec::new();
-        let result = loop {
-            if let Some(error) = in_flight.take_failure() {
-                break Err(error.into());
+        if n.export.is_closed() {
+            if req.kind == CMD_WRITE {
+                discard(stream, u64::from(req.length_bytes))?;
             }
-            let req = match read_request(reader) {
-                Ok(Some(req)) => req,
-                Ok(None) => break Ok(SessionEnd::HungUp),
-                Err(e) => break Err(e),
-            };
-            Counters::add(&counters.requests, 1);
-            if req.kind == CMD_READ
-                && req.length_bytes <= CONCURRENT_READ_MAX_BYTES
-                && !n.export.is_closed()
-            {
-                in_flight.begin();
-                if tx.send(req).is_err() {
-                    in_flight.end();
-                    break Err(SessionError::Protocol("the read workers ended".into()));
-                }
-                continue;
-            }
-            in_flight.wait_idle();
-            let mut split = Split {
-                reader: &mut *reader,
-                writer: &writer,
-            };
-            match serve_request(&mut split, n, &req, &mut buf, &mut extents, counters) {
-                Ok(None) => {}
-                Ok(Some(end)) => break Ok(end),
-                Err(e) => break Err(e),
-            }
+            let msg = "the export was removed";
+            send_error(stream, n.structured, req.cookie, ESHUTDOWN, msg, &mut buf)?;
+            return Ok(SessionEnd::ExportClosed);
+        }
+        let result = match req.kind {
+            CMD_READ => read(stream, n, &req, &mut buf, counters)?,
+            CMD_WRITE => write(stream, n, &req, &mut buf, counters)?,
+            CMD_FLUSH => flush(n, &req),
+            CMD_TRIM => trim_or_zero(n, &req, false),
+            CMD_WRITE_ZEROES => trim_or_zero(n, &req, true),
+            CMD_BLOCK_STATUS => block_status(stream, n, &req, &mut buf, &mut extents)?,
+            other => Err((
+                EINVAL,
+                format!("command {other} is not supported by this server"),
+            )),
         };
-        drop(tx);
-        in_flight.wait_idle();
-        result
-    })
-}
-
-/// A worker of [`transmit_concurrent`]: reads and answers READs until the channel closes.
-fn read_worker(
-    rx: &Mutex<Receiver<Request>>,
-    writer: &Mutex<TcpStream>,
-    n: &Negotiated,
-    counters: &Counters,
-    in_flight: &InFlight,
-) {
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let Ok(req) = lock(rx).recv() else {
-            return;
-        };
-        let sent = match read_reply(n, &req, &mut buf, counters) {
-            Ok(total) => {
-                let mut w = lock(writer);
-                w.write_all(&buf[..total]).and_then(|()| w.flush())
-            }
+        match result {
+            Ok(Reply::Sent) => {}
+            Ok(Reply::Done) => send_simple(stream, req.cookie, 0, &mut buf)?,
             Err((errno, msg)) => {
-                let mut w = lock(writer);
-                send_error(&mut *w, n.structured, req.cookie, errno, &msg, &mut buf)
+                send_error(stream, n.structured, req.cookie, errno, &msg, &mut buf)?
             }
-        };
-        if let Err(error) = sent {
-            in_flight.fail(error);
-            // Wakes the reading thread, which then ends the session.
-            let _ = lock(writer).shutdown(std::net::Shutdown::Both);
         }
-        in_flight.end();
     }
 }
 
@@ -341,38 +164,25 @@ fn read<S: Write>(
     buf: &mut Vec<u8>,
     counters: &Counters,
 ) -> io::Result<Result<Reply, Refusal>> {
-    match read_reply(n, req, buf, counters) {
-        Ok(total) => {
-            stream.write_all(&buf[..total])?;
-            stream.flush()?;
-            Ok(Ok(Reply::Sent))
-        }
-        Err(refusal) => Ok(Err(refusal)),
-    }
-}
-
-/// A READ's whole reply (header, then the data) in `buf`; the number of bytes to send.
-fn read_reply(
-    n: &Negotiated,
-    req: &Request,
-    buf: &mut Vec<u8>,
-    counters: &Counters,
-) -> Result<usize, Refusal> {
     let allowed = if n.structured {
         CMD_FLAG_FUA | CMD_FLAG_DF
     } else {
         CMD_FLAG_FUA
     };
-    check_flags(req, allowed, "NBD_CMD_READ")?;
+    if let Err(r) = check_flags(req, allowed, "NBD_CMD_READ") {
+        return Ok(Err(r));
+    }
     if req.length_bytes > n.max_payload_bytes {
         let errno = if n.structured { EOVERFLOW } else { EINVAL };
         let msg = format!(
             "read of {} bytes is over the maximum payload {}",
             req.length_bytes, n.max_payload_bytes
         );
-        return Err((errno, msg));
+        return Ok(Err((errno, msg)));
     }
-    check_range(n, req, EINVAL)?;
+    if let Err(r) = check_range(n, req, EINVAL) {
+        return Ok(Err(r));
+    }
     let len = req.length_bytes as usize;
     let head = if n.structured {
         CHUNK_HEADER_BYTES + 8
@@ -381,30 +191,34 @@ fn read_reply(
     };
     let out = ensure(buf, head + len);
     let (header, data) = out.split_at_mut(head);
-    if len > 0 {
-        n.export
-            .read_at(req.offset_bytes, data)
-            .map_err(|e| io_refusal("read", &e))?;
+    if len > 0
+        && let Err(e) = n.export.read_at(req.offset_bytes, data)
+    {
+        return Ok(Err(io_refusal("read", &e)));
     }
     Counters::add(&counters.read_bytes, len as u64);
-    if !n.structured {
+    if n.structured {
+        if len == 0 {
+            chunk_header(header, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            stream.write_all(&header[..CHUNK_HEADER_BYTES])?;
+        } else {
+            let payload = (8 + len) as u32;
+            chunk_header(
+                header,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                payload,
+            );
+            header[CHUNK_HEADER_BYTES..].copy_from_slice(&req.offset_bytes.to_be_bytes());
+            stream.write_all(&out[..head + len])?;
+        }
+    } else {
         simple_header(header, req.cookie, 0);
-        return Ok(head + len);
+        stream.write_all(&out[..head + len])?;
     }
-    if len == 0 {
-        chunk_header(header, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
-        return Ok(CHUNK_HEADER_BYTES);
-    }
-    let payload = (8 + len) as u32;
-    chunk_header(
-        header,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_OFFSET_DATA,
-        req.cookie,
-        payload,
-    );
-    header[CHUNK_HEADER_BYTES..].copy_from_slice(&req.offset_bytes.to_be_bytes());
-    Ok(head + len)
+    stream.flush()?;
+    Ok(Ok(Reply::Sent))
 }
 
 fn write<S: Read>(
