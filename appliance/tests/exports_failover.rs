@@ -541,3 +541,56 @@ fn change_point_in_export_mode_before_the_first_write_then_refused() {
     );
     server.stop();
 }
+
+/// After its copy, a failover's export serves the published files; after a restart it opens
+/// them again through their directory and by the identities recorded, so a link planted at a
+/// file's name meanwhile is refused (the export is not served) and what it points at is
+/// never written.
+#[test]
+fn a_switched_failover_export_reopens_its_files_by_identity_only() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    let (tmp, data) = data_dir();
+    let scratch = tmp.path();
+    let server = Server::start(&data, &[]);
+    let (item, point, disks) = protected_item(&server, "fo-reopen", 21);
+    let job = server
+        .api()
+        .failover(
+            &item,
+            &FailoverRequest {
+                point: PointSpec::Id(point),
+                target_dir: data.join("failover").display().to_string(),
+                format: Format::Raw,
+                source_shut_down: true,
+                mode: DiskMode::Export,
+            },
+        )
+        .unwrap();
+    server.wait_job(job.id);
+    let failover = server.api().item(&item).unwrap().failover.unwrap();
+    assert_eq!(failover.copy, Some(CopyState::Done));
+    let export_id = failover.export_id.clone().unwrap();
+    server.stop();
+
+    let server = Server::start(&data, &[]);
+    let export = server.api().export_view(&export_id).unwrap();
+    for (index, disk) in export.disks.iter().enumerate() {
+        assert!(nbd_read(&disk.uri, scratch) == disks[index], "disk {index}");
+    }
+    server.stop();
+
+    // A link in the place of disk 0's file: the export is not served, the victim untouched.
+    let victim = scratch.join("victim");
+    std::fs::write(&victim, b"outside").unwrap();
+    let file = PathBuf::from(&failover.files[0]);
+    std::fs::rename(&file, scratch.join("moved")).unwrap();
+    std::os::unix::fs::symlink(&victim, &file).unwrap();
+    let server = Server::start(&data, &[]);
+    let error = server.api().export_view(&export_id).unwrap_err();
+    assert_eq!(error.status(), Some(404), "{error}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
+    assert!(file.is_symlink(), "the planted link is left alone");
+    server.stop();
+}

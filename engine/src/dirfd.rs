@@ -274,6 +274,34 @@ impl Dir {
         Ok((File::from(fd), id))
     }
 
+    /// Opens our file `name` (identity `id`) for reading and writing, never through a symbolic
+    /// link; anything else with the name (or nothing) is [`DirError::NotOurs`].
+    pub fn open_ours(&self, name: &OsStr, id: FileId) -> Result<File, DirError> {
+        let path = self.named(name)?;
+        let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // A symbolic link (ELOOP) or nothing: not the file recorded.
+            Err(Errno::LOOP | Errno::NOENT) => {
+                return Err(DirError::NotOurs {
+                    path,
+                    expected: id,
+                    found: "not that file".into(),
+                });
+            }
+            Err(e) => return Err(DirError::io("open", path, e)),
+        };
+        let found = FileId::of_fd(&fd).map_err(|e| DirError::io("stat", path.clone(), e))?;
+        if found != id {
+            return Err(DirError::NotOurs {
+                path,
+                expected: id,
+                found: found.to_string(),
+            });
+        }
+        Ok(File::from(fd))
+    }
+
     /// Fails unless `name` is the file `id`.
     pub fn check_ours(&self, name: &OsStr, id: FileId) -> Result<(), DirError> {
         match self.entry_id(name)? {
@@ -433,6 +461,30 @@ mod tests {
         let (again, created) = Dir::open_nofollow(&root.join("a/b"), true).unwrap();
         assert!(!created);
         assert_eq!(made.id(), again.id());
+    }
+
+    #[test]
+    fn open_ours_opens_only_the_recorded_file_never_through_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let dir = Dir::open(&root).unwrap();
+        let (mut file, id) = dir.create_new(os("disk-0.raw")).unwrap();
+        file.write_all(b"ours").unwrap();
+        let mut opened = dir.open_ours(os("disk-0.raw"), id).unwrap();
+        opened.write_all(b"OURS").unwrap();
+        assert_eq!(std::fs::read(root.join("disk-0.raw")).unwrap(), b"OURS");
+        // Another file at the name, a link to ours, a link elsewhere, nothing: refused.
+        std::fs::rename(root.join("disk-0.raw"), root.join("moved")).unwrap();
+        std::fs::write(root.join("disk-0.raw"), b"other").unwrap();
+        let victim = root.join("victim");
+        std::fs::write(&victim, b"outside").unwrap();
+        symlink(root.join("moved"), root.join("link-ours")).unwrap();
+        symlink(&victim, root.join("link-victim")).unwrap();
+        for name in ["disk-0.raw", "link-ours", "link-victim", "missing"] {
+            let error = dir.open_ours(os(name), id).unwrap_err();
+            assert!(matches!(error, DirError::NotOurs { .. }), "{name}: {error}");
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"outside");
     }
 
     #[test]

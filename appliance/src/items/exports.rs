@@ -7,13 +7,14 @@
 //! (`exports/<export id>/disk-<i>.{data,map}`), so nothing of it ever reaches a replica or a
 //! point, and disabling the item removes it with the rest.
 
-use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use appliance_api::model::{ExportMode, ExportPurpose, ExportRequest, ExportView};
 use engine::apply::ApplyConfig;
+use engine::dirfd::Dir;
 use engine::durable::StdDir;
 use engine::export::{ExportDisk, Overlay, PointView, ViewSource};
 use engine::meta::item_key;
@@ -21,12 +22,14 @@ use engine::meta::item_key;
 use crate::exports::{ExportRecord, Live, NbdDisk};
 use crate::secrets::random_bytes;
 use crate::store::{item_hex, parse_item_hex};
+use crate::target::{file_identity, written_id};
 
 use super::error::{OpError, bad};
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::point_choice;
-use super::model::ItemState;
+use super::model::{ItemState, WrittenFile};
+use super::record::ItemRecord;
 
 /// Live exports at once, across items (each pins a point and holds files open).
 pub const MAX_EXPORTS: usize = 64;
@@ -150,18 +153,23 @@ impl Manager {
             }
             _ => None,
         };
+        let targets = match record.switched() {
+            true => Some(failover_files(&item_record)?),
+            false => None,
+        };
         let mut disks = Vec::with_capacity(item_record.disks.len());
         for (index, disk) in item_record.disks.iter().enumerate() {
-            let export_disk = if record.switched() {
-                let path = record
-                    .targets
+            let export_disk = if let Some((dir, written)) = &targets {
+                // The files the failover published, through its directory and by identity:
+                // never a link or a file planted at the name since.
+                let file = written
                     .get(index)
-                    .with_context(|| format!("the export names no target file for disk {index}"))?;
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .with_context(|| format!("opening the failover's disk {path}"))?;
+                    .with_context(|| format!("the failover recorded no file for disk {index}"))
+                    .and_then(|w| {
+                        dir.open_ours(std::ffi::OsStr::new(&w.name), written_id(w))
+                            .map_err(|e| anyhow::anyhow!("{}", engine::error::report(&e)))
+                    })
+                    .with_context(|| format!("opening the failover's disk {index}"))?;
                 ExportDisk::target(Arc::new(file), disk.size_bytes)
             } else {
                 let view = self.open_view(item, index, record.point_id)?;
@@ -386,6 +394,24 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// The directory of the failover's disks (the one it chose, by identity) and the files it
+/// published there.
+fn failover_files(record: &ItemRecord) -> anyhow::Result<(Dir, Vec<WrittenFile>)> {
+    let failover = record
+        .failover
+        .as_ref()
+        .context("the export serves a failover's files, but the item records no failover")?;
+    let (dir, _) = Dir::open_nofollow(Path::new(&failover.target_dir), false)
+        .map_err(|e| anyhow::anyhow!("{}", engine::error::report(&e)))?;
+    if Some(file_identity(dir.id())) != failover.target_dir_id {
+        anyhow::bail!(
+            "{} is no longer the directory the failover wrote",
+            failover.target_dir
+        );
+    }
+    Ok((dir, failover.written.clone()))
 }
 
 /// Where export `id_hex` of `item` keeps its overlays.
