@@ -122,7 +122,7 @@ pub(crate) struct Exports {
     table: Mutex<Table>,
     /// The NBD server's address, for the URIs (set once it listens).
     addr: OnceLock<SocketAddr>,
-    /// Ends the sessions of a removed export at once (idle ones too).
+    /// Counts an export's sessions, and ends a removed export's at once (idle ones too).
     disconnector: OnceLock<nbd_server::Disconnector>,
 }
 
@@ -217,13 +217,10 @@ impl Exports {
                     written_bytes: disk.written_bytes(),
                 })
                 .collect(),
-            // Each connection holds its disk; the table holds each twice (by name, in `live`).
-            connections: live
-                .disks
-                .iter()
-                .map(|d| Arc::strong_count(d).saturating_sub(2))
-                .max()
-                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            connections: self.disconnector.get().map_or(0, |server| {
+                let sessions: usize = record.names.iter().map(|n| server.sessions(n)).sum();
+                u32::try_from(sessions).unwrap_or(u32::MAX)
+            }),
             copy: record.copy,
         }
     }

@@ -98,8 +98,8 @@ pub struct Server {
     accept: Option<JoinHandle<()>>,
 }
 
-/// Disconnects the sessions of an export (see [`Server::disconnect`]); cheap to clone, valid
-/// after the server stopped (it then finds no sessions).
+/// Counts and disconnects the sessions of an export (see [`Server::disconnect`]); cheap to
+/// clone, valid after the server stopped (it then finds no sessions).
 #[derive(Clone)]
 pub struct Disconnector {
     shared: Arc<Shared>,
@@ -112,6 +112,14 @@ impl std::fmt::Debug for Disconnector {
 }
 
 impl Disconnector {
+    /// Sessions on the export `name` now (established: past GO).
+    pub fn sessions(&self, name: &str) -> usize {
+        lock(&self.shared.conns)
+            .values()
+            .filter(|c| c.export.as_deref() == Some(name))
+            .count()
+    }
+
     /// Shuts down every session on the export `name`. Returns how many.
     pub fn disconnect(&self, name: &str) -> usize {
         let conns = lock(&self.shared.conns);

@@ -105,7 +105,7 @@ pub struct ExportView {
     pub created_ns: u64,
     /// One per disk, in disk order.
     pub disks: Vec<ExportDiskView>,
-    /// NBD connections open now.
+    /// NBD sessions open now on its disks (past the handshake), summed over the disks.
     pub connections: u32,
     /// A failover's copy into its target files.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,7 +31,6 @@ use crate::store::parse_item_hex;
 use crate::target::{Target, disk_names, file_identity, remove_recorded};
 
 use super::error::OpError;
-use super::exports::check_export_mode_request;
 use super::item::{Item, lock};
 use super::manager::Manager;
 use super::materialize::{planned, undo_pending};
@@ -108,7 +107,6 @@ impl Manager {
         source_shut_down: bool,
     ) -> Result<JobView, OpError> {
         let record = item.record().clone();
-        check_export_mode_request(None, Format::Raw)?;
         self.check_job_room()?;
         let (op, drill) = match source {
             Source::Point(choice) => {

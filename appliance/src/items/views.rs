@@ -249,6 +249,7 @@ impl Manager {
                 .entry((job.kind.name().to_owned(), job.state.name().to_owned()))
                 .or_default() += 1;
         }
+        let exports = self.exports_view();
         crate::metrics::MetricsSnapshot {
             items,
             slots_total: slots.slot_count,
@@ -261,8 +262,7 @@ impl Manager {
                 .collect(),
             data_port_sessions_total: port.sessions,
             data_port_connections: port.active as u64,
-            exports_by_purpose: self
-                .exports_view()
+            exports_by_purpose: exports
                 .iter()
                 .fold(BTreeMap::new(), |mut by, e| {
                     *by.entry(e.purpose.name().to_owned()).or_insert(0u64) += 1;
@@ -270,11 +270,7 @@ impl Manager {
                 })
                 .into_iter()
                 .collect(),
-            nbd_connections: self
-                .exports_view()
-                .iter()
-                .map(|e| u64::from(e.connections))
-                .sum(),
+            nbd_connections: exports.iter().map(|e| u64::from(e.connections)).sum(),
         }
     }
 }

@@ -204,3 +204,32 @@ fn flush_round_trip(s: &mut TcpStream) {
         "flush failed"
     );
 }
+
+/// A session counts once it is past GO, for its export's name only, and stops counting once
+/// it is disconnected.
+#[test]
+fn sessions_are_counted_per_export_name() {
+    let server = Server::start(config(), catalog(mem(false), false)).unwrap();
+    let counter = server.disconnector();
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    handshake(&mut s).unwrap();
+    // The session's thread records its export right after the ACK the client has read.
+    let wait_for = |want: usize| {
+        let mut n = counter.sessions("disk");
+        for _ in 0..2000 {
+            if n == want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            n = counter.sessions("disk");
+        }
+        n
+    };
+    assert_eq!(wait_for(1), 1);
+    assert_eq!(counter.sessions("other"), 0);
+    assert_eq!(counter.disconnect("disk"), 1);
+    assert!(closed_by_server(&mut s));
+    // The session's thread removes it after its socket closed.
+    assert_eq!(wait_for(0), 0);
+    server.stop();
+}
