@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::{Value, json};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// Where the fixture's data directory lives (when made, and when the test unpacks it).
 const ROOT: &str = "/tmp/appliance-v1-fixture";

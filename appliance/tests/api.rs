@@ -153,7 +153,7 @@ fn api_needs_the_token_lists_items_and_names_errors() {
             block_size_bytes: 512,
         },
     ];
-    let agent = disk_sim::agent::Agent::connect(disk_sim::agent::AgentConfig::new(
+    let agent = source_agent::sender::Agent::connect(source_agent::sender::AgentConfig::new(
         data_addr.parse().unwrap(),
         item_id,
         stream_token.as_bytes(),

@@ -9,9 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::{Value, json};
+use source_agent::sender::{Agent, AgentConfig};
 
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")

@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
 use serde_json::Value;
+use source_agent::sender::{Agent, AgentConfig};
 
 fn cli(server: &Server, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_appliance"))

@@ -1,4 +1,4 @@
-//! The data port over loopback, end to end: `disk_sim::agent::Agent` (and raw sockets for
+//! The data port over loopback, end to end: `source_agent::sender::Agent` (and raw sockets for
 //! hostile clients) against `DataPort` with a real `StagingLog` in a temporary directory.
 //!
 //! Every test checks outcomes, never timings: timeouts here are generous safety nets, except
@@ -18,9 +18,6 @@ use std::time::{Duration, Instant};
 
 use appliance::dataport::{DataPort, DataPortConfig, MemoryRegistry};
 use common::Rng;
-use disk_sim::agent::{
-    Agent, AgentConfig, AgentError, CloseReason, Fault, RefusalStatus, fetch_chunk_hashes,
-};
 use engine::delta::{
     Consistency, DecodeErrorReason, DeltaDecoder, DeltaEncoder, DiskGeometry, EncoderOptions,
     FRAME_HEADER_BYTES, StreamHeader,
@@ -28,6 +25,9 @@ use engine::delta::{
 use engine::durable::StdDir;
 use engine::resync::{ResyncOptions, hash_path};
 use engine::staging::{StagingConfig, StagingLog, StagingReader};
+use source_agent::sender::{
+    Agent, AgentConfig, AgentError, CloseReason, Fault, RefusalStatus, fetch_chunk_hashes,
+};
 
 const ITEM: [u8; 16] = *b"dataport-item-01";
 const TOKEN: &[u8] = b"stream-token-0123456789abcdef";

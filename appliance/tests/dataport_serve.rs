@@ -18,7 +18,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{
     Consistency, DeltaEncoder, DiskGeometry, EncoderOptions, Encoding, FrameHeader, StreamHeader,
 };
@@ -27,6 +26,7 @@ use engine::port::{
     encode_hello,
 };
 use engine::resync::{ChunkHashes, ResyncOptions, hash_path};
+use source_agent::sender::{Agent, AgentConfig};
 
 const SAFETY: Duration = Duration::from_secs(30);
 const API_DEADLINE: Duration = Duration::from_secs(1);

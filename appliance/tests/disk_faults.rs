@@ -22,13 +22,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use appliance_api::model::{DiskSpec, EnableRequest, ItemView, PolicyRequest};
-use disk_sim::agent::{Agent, AgentStats};
 use disk_sim::chaos::{
     SourceModel, chaos_agent_config, enable_item, verify_failover_latest, verify_points,
     wait_applied,
 };
 use disk_sim::site::{Api, parse_item_id};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentStats};
 
 // ─────────────── environment and guards ───────────────
 

@@ -15,8 +15,8 @@ use appliance_api::model::{
     DiskSpec, EnableRequest, FailoverRequest, Format, ItemState, JobState, PointSpec, PolicyRequest,
 };
 use common::{Rng, Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 use xxhash_rust::xxh3::xxh3_64;
 
 fn free_port() -> String {

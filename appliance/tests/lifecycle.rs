@@ -22,8 +22,8 @@ use appliance_api::model::{
     Role,
 };
 use common::{Rng, Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// A source VM: its disks in memory, changed by seeded writes.
 struct Vm {
@@ -407,7 +407,7 @@ fn the_whole_lifecycle_over_the_api_and_the_data_port() {
     assert_eq!(slots.attached, 4, "{slots:?}");
 
     // The delta resync from the failed-over VM: only the differing chunks travel.
-    let report = disk_sim::resync::delta_resync(
+    let report = source_agent::resync::delta_resync(
         server.data,
         item_id(&reverse),
         reverse_token.as_bytes(),
@@ -579,7 +579,7 @@ fn resync_on_demand_sends_only_what_differs() {
             .unwrap_err()
     };
     assert!(refused.needs_resync(), "{refused}");
-    let report = disk_sim::resync::delta_resync(
+    let report = source_agent::resync::delta_resync(
         server.data,
         item_id(&item),
         token.as_bytes(),

@@ -9,8 +9,8 @@ mod common;
 use appliance_api::Method;
 use appliance_api::model::{DiskSpec, EnableRequest};
 use common::{Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 

@@ -18,13 +18,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use disk_sim::agent::{Agent, AgentStats, CloseInfo, CloseReason};
 use disk_sim::chaos::{
     SourceModel, chaos_agent_config, enable_item, geometry, verify_failover_latest, verify_points,
     wait_applied,
 };
 use disk_sim::netfault::{Delay, FaultPlan, NetFault, Proxy, ProxyStats};
 use disk_sim::site::{Appliance, parse_item_id};
+use source_agent::sender::{Agent, AgentStats, CloseInfo, CloseReason};
 
 /// A real appliance, one item, an agent connected through a proxy, and the source model.
 struct Rig {

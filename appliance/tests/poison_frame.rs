@@ -26,9 +26,9 @@ use appliance_api::model::{
     JobState, MaterializeRequest, Materialized, PointSpec, PolicyRequest, SlotsView,
 };
 use common::{Rng, Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry, Encoding, FrameHeader, FrameKind};
 use engine::port::RefusalStatus;
+use source_agent::sender::{Agent, AgentConfig};
 
 fn geometry() -> Vec<DiskGeometry> {
     vec![
@@ -484,7 +484,7 @@ fn resync_discards_the_poison_frame_and_a_delta_resync_makes_the_replicas_whole(
     // Retried while the item is still pausing (`busy`, for an instant after the discard).
     let deadline = Instant::now() + Duration::from_secs(120);
     let report = loop {
-        match disk_sim::resync::delta_resync(
+        match source_agent::resync::delta_resync(
             server.data,
             item_id(&item),
             token.as_bytes(),

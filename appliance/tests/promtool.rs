@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// Runs `promtool check metrics` on `text`; `None` when promtool is not installed outside CI.
 fn promtool_check(text: &str) -> Option<std::process::Output> {

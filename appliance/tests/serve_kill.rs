@@ -14,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::Rng;
-use disk_sim::agent::{Agent, AgentConfig};
 use disk_sim::source::image_digest;
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 
 fn appliance(args: &[&str], data: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_appliance"));

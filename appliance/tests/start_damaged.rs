@@ -20,8 +20,8 @@ use appliance_api::model::{
     MaterializeRequest, Op, PointSpec, SlotUse,
 };
 use common::{Server, item_id};
-use disk_sim::agent::{Agent, AgentConfig};
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// Longest any state is polled for.
 const DEADLINE: Duration = Duration::from_secs(60);

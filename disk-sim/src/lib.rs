@@ -7,10 +7,8 @@
 //! - [`source`]: the one source VM model: disks as files, the oracle of every bookmark, the
 //!   verifier of what the appliance hands back, and [`source::SourceModel`] that ties them to
 //!   a workload and an agent.
-//! - [`agent`]: the source agent's sender: bounded backlog, data-port handshake, resend
-//!   from the last acknowledgement, fault hooks.
-//! - [`resync`]: the agent's delta resync over the data port (hash lists, diff, resync-block
-//!   frames in a RESYNC session, closing bookmark).
+//! - The source agent's sender and delta resync are the `source-agent` crate's
+//!   (`source_agent::sender`, `source_agent::resync`); the simulations use them as a library.
 //! - [`netfault`]: a fault-injecting TCP proxy between an agent and a data port (drops,
 //!   delays, flipped bytes, duplicated and swapped frames; switchable at run time, seeded).
 //! - [`site`]: a site directory and a real `appliance serve` process driven through its
@@ -18,10 +16,8 @@
 //! - [`commands`]: one module per `disk-sim` subcommand: [`demo`], [`chaos`], [`scenario`]
 //!   (`disk-sim run`), [`stream`], [`adversary`] (re-exported at the crate root).
 
-pub mod agent;
 pub mod commands;
 pub mod netfault;
-pub mod resync;
 pub mod rng;
 pub mod site;
 pub mod source;

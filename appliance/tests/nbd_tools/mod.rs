@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use disk_sim::agent::{Agent, AgentConfig};
 use disk_sim::rng::Rng;
 use engine::delta::{Consistency, DiskGeometry};
+use source_agent::sender::{Agent, AgentConfig};
 
 use crate::common::Server;
 

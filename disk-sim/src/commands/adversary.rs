@@ -36,13 +36,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use engine::delta::Consistency;
 
-use crate::agent::Agent;
 use crate::chaos::{chaos_agent_config, enable_item, geometry};
 use crate::rng::Rng;
 use crate::site::{Appliance, appliance_bin, parse_item_id};
 use crate::source::SourceModel;
 pub use hostile::HostileKind;
 use hostile::{Context, Outcome, Target};
+use source_agent::sender::Agent;
 use verify::*;
 
 /// How an adversary run is sized and seeded. `Default` gives the command's defaults.

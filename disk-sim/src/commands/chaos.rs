@@ -53,12 +53,12 @@ use appliance_api::model::{DiskSpec, EnableRequest, ItemView, PolicyRequest};
 use engine::clock::now_unix_ns;
 use engine::delta::{Consistency, DiskGeometry};
 
-use crate::agent::{Agent, AgentConfig, AgentError, CloseReason};
 use crate::netfault::{Delay, FaultKind, FaultPlan, NetFault, Proxy, ProxyStats};
 use crate::rng::Rng;
 use crate::site::{Api, Appliance, appliance_bin, parse_item_id};
 use crate::source::{Content, chunk_digest};
 use crate::workload::WorkloadSpec;
+use source_agent::sender::{Agent, AgentConfig, AgentError, CloseReason};
 
 pub use crate::source::{
     PointCheck, PointMismatch, SourceModel, verify_failover_latest, verify_points,

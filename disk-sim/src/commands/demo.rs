@@ -37,10 +37,10 @@ use appliance_api::model::{
 use engine::delta::{Consistency, DiskGeometry};
 
 use super::{human_bytes, human_duration, paths};
-use crate::agent::{Agent, AgentConfig};
 use crate::site::{Appliance, parse_item_id};
 use crate::source::{Content, SourceModel};
 use crate::workload::{Pattern, WorkloadSpec};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// Settings of the demo.
 #[derive(Debug, Clone)]
@@ -544,7 +544,7 @@ fn run_in(
         temporary_os_disk: Some(temporary.display().to_string()),
     })?;
     let (reverse_item, reverse_token) = (reverse.item.id.clone(), reverse.stream_token.clone());
-    let report = crate::resync::delta_resync(
+    let report = source_agent::resync::delta_resync(
         a.data_addr,
         parse_item_id(&reverse_item)?,
         reverse_token.as_bytes(),
@@ -631,7 +631,7 @@ fn run_in(
         temporary_os_disk: None,
     })?;
     let (again, again_token) = (enabled.item.id.clone(), enabled.stream_token.clone());
-    let report = crate::resync::delta_resync(
+    let report = source_agent::resync::delta_resync(
         b.data_addr,
         parse_item_id(&again)?,
         again_token.as_bytes(),

@@ -24,10 +24,10 @@ use engine::delta::{Consistency, DiskGeometry};
 use serde::Deserialize;
 
 use super::{human_bytes, paths};
-use crate::agent::{Agent, AgentConfig};
 use crate::site::{Api, parse_item_id};
 use crate::source::{Content, SourceModel};
 use crate::workload::{Op, Pacer, Pattern, SystemClock, WorkloadSpec};
+use source_agent::sender::{Agent, AgentConfig};
 
 /// What a scenario does.
 #[derive(Debug, Clone, Deserialize)]

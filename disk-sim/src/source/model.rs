@@ -24,9 +24,9 @@ use super::error::{OracleError, VmError};
 use super::oracle::Oracle;
 use super::verify::compare_files;
 use super::vm::SourceVm;
-use crate::agent::{Agent, AgentError};
 use crate::rng::Rng;
 use crate::workload::{Op, Workload, WorkloadSpec};
+use source_agent::sender::{Agent, AgentError};
 
 /// Bytes written at a time when the VM's installed content is laid down.
 const INSTALL_PIECE_BYTES: u64 = 1 << 20;

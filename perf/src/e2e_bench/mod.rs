@@ -44,10 +44,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use appliance_api::model::{DiskSpec, EnableRequest, ItemView};
-use disk_sim::agent::{Agent, AgentConfig};
 use disk_sim::site::{Api, Appliance, parse_item_id};
 use disk_sim::workload::{Op, Pattern, Workload, WorkloadSpec};
 use engine::delta::{Consistency, DiskGeometry, EncoderOptions};
+use source_agent::sender::{Agent, AgentConfig};
 
 use crate::cpu::{self, CpuTimes};
 use crate::histogram::LatencyHistogram;

@@ -42,9 +42,9 @@ use appliance_api::model::{
     DiskMode, DiskSpec, EnableRequest, ExportMode, ExportRequest, Format, ItemState, JobState,
     MaterializeRequest, PointSpec,
 };
-use disk_sim::agent::{Agent, AgentConfig};
 use disk_sim::site::{Appliance, parse_item_id};
 use engine::delta::{Consistency, DiskGeometry, EncoderOptions};
+use source_agent::sender::{Agent, AgentConfig};
 
 use crate::fio::Fio;
 use crate::machine::Scratch;

@@ -13,8 +13,8 @@ use std::time::Duration;
 use engine::delta::DiskGeometry;
 use engine::port::{ReceivedCloseReason, RefusalStatus};
 
-use crate::agent::Agent;
 use crate::rng::Rng;
+use source_agent::sender::Agent;
 
 mod connections;
 mod frames;

@@ -9,9 +9,9 @@ use anyhow::{Context as _, bail};
 use appliance_api::model::ItemView;
 
 use super::*;
-use crate::agent::Agent;
 use crate::site::Appliance;
 use crate::source::{SourceModel, verify_failover_latest, verify_points};
+use source_agent::sender::Agent;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn verify_replicating(

@@ -14,9 +14,9 @@ use appliance_api::model::{
 use engine::delta::Consistency;
 
 use super::{JOB_TIMEOUT, Run, human_duration, nbd_tools, paths, why, why_differ};
-use crate::agent::Agent;
 use crate::site::Appliance;
 use crate::source::SourceModel;
+use source_agent::sender::Agent;
 
 /// Where the drill's write goes on the OS disk, and its length.
 const DRILL_WRITE_OFFSET_BYTES: u64 = 1 << 20;

@@ -5,11 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::agent::Agent;
 use crate::commands::adversary::wire::{
     RawHello, Silence, connect, half_close, read_reply, send, stream_header,
 };
 use crate::rng::Rng;
+use source_agent::sender::Agent;
 
 pub(super) fn idle(ctx: &Context, rng: &mut Rng) -> Outcome {
     let hold = Duration::from_millis(

@@ -33,7 +33,7 @@ use engine::resync::{
     ResyncOptions, chunk_count, diff, hash_chunks, is_valid_chunk_size,
 };
 
-use crate::agent::{Agent, AgentConfig, AgentError, fetch_chunk_hashes};
+use crate::sender::{Agent, AgentConfig, AgentError, fetch_chunk_hashes};
 
 /// Largest resync-block frame payload sent: 1 MiB (rounded down to whole chunks, at least
 /// one chunk).

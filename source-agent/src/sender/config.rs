@@ -14,7 +14,7 @@ use super::error::AgentError;
 /// Called with each new acknowledged sequence number (monotonic).
 pub type AckObserver = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// Settings of an [`Agent`].
+/// Settings of an [`Agent`](super::Agent).
 #[derive(Clone)]
 pub struct AgentConfig {
     /// The appliance's data port.

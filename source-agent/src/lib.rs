@@ -1,0 +1,15 @@
+//! source-agent: the source side of replication, a product component.
+//!
+//! It sits in front of a VM's disks (image files or block devices), serves each over NBD
+//! (the workspace's one NBD server, `nbd-server`), writes every write through to the disk,
+//! and streams it to the appliance's data port. The appliance never makes the VM wait: what
+//! the link cannot take is remembered in a bounded, crash-safe change map and resent from the
+//! disk later.
+//!
+//! Rooms:
+//! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
+//!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
+//! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
+
+pub mod resync;
+pub mod sender;
