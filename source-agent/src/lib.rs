@@ -7,9 +7,12 @@
 //! disk later.
 //!
 //! Rooms:
+//! - [`changemap`]: the persistent, bounded, crash-safe change map of one disk (the unsent
+//!   set and the activity log), recovered after a crash.
 //! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
 //!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
 
+pub mod changemap;
 pub mod resync;
 pub mod sender;
