@@ -16,9 +16,7 @@ use appliance_api::model::{DiskSpec, EnableRequest};
 use common::{Rng, Server, item_id};
 use engine::delta::Consistency;
 use nbd_server::Export;
-use source_agent::capture::{
-    Bookmarked, Capture, CaptureConfig, CaptureError, CaptureStatus, DiskConfig,
-};
+use source_agent::capture::{Bookmarked, Capture, CaptureConfig, CaptureStatus, DiskConfig};
 use source_agent::changemap::Limits;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -99,20 +97,11 @@ fn scribble(export: &dyn Export, rng: &mut Rng, span: u64, count: usize) -> u64 
     written
 }
 
-/// A bookmark once the catch-up has drained (it is refused while anything is unsent).
+/// A bookmark once the catch-up has drained (the capture waits for it).
 fn bookmark_when_caught_up(capture: &Capture) -> Bookmarked {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match capture.bookmark(Consistency::Crash, "test") {
-            Ok(bookmarked) => return bookmarked,
-            Err(CaptureError::CatchingUp { .. } | CaptureError::NotConnected { .. })
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(error) => panic!("bookmark: {error} (status {:?})", capture.status()),
-        }
-    }
+    capture
+        .bookmark_within(Consistency::Crash, "test", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("bookmark: {e} (status {:?})", capture.status()))
 }
 
 /// Waits for the bookmark's point; the replica then equals the source disk (nothing was
