@@ -243,3 +243,31 @@ fn an_outage_never_blocks_writes_and_a_small_map_coarsens_instead_of_overflowing
     capture.shutdown(Duration::from_secs(30)).unwrap();
     drop(export);
 }
+
+#[test]
+fn a_resync_asked_by_the_appliance_compares_hashes_and_sends_only_the_differences() {
+    let (setup, server) = setup(&[]);
+    let (capture, export) = start(&setup, &server, Limits::default());
+    let mut rng = Rng::new(21);
+    let first = bookmark_when_caught_up(&capture);
+    assert_replica_equals_source(&setup, &server, &capture, &first);
+    server.wait_job(1); // the enable job ends at the first point
+    let (_, resent_before, _) = resent(&capture);
+
+    // The operator asks for a resync: the appliance ends the session and refuses ordinary
+    // hellos with resync-required; the agent compares chunk hashes and sends what differs,
+    // while the VM keeps writing.
+    let job = server.api().resync(&setup.item).unwrap();
+    let changed = scribble(&*export, &mut rng, 8 << 20, 100);
+    let second = bookmark_when_caught_up(&capture);
+    assert_replica_equals_source(&setup, &server, &capture, &second);
+    server.wait_job(job.id);
+    let (_, resent_after, _) = resent(&capture);
+    println!(
+        "resync: changed {changed} bytes meanwhile, resent {} bytes (disk {DISK_BYTES})",
+        resent_after - resent_before
+    );
+    assert!(resent_after - resent_before < DISK_BYTES / 2);
+    capture.shutdown(Duration::from_secs(30)).unwrap();
+    drop(export);
+}
