@@ -10,6 +10,10 @@
 //! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
 //!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
+//! - [`config`], [`control`], [`freeze`], [`daemon`]: the `source-agent` binary's shell: its
+//!   config file, control socket, fsfreeze around bookmarks, and the daemon that ties them
+//!   to capture and the NBD server.
 
+pub mod config;
 pub mod resync;
 pub mod sender;
