@@ -15,5 +15,6 @@
 //!   to capture and the NBD server.
 
 pub mod config;
+pub mod freeze;
 pub mod resync;
 pub mod sender;
