@@ -37,8 +37,8 @@ pub const DEFAULT_ACTIVITY_LOG_EXTENT_MIB: u64 = 4;
 pub const MAX_DISKS: usize = 64;
 /// Longest disk (export) name.
 pub const MAX_DISK_NAME_CHARS: usize = 64;
-/// Longest item name.
-pub const MAX_ITEM_NAME_CHARS: usize = 128;
+/// Longest item name, in bytes of UTF-8 (the stream header's limit).
+pub const MAX_ITEM_NAME_BYTES: usize = engine::delta::MAX_ITEM_NAME_BYTES;
 /// Longest config file read (a config is a few hundred bytes; this bounds a wrong path).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Length of a stream token: 64 ASCII hex characters.
@@ -363,8 +363,8 @@ fn check_item_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty; name the protected item".into());
     }
-    if name.chars().count() > MAX_ITEM_NAME_CHARS {
-        return Err(format!("longer than {MAX_ITEM_NAME_CHARS} characters"));
+    if name.len() > MAX_ITEM_NAME_BYTES {
+        return Err(format!("{} bytes; at most {MAX_ITEM_NAME_BYTES}", name.len()));
     }
     if name.chars().any(char::is_control) {
         return Err(format!("{name:?} holds control characters"));

@@ -15,6 +15,7 @@
 //!   to capture and the NBD server.
 
 pub mod config;
+pub mod control;
 pub mod freeze;
 pub mod resync;
 pub mod sender;

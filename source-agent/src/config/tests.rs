@@ -256,7 +256,7 @@ fn bad_token_files_are_refused() {
     check(token.as_bytes(), 0o620, "chmod 600");
     check(b"", 0o600, "empty");
     check(b"\n", 0o600, "empty");
-    check(token[..63].as_bytes(), 0o600, "64 hex");
+    check(&token.as_bytes()[..63], 0o600, "64 hex");
     check(format!("{token}0").as_bytes(), 0o600, "64 hex");
     check("zz".repeat(32).as_bytes(), 0o600, "64 hex");
     check(&[b'a'; 4096], 0o600, "bytes");
