@@ -77,8 +77,36 @@ pub enum Request {
 impl Request {
     /// Parses one request line (without its newline) and checks its values.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
-        let request: Request =
+        let value: serde_json::Value =
             serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))?;
+        // Name the field whose value has the wrong type (serde's message for an internally
+        // tagged enum does not).
+        if let Some(fields) = value.as_object() {
+            for (key, v) in fields {
+                let fits = match key.as_str() {
+                    "op" | "label" => v.is_string(),
+                    "consistency" => matches!(v.as_str(), Some("crash" | "app")),
+                    "freeze" => v
+                        .as_array()
+                        .is_some_and(|a| a.iter().all(serde_json::Value::is_string)),
+                    "wait_secs" | "timeout_secs" => v.is_null() || v.is_u64(),
+                    _ => true,
+                };
+                if !fits {
+                    return Err(format!(
+                        "bad request: field `{key}`: {v} is not {}",
+                        match key.as_str() {
+                            "consistency" => "\"crash\" or \"app\"",
+                            "freeze" => "a list of mountpoint paths",
+                            "wait_secs" | "timeout_secs" => "a whole number of seconds",
+                            _ => "a string",
+                        }
+                    ));
+                }
+            }
+        }
+        let request: Request =
+            serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))?;
         request.check()?;
         Ok(request)
     }

@@ -174,7 +174,9 @@ fn bad_requests_are_refused_by_name() {
     check(r#"{"op":"status","verbose":true}"#, "verbose");
     check(r#"{"op":"bookmark","labell":"x"}"#, "labell");
     check(r#"{"op":"bookmark","consistency":"file"}"#, "file");
-    check(r#"{"op":"bookmark","wait_secs":-1}"#, "expected u64");
+    check(r#"{"op":"bookmark","wait_secs":-1}"#, "`wait_secs`");
+    check(r#"{"op":"quiesce","label":7}"#, "`label`");
+    check(r#"{"op":"bookmark","freeze":"/mnt"}"#, "`freeze`");
     check(r#"{"op":"bookmark","wait_secs":3601}"#, "wait_secs");
     check(r#"{"op":"quiesce","timeout_secs":99999}"#, "timeout_secs");
     check(
