@@ -364,7 +364,10 @@ fn check_item_name(name: &str) -> Result<(), String> {
         return Err("empty; name the protected item".into());
     }
     if name.len() > MAX_ITEM_NAME_BYTES {
-        return Err(format!("{} bytes; at most {MAX_ITEM_NAME_BYTES}", name.len()));
+        return Err(format!(
+            "{} bytes; at most {MAX_ITEM_NAME_BYTES}",
+            name.len()
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(format!("{name:?} holds control characters"));
