@@ -7,6 +7,8 @@
 //! disk later.
 //!
 //! Rooms:
+//! - [`changemap`]: the persistent, bounded, crash-safe change map of one disk (the unsent
+//!   set and the activity log), recovered after a crash.
 //! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
 //!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
@@ -14,6 +16,7 @@
 //!   config file, control socket, fsfreeze around bookmarks, and the daemon that ties them
 //!   to capture and the NBD server.
 
+pub mod changemap;
 pub mod config;
 pub mod control;
 pub mod freeze;
