@@ -11,11 +11,14 @@
 //!   set and the activity log), recovered after a crash.
 //! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
 //!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
+//! - [`capture`]: the disks served over NBD with write-through; every change streamed, or
+//!   kept in the change map and resent from the disk; flush and requested bookmarks; quiesce.
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
 //! - [`config`], [`control`], [`freeze`], [`daemon`]: the `source-agent` binary's shell: its
 //!   config file, control socket, fsfreeze around bookmarks, and the daemon that ties them
 //!   to capture and the NBD server.
 
+pub mod capture;
 pub mod changemap;
 pub mod config;
 pub mod control;
