@@ -22,6 +22,7 @@ pub mod capture;
 pub mod changemap;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod freeze;
 pub mod resync;
 pub mod sender;
