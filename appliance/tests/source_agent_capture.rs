@@ -118,7 +118,7 @@ fn bookmark_when_caught_up(capture: &Capture) -> Bookmarked {
 
 /// Waits for the bookmark's point; the replica then equals the source disk (nothing was
 /// written after the bookmark).
-fn assert_replica_equals_source(setup: &Setup, server: &Server, capture: &Capture, b: &Bookmarked) {
+fn assert_replica_equals_source(setup: &Setup, server: &Server, b: &Bookmarked) {
     server
         .api()
         .wait_point(
@@ -172,7 +172,7 @@ fn initial_copy_then_a_crash_with_frames_in_flight_resends_only_the_activity_log
     // The initial copy: the whole disk, read back from it by the catch-up.
     scribble(&*export, &mut rng, 16 << 20, 200);
     let first = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &first);
+    assert_replica_equals_source(&setup, &server, &first);
     let (_, resent_initial, recovered) = resent(&capture);
     assert_eq!(recovered, DISK_BYTES, "a fresh state copies the whole disk");
     assert!(resent_initial >= DISK_BYTES);
@@ -197,7 +197,7 @@ fn initial_copy_then_a_crash_with_frames_in_flight_resends_only_the_activity_log
     assert!(recovered >= 12 << 20, "recovered {recovered}");
     assert!(recovered <= 24 << 20, "recovered {recovered}");
     let second = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &second);
+    assert_replica_equals_source(&setup, &server, &second);
     let (_, resent_after, _) = resent(&capture);
     println!(
         "crash with frames in flight: changed {changed} bytes, resent {resent_after} bytes \
@@ -224,11 +224,15 @@ fn an_outage_never_blocks_writes_and_a_small_map_coarsens_instead_of_overflowing
     let (capture, export) = start(&setup, &server, limits);
     let mut rng = Rng::new(9);
     let first = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &first);
+    assert_replica_equals_source(&setup, &server, &first);
     let (_, resent_initial, _) = resent(&capture);
 
     // The appliance goes away; the VM keeps writing at disk speed, scattered over the disk.
+    // The sender notices at its next write: let one write find out, so that the scattered
+    // writes below all go to the change map.
     server.kill();
+    export.write_at(0, &[7; 4096], false).unwrap();
+    wait_until(&capture, "the link down", |s| s.link.starts_with("down"));
     let started = Instant::now();
     let changed = scribble(&*export, &mut rng, DISK_BYTES / 2, 300);
     let elapsed = started.elapsed();
@@ -243,7 +247,7 @@ fn an_outage_never_blocks_writes_and_a_small_map_coarsens_instead_of_overflowing
 
     let server = Server::start_on(&setup.data, &data_addr, &[]);
     let second = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &second);
+    assert_replica_equals_source(&setup, &server, &second);
     let (_, resent_total, _) = resent(&capture);
     assert!(resent_total - resent_initial <= DISK_BYTES / 2);
     println!(
@@ -261,7 +265,7 @@ fn a_resync_asked_by_the_appliance_compares_hashes_and_sends_only_the_difference
     let (capture, export) = start(&setup, &server, Limits::default());
     let mut rng = Rng::new(21);
     let first = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &first);
+    assert_replica_equals_source(&setup, &server, &first);
     server.wait_job(1); // the enable job ends at the first point
     let (_, resent_before, _) = resent(&capture);
 
@@ -271,7 +275,7 @@ fn a_resync_asked_by_the_appliance_compares_hashes_and_sends_only_the_difference
     let job = server.api().resync(&setup.item).unwrap();
     let changed = scribble(&*export, &mut rng, 8 << 20, 100);
     let second = bookmark_when_caught_up(&capture);
-    assert_replica_equals_source(&setup, &server, &capture, &second);
+    assert_replica_equals_source(&setup, &server, &second);
     server.wait_job(job.id);
     let (_, resent_after, _) = resent(&capture);
     println!(

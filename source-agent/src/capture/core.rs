@@ -18,7 +18,7 @@ use engine::delta::{Consistency, MAX_PAYLOAD_BYTES};
 use super::disk::{DiskFile, MAX_REQUEST_BYTES};
 use super::{Bookmarked, CaptureError, consistency_name};
 use crate::changemap::ChangeMap;
-use crate::sender::{Agent, AgentError};
+use crate::sender::Agent;
 
 /// One change of a disk, as the VM made it.
 #[derive(Debug, Clone, Copy)]
@@ -344,11 +344,6 @@ impl Core {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-    }
-
-    /// Whether an error from the sender means its backlog was full (retry later).
-    pub(super) fn is_backlog_full(error: &CaptureError) -> bool {
-        matches!(error, CaptureError::Sender(AgentError::BacklogFull { .. }))
     }
 }
 

@@ -122,7 +122,7 @@ pub struct Bookmarked {
 pub struct CaptureStatus {
     /// The item's name.
     pub item_name: String,
-    /// `connecting`, `connected` or `down: <error>`.
+    /// `connecting`, `connected`, `disconnected (…)`, `resyncing: …` or `down: <error>`.
     pub link: String,
     /// The highest seq the appliance acknowledged as durable.
     pub acked_seq: u64,
@@ -371,11 +371,14 @@ impl Capture {
                     Err(error) => error,
                 }
             };
-            let retry = Core::is_backlog_full(&error)
-                || matches!(
-                    error,
-                    CaptureError::CatchingUp { .. } | CaptureError::NotConnected { .. }
-                );
+            // A full backlog drains; a sender that just stopped is replaced by the link
+            // thread: both are waited out like a catch-up.
+            let retry = matches!(
+                error,
+                CaptureError::CatchingUp { .. }
+                    | CaptureError::NotConnected { .. }
+                    | CaptureError::Sender(_)
+            );
             if !retry {
                 return Err(error);
             }
@@ -463,9 +466,15 @@ impl Capture {
                 }
             })
             .collect();
+        let link = match &o.sender {
+            Some(sender) if !sender.is_connected() => {
+                "disconnected (reconnects when there is something to send)".to_owned()
+            }
+            _ => o.link.clone(),
+        };
         CaptureStatus {
             item_name: self.item_name.clone(),
-            link: o.link.clone(),
+            link,
             acked_seq,
             next_seq,
             backlog_bytes,

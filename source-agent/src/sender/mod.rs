@@ -245,6 +245,12 @@ impl Agent {
         self.shared.state().next_seq
     }
 
+    /// Whether a session with the appliance is up now (an idle agent whose connection
+    /// ended reconnects only when it has something to send).
+    pub fn is_connected(&self) -> bool {
+        self.shared.state().connected.is_some()
+    }
+
     /// Frames and bytes waiting for acks.
     pub fn backlog(&self) -> (usize, u64) {
         let state = self.shared.state();
