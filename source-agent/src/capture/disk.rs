@@ -153,9 +153,12 @@ impl DiskFile {
     }
 }
 
+/// Any alignment is accepted (a client with 512-byte sectors on a 4096-byte disk works: an
+/// unaligned write reaches the stream as the whole blocks read back from the disk); whole
+/// blocks are preferred.
 fn block_sizes(block_size_bytes: u32) -> BlockSizes {
     BlockSizes {
-        minimum_bytes: block_size_bytes,
+        minimum_bytes: 1,
         preferred_bytes: block_size_bytes.max(4096),
         maximum_bytes: MAX_REQUEST_BYTES,
     }

@@ -47,7 +47,8 @@ fn writes_reach_the_disk_and_the_change_map_while_the_appliance_is_away() {
     let (name, export) = capture.exports().remove(0);
     assert_eq!(name, "os");
     assert_eq!(export.size_bytes(), 8 << 20);
-    assert_eq!(export.block_sizes().minimum_bytes, 4096);
+    assert_eq!(export.block_sizes().minimum_bytes, 1);
+    assert_eq!(export.block_sizes().preferred_bytes, 4096);
     export.write_at(4096, &[0xab; 8192], false).unwrap();
     export.write_at(100, &[0xcd; 10], true).unwrap(); // unaligned: streamed as whole blocks
     export.flush().unwrap();
