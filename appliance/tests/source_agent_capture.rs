@@ -16,7 +16,9 @@ use appliance_api::model::{DiskSpec, EnableRequest};
 use common::{Rng, Server, item_id};
 use engine::delta::Consistency;
 use nbd_server::Export;
-use source_agent::capture::{Bookmarked, Capture, CaptureConfig, CaptureStatus, DiskConfig};
+use source_agent::capture::{
+    Bookmarked, Capture, CaptureConfig, CaptureError, CaptureStatus, DiskConfig,
+};
 use source_agent::changemap::Limits;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -97,17 +99,26 @@ fn scribble(export: &dyn Export, rng: &mut Rng, span: u64, count: usize) -> u64 
     written
 }
 
-/// A bookmark once the catch-up has drained (the capture waits for it).
+/// A bookmark once the catch-up has drained (the capture waits for it), acknowledged by the
+/// appliance. A link that restarts before the ack loses the bookmark (a named error): take
+/// another, as an operator would.
 fn bookmark_when_caught_up(capture: &Capture) -> Bookmarked {
-    capture
-        .bookmark_within(Consistency::Crash, "test", Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("bookmark: {e} (status {:?})", capture.status()))
+    for _ in 0..10 {
+        let bookmarked = capture
+            .bookmark_within(Consistency::Crash, "test", Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("bookmark: {e} (status {:?})", capture.status()));
+        match capture.wait_acked(bookmarked.seq, Duration::from_secs(60)) {
+            Ok(()) => return bookmarked,
+            Err(CaptureError::BookmarkLost { .. }) => continue,
+            Err(error) => panic!("bookmark {bookmarked:?}: {error}"),
+        }
+    }
+    panic!("ten bookmarks lost in a row: {:?}", capture.status());
 }
 
 /// Waits for the bookmark's point; the replica then equals the source disk (nothing was
 /// written after the bookmark).
 fn assert_replica_equals_source(setup: &Setup, server: &Server, capture: &Capture, b: &Bookmarked) {
-    capture.wait_acked(b.seq, Duration::from_secs(60)).unwrap();
     server
         .api()
         .wait_point(
