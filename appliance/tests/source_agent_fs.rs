@@ -44,6 +44,7 @@ const TOOLS: &[&str] = &[
     "mount",
     "umount",
     "e2fsck",
+    "dumpe2fs",
     "fsfreeze",
     "sqlite3",
     "fio",
@@ -52,7 +53,7 @@ const TOOLS: &[&str] = &[
 ];
 
 /// The disk of the app-point test: room for three rounds of writes.
-const DISK_BYTES: u64 = 256 << 20;
+const DISK_BYTES: u64 = 512 << 20;
 
 /// What the test recorded at one app-consistent bookmark.
 struct AppPoint {
@@ -62,7 +63,8 @@ struct AppPoint {
     fio_seed: u64,
 }
 
-/// Test-fails-over the item at `point` (copy mode, into `target`); returns the disk file.
+/// Test-fails-over the item at `point` (copy mode, into `target`, which the appliance
+/// accepts only inside its data directory); returns the disk file.
 fn test_failover_file(server: &Server, item: &str, point: u64, target: &Path) -> PathBuf {
     let job = server
         .api()
@@ -174,7 +176,7 @@ fn app_points_of_real_programs_mount_clean_with_every_file_intact() {
             &server,
             &item.id,
             view.id,
-            &scratch.join(format!("tf-{index}")),
+            &data.join(format!("tf-{index}")),
         );
         e2fsck_clean(&image, &what);
         let mounted = Mount::at(
@@ -205,7 +207,7 @@ fn app_points_of_real_programs_mount_clean_with_every_file_intact() {
     let what = "crash point";
     let view = point_of(&server, &item.id, crash.bookmark_id);
     assert_eq!(view.consistency, PointConsistency::Crash, "{view:?}");
-    let image = test_failover_file(&server, &item.id, view.id, &scratch.join("tf-crash"));
+    let image = test_failover_file(&server, &item.id, view.id, &data.join("tf-crash"));
     let replayed = e2fsck_after_replay(&image, &scratch.join("crash-replayed.img"), what);
     cleanup_test_failover(&server, &item.id);
     let mounted = Mount::at(
@@ -296,7 +298,7 @@ fn a_quiesced_planned_failover_loses_no_acknowledged_write() {
 
     // Failover at the quiesced point.
     let point = point_of(&server, &item.id, quiesced.bookmark_id);
-    let target = scratch.join("failover");
+    let target = data.join("failover");
     let job = server
         .api()
         .failover(

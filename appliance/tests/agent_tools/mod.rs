@@ -854,6 +854,18 @@ pub fn e2fsck_after_replay(image: &Path, copy: &Path, what: &str) -> PathBuf {
         .arg("--sparse=always")
         .arg(image)
         .arg(copy));
+    let header = ok(Command::new("dumpe2fs").arg("-h").arg(copy));
+    let needed = header
+        .lines()
+        .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery"));
+    println!(
+        "{what}: the journal {}",
+        if needed {
+            "needed recovery (replayed)"
+        } else {
+            "was clean"
+        }
+    );
     let out = run(Command::new("e2fsck")
         .args(["-E", "journal_only", "-y"])
         .arg(copy));
