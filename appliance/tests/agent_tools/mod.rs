@@ -968,6 +968,14 @@ impl RecordWriter {
     }
 }
 
+impl Drop for RecordWriter {
+    /// A test that panics stops its writer (so that the filesystem can be unmounted).
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.done.recv_timeout(Duration::from_secs(10));
+    }
+}
+
 /// Checks that the first `acked` records of `file` are all there, each exact.
 pub fn assert_records(file: &Path, acked: u64, what: &str) {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{what}: {}: {e}", file.display()));
@@ -1079,6 +1087,8 @@ pub fn fio_args(file: &Path, seed: u64) -> Vec<String> {
         "--rw=write".into(),
         "--ioengine=psync".into(),
         "--verify=crc32c".into(),
+        // No `<job>-verify.state` file left in the working directory.
+        "--verify_state_save=0".into(),
         format!("--randseed={seed}"),
     ]
 }
