@@ -173,7 +173,9 @@ fn initial_copy_then_a_crash_with_frames_in_flight_resends_only_the_activity_log
     scribble(&*export, &mut rng, 16 << 20, 200);
     // Unaligned writes (a 512-byte-sector client): streamed as the blocks around them.
     export.write_at(1000, &[9; 3000], false).unwrap();
-    export.write_at((5 << 20) + 4000, &[8; 5000], false).unwrap();
+    export
+        .write_at((5 << 20) + 4000, &[8; 5000], false)
+        .unwrap();
     export.write_zeroes((6 << 20) + 512, 1024, false).unwrap();
     let first = bookmark_when_caught_up(&capture);
     assert_replica_equals_source(&setup, &server, &first);

@@ -15,6 +15,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::changemap;
 use serde::Deserialize;
 
 #[cfg(test)]
@@ -529,7 +530,7 @@ fn capture_settings(
         "change_map_limit_kib",
         raw.change_map_limit_kib,
         DEFAULT_CHANGE_MAP_LIMIT_KIB,
-        (4, 1 << 20),
+        (4, changemap::MAX_MAP_BYTES_LIMIT >> 10),
         invalid,
     )?;
     let extents = ranged(
@@ -550,6 +551,20 @@ fn capture_settings(
         return Err(invalid(
             "activity_log_extent_mib",
             format!("{extent_mib} is not a power of two"),
+        ));
+    }
+    // One write of the largest NBD request must fit the log at once.
+    let extent_bytes = extent_mib << 20;
+    let span = (changemap::MAX_WRITE_BYTES - 1) / extent_bytes + 2;
+    let least = span.max(u64::from(changemap::MIN_AL_EXTENTS));
+    if extents < least {
+        return Err(invalid(
+            "activity_log_extents",
+            format!(
+                "{extents} is below {least}: a {} MiB request can span {span} extents of                  {extent_mib} MiB (activity_log_extent_mib), and at least {} are needed",
+                changemap::MAX_WRITE_BYTES >> 20,
+                changemap::MIN_AL_EXTENTS
+            ),
         ));
     }
     Ok(CaptureSettings {

@@ -185,7 +185,7 @@ fn capture_config(config: &Config) -> anyhow::Result<CaptureConfig> {
     };
     c.change_map
         .validate()
-        .with_context(|| format!("config {}: change map limits", config.path.display()))?;
+        .with_context(|| format!("config {}", config.path.display()))?;
     Ok(c)
 }
 

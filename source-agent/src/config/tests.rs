@@ -63,7 +63,7 @@ fn a_full_config_parses_with_defaults() {
 fn optional_keys_are_read() {
     let text = format!(
         "nbd_addr = \"0.0.0.0:0\"\ncontrol_socket = \"/run/a.sock\"\nbookmark_interval_ms = 0\n\
-         backlog_limit_mib = 8\nchange_map_limit_kib = 64\nactivity_log_extents = 16\n\
+         backlog_limit_mib = 8\nchange_map_limit_kib = 64\nactivity_log_extents = 33\n\
          activity_log_extent_mib = 1\n{GOOD}"
     );
     let c = parse(&text).unwrap();
@@ -73,7 +73,7 @@ fn optional_keys_are_read() {
     assert_eq!(s.bookmark_interval, Duration::ZERO);
     assert_eq!(s.backlog_limit_bytes, 8 << 20);
     assert_eq!(s.change_map_limit_bytes, 64 << 10);
-    assert_eq!(s.activity_log_extents, 16);
+    assert_eq!(s.activity_log_extents, 33);
     assert_eq!(s.activity_log_extent_bytes, 1 << 20);
 }
 
@@ -181,6 +181,15 @@ fn out_of_range_limits_are_refused() {
     refused(
         &format!("activity_log_extents = 0\n{GOOD}"),
         "activity_log_extents",
+    );
+    // 1 MiB extents: a 32 MiB request spans up to 33 of them.
+    refused(
+        &format!("activity_log_extents = 32\nactivity_log_extent_mib = 1\n{GOOD}"),
+        "activity_log_extents",
+    );
+    refused(
+        &format!("change_map_limit_kib = 65537\n{GOOD}"),
+        "change_map_limit_kib",
     );
     refused(
         &format!("activity_log_extent_mib = 3\n{GOOD}"),
