@@ -214,6 +214,12 @@ fn start_paths(scratch: &Scratch, bin: &Path, agent_bin: &Path, plan: &AgentPlan
     })
 }
 
+/// CPU seconds (user + system) process `pid` used so far; 0 when /proc cannot say.
+fn cpu_s(pid: Option<u32>) -> f64 {
+    pid.and_then(|pid| crate::e2e_bench::process::cpu_of(pid).ok())
+        .map_or(0.0, |c| c.total_s())
+}
+
 const DISK: &str = "disk (image file)";
 const OFF: &str = "agent NBD, capture off";
 const ON: &str = "agent NBD, capture on";
@@ -241,9 +247,23 @@ fn side_by_side(
         ] {
             progress!("[{title}] {group} #{round}");
             let before = paths.on.0.status().ok();
+            let agent_pid = match side {
+                Side::Tool => paths.off.0.pid(),
+                _ => paths.on.0.pid(),
+            };
+            let cpu_before = (cpu_s(Some(agent_pid)), cpu_s(paths.appliance.pid()));
             let job = fio_job("agent", target, rw, bs, size, plan.runtime_s);
             let mut row = Row::fio(group, &fio.run(&job)?).run(round);
             row.side = side;
+            if side != Side::Fio {
+                // CPU during fio's run (the capture agent's drain comes after).
+                row = row
+                    .with_extra("agent_cpu_s", cpu_s(Some(agent_pid)) - cpu_before.0)
+                    .with_extra(
+                        "appliance_cpu_s",
+                        cpu_s(paths.appliance.pid()) - cpu_before.1,
+                    );
+            }
             if side == Side::Engine {
                 // The capture path: what the agent streamed, and how long it then took to
                 // have everything acknowledged (not part of fio's time).
@@ -289,7 +309,9 @@ fn side_by_side(
          loopback; backlog_limit_mib {BACKLOG_LIMIT_MIB}). The three paths alternate in each \
          round, on the same image file. Before each capture-on run the agent has sent \
          everything and the appliance acknowledged it; drain_after_s is how long that took \
-         after the run (outside fio's time). The appliance applies on the same 2 cores.",
+         after the run (outside fio's time). agent_cpu_s and appliance_cpu_s are the two \
+         processes' CPU seconds during fio's run (nbdfuse's are in neither). The appliance \
+         applies on the same cores.",
         plan.runtime_s
     ));
     Ok(bench)
