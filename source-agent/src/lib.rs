@@ -7,9 +7,15 @@
 //! disk later.
 //!
 //! Rooms:
+//! - [`changemap`]: the persistent, bounded, crash-safe change map of one disk (the unsent
+//!   set and the activity log), recovered after a crash.
 //! - [`sender`]: the data-port sender: bounded backlog, handshake, resend from the last
 //!   acknowledgement, fault hooks (used by disk-sim's simulated VMs too).
+//! - [`capture`]: the disks served over NBD with write-through; every change streamed, or
+//!   kept in the change map and resent from the disk; flush and requested bookmarks; quiesce.
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
 
+pub mod capture;
+pub mod changemap;
 pub mod resync;
 pub mod sender;

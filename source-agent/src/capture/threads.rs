@@ -1,0 +1,173 @@
+//! The capture's two threads: the link (a sender connected to the appliance, replaced when
+//! it stops) and the catch-up (what the change maps hold, read back from the disks and sent;
+//! flush bookmarks that were deferred).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::core::Ordered;
+
+use super::core::Core;
+use crate::sender::{Agent, AgentConfig};
+
+/// Largest piece the catch-up reads and sends at once.
+pub(super) const RESEND_PIECE_BYTES: u64 = 1 << 20;
+/// Delay between failed connection rounds.
+const RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How often an idle catch-up looks again (acks, due bookmarks).
+const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Longest time a busy catch-up goes without saving the maps it resent from.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the link thread looks at its sender.
+const LINK_POLL: Duration = Duration::from_millis(50);
+
+/// Keeps a sender connected: connects (the disks are served meanwhile, their writes going
+/// into the change maps), installs it, and when it stops with an error marks what it had not
+/// delivered as unsent and connects again.
+pub(super) fn run_link(core: &Core, config: &AgentConfig) {
+    while !core.is_stopping() {
+        core.lock().link = "connecting".to_owned();
+        let sender = match Agent::connect(config.clone()) {
+            Ok(sender) => Arc::new(sender),
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach the appliance; retrying");
+                core.lock().link = format!("down: {error}");
+                sleep_unless_stopping(core, RECONNECT_DELAY);
+                continue;
+            }
+        };
+        {
+            let mut o = core.lock();
+            o.generation += 1;
+            o.acked_seen = sender.acked_seq();
+            o.sender = Some(sender.clone());
+            o.link = "connected".to_owned();
+            tracing::info!(next_seq = sender.next_seq(), "streaming to the appliance");
+        }
+        core.wake.notify_all();
+        while !core.is_stopping() {
+            if let Some(error) = sender.error() {
+                tracing::warn!(%error, "the link to the appliance stopped; reconnecting");
+                let mut o = core.lock();
+                Core::note_acks(&mut o);
+                let acked = sender.acked_seq();
+                for map in &mut o.maps {
+                    map.requeue_unacked(acked);
+                }
+                o.sender = None;
+                o.link = format!("down: {error}");
+                drop(o);
+                core.wake.notify_all();
+                break;
+            }
+            sleep_unless_stopping(core, LINK_POLL);
+        }
+        // The Arc in `Ordered` was taken out above (or is taken by shutdown): dropping this
+        // last handle stops the sender's threads.
+        drop(sender);
+        if !core.is_stopping() {
+            sleep_unless_stopping(core, RECONNECT_DELAY);
+        }
+    }
+}
+
+fn sleep_unless_stopping(core: &Core, total: Duration) {
+    let step = Duration::from_millis(20);
+    let mut slept = Duration::ZERO;
+    while slept < total && !core.is_stopping() {
+        std::thread::sleep(step);
+        slept += step;
+    }
+}
+
+/// Sends what the change maps hold, a piece at a time (the order lock is let go between
+/// pieces, so the VM's writes are not held up for long), and takes deferred flush bookmarks
+/// when they become due.
+pub(super) fn run_catch_up(core: &Core) {
+    let mut next_disk = 0usize;
+    let disks = core.disks.len();
+    let mut o = core.lock();
+    // Resent since its map was last saved: the saved map holds more than the map now.
+    let mut resent_since_save = vec![false; disks];
+    let mut last_save = Instant::now();
+    while !core.is_stopping() {
+        Core::note_acks(&mut o);
+        let mut sent_one = false;
+        if let Some(sender) = o.sender.clone()
+            && sender.backlog().1 + RESEND_PIECE_BYTES <= core.backlog_limit_bytes
+        {
+            for k in 0..disks {
+                let i = (next_disk + k) % disks;
+                let Some((offset, length)) = o.maps[i].next_unsent(RESEND_PIECE_BYTES) else {
+                    continue;
+                };
+                next_disk = (i + 1) % disks;
+                let disk = &core.disks[i];
+                // (No activity-log entry: a resent range stays covered by the change map's
+                // in-flight sets, saved with the map, until its frame is acknowledged.)
+                let mut scratch = std::mem::take(&mut o.scratch);
+                scratch.resize(length as usize, 0);
+                if let Err(error) = disk.read_exact_at(offset, &mut scratch) {
+                    tracing::error!(%error, disk = i, offset, "cannot read back for resend");
+                    o.scratch = scratch;
+                    break;
+                }
+                let index = i as u16; // at most 64 disks
+                // Zeros (most of a fresh sparse disk) travel as a zero range, not as data.
+                let queued = if scratch.iter().all(|&b| b == 0) {
+                    sender.zero_range(index, offset, length)
+                } else {
+                    sender.write(index, offset, &scratch)
+                };
+                o.scratch = scratch;
+                if let Ok(seq) = queued {
+                    o.maps[i].resent(offset, length, seq);
+                    core.counters[i]
+                        .resent_bytes
+                        .fetch_add(length, Ordering::Relaxed);
+                    sent_one = true;
+                    resent_since_save[i] = true;
+                }
+                break;
+            }
+        }
+        core.flush_bookmark(&mut o);
+        if !sent_one && resent_since_save.contains(&true) {
+            let delivered = o.sender.as_ref().is_some_and(|s| s.backlog().0 == 0);
+            if delivered || last_save.elapsed() >= CHECKPOINT_INTERVAL {
+                last_save = Instant::now();
+                Core::note_acks(&mut o);
+                save_maps(core, &mut o, &mut resent_since_save);
+            }
+        }
+        if sent_one {
+            // Let the VM's writes in between pieces.
+            drop(o);
+            std::thread::yield_now();
+            o = core.lock();
+        } else {
+            o = core
+                .wake
+                .wait_timeout(o, IDLE_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Saves the change maps that were resent from since their last save (after everything is
+/// delivered, or at most every [`CHECKPOINT_INTERVAL`] while the catch-up is busy), so that a
+/// crash does not resend what was delivered since: the saved map only over-approximates.
+fn save_maps(core: &Core, o: &mut Ordered, resent_since_save: &mut [bool]) {
+    for (i, map) in o.maps.iter_mut().enumerate() {
+        if !resent_since_save[i] {
+            continue;
+        }
+        let disk = &core.disks[i];
+        match map.checkpoint(&mut || disk.sync()) {
+            Ok(()) => resent_since_save[i] = false,
+            Err(error) => tracing::error!(%error, disk = i, "cannot save the change map"),
+        }
+    }
+}
