@@ -187,6 +187,8 @@ fn steps(run: &mut Run<'_>, dir: &Path, bin: &Path, b: &Appliance) -> anyhow::Re
     let tree1 = write_tree(&mnt, "tree-1", 11)?;
     let point1 = agent.bookmark(true, "realfs tree 1", &[&mnt], 60)?;
     b.wait_point(&item, point1.seq, JOB_TIMEOUT)?;
+    // The supervisor marks the item protected at its next tick after the first point.
+    b.wait_state(&item, ItemState::Protected, JOB_TIMEOUT)?;
     let app = b
         .points(&item)?
         .iter()
