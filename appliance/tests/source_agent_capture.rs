@@ -16,9 +16,7 @@ use appliance_api::model::{DiskSpec, EnableRequest};
 use common::{Rng, Server, item_id};
 use engine::delta::Consistency;
 use nbd_server::Export;
-use source_agent::capture::{
-    Bookmarked, Capture, CaptureConfig, CaptureError, CaptureStatus, DiskConfig,
-};
+use source_agent::capture::{Bookmarked, Capture, CaptureConfig, CaptureStatus, DiskConfig};
 use source_agent::changemap::Limits;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -99,20 +97,11 @@ fn scribble(export: &dyn Export, rng: &mut Rng, span: u64, count: usize) -> u64 
     written
 }
 
-/// A bookmark once the catch-up has drained (it is refused while anything is unsent).
+/// A bookmark once the catch-up has drained (the capture waits for it).
 fn bookmark_when_caught_up(capture: &Capture) -> Bookmarked {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match capture.bookmark(Consistency::Crash, "test") {
-            Ok(bookmarked) => return bookmarked,
-            Err(CaptureError::CatchingUp { .. } | CaptureError::NotConnected { .. })
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(error) => panic!("bookmark: {error} (status {:?})", capture.status()),
-        }
-    }
+    capture
+        .bookmark_within(Consistency::Crash, "test", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("bookmark: {e} (status {:?})", capture.status()))
 }
 
 /// Waits for the bookmark's point; the replica then equals the source disk (nothing was
@@ -251,6 +240,34 @@ fn an_outage_never_blocks_writes_and_a_small_map_coarsens_instead_of_overflowing
         resent_total - resent_initial,
         status.disks[0].grain_bytes
     );
+    capture.shutdown(Duration::from_secs(30)).unwrap();
+    drop(export);
+}
+
+#[test]
+fn a_resync_asked_by_the_appliance_compares_hashes_and_sends_only_the_differences() {
+    let (setup, server) = setup(&[]);
+    let (capture, export) = start(&setup, &server, Limits::default());
+    let mut rng = Rng::new(21);
+    let first = bookmark_when_caught_up(&capture);
+    assert_replica_equals_source(&setup, &server, &capture, &first);
+    server.wait_job(1); // the enable job ends at the first point
+    let (_, resent_before, _) = resent(&capture);
+
+    // The operator asks for a resync: the appliance ends the session and refuses ordinary
+    // hellos with resync-required; the agent compares chunk hashes and sends what differs,
+    // while the VM keeps writing.
+    let job = server.api().resync(&setup.item).unwrap();
+    let changed = scribble(&*export, &mut rng, 8 << 20, 100);
+    let second = bookmark_when_caught_up(&capture);
+    assert_replica_equals_source(&setup, &server, &capture, &second);
+    server.wait_job(job.id);
+    let (_, resent_after, _) = resent(&capture);
+    println!(
+        "resync: changed {changed} bytes meanwhile, resent {} bytes (disk {DISK_BYTES})",
+        resent_after - resent_before
+    );
+    assert!(resent_after - resent_before < DISK_BYTES / 2);
     capture.shutdown(Duration::from_secs(30)).unwrap();
     drop(export);
 }

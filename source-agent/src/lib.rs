@@ -14,8 +14,15 @@
 //! - [`capture`]: the disks served over NBD with write-through; every change streamed, or
 //!   kept in the change map and resent from the disk; flush and requested bookmarks; quiesce.
 //! - [`resync`]: delta resync over the data port (hash lists, diff, resync-block frames).
+//! - [`config`], [`control`], [`freeze`], [`daemon`]: the `source-agent` binary's shell: its
+//!   config file, control socket, fsfreeze around bookmarks, and the daemon that ties them
+//!   to capture and the NBD server.
 
 pub mod capture;
 pub mod changemap;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod freeze;
 pub mod resync;
 pub mod sender;

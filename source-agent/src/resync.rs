@@ -336,7 +336,7 @@ fn disk_index(index: usize) -> Result<u16, DeltaResyncError> {
 }
 
 /// The exact size of a disk's encoded hash list (the most a fetch accepts).
-fn hash_list_bytes(disk_size_bytes: u64, chunk_size_bytes: u32) -> u64 {
+pub(crate) fn hash_list_bytes(disk_size_bytes: u64, chunk_size_bytes: u32) -> u64 {
     chunk_count(disk_size_bytes, chunk_size_bytes)
         .saturating_mul(8)
         .saturating_add((HASH_LIST_HEADER_BYTES + HASH_LIST_CHECKSUM_BYTES) as u64)

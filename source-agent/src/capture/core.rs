@@ -158,17 +158,20 @@ impl Core {
             o.maps[i]
                 .begin_write(offset, piece, &mut || disk.sync())
                 .map_err(io_error)?;
-            let piece_change = match change {
+            let (piece_change, written) = match change {
                 Change::Data(data) => {
                     let data = &data[done as usize..(done + piece) as usize];
-                    disk.write_all_at(offset, data)?;
-                    Change::Data(data)
+                    (Change::Data(data), disk.write_all_at(offset, data))
                 }
-                Change::Zero(_) => {
-                    disk.zero(offset, piece)?;
-                    Change::Zero(piece)
-                }
+                Change::Zero(_) => (Change::Zero(piece), disk.zero(offset, piece)),
             };
+            if let Err(error) = written {
+                // The range may be partly written: the catch-up sends what the disk holds.
+                o.maps[i].mark_unsent(offset, piece);
+                drop(o);
+                self.wake.notify_all();
+                return Err(error);
+            }
             self.counters[i]
                 .written_bytes
                 .fetch_add(piece, Ordering::Relaxed);

@@ -89,6 +89,11 @@ impl DiskFile {
         self.size_bytes
     }
 
+    /// The open file (for hashing).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The disk's logical block size.
     pub fn block_size_bytes(&self) -> u32 {
         self.block_size_bytes

@@ -322,18 +322,31 @@ impl Capture {
             .collect()
     }
 
-    /// Puts a bookmark into the stream after every write completed so far. Refused while a
-    /// change map holds unsent data, while quiesced, and while no sender is connected; a full
-    /// backlog is waited out for up to 30 s.
+    /// Puts a bookmark into the stream after every write completed so far, waiting up to
+    /// 30 s for the change maps to drain, the link to be up and room in the backlog
+    /// ([`Capture::bookmark_within`]).
     pub fn bookmark(
         &self,
         consistency: Consistency,
         label: &str,
     ) -> Result<Bookmarked, CaptureError> {
+        self.bookmark_within(consistency, label, Duration::from_secs(30))
+    }
+
+    /// Puts a bookmark into the stream after every write completed so far. While a change
+    /// map holds unsent data (the replica would match no instant of the disks), while no
+    /// sender is connected, or while the backlog is full, it waits up to `timeout`, then
+    /// fails with [`CaptureError::Timeout`] naming why. Refused at once while quiesced.
+    pub fn bookmark_within(
+        &self,
+        consistency: Consistency,
+        label: &str,
+        timeout: Duration,
+    ) -> Result<Bookmarked, CaptureError> {
         if self.core.quiesced.load(Ordering::Acquire) {
             return Err(CaptureError::Quiesced);
         }
-        self.bookmark_when_drained(consistency, label, Duration::from_secs(30), false)
+        self.bookmark_when_drained(consistency, label, timeout)
     }
 
     fn bookmark_when_drained(
@@ -341,7 +354,6 @@ impl Capture {
         consistency: Consistency,
         label: &str,
         timeout: Duration,
-        wait_for_drain: bool,
     ) -> Result<Bookmarked, CaptureError> {
         let started = Instant::now();
         let mut o = self.core.lock();
@@ -360,17 +372,16 @@ impl Capture {
                 }
             };
             let retry = Core::is_backlog_full(&error)
-                || (wait_for_drain
-                    && matches!(
-                        error,
-                        CaptureError::CatchingUp { .. } | CaptureError::NotConnected { .. }
-                    ));
+                || matches!(
+                    error,
+                    CaptureError::CatchingUp { .. } | CaptureError::NotConnected { .. }
+                );
             if !retry {
                 return Err(error);
             }
             if started.elapsed() >= timeout {
                 return Err(CaptureError::Timeout {
-                    what: format!("room for a bookmark ({error})"),
+                    what: format!("a consistent moment for a bookmark: {error}"),
                     waited_ms: started.elapsed().as_millis() as u64,
                 });
             }
@@ -408,7 +419,7 @@ impl Capture {
                 source,
             })?;
         }
-        let bookmarked = self.bookmark_when_drained(consistency, label, timeout, true)?;
+        let bookmarked = self.bookmark_when_drained(consistency, label, timeout)?;
         let left = timeout.saturating_sub(started.elapsed());
         self.core.wait_acked(bookmarked.seq, left)?;
         tracing::info!(

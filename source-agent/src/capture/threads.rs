@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use super::core::Ordered;
 
 use super::core::Core;
-use crate::sender::{Agent, AgentConfig};
+use crate::sender::{Agent, AgentConfig, AgentError, fetch_chunk_hashes};
+use engine::resync::{ResyncOptions, diff, hash_chunks};
 
 /// Largest piece the catch-up reads and sends at once.
 pub(super) const RESEND_PIECE_BYTES: u64 = 1 << 20;
@@ -17,6 +18,11 @@ pub(super) const RESEND_PIECE_BYTES: u64 = 1 << 20;
 const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// How often an idle catch-up looks again (acks, due bookmarks).
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Chunk size of the hash comparison of a delta resync.
+const RESYNC_CHUNK_BYTES: u32 = 64 << 10;
+/// Bound of one hash-list fetch (the appliance applies what it holds, then hashes a disk).
+const RESYNC_HASH_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Longest time a busy catch-up goes without saving the maps it resent from.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the link thread looks at its sender.
@@ -25,11 +31,21 @@ const LINK_POLL: Duration = Duration::from_millis(50);
 /// Keeps a sender connected: connects (the disks are served meanwhile, their writes going
 /// into the change maps), installs it, and when it stops with an error marks what it had not
 /// delivered as unsent and connects again.
+///
+/// When the appliance wants a delta resync (`resync-required`: its cache overflowed, or an
+/// operator asked), the differing chunks are found by hash (`mark_differences`) and marked
+/// unsent, and the next sessions carry the RESYNC flag until a bookmark of theirs is
+/// acknowledged: the catch-up sends the differences, and that bookmark ends the resync.
 pub(super) fn run_link(core: &Core, config: &AgentConfig) {
+    let mut config = config.clone();
     while !core.is_stopping() {
         core.lock().link = "connecting".to_owned();
         let sender = match Agent::connect(config.clone()) {
             Ok(sender) => Arc::new(sender),
+            Err(error) if error.needs_resync() && !config.resync => {
+                resync(core, &mut config, &error);
+                continue;
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot reach the appliance; retrying");
                 core.lock().link = format!("down: {error}");
@@ -46,7 +62,12 @@ pub(super) fn run_link(core: &Core, config: &AgentConfig) {
             tracing::info!(next_seq = sender.next_seq(), "streaming to the appliance");
         }
         core.wake.notify_all();
+        let generation = core.lock().generation;
         while !core.is_stopping() {
+            if config.resync && resync_bookmark_acked(core, &sender, generation) {
+                tracing::info!("delta resync: its bookmark is acknowledged; the resync is over");
+                config.resync = false;
+            }
             if let Some(error) = sender.error() {
                 tracing::warn!(%error, "the link to the appliance stopped; reconnecting");
                 let mut o = core.lock();
@@ -59,6 +80,9 @@ pub(super) fn run_link(core: &Core, config: &AgentConfig) {
                 o.link = format!("down: {error}");
                 drop(o);
                 core.wake.notify_all();
+                if error.needs_resync() && !config.resync {
+                    resync(core, &mut config, &error);
+                }
                 break;
             }
             sleep_unless_stopping(core, LINK_POLL);
@@ -170,4 +194,69 @@ fn save_maps(core: &Core, o: &mut Ordered, resent_since_save: &mut [bool]) {
             Err(error) => tracing::error!(%error, disk = i, "cannot save the change map"),
         }
     }
+}
+
+/// The appliance wants a delta resync: marks the chunks that differ unsent, and sets the
+/// RESYNC flag for the next sessions. No sender is installed meanwhile, so every write the
+/// VM makes during the hashing is marked unsent too. On failure the flag is set anyway and
+/// the whole of each disk not compared is marked unsent (correct, only slower).
+fn resync(core: &Core, config: &mut AgentConfig, why: &AgentError) {
+    tracing::warn!(%why, "the appliance wants a delta resync: comparing chunk hashes");
+    core.lock().link = format!("resyncing: {why}");
+    for (i, disk) in core.disks.iter().enumerate() {
+        let index = i as u16; // at most 64 disks
+        let compared = fetch_chunk_hashes(
+            config.addr,
+            &config.item_id,
+            &config.token,
+            index,
+            RESYNC_CHUNK_BYTES,
+            RESYNC_HASH_TIMEOUT,
+            crate::resync::hash_list_bytes(disk.size_bytes(), RESYNC_CHUNK_BYTES),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|replica| {
+            let options = ResyncOptions {
+                chunk_size_bytes: RESYNC_CHUNK_BYTES,
+                ..ResyncOptions::default()
+            };
+            let source = hash_chunks(
+                disk.file(),
+                disk.size_bytes(),
+                &options,
+                &mut |_| {},
+                &|| core.is_stopping(),
+            )
+            .map_err(|e| e.to_string())?;
+            diff(&source, &replica).map_err(|e| e.to_string())
+        });
+        let mut o = core.lock();
+        match compared {
+            Ok(ranges) => {
+                let bytes: u64 = ranges.iter().map(|r| r.length_bytes).sum();
+                tracing::info!(
+                    disk = i,
+                    ranges = ranges.len(),
+                    bytes,
+                    "delta resync: compared"
+                );
+                for range in ranges {
+                    o.maps[i].mark_unsent(range.offset_bytes, range.length_bytes);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, disk = i, "delta resync: cannot compare; resending the disk");
+                o.maps[i].mark_unsent(0, disk.size_bytes());
+            }
+        }
+    }
+    config.resync = true;
+}
+
+/// Whether a bookmark put into the stream by this sender (generation) is acknowledged.
+fn resync_bookmark_acked(core: &Core, sender: &Agent, generation: u64) -> bool {
+    let o = core.lock();
+    o.last_bookmark
+        .as_ref()
+        .is_some_and(|(b, g)| *g == generation && sender.acked_seq() >= b.seq)
 }

@@ -347,6 +347,11 @@ fn decode_slot(
         }
         extents.push(index);
     }
+    let mut sorted = extents.clone();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(corrupt(path, format!("extent {} is listed twice", pair[0])));
+    }
     Ok(Some(SavedLog {
         generation: le_u64(slot, 16),
         extent_bytes,

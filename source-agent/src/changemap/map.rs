@@ -353,6 +353,12 @@ impl ChangeMap {
         if trusted && self.unsent.remove(start, end - start) {
             self.inflight.insert(start, end - start);
             self.inflight_max_seq = self.inflight_max_seq.max(Some(seq));
+            if self.unsent.is_empty() {
+                // Nothing left to resend: no handout can remove anything any more, and the
+                // write path need not look at them.
+                self.handouts = [Handout::default(); HANDOUTS];
+                self.handouts_live = 0;
+            }
         }
         self.note_sent(start, end, Some(seq));
     }

@@ -167,6 +167,23 @@ fn damaged_activity_logs_are_refused_by_name() {
     both[20] ^= 1;
     both[half + 20] ^= 1;
     check(&both, disk, corrupt);
+    check(&log_file(disk, 4 * MIB, &[1, 1]), disk, corrupt);
+    check(&log_file(disk, 4 * MIB, &[16]), disk, corrupt);
+    check(&log_file(disk, 3 * MIB, &[1]), disk, corrupt);
+    let mut version = log_file(disk, 4 * MIB, &[1]);
+    version[8] = 9;
+    let sum = xxhash_rust::xxh3::xxh3_64(&version[..72]).to_le_bytes();
+    version[72..80].copy_from_slice(&sum);
+    check(&version, disk, |e| {
+        matches!(e, ChangeMapError::Version { .. })
+    });
+    fs::write(&al_path, log_file(disk, 4 * MIB, &[1, 3])).unwrap();
+    let (_, recovered) = reopen(dir.path(), disk, small_limits(4096));
+    assert_eq!(
+        recovered.from_activity_log_bytes,
+        8 * MIB,
+        "a hand-made log is read"
+    );
     check(&good, disk + 4096, |e| {
         matches!(e, ChangeMapError::SizeChanged { .. })
     });
@@ -197,4 +214,24 @@ fn a_missing_file_marks_the_whole_disk() {
         assert!(!recovered.fresh);
         assert_eq!(recovered.unsent_bytes, disk, "{missing}");
     }
+}
+
+/// An activity log with one valid slot (generation 5) holding `extents`, then a zero slot.
+fn log_file(disk: u64, extent_bytes: u64, extents: &[u64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"SAGENTAL");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&5u64.to_le_bytes());
+    out.extend_from_slice(&ITEM);
+    out.extend_from_slice(&disk.to_le_bytes());
+    out.extend_from_slice(&extent_bytes.to_le_bytes());
+    out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+    for index in extents {
+        out.extend_from_slice(&index.to_le_bytes());
+    }
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.resize(8192, 0);
+    out
 }

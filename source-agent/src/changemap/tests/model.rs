@@ -16,6 +16,7 @@ use crate::changemap::{ChangeMap, load};
 
 const GRAIN: u64 = 4096;
 const DISK: u64 = 128 * MIB; // 32 extents of 4 MiB, 16 active at most
+const EXTENT: u64 = 4 * MIB;
 
 /// A grain's state in the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,13 @@ enum Op {
         length: u64,
         send: bool,
     },
+    /// One small write into each of `count` consecutive extents (wrapping): forces
+    /// evictions, of unacknowledged extents too.
+    Burst {
+        first_extent: u64,
+        count: u64,
+        send: bool,
+    },
     MarkUnsent {
         offset: u64,
         length: u64,
@@ -43,9 +51,11 @@ enum Op {
         fraction: u8,
     },
     Requeue,
+    /// `racing`: a write into the handed-out range between `next_unsent` and `resent`: where
+    /// (a fraction of the range), how long (in 512-byte units), sent or not.
     Resend {
         max_length: u64,
-        racing: Option<(u64, u64, bool)>,
+        racing: Option<(u16, u8, bool)>,
     },
     Checkpoint,
     Crash,
@@ -61,14 +71,13 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (range(), any::<bool>()).prop_map(|((offset, length), send)| Op::Write { offset, length, send }),
+        2 => (0..DISK / EXTENT, 1..24u64, any::<bool>())
+            .prop_map(|(first_extent, count, send)| Op::Burst { first_extent, count, send }),
         1 => range().prop_map(|(offset, length)| Op::MarkUnsent { offset, length }),
         3 => any::<u8>().prop_map(|fraction| Op::Ack { fraction }),
         1 => Just(Op::Requeue),
-        4 => (1..2048u64, proptest::option::weighted(0.2, (range(), any::<bool>())))
-            .prop_map(|(k, racing)| Op::Resend {
-                max_length: k * GRAIN,
-                racing: racing.map(|((o, l), s)| (o, l, s)),
-            }),
+        4 => (1..2048u64, proptest::option::weighted(0.25, any::<(u16, u8, bool)>()))
+            .prop_map(|(k, racing)| Op::Resend { max_length: k * GRAIN, racing }),
         1 => Just(Op::Checkpoint),
         1 => Just(Op::Crash),
     ]
@@ -156,6 +165,16 @@ fn run(ops: Vec<Op>, max_map_bytes: u64) {
                 length,
                 send,
             } => model.write(&mut map, offset, length, send),
+            Op::Burst {
+                first_extent,
+                count,
+                send,
+            } => {
+                for i in 0..count {
+                    let offset = (first_extent + i) % (DISK / EXTENT) * EXTENT + (i % 7) * GRAIN;
+                    model.write(&mut map, offset, GRAIN, send);
+                }
+            }
             Op::MarkUnsent { offset, length } => map.mark_unsent(offset, length),
             Op::Ack { fraction } => {
                 let unacked = model.next_seq - 1 - model.acked;
@@ -180,7 +199,9 @@ fn run(ops: Vec<Op>, max_map_bytes: u64) {
                 assert_eq!(offset % GRAIN, 0);
                 assert!(length <= max_length.max(GRAIN) && offset + length <= DISK);
                 let mut raced = Vec::new();
-                if let Some((o, l, send)) = racing {
+                if let Some((at, units, send)) = racing {
+                    let o = offset + length * u64::from(at) / 65536;
+                    let l = ((u64::from(units) + 1) * 512).min(DISK - o);
                     model.write(&mut map, o, l, send);
                     raced.extend(grains_of(o, l));
                 }
@@ -223,7 +244,7 @@ proptest! {
 
     #[test]
     fn every_unacknowledged_write_stays_covered(
-        ops in proptest::collection::vec(op(), 1..80),
+        ops in proptest::collection::vec(op(), 1..120),
         max_map_bytes in prop_oneof![Just(1024u64), Just(4096), Just(256 << 10)],
     ) {
         run(ops, max_map_bytes);
