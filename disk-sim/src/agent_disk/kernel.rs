@@ -67,7 +67,9 @@ pub fn why_not_runnable() -> Option<String> {
 }
 
 /// An NBD export seen by the kernel: nbdfuse presents it as the file `<dir>/nbd`, a loop
-/// device (direct I/O on) makes that a block device. Detached (loop device freed, FUSE
+/// device (direct I/O on, 4096-byte logical sectors) makes that a block device. The sector
+/// size matters: the agent advertises a 4096-byte minimum block size, and libnbd (inside
+/// nbdfuse) refuses smaller or unaligned requests, e.g. ext4's 1 KiB superblock read at 1024. Detached (loop device freed, FUSE
 /// unmounted) when dropped.
 #[derive(Debug)]
 pub struct KernelDisk {
@@ -129,7 +131,13 @@ impl KernelDisk {
         let file = fuse_dir.join("nbd");
         let out = run_checked(
             Command::new("losetup")
-                .args(["--find", "--show", "--direct-io=on"])
+                .args([
+                    "--find",
+                    "--show",
+                    "--direct-io=on",
+                    "--sector-size",
+                    "4096",
+                ])
                 .arg(&file),
         )?;
         disk.device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());

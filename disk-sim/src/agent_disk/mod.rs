@@ -6,7 +6,8 @@
 //!  AgentProcess::start ─► `source-agent run --config …` (stdout parsed up to `ready`: the NBD
 //!                         address, one URI per disk, the control socket; stderr kept)
 //!     status / bookmark / quiesce / resume: the binary's own subcommands (`--json`)
-//!  KernelDisk::attach(uri) ─► nbdfuse DIR URI (DIR/nbd) ─► losetup --direct-io=on ─► /dev/loopN
+//!  KernelDisk::attach(uri) ─► nbdfuse DIR URI (DIR/nbd) ─► losetup --direct-io=on --sector-size 4096
+//!                           ─► /dev/loopN
 //!  mkfs_ext4, Mounted::mount (umount on drop), sha256 of a tree
 //! ```
 //!

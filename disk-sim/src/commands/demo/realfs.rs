@@ -292,7 +292,7 @@ fn steps(run: &mut Run<'_>, dir: &Path, bin: &Path, b: &Appliance) -> anyhow::Re
         resent,
         true,
         format!(
-            "reverse item protected at point {}; the agent's initial sync resent the whole disk",
+            "reverse item protected at point {}; the new agent sent the whole disk (a fresh change map: no delta)",
             back.seq
         ),
     )?;
