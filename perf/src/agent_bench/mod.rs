@@ -87,7 +87,7 @@ impl AgentPlan {
     /// Scratch space: the image, the appliance's replica, and room for what the appliance
     /// stages while it applies.
     pub fn scratch_bytes(&self) -> u64 {
-        2 * self.disk_bytes + 4 * GIB
+        2 * self.disk_bytes + 2 * GIB
     }
 }
 
@@ -304,7 +304,8 @@ fn side_by_side(
         "fio --ioengine=libaio --direct=1 --rw={rw} --bs={bs} --iodepth={IODEPTH} time based \
          {}s on: {DISK} (the image file itself, on the scratch filesystem); {OFF} (source-agent \
          with `capture = false`: NBD with write-through only, served to the kernel by nbdfuse \
-         (its default 4 multi-conn connections) and a loop device with direct I/O on); {ON} (the \
+         (one connection: the agent does not advertise multi-conn) and a loop device with direct \
+         I/O on and 4096-byte sectors); {ON} (the \
          same path, the agent capturing every write and streaming it to a real appliance on \
          loopback; backlog_limit_mib {BACKLOG_LIMIT_MIB}). The three paths alternate in each \
          round, on the same image file. Before each capture-on run the agent has sent \
