@@ -12,6 +12,11 @@
 # on site A) → protect A→B again → failover in export mode (the VM writes through NBD while
 # the copy job runs; commit).
 # Every disk the appliances hand back is compared byte for byte with the source VM's disks.
+# Then, as root (it says why it skips otherwise), a real filesystem: ext4 on a disk image
+# protected by the source-agent binary (NBD → nbdfuse → loop device), through a test failover
+# at an app-consistent bookmark taken with fsfreeze, a quiesced failover, commit, re-protect
+# and failback, every step checked by mounting and comparing the files' checksums
+# (`disk-sim demo --real-fs only` runs just that part).
 #
 # Part two, scripts/offline-demo.sh: the data path on a stream file (ingest with a SIGKILL,
 # restores checked with cmp and qemu-img compare, corrupt input refused).
@@ -21,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-tools.sh
-cargo build --release --locked -q -p appliance -p disk-sim
+cargo build --release --locked -q -p appliance -p disk-sim -p source-agent
 bin="${CARGO_TARGET_DIR:-target}/release"
 
 printf '\n==> part one: the whole DR cycle with two appliances (disk-sim demo)\n'

@@ -12,6 +12,9 @@ fn the_demo_completes_the_whole_cycle_with_every_check_passing() {
         os_disk_mib: 8,
         seed: 7,
         appliance_bin: Some(env!("CARGO_BIN_EXE_appliance").into()),
+        // The real-filesystem part needs the source-agent binary and root: not here.
+        real_fs: disk_sim::demo::RealFs::Skip,
+        source_agent_bin: None,
     };
     let mut out = Vec::new();
     let steps = disk_sim::demo::run(&options, &mut out)

@@ -13,9 +13,12 @@
 //!   delays, flipped bytes, duplicated and swapped frames; switchable at run time, seeded).
 //! - [`site`]: a site directory and a real `appliance serve` process driven through its
 //!   control API.
+//! - [`agent_disk`]: the `source-agent` binary as a process, and its NBD disks as kernel
+//!   block devices (nbdfuse + loop), for real filesystems (the demo, perf).
 //! - [`commands`]: one module per `disk-sim` subcommand: [`demo`], [`chaos`], [`scenario`]
 //!   (`disk-sim run`), [`stream`], [`adversary`] (re-exported at the crate root).
 
+pub mod agent_disk;
 pub mod commands;
 pub mod netfault;
 pub mod rng;

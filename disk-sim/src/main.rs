@@ -27,10 +27,12 @@ enum Command {
     /// through the control APIs and data ports: enable → initial replication → steady
     /// replication → test failover → failover (Custom point) → change point → commit → the VM
     /// on site B → re-protect to A (temporary 1 GiB OS disk, delta resync) → failback →
-    /// protect A→B again. One line per step (time, bytes moved, check), then a summary table.
-    /// Exit 0 only if every check passed.
+    /// protect A→B again. Then, as root, a real filesystem: ext4 on a disk protected by the
+    /// `source-agent` binary, through test failover, quiesced failover and failback, each
+    /// checked by mounting (see --real-fs). One line per step (time, bytes moved, check),
+    /// then a summary table. Exit 0 only if every check passed.
     ///
-    /// Example: `disk-sim demo --keep`
+    /// Example: `disk-sim demo --keep`, `disk-sim demo --real-fs only`
     Demo {
         /// Directory for the two sites (default: a new temporary directory, removed at the
         /// end unless --keep).
@@ -45,6 +47,11 @@ enum Command {
         /// Workload seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The real-filesystem part (the `source-agent` binary, ext4 through nbdfuse + loop,
+        /// checked by mounting; root only): `auto` runs it after the cycle when it can,
+        /// saying why not otherwise; `only` runs just it; `skip` leaves it out.
+        #[arg(long = "real-fs", value_enum, default_value_t = disk_sim::demo::RealFs::Auto)]
+        real_fs: disk_sim::demo::RealFs,
     },
     /// Chaos: replication of a seeded workload through a fault-injecting proxy (dropped
     /// connections, delays, flipped bytes, duplicated and swapped frames) while the appliance
@@ -219,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             keep,
             os_disk_mib,
             seed,
+            real_fs,
         } => {
             let options = disk_sim::demo::DemoOptions {
                 dir,
@@ -226,6 +234,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 os_disk_mib,
                 seed,
                 appliance_bin: None,
+                real_fs,
+                source_agent_bin: None,
             };
             disk_sim::demo::run(&options, &mut std::io::stdout().lock())?;
             Ok(())

@@ -47,6 +47,30 @@ pub fn appliance_bin() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Where the `source-agent` binary is: `$SOURCE_AGENT_BIN`, else beside the running program
+/// (or one directory up, for test binaries in `target/<profile>/deps`).
+pub fn source_agent_bin() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SOURCE_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe().context("locating this program")?;
+    let mut dir = me.parent().map(Path::to_path_buf);
+    for _ in 0..2 {
+        if let Some(d) = &dir {
+            let candidate = d.join("source-agent");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    bail!(
+        "cannot find the `source-agent` binary beside {} (build it with `cargo build -p \
+         source-agent`, or set SOURCE_AGENT_BIN)",
+        me.display()
+    )
+}
+
 /// An error answer of the control API: its status, code and message (the typed client's).
 pub type ApiError = appliance_api::ApiRefusal;
 

@@ -18,10 +18,15 @@
 //!     ├─ e2e              a real appliance, 1 / 8 / 31 disk-sim agents, rising churn: frame
 //!     │                   lag write() → durable ack (goal p99 < 1 s), appliance peak RSS
 //!     │                   (goal < 512 MiB); no fio side
-//!     └─ export           a real appliance serving points over NBD: time to first byte by
-//!                         disk size (1 GiB … 1 TiB) next to copy-mode test failover; nbdcopy
-//!                         read (goal ≥ 0.8) and fio-nbd 4 KiB random read (goal ≥ 0.7) next
-//!                         to fio on the replica file; nbdcopy into a drill next to fio write
+//!     ├─ export           a real appliance serving points over NBD: time to first byte by
+//!     │                   disk size (1 GiB … 1 TiB) next to copy-mode test failover; nbdcopy
+//!     │                   read (goal ≥ 0.8) and fio-nbd 4 KiB random read (goal ≥ 0.7) next
+//!     │                   to fio on the replica file; nbdcopy into a drill next to fio write
+//!     └─ agent            the source-agent binary's NBD disk (nbdfuse + loop): fio 4 KiB
+//!                         random / 1 MiB sequential writes with capture on vs capture off
+//!                         (goal ≥ 0.8) vs the image file itself; the agent's peak RSS during
+//!                         an outage vs its bound (goal ≤ 1.0), bytes resent by the catch-up
+//!                         (root, FUSE, nbdfuse and the source-agent binary; skipped otherwise)
 //!     │
 //!     ▼
 //!  DIR/results.json (machine, every figure and ratio)   DIR/report.md (one table per bench)
@@ -52,6 +57,7 @@
 //! | resync | hash: the replica file; diff: 256 MiB images | 4 GiB; 1 GiB | 64 MiB; 16 MiB |
 //! | e2e | 1, 8, 31 disks × 8, 96, 384 MB/s, 3 s per step | 1, 8, 31 disks × 8 … 1024 MB/s (10 steps), 15 s per step | 1, 2 disks × 4, 8 MB/s, 1 s per step |
 //! | export | first byte: 1, 16, 256, 1024 GiB sparse × 5, copy mode × 3; 1 GiB data disk; 512 MiB drill write; random reads 2 s per run | × 10, × 5; 1 GiB; 1 GiB; 10 s | 1 GiB, 1 TiB × 2, × 1; 64 MiB; 32 MiB; 1 s |
+//! | agent | 1 GiB image, 3 s per fio run × 2 rounds, 20 s outage | 1 GiB, 10 s × 3, 600 s outage | 64 MiB, 1 s × 1, 2 s |
 //! | runs per configuration | engine × 3, fio (or tool) × 4 (preserve on, zstd: engine × 1) | same | engine × 1, fio × 2 |
 
 /// Progress on stderr, stamped with the seconds since the run started.
@@ -61,6 +67,7 @@ macro_rules! progress {
     };
 }
 
+mod agent_bench;
 mod apply_bench;
 mod cpu;
 mod diag;
@@ -105,7 +112,7 @@ enum Cmd {
 }
 
 /// Benchmark names accepted by `--only`.
-const BENCHMARKS: [&str; 8] = [
+const BENCHMARKS: [&str; 9] = [
     "apply-seq-1m",
     "apply-rand-4k",
     "apply-rand-64k",
@@ -114,6 +121,7 @@ const BENCHMARKS: [&str; 8] = [
     "resync",
     "e2e",
     "export",
+    "agent",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -168,6 +176,8 @@ struct Plan {
     e2e: e2e_bench::E2ePlan,
     /// The export benchmark.
     export: export_bench::ExportPlan,
+    /// The agent benchmark.
+    agent: agent_bench::AgentPlan,
 }
 
 impl Plan {
@@ -188,6 +198,7 @@ impl Plan {
                 resync_image_bytes: 16 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
                 export: export_bench::ExportPlan::new(quick, tiny),
+                agent: agent_bench::AgentPlan::new(quick, tiny),
             }
         } else if quick {
             Self {
@@ -205,6 +216,7 @@ impl Plan {
                 resync_image_bytes: 256 << 20,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
                 export: export_bench::ExportPlan::new(quick, tiny),
+                agent: agent_bench::AgentPlan::new(quick, tiny),
             }
         } else {
             Self {
@@ -222,6 +234,7 @@ impl Plan {
                 resync_image_bytes: 1 << 30,
                 e2e: e2e_bench::E2ePlan::new(quick, tiny),
                 export: export_bench::ExportPlan::new(quick, tiny),
+                agent: agent_bench::AgentPlan::new(quick, tiny),
             }
         }
     }
@@ -242,7 +255,15 @@ impl Plan {
         };
         let e2e = self.e2e.scratch_bytes();
         let export = self.export.scratch_bytes();
-        self.replica_bytes + apply.max(materialize).max(resync).max(e2e).max(export) + slack
+        let agent = self.agent.scratch_bytes();
+        self.replica_bytes
+            + apply
+                .max(materialize)
+                .max(resync)
+                .max(e2e)
+                .max(export)
+                .max(agent)
+            + slack
     }
 }
 
@@ -305,7 +326,7 @@ fn run(args: RunArgs) -> Result<()> {
 
     // The e2e benchmark drives a real appliance process: fail before measuring anything if
     // its binary is not there.
-    let appliance_bin = if selected("e2e") || selected("export") {
+    let appliance_bin = if selected("e2e") || selected("export") || selected("agent") {
         Some(e2e_bench::appliance_binary()?)
     } else {
         None
@@ -443,6 +464,16 @@ fn run(args: RunArgs) -> Result<()> {
             bin,
             &fio,
             &plan.export,
+            &mut lines,
+        )?);
+        flush(&mut lines);
+    }
+    if let Some(bin) = appliance_bin.as_ref().filter(|_| selected("agent")) {
+        benchmarks.extend(agent_bench::agent(
+            &scratch,
+            bin,
+            &fio,
+            &plan.agent,
             &mut lines,
         )?);
         flush(&mut lines);

@@ -21,9 +21,14 @@
 //! bookmark), and the run ends with a summary table. It fails (non-zero exit) if any check
 //! fails. The export-mode step reads the exports with `nbdinfo`, `nbdcopy` and `qemu-io`
 //! ([`nbd_tools`]; `scripts/install-tools.sh` installs them); the demo installs nothing.
+//!
+//! Then the real-filesystem part ([`realfs`], root only, [`RealFs`]): ext4 on a disk image
+//! protected by the `source-agent` binary, through test failover, a quiesced failover and
+//! failback, every step checked by mounting what the appliance handed back.
 
 mod instant;
 mod nbd_tools;
+mod realfs;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,6 +60,23 @@ pub struct DemoOptions {
     pub seed: u64,
     /// The `appliance` binary (default: beside this program, or `$APPLIANCE_BIN`).
     pub appliance_bin: Option<PathBuf>,
+    /// Whether to run the real-filesystem part ([`realfs`]).
+    pub real_fs: RealFs,
+    /// The `source-agent` binary (default: beside this program, or `$SOURCE_AGENT_BIN`).
+    pub source_agent_bin: Option<PathBuf>,
+}
+
+/// Which parts of the demo run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RealFs {
+    /// The simulated VM's cycle, then the real-filesystem part when it can run here (root,
+    /// FUSE, loop devices, the `source-agent` binary); it prints why it skips otherwise.
+    #[default]
+    Auto,
+    /// Only the real-filesystem part.
+    Only,
+    /// Only the simulated VM's cycle.
+    Skip,
 }
 
 impl Default for DemoOptions {
@@ -65,6 +87,8 @@ impl Default for DemoOptions {
             os_disk_mib: 64,
             seed: 1,
             appliance_bin: None,
+            real_fs: RealFs::Auto,
+            source_agent_bin: None,
         }
     }
 }
@@ -241,7 +265,59 @@ fn run_in(
     options: &DemoOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<Vec<StepReport>> {
-    nbd_tools::check_tools()?;
+    if options.real_fs != RealFs::Only {
+        nbd_tools::check_tools()?;
+    }
+    writeln!(
+        out,
+        "{:<4} {:<64} {:>9}  {:>11}  {:>10}  check",
+        "", "step", "time", "disks ready", "bytes"
+    )?;
+    let mut run = Run {
+        out,
+        steps: Vec::new(),
+        started: Instant::now(),
+        ready: None,
+    };
+    if options.real_fs != RealFs::Only {
+        cycle(&mut run, root, options)?;
+    }
+    if options.real_fs != RealFs::Skip {
+        run.started = Instant::now();
+        realfs::run(&mut run, &root.join("real-fs"), options)?;
+    }
+    let steps = std::mem::take(&mut run.steps);
+    let out = run.out;
+    writeln!(out)?;
+    writeln!(out, "summary")?;
+    writeln!(out, "| step | time | disks ready | bytes | check |")?;
+    writeln!(out, "|---|---:|---:|---:|---|")?;
+    for step in &steps {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} {} |",
+            step.name,
+            human_duration(step.duration),
+            step.ready.map(human_duration).unwrap_or_default(),
+            human_bytes(step.bytes),
+            if step.ok { "ok" } else { "FAIL" },
+            step.check
+        )?;
+    }
+    let total: Duration = steps.iter().map(|s| s.duration).sum();
+    let moved: u64 = steps.iter().map(|s| s.bytes).sum();
+    writeln!(
+        out,
+        "{} steps in {}, {} moved: all checks passed",
+        steps.len(),
+        human_duration(total),
+        human_bytes(moved)
+    )?;
+    Ok(steps)
+}
+
+/// The simulated VM's whole cycle on two sites.
+fn cycle(run: &mut Run<'_>, root: &Path, options: &DemoOptions) -> anyhow::Result<()> {
     let site_a = root.join("site-a");
     let site_b = root.join("site-b");
     for dir in [&site_a, &site_b] {
@@ -256,22 +332,11 @@ fn run_in(
         }
     };
     writeln!(
-        out,
+        run.out,
         "site A: {}   site B: {}",
         site_a.display(),
         site_b.display()
     )?;
-    writeln!(
-        out,
-        "{:<4} {:<64} {:>9}  {:>11}  {:>10}  check",
-        "", "step", "time", "disks ready", "bytes"
-    )?;
-    let mut run = Run {
-        out,
-        steps: Vec::new(),
-        started: Instant::now(),
-        ready: None,
-    };
     let a = start(&site_a)?;
     let b = start(&site_b)?;
     let os = options.os_disk_mib << 20;
@@ -439,7 +504,7 @@ fn run_in(
         copy_ready,
         scratch: site_b.join("restore/vm1-drill-read-back"),
     };
-    instant::test_failover_export(&mut run, &twin, &mut vm, &source)?;
+    instant::test_failover_export(run, &twin, &mut vm, &source)?;
 
     // The source VM shuts down (its agent drains first).
     let mut tail = 0;
@@ -674,37 +739,10 @@ fn run_in(
         copy_ready: failover_ready,
         target_dir: site_b.join("restore/vm1-instant"),
     };
-    instant::failover_export(&mut run, &failover, &vm)?;
+    instant::failover_export(run, &failover, &vm)?;
     a.stop()?;
     b.stop()?;
-    let steps = std::mem::take(&mut run.steps);
-    let out = run.out;
-    writeln!(out)?;
-    writeln!(out, "summary")?;
-    writeln!(out, "| step | time | disks ready | bytes | check |")?;
-    writeln!(out, "|---|---:|---:|---:|---|")?;
-    for step in &steps {
-        writeln!(
-            out,
-            "| {} | {} | {} | {} | {} {} |",
-            step.name,
-            human_duration(step.duration),
-            step.ready.map(human_duration).unwrap_or_default(),
-            human_bytes(step.bytes),
-            if step.ok { "ok" } else { "FAIL" },
-            step.check
-        )?;
-    }
-    let total: Duration = steps.iter().map(|s| s.duration).sum();
-    let moved: u64 = steps.iter().map(|s| s.bytes).sum();
-    writeln!(
-        out,
-        "{} steps in {}, {} moved: all checks passed",
-        steps.len(),
-        human_duration(total),
-        human_bytes(moved)
-    )?;
-    Ok(steps)
+    Ok(())
 }
 
 /// New replica disks of `geometry`'s sizes and block sizes.
