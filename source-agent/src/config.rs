@@ -105,6 +105,7 @@ struct RawConfig {
     change_map_limit_kib: Option<u64>,
     activity_log_extents: Option<u32>,
     activity_log_extent_mib: Option<u64>,
+    compression: Option<String>,
     capture: Option<bool>,
     #[serde(default)]
     disk: Vec<RawDisk>,
@@ -148,6 +149,9 @@ pub struct CaptureSettings {
     pub activity_log_extents: u32,
     /// Size of one activity-log extent.
     pub activity_log_extent_bytes: u64,
+    /// zstd level of data payloads on the wire (`compression = "zstd"`, level 1), or `None`
+    /// for raw payloads (`compression = "none"`: less CPU, more bytes on the link).
+    pub zstd_level: Option<i32>,
 }
 
 impl fmt::Debug for CaptureSettings {
@@ -567,6 +571,16 @@ fn capture_settings(
             ),
         ));
     }
+    let zstd_level = match raw.compression.as_deref() {
+        None | Some("zstd") => Some(1),
+        Some("none") => None,
+        Some(other) => {
+            return Err(invalid(
+                "compression",
+                format!("{other:?} is not \"zstd\" or \"none\""),
+            ));
+        }
+    };
     Ok(CaptureSettings {
         appliance,
         item_id,
@@ -577,5 +591,6 @@ fn capture_settings(
         activity_log_extents: u32::try_from(extents)
             .map_err(|e| invalid("activity_log_extents", e.to_string()))?,
         activity_log_extent_bytes: extent_mib << 20,
+        zstd_level,
     })
 }

@@ -177,6 +177,7 @@ fn capture_config(config: &Config) -> anyhow::Result<CaptureConfig> {
     );
     c.bookmark_interval = settings.bookmark_interval;
     c.backlog_limit_bytes = settings.backlog_limit_bytes;
+    c.encoder.zstd_level = settings.zstd_level;
     c.change_map = changemap::Limits {
         max_map_bytes: settings.change_map_limit_bytes,
         al_extent_bytes: settings.activity_log_extent_bytes,

@@ -160,7 +160,18 @@ enum Command {
     },
 }
 
+/// Most glibc malloc arenas. Frames are allocated on the NBD threads and freed on the
+/// sender's ack thread; with glibc's default (8 per core) the freed buffers stay spread over
+/// per-thread arenas and the agent's RSS sits far above what it holds (measured: 135 MiB
+/// with an empty backlog, 71 MiB with 2 arenas). The memory bound is the config's.
+const MALLOC_ARENAS: i32 = 2;
+
 fn main() -> ExitCode {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
     // Logs go to stderr; RUST_LOG overrides the default level (info).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

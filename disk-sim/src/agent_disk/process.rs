@@ -42,6 +42,8 @@ pub struct AgentSetup {
     pub change_map_limit_kib: Option<u64>,
     /// `bookmark_interval_ms`, when not the default.
     pub bookmark_interval_ms: Option<u64>,
+    /// `compression` (`"zstd"` or `"none"`), when not the default.
+    pub compression: Option<String>,
     /// `[[disk]]` entries: (name, path).
     pub disks: Vec<(String, PathBuf)>,
 }
@@ -94,6 +96,9 @@ impl AgentSetup {
             if let Some(v) = value {
                 let _ = writeln!(t, "{key} = {v}");
             }
+        }
+        if let Some(compression) = &self.compression {
+            let _ = writeln!(t, "compression = {}", quoted(compression));
         }
         for (name, path) in &self.disks {
             let _ = writeln!(t, "\n[[disk]]\nname = {}", quoted(name));

@@ -19,6 +19,7 @@ fn disk_lines_and_config_text() {
         backlog_limit_mib: Some(8),
         change_map_limit_kib: None,
         bookmark_interval_ms: None,
+        compression: None,
         disks: vec![("os".into(), "/d/os.img".into())],
     };
     let text = setup.config_text(None);

@@ -1,4 +1,4 @@
-//! `agent`: what capture costs. The same fio job on three paths to one image file, side by
+//! `agent`: what capture costs. The same fio job on four paths to one image file, side by
 //! side in one run, then the agent's memory through an outage and its catch-up.
 //!
 //! ```text
@@ -7,8 +7,10 @@
 //!   (b) NBD, off   source-agent (capture = false) ─ nbdfuse ─ loop (direct I/O) ─ fio
 //!   (c) NBD, on    source-agent (capture on, streaming to an appliance item) ─ nbdfuse ─ loop
 //!                  ─ fio; before each run the agent has sent and had acknowledged everything
+//!   (d) NBD, raw   as (c) with `compression = "none"`, streaming to a second item
 //!   jobs: 4 KiB random write and 1 MiB sequential write, iodepth 16, time based
-//!   rounds: (a, b, c) × job, repeated; ratios of medians: (c)/(b) goal ≥ 0.8, (c)/(a), (b)/(a)
+//!   rounds: (a, b, c, d) × job, repeated; ratios of medians: (c)/(b) and (d)/(b) goal ≥ 0.8,
+//!   (c)/(a), (b)/(a)
 //!
 //!  outage: appliance SIGSTOPped ─ fio 4 KiB random writes to (c) for N s ─ the agent's VmRSS
 //!          every 100 ms ─ peak vs its bound ─ status (unsent_bytes, grain_bytes) ─ SIGCONT ─
@@ -160,6 +162,8 @@ pub(super) struct Paths {
     pub(super) image: PathBuf,
     pub(super) off: (AgentProcess, KernelDisk),
     pub(super) on: (AgentProcess, KernelDisk),
+    /// The capture agent with `compression = "none"` (its own item).
+    pub(super) raw: (AgentProcess, KernelDisk),
     /// The capture agent's VmRSS right after it printed `ready`, KiB.
     pub(super) on_start_rss_kib: u64,
 }
@@ -181,11 +185,26 @@ fn start_paths(scratch: &Scratch, bin: &Path, agent_bin: &Path, plan: &AgentPlan
             temporary_os_disk: None,
         })
         .context("enabling protection of the benchmark's disk")?;
-    let setup = |name: &str, capture: bool| AgentSetup {
+    // A second item for the agent that streams raw payloads (one session per item).
+    let enabled_raw = appliance
+        .client()
+        .enable(&EnableRequest {
+            name: "agent-bench-raw".into(),
+            disks: vec![DiskSpec::create(plan.disk_bytes >> 20, Some(4096))],
+            policy: None,
+            temporary_os_disk: None,
+        })
+        .context("enabling protection of the benchmark's disk (raw payloads)")?;
+    let setup = |name: &str, capture: bool, raw: bool| AgentSetup {
         item_name: name.to_owned(),
-        item_id: capture.then(|| enabled.item.id.clone()),
+        item_id: capture.then(|| if raw { &enabled_raw } else { &enabled }.item.id.clone()),
         appliance: capture.then_some(appliance.data_addr),
-        token: capture.then(|| enabled.stream_token.clone()),
+        token: capture.then(|| {
+            if raw { &enabled_raw } else { &enabled }
+                .stream_token
+                .clone()
+        }),
+        compression: raw.then(|| "none".to_owned()),
         state_dir: scratch.join(&format!("{name}-state")),
         capture,
         backlog_limit_mib: capture.then_some(BACKLOG_LIMIT_MIB),
@@ -193,23 +212,26 @@ fn start_paths(scratch: &Scratch, bin: &Path, agent_bin: &Path, plan: &AgentPlan
         bookmark_interval_ms: None,
         disks: vec![("disk".into(), image.clone())],
     };
-    let start = |name: &str, capture: bool| -> Result<(AgentProcess, KernelDisk)> {
-        let config = setup(name, capture).write(&scratch.join("agent-etc"))?;
+    let start = |name: &str, capture: bool, raw: bool| -> Result<(AgentProcess, KernelDisk)> {
+        let config = setup(name, capture, raw).write(&scratch.join("agent-etc"))?;
         let agent = AgentProcess::start(agent_bin, &config)?;
         let disk = KernelDisk::attach(agent.uri("disk")?, &scratch.join(&format!("{name}-fuse")))?;
         Ok((agent, disk))
     };
-    let off = start("agent-off", false)?;
-    let on = start("agent-on", true)?;
+    let off = start("agent-off", false, false)?;
+    let on = start("agent-on", true, false)?;
     let on_start_rss_kib = outage::status_kib(on.0.pid(), "VmRSS:")?;
-    progress!("agent: capture agent started; initial sync of the whole disk");
+    let raw = start("agent-raw", true, true)?;
+    progress!("agent: capture agents started; initial sync of the whole disk");
     let took = drain(&on.0, "initial sync")?;
+    drain(&raw.0, "initial sync (raw payloads)")?;
     progress!("agent: initial sync done in {:.1} s", took.as_secs_f64());
     Ok(Paths {
         appliance,
         image,
         off,
         on,
+        raw,
         on_start_rss_kib,
     })
 }
@@ -223,6 +245,7 @@ fn cpu_s(pid: Option<u32>) -> f64 {
 const DISK: &str = "disk (image file)";
 const OFF: &str = "agent NBD, capture off";
 const ON: &str = "agent NBD, capture on";
+const RAW: &str = "agent NBD, capture on, raw payloads";
 
 /// One table: the job on the three paths, `plan.rounds` times.
 fn side_by_side(
@@ -240,17 +263,20 @@ fn side_by_side(
     bench.param("backlog_limit_mib", BACKLOG_LIMIT_MIB);
     let size = plan.disk_bytes;
     for round in 1..=plan.rounds {
-        for (group, target, side) in [
-            (DISK, paths.image.as_path(), Side::Fio),
-            (OFF, paths.off.1.device.as_path(), Side::Tool),
-            (ON, paths.on.1.device.as_path(), Side::Engine),
+        for (group, target, side, agent) in [
+            (DISK, paths.image.as_path(), Side::Fio, &paths.on.0),
+            (OFF, paths.off.1.device.as_path(), Side::Tool, &paths.off.0),
+            (ON, paths.on.1.device.as_path(), Side::Engine, &paths.on.0),
+            (
+                RAW,
+                paths.raw.1.device.as_path(),
+                Side::Engine,
+                &paths.raw.0,
+            ),
         ] {
             progress!("[{title}] {group} #{round}");
-            let before = paths.on.0.status().ok();
-            let agent_pid = match side {
-                Side::Tool => paths.off.0.pid(),
-                _ => paths.on.0.pid(),
-            };
+            let before = agent.status().ok();
+            let agent_pid = agent.pid();
             let cpu_before = (cpu_s(Some(agent_pid)), cpu_s(paths.appliance.pid()));
             let job = fio_job("agent", target, rw, bs, size, plan.runtime_s);
             let mut row = Row::fio(group, &fio.run(&job)?).run(round);
@@ -267,8 +293,8 @@ fn side_by_side(
             if side == Side::Engine {
                 // The capture path: what the agent streamed, and how long it then took to
                 // have everything acknowledged (not part of fio's time).
-                let drained = drain(&paths.on.0, "after a run")?;
-                let after = paths.on.0.status()?;
+                let drained = drain(agent, "after a run")?;
+                let after = agent.status()?;
                 let delta = |field: &str| {
                     disks_sum(&after, field)
                         .saturating_sub(before.as_ref().map_or(0, |b| disks_sum(b, field)))
@@ -283,6 +309,12 @@ fn side_by_side(
     }
     lines.push(bench.add_ratio_vs("capture on vs off", ON, OFF, Some(Goal::AtLeast(0.8))));
     lines.push(bench.add_ratio_vs("capture on vs disk", ON, DISK, None));
+    lines.push(bench.add_ratio_vs(
+        "capture on (raw payloads) vs off",
+        RAW,
+        OFF,
+        Some(Goal::AtLeast(0.8)),
+    ));
     let med = |group: &str| {
         let mut v: Vec<f64> = bench
             .rows
@@ -307,8 +339,9 @@ fn side_by_side(
          (one connection: the agent does not advertise multi-conn) and a loop device with direct \
          I/O on and 4096-byte sectors); {ON} (the \
          same path, the agent capturing every write and streaming it to a real appliance on \
-         loopback; backlog_limit_mib {BACKLOG_LIMIT_MIB}). The three paths alternate in each \
-         round, on the same image file. Before each capture-on run the agent has sent \
+         loopback, payloads zstd level 1; backlog_limit_mib {BACKLOG_LIMIT_MIB}); {RAW} (the \
+         same with `compression = \"none\"`, streaming to a second item). The paths alternate \
+         in each round, on the same image file. Before each capture-on run the agent has sent \
          everything and the appliance acknowledged it; drain_after_s is how long that took \
          after the run (outside fio's time). agent_cpu_s and appliance_cpu_s are the two \
          processes' CPU seconds during fio's run (nbdfuse's are in neither). The appliance \
@@ -344,9 +377,13 @@ pub fn agent(
     bench.param("source_agent", agent_bin.display().to_string());
     benches.push(bench);
     let Paths {
-        appliance, off, on, ..
+        appliance,
+        off,
+        on,
+        raw,
+        ..
     } = paths;
-    for (agent, disk) in [off, on] {
+    for (agent, disk) in [off, on, raw] {
         disk.detach()?;
         agent.stop(Duration::from_secs(120))?;
     }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use engine::delta::{Consistency, DiskGeometry};
+use engine::delta::{Consistency, DiskGeometry, EncoderOptions};
 use serde::{Deserialize, Serialize};
 
 mod core;
@@ -78,6 +78,8 @@ pub struct CaptureConfig {
     pub backlog_limit_bytes: u64,
     /// Bounds of each disk's change map.
     pub change_map: changemap::Limits,
+    /// Compression of data payloads (default zstd level 1).
+    pub encoder: EncoderOptions,
 }
 
 impl CaptureConfig {
@@ -101,6 +103,7 @@ impl CaptureConfig {
             bookmark_interval: Duration::from_secs(1),
             backlog_limit_bytes: 64 << 20,
             change_map: changemap::Limits::default(),
+            encoder: EncoderOptions::default(),
         }
     }
 }
@@ -260,6 +263,7 @@ impl Capture {
             geometry,
         );
         sender.backlog_limit_bytes = config.backlog_limit_bytes;
+        sender.encoder = config.encoder;
         sender.send_timeout = Duration::ZERO; // the VM never waits: a full backlog → change map
         sender.connect_timeout = Duration::from_secs(2);
         sender.max_attempts = 3;

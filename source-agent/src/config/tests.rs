@@ -191,6 +191,16 @@ fn out_of_range_limits_are_refused() {
         &format!("change_map_limit_kib = 65537\n{GOOD}"),
         "change_map_limit_kib",
     );
+    refused(&format!("compression = \"lz4\"\n{GOOD}"), "compression");
+    assert_eq!(
+        parse(&format!("compression = \"none\"\n{GOOD}"))
+            .unwrap()
+            .capture
+            .unwrap()
+            .zstd_level,
+        None
+    );
+    assert_eq!(parse(GOOD).unwrap().capture.unwrap().zstd_level, Some(1));
     refused(
         &format!("activity_log_extent_mib = 3\n{GOOD}"),
         "activity_log_extent_mib",

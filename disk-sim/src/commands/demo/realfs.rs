@@ -126,6 +126,7 @@ fn start_agent(
         backlog_limit_mib: None,
         change_map_limit_kib: None,
         bookmark_interval_ms: None,
+        compression: None,
         disks: vec![("os".into(), image.to_path_buf())],
     };
     let config = setup.write(&dir.join("etc"))?;
