@@ -336,7 +336,7 @@ fn side_by_side(
         "fio --ioengine=libaio --direct=1 --rw={rw} --bs={bs} --iodepth={IODEPTH} time based \
          {}s on: {DISK} (the image file itself, on the scratch filesystem); {OFF} (source-agent \
          with `capture = false`: NBD with write-through only, served to the kernel by nbdfuse \
-         (one connection: the agent does not advertise multi-conn) and a loop device with direct \
+         (several connections: the agent advertises multi-conn) and a loop device with direct \
          I/O on and 4096-byte sectors); {ON} (the \
          same path, the agent capturing every write and streaming it to a real appliance on \
          loopback, payloads zstd level 1; backlog_limit_mib {BACKLOG_LIMIT_MIB}); {RAW} (the \

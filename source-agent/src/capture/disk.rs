@@ -177,6 +177,11 @@ impl Export for DiskFile {
         self.size_bytes
     }
 
+    /// A flush on any connection syncs the one file every connection writes.
+    fn multi_conn(&self) -> bool {
+        true
+    }
+
     fn read_only(&self) -> bool {
         false
     }
@@ -244,6 +249,12 @@ impl Export for CapturedDisk {
 
     fn description(&self) -> Option<String> {
         Some(format!("captured disk {}", self.disk.path.display()))
+    }
+
+    /// Safe: a flush on any connection syncs the one file, and its bookmark is taken under
+    /// the order lock, after every write any connection completed.
+    fn multi_conn(&self) -> bool {
+        true
     }
 
     fn read_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {

@@ -161,6 +161,16 @@ pub(super) fn run_catch_up(core: &Core) {
             let delivered = o.sender.as_ref().is_some_and(|s| s.backlog().0 == 0);
             if delivered || last_save.elapsed() >= CHECKPOINT_INTERVAL {
                 last_save = Instant::now();
+                // Write the disks' dirty pages back without the order lock (that can take
+                // long and would stall the VM's writes); the checkpoint's own sync under the
+                // lock then has little left to do.
+                drop(o);
+                for (disk, resent) in core.disks.iter().zip(&resent_since_save) {
+                    if *resent && let Err(error) = disk.sync() {
+                        tracing::error!(%error, path = %disk.path().display(), "cannot sync");
+                    }
+                }
+                o = core.lock();
                 Core::note_acks(&mut o);
                 save_maps(core, &mut o, &mut resent_since_save);
             }
