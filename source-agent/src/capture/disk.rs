@@ -1,6 +1,6 @@
 //! One protected disk on the source host: an image file or a block device, read and written
 //! in place. [`DiskFile`] is also the NBD export of a disk served without capture (`capture =
-//! false`, to measure what capture costs); [`CapturedDisk`] is the export with capture.
+//! false`, to measure what capture costs); the export with capture is `export.rs`'s.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use nbd_server::{BlockSizes, Export, Extent};
 
-use super::core::Core;
 use super::{CaptureError, DiskConfig};
 
 /// Largest NBD request this agent accepts (the NBD server's default).
@@ -145,7 +144,8 @@ impl DiskFile {
         Ok(())
     }
 
-    fn check(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
+    /// Refuses a range that does not lie inside the disk (EINVAL).
+    pub(super) fn check(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
         match offset_bytes.checked_add(length_bytes) {
             Some(end) if end <= self.size_bytes => Ok(()),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
@@ -156,7 +156,7 @@ impl DiskFile {
 /// Any alignment is accepted (a client with 512-byte sectors on a 4096-byte disk works: an
 /// unaligned write reaches the stream as the whole blocks read back from the disk); whole
 /// blocks are preferred.
-fn block_sizes(block_size_bytes: u32) -> BlockSizes {
+pub(super) fn block_sizes(block_size_bytes: u32) -> BlockSizes {
     BlockSizes {
         minimum_bytes: 1,
         preferred_bytes: block_size_bytes.max(4096),
@@ -164,7 +164,7 @@ fn block_sizes(block_size_bytes: u32) -> BlockSizes {
     }
 }
 
-fn all_data(length_bytes: u64, out: &mut Vec<Extent>) {
+pub(super) fn all_data(length_bytes: u64, out: &mut Vec<Extent>) {
     out.push(Extent {
         length_bytes,
         hole: false,
@@ -223,86 +223,5 @@ impl Export for DiskFile {
     ) -> io::Result<()> {
         all_data(length_bytes, out);
         Ok(())
-    }
-}
-
-/// A disk served with capture: every write goes to the disk and into the stream (or the
-/// change map), in one order.
-pub(super) struct CapturedDisk {
-    pub(super) index: u16,
-    pub(super) disk: Arc<DiskFile>,
-    pub(super) core: Arc<Core>,
-}
-
-impl Export for CapturedDisk {
-    fn size_bytes(&self) -> u64 {
-        self.disk.size_bytes
-    }
-
-    fn read_only(&self) -> bool {
-        false
-    }
-
-    fn block_sizes(&self) -> BlockSizes {
-        block_sizes(self.disk.block_size_bytes)
-    }
-
-    fn description(&self) -> Option<String> {
-        Some(format!("captured disk {}", self.disk.path.display()))
-    }
-
-    /// Safe: a flush on any connection syncs the one file, and its bookmark is taken under
-    /// the order lock, after every write any connection completed.
-    fn multi_conn(&self) -> bool {
-        true
-    }
-
-    fn read_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
-        self.disk.check(offset_bytes, out.len() as u64)?;
-        self.disk.read_exact_at(offset_bytes, out)
-    }
-
-    fn write_at(&self, offset_bytes: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.disk.check(offset_bytes, data.len() as u64)?;
-        self.core
-            .write(self.index, offset_bytes, super::core::Change::Data(data))?;
-        if fua { self.disk.sync() } else { Ok(()) }
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.disk.sync()?;
-        self.core.flushed();
-        Ok(())
-    }
-
-    fn trim(&self, offset_bytes: u64, length_bytes: u64, fua: bool) -> io::Result<()> {
-        self.write_zeroes(offset_bytes, length_bytes, fua)
-    }
-
-    fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64, fua: bool) -> io::Result<()> {
-        self.disk.check(offset_bytes, length_bytes)?;
-        if length_bytes == 0 {
-            return Ok(());
-        }
-        self.core.write(
-            self.index,
-            offset_bytes,
-            super::core::Change::Zero(length_bytes),
-        )?;
-        if fua { self.disk.sync() } else { Ok(()) }
-    }
-
-    fn block_status(
-        &self,
-        _offset_bytes: u64,
-        length_bytes: u64,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
-        all_data(length_bytes, out);
-        Ok(())
-    }
-
-    fn is_closed(&self) -> bool {
-        self.core.is_stopping()
     }
 }

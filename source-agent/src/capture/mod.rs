@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 mod core;
 mod disk;
 mod error;
+mod export;
 #[cfg(test)]
 mod tests;
 mod threads;
@@ -316,7 +317,7 @@ impl Capture {
             .zip(&self.core.disks)
             .enumerate()
             .map(|(index, (name, disk))| {
-                let export: Arc<dyn nbd_server::Export> = Arc::new(disk::CapturedDisk {
+                let export: Arc<dyn nbd_server::Export> = Arc::new(export::CapturedDisk {
                     index: index as u16, // at most MAX_DISKS
                     disk: disk.clone(),
                     core: self.core.clone(),
