@@ -25,39 +25,25 @@ use appliance_api::model::{ItemState, ItemView, JobState, JobView};
 /// Where the `appliance` binary is: `$APPLIANCE_BIN`, else beside the running program (cargo
 /// puts both binaries of the workspace in one target directory).
 pub fn appliance_bin() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("APPLIANCE_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let me = std::env::current_exe().context("locating this program")?;
-    let mut dir = me.parent().map(Path::to_path_buf);
-    // Test binaries live one level down, in target/<profile>/deps.
-    for _ in 0..2 {
-        if let Some(d) = &dir {
-            let candidate = d.join("appliance");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-            dir = d.parent().map(Path::to_path_buf);
-        }
-    }
-    bail!(
-        "cannot find the `appliance` binary beside {} (build it with `cargo build -p \
-         appliance`, or set APPLIANCE_BIN)",
-        me.display()
-    )
+    workspace_bin("appliance", "APPLIANCE_BIN")
 }
 
-/// Where the `source-agent` binary is: `$SOURCE_AGENT_BIN`, else beside the running program
-/// (or one directory up, for test binaries in `target/<profile>/deps`).
+/// Where the `source-agent` binary is: `$SOURCE_AGENT_BIN`, else beside the running program.
 pub fn source_agent_bin() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("SOURCE_AGENT_BIN") {
+    workspace_bin("source-agent", "SOURCE_AGENT_BIN")
+}
+
+/// A binary of the workspace: `$env`, else beside the running program (or one directory up:
+/// test binaries live in `target/<profile>/deps`).
+fn workspace_bin(name: &str, env: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let me = std::env::current_exe().context("locating this program")?;
     let mut dir = me.parent().map(Path::to_path_buf);
     for _ in 0..2 {
         if let Some(d) = &dir {
-            let candidate = d.join("source-agent");
+            let candidate = d.join(name);
             if candidate.is_file() {
                 return Ok(candidate);
             }
@@ -65,8 +51,8 @@ pub fn source_agent_bin() -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "cannot find the `source-agent` binary beside {} (build it with `cargo build -p \
-         source-agent`, or set SOURCE_AGENT_BIN)",
+        "cannot find the `{name}` binary beside {} (build it with `cargo build -p {name}`, or \
+         set {env})",
         me.display()
     )
 }

@@ -47,27 +47,9 @@ pub fn preflight(tools: &[&str]) -> bool {
 }
 
 /// The `source-agent` binary: `$SOURCE_AGENT_BIN`, or beside this test's executable
-/// (`target/<profile>/source-agent`, the test itself being in `target/<profile>/deps`).
+/// (disk-sim's finder; `cargo test --workspace` builds it).
 pub fn agent_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SOURCE_AGENT_BIN") {
-        return PathBuf::from(path);
-    }
-    let me = std::env::current_exe().unwrap();
-    let mut dir = me.parent().map(Path::to_path_buf);
-    for _ in 0..2 {
-        if let Some(d) = dir {
-            let candidate = d.join("source-agent");
-            if candidate.is_file() {
-                return candidate;
-            }
-            dir = d.parent().map(Path::to_path_buf);
-        }
-    }
-    panic!(
-        "cannot find the `source-agent` binary beside {} (build it with `cargo build -p \
-         source-agent`; `cargo test --workspace` builds it), or set SOURCE_AGENT_BIN",
-        me.display()
-    )
+    disk_sim::site::source_agent_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// An enabled item: its id (32 hex), stream token and replication job.
