@@ -222,7 +222,7 @@ fn start_paths(scratch: &Scratch, bin: &Path, agent_bin: &Path, plan: &AgentPlan
     let on = start("agent-on", true, false)?;
     let on_start_rss_kib = outage::status_kib(on.0.pid(), "VmRSS:")?;
     let raw = start("agent-raw", true, true)?;
-    progress!("agent: capture agents started; initial sync of the whole disk");
+    progress!("agent: capture agents started; initial sync");
     let took = drain(&on.0, "initial sync")?;
     drain(&raw.0, "initial sync (raw payloads)")?;
     progress!("agent: initial sync done in {:.1} s", took.as_secs_f64());

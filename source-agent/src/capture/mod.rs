@@ -163,7 +163,8 @@ pub struct DiskStatus {
     pub sent_bytes: u64,
     /// Bytes read back from the disk and sent by the catch-up.
     pub resent_bytes: u64,
-    /// Bytes marked unsent at the start (the initial copy, or recovery after a crash).
+    /// Bytes marked unsent when the change map was opened (a fresh state: the whole disk,
+    /// before the initial sync narrows it to what differs; after a crash: what may differ).
     pub recovered_bytes: u64,
     /// Bytes the change map holds now.
     pub unsent_bytes: u64,
@@ -228,6 +229,7 @@ impl Capture {
         let mut disks = Vec::new();
         let mut maps = Vec::new();
         let mut recovered = Vec::new();
+        let mut fresh = Vec::new();
         for disk in &config.disks {
             let file = DiskFile::open(disk)?;
             let (map, found) = ChangeMap::open(
@@ -246,6 +248,7 @@ impl Capture {
                 "change map opened"
             );
             recovered.push(found.unsent_bytes);
+            fresh.push(found.fresh);
             disks.push(file);
             maps.push(map);
         }
@@ -291,7 +294,7 @@ impl Capture {
             let core = core.clone();
             spawn(
                 "capture-link",
-                Box::new(move || threads::run_link(&core, &sender)),
+                Box::new(move || threads::run_link(&core, &sender, &fresh)),
             )?
         };
         let catch_up = {

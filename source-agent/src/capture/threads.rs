@@ -36,8 +36,9 @@ const LINK_POLL: Duration = Duration::from_millis(50);
 /// operator asked), the differing chunks are found by hash (`mark_differences`) and marked
 /// unsent, and the next sessions carry the RESYNC flag until a bookmark of theirs is
 /// acknowledged: the catch-up sends the differences, and that bookmark ends the resync.
-pub(super) fn run_link(core: &Core, config: &AgentConfig) {
+pub(super) fn run_link(core: &Core, config: &AgentConfig, fresh: &[bool]) {
     let mut config = config.clone();
+    initial_delta(core, &mut config, fresh);
     while !core.is_stopping() {
         core.lock().link = "connecting".to_owned();
         let sender = match Agent::connect(config.clone()) {
@@ -214,44 +215,19 @@ fn resync(core: &Core, config: &mut AgentConfig, why: &AgentError) {
     tracing::warn!(%why, "the appliance wants a delta resync: comparing chunk hashes");
     core.lock().link = format!("resyncing: {why}");
     for (i, disk) in core.disks.iter().enumerate() {
-        let index = i as u16; // at most 64 disks
-        let compared = fetch_chunk_hashes(
-            config.addr,
-            &config.item_id,
-            &config.token,
-            index,
-            RESYNC_CHUNK_BYTES,
-            RESYNC_HASH_TIMEOUT,
-            crate::resync::hash_list_bytes(disk.size_bytes(), RESYNC_CHUNK_BYTES),
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|replica| {
-            let options = ResyncOptions {
-                chunk_size_bytes: RESYNC_CHUNK_BYTES,
-                ..ResyncOptions::default()
-            };
-            let source = hash_chunks(
-                disk.file(),
-                disk.size_bytes(),
-                &options,
-                &mut |_| {},
-                &|| core.is_stopping(),
-            )
-            .map_err(|e| e.to_string())?;
-            diff(&source, &replica).map_err(|e| e.to_string())
-        });
+        let compared = differences(core, config, i);
         let mut o = core.lock();
         match compared {
             Ok(ranges) => {
-                let bytes: u64 = ranges.iter().map(|r| r.length_bytes).sum();
+                let bytes: u64 = ranges.iter().map(|r| r.1).sum();
                 tracing::info!(
                     disk = i,
                     ranges = ranges.len(),
                     bytes,
                     "delta resync: compared"
                 );
-                for range in ranges {
-                    o.maps[i].mark_unsent(range.offset_bytes, range.length_bytes);
+                for (offset, length) in ranges {
+                    o.maps[i].mark_unsent(offset, length);
                 }
             }
             Err(error) => {
@@ -261,6 +237,88 @@ fn resync(core: &Core, config: &mut AgentConfig, why: &AgentError) {
         }
     }
     config.resync = true;
+}
+
+/// The first start on a fresh state directory: instead of copying every disk whole, compare
+/// chunk hashes with the replica (a re-protect's replica holds the disk already; a new one
+/// is zeros) and narrow each fresh change map to the differing chunks plus the activity-log
+/// extents the VM wrote meanwhile. A disk that cannot be compared keeps its whole-disk copy
+/// (correct, slower). The first session then carries the RESYNC flag: this is the item's
+/// initial sync exchange.
+pub(super) fn initial_delta(core: &Core, config: &mut AgentConfig, fresh: &[bool]) {
+    if !fresh.contains(&true) {
+        return;
+    }
+    core.lock().link = "comparing chunk hashes for the initial sync".to_owned();
+    for (i, disk) in core.disks.iter().enumerate() {
+        if !fresh[i] || core.is_stopping() {
+            continue;
+        }
+        let compared = differences(core, config, i);
+        let mut o = core.lock();
+        let narrowed = match compared {
+            Ok(ranges) => {
+                let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                match o.maps[i].narrow_fresh(&ranges) {
+                    Ok(true) => Some(bytes),
+                    Ok(false) => None,
+                    Err(error) => {
+                        tracing::warn!(%error, disk = i, "initial sync: cannot save the map");
+                        None
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, disk = i, "initial sync: cannot compare; copying the disk");
+                None
+            }
+        };
+        match narrowed {
+            Some(bytes) => {
+                tracing::info!(
+                    disk = i,
+                    bytes,
+                    size = disk.size_bytes(),
+                    "initial sync: delta"
+                );
+                config.resync = true;
+            }
+            None => tracing::info!(disk = i, "initial sync: the whole disk"),
+        }
+    }
+}
+
+/// The chunks of disk `i` whose hashes differ from the replica's: (offset, length) ranges.
+fn differences(core: &Core, config: &AgentConfig, i: usize) -> Result<Vec<(u64, u64)>, String> {
+    let disk = &core.disks[i];
+    let index = i as u16; // at most 64 disks
+    let replica = fetch_chunk_hashes(
+        config.addr,
+        &config.item_id,
+        &config.token,
+        index,
+        RESYNC_CHUNK_BYTES,
+        RESYNC_HASH_TIMEOUT,
+        crate::resync::hash_list_bytes(disk.size_bytes(), RESYNC_CHUNK_BYTES),
+    )
+    .map_err(|e| e.to_string())?;
+    let options = ResyncOptions {
+        chunk_size_bytes: RESYNC_CHUNK_BYTES,
+        ..ResyncOptions::default()
+    };
+    let source = hash_chunks(
+        disk.file(),
+        disk.size_bytes(),
+        &options,
+        &mut |_| {},
+        &|| core.is_stopping(),
+    )
+    .map_err(|e| e.to_string())?;
+    let ranges = diff(&source, &replica).map_err(|e| e.to_string())?;
+    Ok(ranges
+        .iter()
+        .map(|r| (r.offset_bytes, r.length_bytes))
+        .collect())
 }
 
 /// Whether a bookmark put into the stream by this sender (generation) is acknowledged.

@@ -363,6 +363,38 @@ impl ChangeMap {
         self.note_sent(start, end, Some(seq));
     }
 
+    /// Narrows a fresh map (the whole disk unsent, as `open` left it) to `keep`, the ranges
+    /// where the replica differs from the disk (found by comparing chunk hashes), plus every
+    /// active extent: each write since `open` began in one, so what changed during the
+    /// comparison stays unsent. Only while nothing was resent or spilled since a fresh `open`
+    /// and the whole disk is still unsent; otherwise it changes nothing and returns false.
+    /// The narrowed map is saved before it returns true.
+    pub fn narrow_fresh(&mut self, keep: &[(u64, u64)]) -> Result<bool, ChangeMapError> {
+        let untouched = self.handouts_live == 0
+            && self.spilled_extents == 0
+            && self.inflight.is_empty()
+            && self.sealed.is_empty()
+            && self.unsent.bytes() == self.disk_bytes;
+        if !untouched {
+            return Ok(false);
+        }
+        let extent_bytes = self.limits.al_extent_bytes;
+        let written: Vec<u64> = self.active.iter().map(|e| e.index).collect();
+        self.unsent.clear();
+        for &(offset, length) in keep {
+            if let Some((start, end)) = clip(offset, length, self.disk_bytes) {
+                self.unsent.insert(start, end - start);
+            }
+        }
+        for index in written {
+            let start = index * extent_bytes;
+            self.unsent
+                .insert(start, extent_bytes.min(self.disk_bytes - start));
+        }
+        self.save_map()?;
+        Ok(true)
+    }
+
     /// Bytes in the unsent set.
     pub fn unsent_bytes(&self) -> u64 {
         self.unsent.bytes()

@@ -480,3 +480,44 @@ fn coarsening_keeps_every_byte_and_the_bound() {
         "an empty set returns to the finest grain"
     );
 }
+
+#[test]
+fn a_fresh_map_narrows_to_the_differences_and_the_extents_written_meanwhile() {
+    let dir = tempdir();
+    let limits = small_limits(64 << 10);
+    let disk = 64 * MIB;
+    let (mut map, recovered) = ChangeMap::open(dir.path(), NAME, ITEM, disk, limits).unwrap();
+    assert!(recovered.fresh);
+    // A write during the comparison (no sender yet: marked unsent), in extent 5.
+    map.begin_write(5 * 4 * MIB + 4096, 8192, &mut no_sync())
+        .unwrap();
+    map.mark_unsent(5 * 4 * MIB + 4096, 8192);
+    assert!(map.narrow_fresh(&[(0, 65536), (40 * MIB, 4096)]).unwrap());
+    // Kept: the two differing ranges and the whole written extent; nothing else.
+    assert_eq!(map.unsent_bytes(), 65536 + 4096 + 4 * MIB);
+    assert!(map.is_unsent(0, 1) && map.is_unsent(40 * MIB, 4096));
+    assert!(map.is_unsent(5 * 4 * MIB, 4 * MIB));
+    assert!(!map.is_unsent(MIB, MIB));
+    // Saved: a crash now recovers at least as much (the extent is in the log too).
+    drop(map);
+    let (map, recovered) = reopen(dir.path(), disk, limits);
+    assert!(!recovered.fresh);
+    assert!(recovered.unsent_bytes >= 65536 + 4096 + 4 * MIB);
+    assert!(!map.is_unsent(MIB, MIB));
+    // Only once, and only while untouched: a reopened map is not fresh-whole any more.
+    let mut map = map;
+    assert!(!map.narrow_fresh(&[]).unwrap());
+    assert!(map.is_unsent(0, 1));
+}
+
+#[test]
+fn a_map_that_resent_anything_is_not_narrowed() {
+    let dir = tempdir();
+    let limits = small_limits(64 << 10);
+    let disk = 16 * MIB;
+    let (mut map, _) = ChangeMap::open(dir.path(), NAME, ITEM, disk, limits).unwrap();
+    let (offset, length) = map.next_unsent(MIB).unwrap();
+    map.resent(offset, length, 1);
+    assert!(!map.narrow_fresh(&[]).unwrap());
+    assert_eq!(map.unsent_bytes(), disk - length);
+}

@@ -293,8 +293,11 @@ fn steps(run: &mut Run<'_>, dir: &Path, bin: &Path, b: &Appliance) -> anyhow::Re
         resent,
         true,
         format!(
-            "reverse item protected at point {}; the new agent sent the whole disk (a fresh change map: no delta)",
-            back.seq
+            "reverse item protected at point {}; the new agent compared chunk hashes with the \
+             reverse replica and sent {} of the {} disk",
+            back.seq,
+            bytesize::ByteSize::b(resent),
+            bytesize::ByteSize::mib(DISK_MIB),
         ),
     )?;
 
