@@ -29,6 +29,16 @@ pub(super) enum Change<'a> {
     Zero(u64),
 }
 
+impl Change<'_> {
+    /// Bytes the change covers.
+    fn length_bytes(&self) -> u64 {
+        match self {
+            Change::Data(data) => data.len() as u64,
+            Change::Zero(length) => *length,
+        }
+    }
+}
+
 /// Counters of one disk.
 #[derive(Debug, Default)]
 pub(super) struct DiskCounters {
@@ -142,10 +152,7 @@ impl Core {
         }
         let i = usize::from(index);
         let disk = &self.disks[i];
-        let length_bytes = match change {
-            Change::Data(data) => data.len() as u64,
-            Change::Zero(length) => length,
-        };
+        let length_bytes = change.length_bytes();
         let mut done = 0;
         while done < length_bytes {
             let piece = (length_bytes - done).min(u64::from(MAX_REQUEST_BYTES));
@@ -209,11 +216,7 @@ impl Core {
     fn stream(&self, o: &mut Ordered, index: u16, offset_bytes: u64, change: Change<'_>) -> bool {
         let i = usize::from(index);
         let Some(sender) = o.sender.clone() else {
-            let length = match change {
-                Change::Data(data) => data.len() as u64,
-                Change::Zero(length) => length,
-            };
-            o.maps[i].mark_unsent(offset_bytes, length);
+            o.maps[i].mark_unsent(offset_bytes, change.length_bytes());
             return true;
         };
         match change {

@@ -156,7 +156,7 @@ impl DiskFile {
 /// Any alignment is accepted (a client with 512-byte sectors on a 4096-byte disk works: an
 /// unaligned write reaches the stream as the whole blocks read back from the disk); whole
 /// blocks are preferred.
-pub(super) fn block_sizes(block_size_bytes: u32) -> BlockSizes {
+fn block_sizes(block_size_bytes: u32) -> BlockSizes {
     BlockSizes {
         minimum_bytes: 1,
         preferred_bytes: block_size_bytes.max(4096),
@@ -164,7 +164,7 @@ pub(super) fn block_sizes(block_size_bytes: u32) -> BlockSizes {
     }
 }
 
-pub(super) fn all_data(length_bytes: u64, out: &mut Vec<Extent>) {
+fn all_data(length_bytes: u64, out: &mut Vec<Extent>) {
     out.push(Extent {
         length_bytes,
         hole: false,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nbd_server::{BlockSizes, Export, Extent};
 
 use super::core::{Change, Core};
-use super::disk::{DiskFile, all_data, block_sizes};
+use super::disk::DiskFile;
 
 /// A disk served with capture: every write goes to the disk and into the stream (or the
 /// change map), in one order.
@@ -28,7 +28,7 @@ impl Export for CapturedDisk {
     }
 
     fn block_sizes(&self) -> BlockSizes {
-        block_sizes(self.disk.block_size_bytes())
+        Export::block_sizes(&*self.disk)
     }
 
     fn description(&self) -> Option<String> {
@@ -42,8 +42,7 @@ impl Export for CapturedDisk {
     }
 
     fn read_at(&self, offset_bytes: u64, out: &mut [u8]) -> io::Result<()> {
-        self.disk.check(offset_bytes, out.len() as u64)?;
-        self.disk.read_exact_at(offset_bytes, out)
+        Export::read_at(&*self.disk, offset_bytes, out)
     }
 
     fn write_at(&self, offset_bytes: u64, data: &[u8], fua: bool) -> io::Result<()> {
@@ -75,12 +74,11 @@ impl Export for CapturedDisk {
 
     fn block_status(
         &self,
-        _offset_bytes: u64,
+        offset_bytes: u64,
         length_bytes: u64,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
-        all_data(length_bytes, out);
-        Ok(())
+        Export::block_status(&*self.disk, offset_bytes, length_bytes, out)
     }
 
     fn is_closed(&self) -> bool {

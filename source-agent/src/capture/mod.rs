@@ -509,16 +509,8 @@ impl Capture {
         for thread in threads {
             let _ = thread.join();
         }
+        // The disks are synced by the checkpoints below (before the maps are saved).
         let mut first_error = None;
-        for disk in &core.disks {
-            if let Err(source) = disk.sync() {
-                first_error.get_or_insert(CaptureError::Disk {
-                    path: disk.path().to_owned(),
-                    what: "flushing at shutdown",
-                    source,
-                });
-            }
-        }
         let sender = core.lock().sender.clone();
         if let Some(sender) = &sender
             && let Err(error) = sender.flush(timeout)
